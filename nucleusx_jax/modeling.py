@@ -1,0 +1,357 @@
+"""Flax linen modules of NucleusX: norms, multi-scale retention, GLU, decoder layer, model and heads.
+
+The modules are thin layers over :mod:`nucleusx_jax.retention`. Parameter names mirror the PyTorch
+state dict (``layers.3.retention.q_proj.weight`` is ``layers_3/retention/q_proj/kernel`` here), and every
+parameter carries logical axis names (``embed``, ``heads``, ``mlp``, ``vocab``, ``norm``) for sharding.
+
+Shapes: B batch, T length, E ``decoder_embed_dim``, H heads, K key head dim, V value head dim.
+"""
+
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import retention as ret
+from .activations import ACTIVATIONS
+from .configuration import NucleusXConfig
+
+Array = jax.Array
+Cache = Tuple[ret.RetentionState, ...]
+F32 = jnp.float32
+
+
+def _param_init(init: Any, axes: Sequence[str]) -> Any:
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def xavier_uniform(gain: float) -> Any:
+    """torch ``xavier_uniform_`` with ``gain`` (flax kernels are ``[in, out]``, fans are symmetric)."""
+    return nn.initializers.variance_scaling(gain**2, "fan_avg", "uniform")
+
+
+def embedding_init(std: float, pad_token_id: Optional[int]) -> Any:
+    """Normal(0, std) rows, with the padding row zeroed like torch's ``padding_idx``."""
+
+    def init(key: Array, shape: Tuple[int, ...], dtype: Any = F32) -> Array:
+        w = std * jax.random.normal(key, shape, dtype)
+        return w if pad_token_id is None else w.at[pad_token_id].set(0)
+
+    return init
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis, computed in float32; ``use_weight=False`` gives the per-head group norm."""
+
+    eps: float
+    use_weight: bool = True
+    dtype: Any = F32
+    param_dtype: Any = F32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        y = x.astype(F32)
+        y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
+        if self.use_weight:
+            w = self.param("weight", _param_init(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+            y = y * w.astype(F32)
+        return y.astype(self.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a whole sample's branch with probability ``rate``, rescale the rest."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+def _dense(features: int, name: str, init: Any, axes: Sequence[str], dtype: Any, param_dtype: Any) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=_param_init(init, axes))
+
+
+class MultiScaleRetention(nn.Module):
+    """Projections, rotation, one of the three retention forms, per-head RMSNorm, swish gate, output."""
+
+    config: NucleusXConfig
+    dtype: Any = F32
+    param_dtype: Any = F32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        mask: Optional[Array],
+        state: Optional[ret.RetentionState],
+        mode: str,
+        chunk_size: int,
+        want_state: bool,
+    ) -> Tuple[Array, Optional[ret.RetentionState]]:
+        """x ``[B, T, E]``, positions ``[T]``, mask ``[B, T]`` -> ``([B, T, E], state or None)``."""
+        cfg = self.config
+        heads, kdim, vdim = cfg.decoder_retention_heads, cfg.key_head_dim, cfg.value_head_dim
+        embed, value = cfg.decoder_embed_dim, cfg.decoder_value_embed_dim
+        init = xavier_uniform(cfg.initializer_factor)
+        proj = lambda n, name, axes: _dense(n, name, init, axes, self.dtype, self.param_dtype)  # noqa: E731
+        q = proj(embed, "q_proj", ("embed", "heads"))(x)
+        k = proj(embed, "k_proj", ("embed", "heads"))(x)
+        v = proj(value, "v_proj", ("embed", "heads"))(x)
+        g = proj(value, "g_proj", ("embed", "heads"))(x)
+        batch, length = x.shape[:2]
+        split = lambda t, d: t.reshape(batch, length, heads, d).transpose(0, 2, 1, 3)  # noqa: E731
+        q, k, v = split(q, kdim), split(k, kdim) * (kdim**-0.5), split(v, vdim)
+        angle = jnp.asarray(ret.angle_table(kdim))
+        log_decay = jnp.asarray(ret.log_decay_table(heads, cfg.use_lm_decay))
+        q, k = ret.rotate(q, positions, angle), ret.rotate(k, positions, angle)
+
+        new_state = None
+        if mode == "recurrent":
+            if state is None:
+                state = ret.empty_state(batch, heads, kdim, vdim)
+            out, new_state = ret.recurrent_retention(q, k, v, log_decay, state, mask)
+        else:
+            if mode == "parallel":
+                out = ret.parallel_retention(q, k, v, log_decay, mask)
+            else:
+                out = ret.chunkwise_retention(q, k, v, log_decay, chunk_size, mask)
+            if want_state:
+                new_state = ret.final_state(k, v, log_decay, mask)
+        normed = RMSNorm(cfg.groupnorm_eps, use_weight=False, dtype=self.dtype, name="group_norm")(out)
+        normed = normed.transpose(0, 2, 1, 3).reshape(batch, length, value)
+        gated = (jax.nn.silu(g.astype(F32)) * normed.astype(F32)).astype(self.dtype)
+        out = proj(embed, "out_proj", ("heads", "embed"))(gated)
+        return out, (new_state if want_state else None)
+
+
+class GLU(nn.Module):
+    """``fc2(act(fc1(x)) * gate(x))`` with activation dropout and output dropout."""
+
+    config: NucleusXConfig
+    dtype: Any = F32
+    param_dtype: Any = F32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+        ffn, embed = cfg.decoder_ffn_embed_dim, cfg.decoder_embed_dim
+        gate = _dense(ffn, "gate", init, ("embed", "mlp"), self.dtype, self.param_dtype)(x)
+        h = _dense(ffn, "fc1", init, ("embed", "mlp"), self.dtype, self.param_dtype)(x)
+        h = ACTIVATIONS[cfg.activation_fn](h.astype(F32)).astype(self.dtype) * gate
+        h = nn.Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
+        h = _dense(embed, "fc2", init, ("mlp", "embed"), self.dtype, self.param_dtype)(h)
+        return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+
+
+class DecoderLayer(nn.Module):
+    """Retention block then GLU block, each residual (``residual * alpha + x``), pre- or post-norm."""
+
+    config: NucleusXConfig
+    depth: int
+    dtype: Any = F32
+    param_dtype: Any = F32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        mask: Optional[Array],
+        state: Optional[ret.RetentionState],
+        mode: str,
+        chunk_size: int,
+        want_state: bool,
+        deterministic: bool,
+    ) -> Tuple[Array, Optional[ret.RetentionState]]:
+        cfg = self.config
+        alpha = math.pow(2.0 * cfg.decoder_layers, 0.25) if cfg.deepnorm else 1.0
+        rate = float(np.linspace(0, cfg.drop_path_rate, cfg.decoder_layers)[self.depth])
+        drop_path = DropPath(rate)
+        norm_kw = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        pre = cfg.decoder_normalize_before
+        retention_norm = RMSNorm(name="retention_rms_norm", **norm_kw)
+        final_norm = RMSNorm(name="final_rms_norm", **norm_kw)
+
+        residual = x
+        h = retention_norm(x) if pre else x
+        h, new_state = MultiScaleRetention(cfg, self.dtype, self.param_dtype, name="retention")(
+            h, positions, mask, state, mode, chunk_size, want_state
+        )
+        h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        x = residual * alpha + drop_path(h, deterministic)
+        if not pre:
+            x = retention_norm(x)
+
+        residual = x
+        h = final_norm(x) if pre else x
+        h = GLU(cfg, self.dtype, self.param_dtype, name="ffn")(h, deterministic)
+        x = residual * alpha + drop_path(h, deterministic)
+        if not pre:
+            x = final_norm(x)
+        return x.astype(self.dtype), new_state
+
+
+class NucleusXModule(nn.Module):
+    """The decoder: embedding (scaled, optionally RMS-normed), the layers, the final RMSNorm (pre-norm)."""
+
+    config: NucleusXConfig
+    dtype: Any = F32
+    param_dtype: Any = F32
+    gradient_checkpointing: bool = False
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.decoder_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=_param_init(embedding_init(cfg.initializer_range, cfg.pad_token_id), ("vocab", "embed")),
+        )
+        norm_kw = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.rms_norm_embedding = RMSNorm(**norm_kw) if cfg.rms_norm_embedding else None
+        layer_cls = DecoderLayer
+        if self.gradient_checkpointing:
+            layer_cls = nn.remat(DecoderLayer, static_argnums=(5, 6, 7, 8))
+        self.layers = [
+            layer_cls(cfg, i, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(cfg.decoder_layers)
+        ]
+        self.rms_norm = RMSNorm(**norm_kw) if cfg.decoder_normalize_before else None
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Optional[Array] = None,
+        past_key_values: Optional[Cache] = None,
+        forward_mode: str = "parallel",
+        chunk_size: Optional[int] = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> Tuple[Array, Optional[Cache], Optional[Tuple[Array, ...]]]:
+        """input_ids ``[B, T]`` -> (last hidden state ``[B, T, E]``, cache, hidden states).
+
+        ``hidden_states`` follows the reference: the embedding output, each layer's input after it, and
+        the final normalised output (L + 1 arrays).
+        """
+        cfg = self.config
+        chunk_size = chunk_size or cfg.recurrent_chunk_size
+        scale = 1.0 if cfg.no_scale_embedding else math.sqrt(cfg.decoder_embed_dim)
+        x = self.embed_tokens(input_ids) * scale
+        if self.rms_norm_embedding is not None:
+            x = self.rms_norm_embedding(x)
+        x = self.embed_dropout(x, deterministic=deterministic)
+        offset = past_key_values[0].seqlen if past_key_values is not None else 0
+        positions = offset + jnp.arange(input_ids.shape[1])
+        hidden = []
+        cache = []
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden.append(x)
+            state = past_key_values[i] if past_key_values is not None else None
+            x, new_state = layer(x, positions, attention_mask, state, forward_mode, chunk_size, use_cache,
+                                 deterministic)
+            cache.append(new_state)
+        if self.rms_norm is not None:
+            x = self.rms_norm(x)
+        if output_hidden_states:
+            hidden.append(x)
+        return x, (tuple(cache) if use_cache else None), (tuple(hidden) if output_hidden_states else None)
+
+    def attend(self, x: Array) -> Array:
+        """Logits through the (tied) embedding matrix: ``[B, T, E] -> [B, T, vocab]``."""
+        return self.embed_tokens.attend(x)
+
+
+class NucleusXForCausalLMModule(nn.Module):
+    """Decoder plus the LM head (or the tied embedding when ``tie_word_embeddings``)."""
+
+    config: NucleusXConfig
+    dtype: Any = F32
+    param_dtype: Any = F32
+    gradient_checkpointing: bool = False
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.model = NucleusXModule(cfg, self.dtype, self.param_dtype, self.gradient_checkpointing)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _dense(cfg.vocab_size, "lm_head", nn.initializers.normal(cfg.lm_head_initializer_range),
+                                  ("embed", "vocab"), self.dtype, self.param_dtype)
+
+    def __call__(self, input_ids: Array, *args: Any, **kwargs: Any) -> Tuple[Array, Any, Any]:
+        """Same arguments as :class:`NucleusXModule`; returns (logits ``[B, T, vocab]``, cache, hidden)."""
+        x, cache, hidden = self.model(input_ids, *args, **kwargs)
+        logits = self.model.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        return logits, cache, hidden
+
+
+class NucleusXForSequenceClassificationModule(nn.Module):
+    """Decoder plus a bias-free ``score`` head, pooled at the token before the first pad (or the last)."""
+
+    config: NucleusXConfig
+    dtype: Any = F32
+    param_dtype: Any = F32
+    gradient_checkpointing: bool = False
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.model = NucleusXModule(cfg, self.dtype, self.param_dtype, self.gradient_checkpointing)
+        self.score = _dense(cfg.num_labels, "score", nn.initializers.normal(cfg.lm_head_initializer_range),
+                            ("embed", None), self.dtype, self.param_dtype)
+
+    def __call__(self, input_ids: Array, *args: Any, **kwargs: Any) -> Tuple[Array, Any, Any]:
+        """Returns (pooled logits ``[B, num_labels]``, cache, hidden)."""
+        x, cache, hidden = self.model(input_ids, *args, **kwargs)
+        logits = self.score(x)
+        pad = self.config.pad_token_id
+        if pad is None:
+            index = jnp.full((input_ids.shape[0],), -1)
+        else:
+            index = jnp.argmax(input_ids == pad, axis=-1) - 1
+        index = jnp.where(index < 0, index + input_ids.shape[1], index)
+        return logits[jnp.arange(input_ids.shape[0]), index], cache, hidden
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def causal_lm_loss(logits: Array, labels: Array, z_loss_coeff: float = 0.0) -> Array:
+    """Mean next-token cross-entropy of ``logits[:, :-1]`` against ``labels[:, 1:]``, -100 ignored.
+
+    With ``z_loss_coeff > 0`` adds the reference's z-loss: ``coeff * mean(log(logsumexp(logits)))`` over
+    every shifted position (ignored ones included, as the reference does).
+    """
+    logits = logits[:, :-1].astype(F32)
+    labels = labels[:, 1:]
+    valid = labels != -100
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    loss = jnp.sum(jnp.where(valid, lse - picked, 0.0)) / jnp.sum(valid)
+    if z_loss_coeff > 0:
+        loss = loss + z_loss_coeff * jnp.mean(jnp.log(lse))
+    return loss
+
+
+def sequence_classification_loss(logits: Array, labels: Array, problem_type: str) -> Array:
+    """The reference's loss for ``problem_type``: regression (MSE), single- or multi-label classification."""
+    logits = logits.astype(F32)
+    if problem_type == "regression":
+        if logits.shape[-1] == 1:
+            return jnp.mean(jnp.square(jnp.squeeze(logits) - jnp.squeeze(labels).astype(F32)))
+        return jnp.mean(jnp.square(logits - labels.astype(F32)))
+    if problem_type == "single_label_classification":
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, labels.reshape(-1, 1).astype(jnp.int32), axis=-1)[:, 0]
+        return jnp.mean(lse - picked)
+    if problem_type == "multi_label_classification":
+        y = labels.astype(F32)
+        return jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+    raise ValueError(f"problem_type={problem_type!r} is invalid: must be regression, "
+                     "single_label_classification or multi_label_classification")
