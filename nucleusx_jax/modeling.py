@@ -203,12 +203,17 @@ class DecoderLayer(nn.Module):
 
 
 class NucleusXModule(nn.Module):
-    """The decoder: embedding (scaled, optionally RMS-normed), the layers, the final RMSNorm (pre-norm)."""
+    """The decoder: embedding (scaled, optionally RMS-normed), the layers, the final RMSNorm (pre-norm).
+
+    ``gradient_checkpointing`` rematerialises each layer in the backward pass; ``remat_policy`` names a
+    ``jax.checkpoint_policies`` member deciding what is saved (None: nothing, recompute the whole layer).
+    """
 
     config: NucleusXConfig
     dtype: Any = F32
     param_dtype: Any = F32
     gradient_checkpointing: bool = False
+    remat_policy: Optional[str] = None
 
     def setup(self) -> None:
         cfg = self.config
@@ -220,7 +225,8 @@ class NucleusXModule(nn.Module):
         self.rms_norm_embedding = RMSNorm(**norm_kw) if cfg.rms_norm_embedding else None
         layer_cls = DecoderLayer
         if self.gradient_checkpointing:
-            layer_cls = nn.remat(DecoderLayer, static_argnums=(5, 6, 7, 8))
+            policy = getattr(jax.checkpoint_policies, self.remat_policy) if self.remat_policy else None
+            layer_cls = nn.remat(DecoderLayer, static_argnums=(5, 6, 7, 8), policy=policy)
         self.layers = [
             layer_cls(cfg, i, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(cfg.decoder_layers)
         ]
@@ -279,10 +285,12 @@ class NucleusXForCausalLMModule(nn.Module):
     dtype: Any = F32
     param_dtype: Any = F32
     gradient_checkpointing: bool = False
+    remat_policy: Optional[str] = None
 
     def setup(self) -> None:
         cfg = self.config
-        self.model = NucleusXModule(cfg, self.dtype, self.param_dtype, self.gradient_checkpointing)
+        self.model = NucleusXModule(cfg, self.dtype, self.param_dtype, self.gradient_checkpointing,
+                                    self.remat_policy)
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.vocab_size, "lm_head", nn.initializers.normal(cfg.lm_head_initializer_range),
                                   ("embed", "vocab"), self.dtype, self.param_dtype)
@@ -328,8 +336,13 @@ def causal_lm_loss(logits: Array, labels: Array, z_loss_coeff: float = 0.0) -> A
     With ``z_loss_coeff > 0`` adds the reference's z-loss: ``coeff * mean(log(logsumexp(logits)))`` over
     every shifted position (ignored ones included, as the reference does).
     """
-    logits = logits[:, :-1].astype(F32)
-    labels = labels[:, 1:]
+    return next_token_loss(logits[:, :-1], labels[:, 1:], z_loss_coeff)
+
+
+def next_token_loss(logits: Array, labels: Array, z_loss_coeff: float = 0.0) -> Array:
+    """:func:`causal_lm_loss` on already aligned ``logits`` ``[B, T, vocab]`` and ``labels`` ``[B, T]``
+    (``labels[:, t]`` is the token that ``logits[:, t]`` predicts); -100 ignored."""
+    logits = logits.astype(F32)
     valid = labels != -100
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
