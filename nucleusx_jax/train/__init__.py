@@ -1,0 +1,1 @@
+"""Pretraining: the data pipeline (:mod:`.data`), tokenizers (:mod:`.tokenizer`) and the trainer."""

@@ -1,0 +1,282 @@
+"""Tokenizers for training and generation: SentencePiece models and local HF tokenizer directories.
+
+:func:`load_tokenizer` opens a SentencePiece ``*.model`` file (or a directory holding ``tokenizer.model``)
+or a transformers tokenizer directory (``AutoTokenizer``, local files only). :func:`train_tokenizer` trains a
+llama-2-style SentencePiece model: BPE, ``byte_fallback`` (no text is ever out of vocabulary), digits split
+one by one, whitespace kept as is (identity normalisation). Its special ids are ``<unk>=0, <s>=1, </s>=2,
+<pad>=3``: llama's unk/bos/eos ids (the defaults of :class:`~nucleusx_jax.NucleusXConfig`) plus a real pad piece.
+
+CLI: ``python -m nucleusx_jax.train.tokenizer --corpus FILE... --output PREFIX --vocab-size N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import tempfile
+from typing import List, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import sentencepiece as spm
+
+from .data import MIN_VOCAB_SIZE, iter_source_documents
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# SentencePiece skips longer input "sentences"; longer lines are cut into pieces of this many characters.
+MAX_SENTENCE_CHARS = 4096
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the trainer and generation use. ``encode`` adds no special tokens; ``decode`` drops them."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> List[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, then rename it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model file. ``pad_id`` is the model's pad piece, or ``eos_id`` when it has none."""
+
+    def __init__(self, model_file: str):
+        with open(model_file, "rb") as f:
+            proto = f.read()
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        self.path = model_file
+        self.fingerprint = hashlib.sha256(proto).hexdigest()
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        if self.eos_id < 0:
+            raise ValueError(f"SentencePiece model {model_file} has no eos piece; documents need an EOS separator")
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+
+    def encode(self, text: str) -> List[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return self.sp.encode(list(texts))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+class HFTokenizer:
+    """A transformers tokenizer directory, loaded with ``AutoTokenizer`` from local files only.
+
+    ``vocab_size`` is ``len(tokenizer)`` (added tokens included); ``pad_id`` falls back to ``eos_id``.
+    """
+
+    def __init__(self, directory: str):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load an HF tokenizer from {directory!r}: {e}") from e
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"HF tokenizer {directory!r} has no eos token; documents need an EOS separator")
+        self.path = directory
+        self.vocab_size = len(self.tok)
+        self.eos_id = int(self.tok.eos_token_id)
+        self.bos_id = int(self.tok.bos_token_id) if self.tok.bos_token_id is not None else self.eos_id
+        self.pad_id = int(self.tok.pad_token_id) if self.tok.pad_token_id is not None else self.eos_id
+        h = hashlib.sha256()
+        for name in sorted(os.listdir(directory)):
+            full = os.path.join(directory, name)
+            if os.path.isfile(full):
+                h.update(name.encode())
+                with open(full, "rb") as f:
+                    h.update(f.read())
+        self.fingerprint = h.hexdigest()
+
+    def encode(self, text: str) -> List[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Open a SentencePiece ``*.model`` file, a directory holding ``tokenizer.model`` (without an HF
+    ``tokenizer_config.json``), or a local HF tokenizer directory."""
+    if os.path.isfile(path):
+        return SentencePieceTokenizer(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "tokenizer_config.json")) or os.path.isfile(
+            os.path.join(path, "tokenizer.json")
+        ):
+            return HFTokenizer(path)
+        if os.path.isfile(os.path.join(path, "tokenizer.model")):
+            return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
+        raise ValueError(
+            f"tokenizer directory {path!r} holds neither tokenizer_config.json / tokenizer.json (HF) "
+            f"nor tokenizer.model (SentencePiece)"
+        )
+    raise FileNotFoundError(f"tokenizer {path!r} does not exist (expected a SentencePiece *.model file or a directory)")
+
+
+def _training_lines(
+    corpus_files: Sequence[str], text_field: str, format: str, max_sentences: int, seed: int
+) -> List[str]:
+    """The non-empty lines of every document (long ones cut), deterministically subsampled to ``max_sentences``."""
+    lines: List[str] = []
+    for source in corpus_files:
+        for doc in iter_source_documents(source, format=format, text_field=text_field):
+            for line in doc.splitlines():
+                if line.strip():
+                    lines.extend(line[i : i + MAX_SENTENCE_CHARS] for i in range(0, len(line), MAX_SENTENCE_CHARS))
+    if not lines:
+        raise ValueError(f"the tokenizer corpus {list(corpus_files)} holds no text")
+    if len(lines) > max_sentences:
+        keep = np.sort(np.random.default_rng(seed).choice(len(lines), size=max_sentences, replace=False))
+        lines = [lines[i] for i in keep]
+    return lines
+
+
+def train_tokenizer(
+    corpus_files: Sequence[str],
+    output_prefix: str,
+    vocab_size: int,
+    *,
+    text_field: str = "text",
+    max_sentences: int = 2_000_000,
+    format: str = "auto",
+    character_coverage: float = 0.99995,
+    seed: int = 0,
+    num_threads: int = 1,
+) -> str:
+    """Train a llama-2-style SentencePiece BPE tokenizer and return the path ``<output_prefix>.model``.
+
+    ``corpus_files`` are data sources as in :class:`~nucleusx_jax.train.data.DataConfig` (text/jsonl files,
+    HF datasets, ``builtin:pydoc``). Each line of each document is one SentencePiece sentence; at most
+    ``max_sentences`` lines are used (a seeded, deterministic subsample). The same inputs give the same file,
+    which is written atomically.
+    """
+    if isinstance(corpus_files, str):
+        raise TypeError(f"corpus_files must be a list of sources, got the string {corpus_files!r}")
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 byte pieces + 4 special pieces + merges), "
+            f"got {vocab_size!r}"
+        )
+    if not isinstance(max_sentences, int) or max_sentences < 1:
+        raise ValueError(f"max_sentences must be a positive int, got {max_sentences!r}")
+    lines = _training_lines(corpus_files, text_field, format, max_sentences, seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            byte_fallback=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+            add_dummy_prefix=True,
+            max_sentence_length=4 * MAX_SENTENCE_CHARS,  # bytes; a UTF-8 character takes at most 4
+            input_sentence_size=0,
+            num_threads=num_threads,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            hard_vocab_limit=True,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise ValueError(f"SentencePiece training failed for vocab_size={vocab_size} on {list(corpus_files)}: {e}") from e
+    path = output_prefix + ".model"
+    _atomic_write_bytes(path, model.getvalue())
+    return path
+
+
+def save_hf_tokenizer(model_file: str, output_dir: str) -> str:
+    """Write a SentencePiece model as an HF ``LlamaTokenizer`` directory (``save_pretrained``); returns it."""
+    from transformers import LlamaTokenizer
+
+    sp = SentencePieceTokenizer(model_file)
+    pieces = sp.sp
+    tok = LlamaTokenizer(
+        vocab_file=model_file,
+        unk_token=pieces.id_to_piece(pieces.unk_id()),
+        bos_token=pieces.id_to_piece(sp.bos_id),
+        eos_token=pieces.id_to_piece(sp.eos_id),
+        pad_token=pieces.id_to_piece(sp.pad_id),
+        add_bos_token=True,
+        add_eos_token=False,
+        legacy=False,
+        sp_model_kwargs={},
+    )
+    tok.save_pretrained(output_dir)
+    return output_dir
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    """CLI entry point; prints and returns the written ``.model`` path."""
+    p = argparse.ArgumentParser(
+        prog="python -m nucleusx_jax.train.tokenizer",
+        description="Train a llama-2-style SentencePiece tokenizer (BPE, byte fallback) on a corpus.",
+    )
+    p.add_argument("--corpus", nargs="+", required=True, help="text/jsonl files, hf:PATH, builtin:pydoc, ...")
+    p.add_argument("--output", required=True, help="output prefix; writes PREFIX.model")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--text-field", default="text", help="jsonl / HF datasets field holding the text")
+    p.add_argument("--format", default="auto", help="auto | text | jsonl | hf")
+    p.add_argument("--max-sentences", type=int, default=2_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    path = train_tokenizer(
+        args.corpus,
+        args.output,
+        args.vocab_size,
+        text_field=args.text_field,
+        max_sentences=args.max_sentences,
+        format=args.format,
+        seed=args.seed,
+        num_threads=args.num_threads,
+    )
+    tok = load_tokenizer(path)
+    print(f"wrote {path} (vocab_size={tok.vocab_size}, bos={tok.bos_id}, eos={tok.eos_id}, pad={tok.pad_id})")
+    return path
+
+
+if __name__ == "__main__":
+    main()
