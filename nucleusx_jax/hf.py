@@ -77,12 +77,14 @@ def check_inputs(
         raise ValueError(f"recurrent_chunk_size={chunk_size!r} is invalid: must be an integer >= 1")
     if np.ndim(input_ids) != 2:
         raise ValueError(f"input_ids must have rank 2 [batch, length], got shape {_shape(input_ids)}")
-    ids = np.asarray(input_ids)
+    # Traced ids (inside a jit or the generation loop) have shapes but no values: only their values go unchecked.
+    concrete = not isinstance(input_ids, jax.core.Tracer)
+    ids = np.asarray(input_ids) if concrete else input_ids
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
     if ids.shape[1] == 0:
         raise ValueError("input_ids is empty: length 0; give at least one token")
-    bad = ids[(ids < 0) | (ids >= config.vocab_size)]
+    bad = ids[(ids < 0) | (ids >= config.vocab_size)] if concrete else np.zeros(0)
     if bad.size:
         raise ValueError(f"input_ids holds token ids outside [0, vocab_size={config.vocab_size}): "
                          f"{sorted(set(bad.tolist()))[:10]}")
@@ -208,7 +210,7 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
         forward_mode: Optional[str] = None,
         recurrent_chunk_size: Optional[int] = None,
         past_key_values: Any = None,
-        use_cache: bool = False,
+        use_cache: Optional[bool] = None,
         output_hidden_states: bool = False,
         labels: Any = None,
         params: Any = None,
@@ -218,11 +220,14 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
     ) -> Any:
         """Run the model. Shapes: input_ids and attention_mask ``[B, T]`` (0 marks left padding).
 
-        ``forward_mode`` (default ``config.forward_mode``): ``parallel``, ``chunkwise`` (chunks of
-        ``recurrent_chunk_size``) or ``recurrent`` (T recurrent steps continuing from ``past_key_values``).
+        ``forward_mode``: ``parallel``, ``chunkwise`` (chunks of ``recurrent_chunk_size``) or ``recurrent``
+        (T recurrent steps continuing from ``past_key_values``); default ``recurrent`` when ``past_key_values``
+        is given, else ``config.forward_mode``. ``use_cache`` defaults to whether ``past_key_values`` is given.
         """
         cfg = self.config
-        mode = forward_mode if forward_mode is not None else cfg.forward_mode
+        mode = forward_mode if forward_mode is not None else (
+            "recurrent" if past_key_values is not None else cfg.forward_mode)
+        use_cache = use_cache if use_cache is not None else past_key_values is not None
         chunk = recurrent_chunk_size if recurrent_chunk_size is not None else cfg.recurrent_chunk_size
         past = check_inputs(cfg, input_ids, attention_mask, mode, chunk, past_key_values, labels, self.head)
         if train and dropout_rng is None and (cfg.dropout > 0 or cfg.activation_dropout > 0 or cfg.drop_path_rate > 0):
@@ -300,6 +305,43 @@ class FlaxNucleusXForCausalLM(FlaxNucleusXPreTrainedModel):
 
     def _wrap(self, result: Dict[str, Any]) -> ModelOutput:
         return FlaxNucleusXCausalLMOutput(result["loss"], result["out"], result["cache"], result["hidden"])
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Any,
+        max_length: int,
+        attention_mask: Any = None,
+        recurrent_chunk_size: Optional[int] = None,
+        prompt_chunkwise_threshold: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """``FlaxGenerationMixin`` hook: the keyword arguments of the first model call, on the prompt ``[B, T]``.
+
+        A prompt of T > 1 tokens runs once in parallel mode, or chunkwise when T exceeds
+        ``prompt_chunkwise_threshold`` (default ``4 * recurrent_chunk_size``), and leaves the recurrent state.
+        The mixin runs a one-token prompt inside its loop: a recurrent step from the empty state.
+        """
+        batch, length = _shape(input_ids)
+        chunk = recurrent_chunk_size if recurrent_chunk_size is not None else self.config.recurrent_chunk_size
+        threshold = prompt_chunkwise_threshold if prompt_chunkwise_threshold is not None else 4 * chunk
+        mode = "chunkwise" if length > threshold else "parallel"
+        check_inputs(self.config, input_ids, attention_mask, mode, chunk, None, None, self.head)
+        if max_length <= length:
+            raise ValueError(f"max_length={max_length} leaves no new token after the prompt of {length} tokens: "
+                             "max_new_tokens must be >= 1")
+        if length > 1:
+            return {"attention_mask": attention_mask, "forward_mode": mode, "recurrent_chunk_size": chunk,
+                    "use_cache": True}
+        cfg = self.config
+        state = retention.empty_state(batch, cfg.decoder_retention_heads, cfg.key_head_dim, cfg.value_head_dim)
+        mask = jnp.ones((batch, 1), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        return {"attention_mask": mask, "past_key_values": (state,) * cfg.decoder_layers}
+
+    def update_inputs_for_generation(self, model_outputs: Any, model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """``FlaxGenerationMixin`` hook: the next call is one recurrent step on the state just returned; the
+        token it feeds was generated, so it is real (mask 1). The state's size never depends on the length."""
+        del model_kwargs
+        past = model_outputs.past_key_values
+        return {"attention_mask": jnp.ones((past[0].kv.shape[0], 1), jnp.int32), "past_key_values": past}
 
 
 class FlaxNucleusXForSequenceClassification(FlaxNucleusXPreTrainedModel):
