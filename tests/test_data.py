@@ -1,0 +1,358 @@
+"""The data pipeline: tokenizer training/loading, sources, packing, stateless batches, host shards, errors."""
+
+import gzip
+import json
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+from nucleusx_jax.train import tokenizer as tokenizer_module
+from nucleusx_jax.train.data import (
+    DataConfig,
+    PackedDataset,
+    iter_documents,
+    iter_source_documents,
+    split_document_ids,
+)
+from nucleusx_jax.train.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    save_hf_tokenizer,
+    train_tokenizer,
+)
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def sp_path(tmp_path_factory):
+    return train_tokenizer(["builtin:pydoc"], str(tmp_path_factory.mktemp("tok") / "pydoc"), VOCAB)
+
+
+@pytest.fixture(scope="module")
+def tok(sp_path):
+    return load_tokenizer(sp_path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """60 small documents as a jsonl file: document i says its number in words and digits."""
+    d = tmp_path_factory.mktemp("corpus")
+    docs = [f"Document number {i}. " + " ".join(["lorem ipsum dolor"] * (3 + i % 7)) + f" end {i}." for i in range(60)]
+    path = d / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs)))
+    return str(path), docs
+
+
+def _cfg(sources, **kw):
+    kw.setdefault("seq_len", 16)
+    return DataConfig(sources=list(sources), **kw)
+
+
+def _windows(ds):
+    """All windows of a dataset, [len(ds), seq_len + 1], built directly from its token array."""
+    L = ds.seq_len
+    return np.stack([np.asarray(ds.tokens[i * L : i * L + L + 1]) for i in range(len(ds))])
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_tokenizer_llama_style_settings(sp_path, tok):
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(sp_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    spec = proto.trainer_spec
+    assert spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
+    assert spec.byte_fallback and spec.split_digits
+    assert isinstance(tok, SentencePieceTokenizer) and isinstance(tok, Tokenizer)
+    assert tok.vocab_size == VOCAB
+    assert [tok.sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)
+    # split_digits: each digit is its own piece
+    digits = [tok.sp.id_to_piece(i) for i in tok.encode("x 2024")][-4:]
+    assert digits == ["2", "0", "2", "4"]
+    assert not [p for p in os.listdir(os.path.dirname(sp_path)) if p.startswith(".tmp")]
+
+
+def test_tokenizer_round_trip_and_byte_fallback(tok):
+    from pydoc_data.topics import topics
+
+    for key in ("if", "for", "lambda"):
+        assert tok.decode(tok.encode(topics[key])) == topics[key]
+    unseen = "emoji \U0001F642 and 日本"
+    ids = tok.encode(unseen)
+    assert 0 not in ids  # never <unk>
+    assert tok.decode(ids) == unseen
+    pieces = [tok.sp.id_to_piece(i) for i in ids]
+    smile = [f"<0x{b:02X}>" for b in "\U0001F642".encode("utf-8")]
+    assert any(pieces[i : i + 4] == smile for i in range(len(pieces)))
+    assert tok.encode_batch(["if", unseen]) == [tok.encode("if"), ids]
+
+
+def test_tokenizer_training_is_deterministic_and_cli(tmp_path, tok):
+    path = tokenizer_module.main(["--corpus", "builtin:pydoc", "--output", str(tmp_path / "cli"), "--vocab-size", str(VOCAB)])
+    again = spm.SentencePieceProcessor(model_file=path)
+    assert [again.id_to_piece(i) for i in range(VOCAB)] == [tok.sp.id_to_piece(i) for i in range(VOCAB)]
+
+
+def test_tokenizer_from_directory_and_errors(tmp_path, sp_path, tok):
+    d = tmp_path / "spdir"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes(open(sp_path, "rb").read())
+    assert load_tokenizer(str(d)).encode("print(x)") == tok.encode("print(x)")
+    with pytest.raises(FileNotFoundError, match="nope.model"):
+        load_tokenizer(str(tmp_path / "nope.model"))
+    with pytest.raises(ValueError, match="neither"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 261"):
+        train_tokenizer(["builtin:pydoc"], str(tmp_path / "x"), 100)
+    with pytest.raises(ValueError, match="SentencePiece training failed"):
+        train_tokenizer(["builtin:pydoc"], str(tmp_path / "x"), 100_000)
+    with pytest.raises(TypeError, match="list of sources"):
+        train_tokenizer("builtin:pydoc", str(tmp_path / "x"), VOCAB)
+
+
+def test_hf_tokenizer_from_sentencepiece(tmp_path, sp_path, tok):
+    out = save_hf_tokenizer(sp_path, str(tmp_path / "hf"))
+    hf = load_tokenizer(out)
+    assert isinstance(hf, HFTokenizer) and isinstance(hf, Tokenizer)
+    assert (hf.vocab_size, hf.bos_id, hf.eos_id, hf.pad_id) == (VOCAB, 1, 2, 3)
+    from pydoc_data.topics import topics
+
+    for key in ("if", "with", "class"):
+        assert hf.encode(topics[key]) == tok.encode(topics[key])
+        assert hf.decode(hf.encode(topics[key])) == topics[key]
+    assert hf.decode([1] + tok.encode("x = 1") + [2]) == "x = 1"  # special tokens dropped
+
+
+def test_hf_tokenizer_built_with_tokenizers_library(tmp_path):
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<eos>": 1, "hello": 2, "world": 3}
+    raw = RawTokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="<eos>").save_pretrained(tmp_path / "wl")
+    hf = load_tokenizer(str(tmp_path / "wl"))
+    assert hf.encode("hello world hello") == [2, 3, 2]
+    assert hf.encode("hello mars") == [2, 0]
+    assert (hf.vocab_size, hf.eos_id, hf.bos_id, hf.pad_id) == (4, 1, 1, 1)  # bos and pad fall back to eos
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(tmp_path / "noeos")
+    with pytest.raises(ValueError, match="has no eos token"):
+        load_tokenizer(str(tmp_path / "noeos"))
+
+
+# -------------------------------------------------------------------------------------------------- sources
+
+
+def test_builtin_pydoc_corpus():
+    from pydoc_data.topics import topics
+
+    docs = list(iter_source_documents("builtin:pydoc"))
+    assert docs == [topics[k] for k in sorted(topics)]
+    assert sum(map(len, docs)) > 300_000
+
+
+def test_text_jsonl_gz_dir_and_glob_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\n  \n\nsecond one\n\n\n  third, indented\n")
+    (tmp_path / "b.jsonl").write_text('{"body": "from jsonl"}\n\n{"body": "   "}\n{"body": "again"}\n')
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write('{"body": "zipped"}\n')
+    (tmp_path / "notes.md").write_text("ignored by directory auto-detection")
+    text_docs = ["first paragraph\nstill first", "second one", "  third, indented"]
+    assert list(iter_source_documents(str(tmp_path / "a.txt"))) == text_docs
+    assert list(iter_source_documents(str(tmp_path / "b.jsonl"), text_field="body")) == ["from jsonl", "again"]
+    cfg = _cfg([str(tmp_path)], text_field="body")
+    assert list(iter_documents(cfg)) == text_docs + ["from jsonl", "again", "zipped"]
+    cfg = _cfg([str(tmp_path / "*.jsonl*"), str(tmp_path / "a.txt")], text_field="body")
+    assert list(iter_documents(cfg)) == ["from jsonl", "again", "zipped"] + text_docs
+    # an explicit format overrides the file name
+    assert list(iter_source_documents(str(tmp_path / "notes.md"), format="text")) == ["ignored by directory auto-detection"]
+
+
+def test_hf_datasets_directory(tmp_path, tok):
+    datasets = pytest.importorskip("datasets")
+    texts = ["alpha beta", "", "gamma delta", "epsilon"]
+    datasets.Dataset.from_dict({"content": texts, "n": [1, 2, 3, 4]}).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"content": texts[:2]}), "test": datasets.Dataset.from_dict({"content": ["x"]})}
+    ).save_to_disk(str(tmp_path / "dd"))
+    want = ["alpha beta", "gamma delta", "epsilon"]
+    assert list(iter_source_documents("hf:" + str(tmp_path / "ds"), text_field="content")) == want
+    assert list(iter_source_documents(str(tmp_path / "ds"), text_field="content")) == want  # auto-detected
+    assert list(iter_source_documents(str(tmp_path / "dd"), format="hf", text_field="content")) == ["alpha beta"]
+    with pytest.raises(ValueError, match=r"no column 'text' \(columns: \['content', 'n'\]\)"):
+        list(iter_source_documents("hf:" + str(tmp_path / "ds")))
+    with pytest.raises(FileNotFoundError, match="not an HF datasets directory"):
+        list(iter_source_documents("hf:" + str(tmp_path / "missing")))
+    ds = PackedDataset(_cfg(["hf:" + str(tmp_path / "ds")], text_field="content", eval_fraction=0, seq_len=4), tok, "train")
+    assert ds.num_tokens == sum(len(tok.encode(t)) + 2 for t in want)
+
+
+def test_missing_datasets_package_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"pip install 'nucleusx-jax\[data\]'"):
+        list(iter_source_documents("hf:" + str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------------------ packing, batches
+
+
+def test_packing_with_bos_eos_separators(corpus, tok):
+    path, docs = corpus
+    ds = PackedDataset(_cfg([path], eval_fraction=0, shuffle=False), tok, "train")
+    want = np.concatenate([[tok.bos_id] + tok.encode(d) + [tok.eos_id] for d in docs])
+    np.testing.assert_array_equal(ds.tokens, want)
+    assert ds.tokens.dtype == np.int32
+    assert int((ds.tokens == tok.eos_id).sum()) == len(docs)
+    assert len(ds) == (len(want) - 1) // 16
+    b = ds.batch(0, 4)
+    assert b.shape == (4, 17) and b.dtype == np.int32
+    np.testing.assert_array_equal(b, np.stack([want[i * 16 : i * 16 + 17] for i in range(4)]))  # no shuffle: in order
+    no_bos = PackedDataset(_cfg([path], eval_fraction=0, shuffle=False, add_bos=False), tok, "train")
+    np.testing.assert_array_equal(no_bos.tokens, np.concatenate([tok.encode(d) + [tok.eos_id] for d in docs]))
+
+
+def test_epochs_are_permutations_and_seeds_differ(corpus, tok):
+    path, _ = corpus
+    ds = PackedDataset(_cfg([path]), tok, "train")
+    windows = _windows(ds)
+    n, gb = len(ds), 8
+    steps = 3 * n // gb + 1
+    seen = np.concatenate([ds.batch(s, gb) for s in range(steps)])
+    for e in range(3):  # every window exactly once per epoch (as a multiset: windows may repeat)
+        assert Counter(r.tobytes() for r in seen[e * n : (e + 1) * n]) == Counter(w.tobytes() for w in windows)
+    assert not np.array_equal(seen[:n], seen[n : 2 * n])  # a fresh order each epoch
+    assert not np.array_equal(seen[:n], windows)  # shuffled
+    same = PackedDataset(_cfg([path]), tok, "train")
+    other = PackedDataset(_cfg([path], seed=1), tok, "train")
+    for s in (0, 5, 17):
+        np.testing.assert_array_equal(same.batch(s, gb), ds.batch(s, gb))
+    assert not np.array_equal(np.concatenate([other.batch(s, gb) for s in range(3)]), seen[: 3 * gb])
+
+
+def test_resume_at_any_step(corpus, tok):
+    path, _ = corpus
+    cfg = _cfg([path])
+    straight = PackedDataset(cfg, tok, "train")
+    expected = [straight.batch(s, 6) for s in range(40)]
+    resumed = PackedDataset(cfg, tok, "train")
+    for s in (31, 7, 39, 0, 22, 7):
+        np.testing.assert_array_equal(resumed.batch(s, 6), expected[s])
+
+
+def test_host_shards_partition_the_global_batch(corpus, tok):
+    path, _ = corpus
+    ds = PackedDataset(_cfg([path]), tok, "train")
+    for step in (0, 13):
+        full = ds.batch(step, 8)
+        for count in (2, 4, 8):
+            shards = [ds.batch(step, 8, p, count) for p in range(count)]
+            assert all(s.shape == (8 // count, 17) for s in shards)
+            np.testing.assert_array_equal(np.concatenate(shards), full)
+        np.testing.assert_array_equal(ds.rows(step, 8, [5, 0, 6]), full[[5, 0, 6]])
+
+
+def test_train_eval_disjoint_by_document(corpus, tok):
+    path, docs = corpus
+    cfg = _cfg([path], eval_fraction=0.1, seed=3)
+    train, ev = PackedDataset(cfg, tok, "train"), PackedDataset(cfg, tok, "eval")
+    assert len(ev.doc_ids) == 6 and len(train.doc_ids) == 54
+    assert not set(train.doc_ids) & set(ev.doc_ids)
+    assert sorted(np.concatenate([train.doc_ids, ev.doc_ids])) == list(range(60))
+    for ds in (train, ev):
+        want = np.concatenate([[tok.bos_id] + tok.encode(docs[i]) + [tok.eos_id] for i in ds.doc_ids])
+        np.testing.assert_array_equal(ds.tokens, want)
+    other = split_document_ids(60, _cfg([path], eval_fraction=0.1, seed=4))["eval"]
+    assert set(other) != set(ev.doc_ids)
+
+
+def test_token_cache(tmp_path, corpus, tok):
+    path, _ = corpus
+    cfg = _cfg([path])
+    first = PackedDataset(cfg, tok, "train", cache_dir=str(tmp_path))
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].startswith("tokens-train-") and files[0].endswith(".npy")
+    cached = PackedDataset(cfg, tok, "train", cache_dir=str(tmp_path))
+    assert isinstance(cached.tokens, np.memmap)
+    np.testing.assert_array_equal(cached.tokens, first.tokens)
+    np.testing.assert_array_equal(cached.batch(3, 4), first.batch(3, 4))
+    PackedDataset(_cfg([path], seed=1), tok, "train", cache_dir=str(tmp_path))  # another split: another file
+    assert len(os.listdir(tmp_path)) == 2
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(sources="builtin:pydoc"), "non-empty list"),
+        (dict(sources=[]), "non-empty list"),
+        (dict(format="xml"), r"data.format must be one of \('auto', 'text', 'jsonl', 'hf'\), got 'xml'"),
+        (dict(seq_len=0), "data.seq_len must be an int >= 1, got 0"),
+        (dict(vocab_size=100), "data.vocab_size must be an int >= 261"),
+        (dict(eval_fraction=1.0), r"data.eval_fraction must be a number in \[0, 1\), got 1.0"),
+        (dict(shuffle="yes"), "data.shuffle must be true or false"),
+        (dict(seed=True), "data.seed must be an int"),
+    ],
+)
+def test_config_errors(kw, match):
+    kw.setdefault("sources", ["builtin:pydoc"])
+    with pytest.raises(ValueError, match=match):
+        DataConfig(**kw)
+
+
+def test_source_errors(tmp_path, tok):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    (tmp_path / "data.csv").write_text("a,b\n")
+    (tmp_path / "blank.txt").write_text("\n\n   \n")
+    cases = [
+        (str(tmp_path / "missing.txt"), FileNotFoundError, "missing.txt' does not exist"),
+        (str(tmp_path / "*.parquet"), FileNotFoundError, "matches no files"),
+        ("builtin:wikipedia", ValueError, r"unknown builtin source 'builtin:wikipedia'; available: \['builtin:pydoc'\]"),
+        ("s3://bucket/x", ValueError, "unknown data source scheme 's3'"),
+        (str(tmp_path / "bad.jsonl"), ValueError, r"bad.jsonl:2: no field 'text' \(record has \['body'\]\)"),
+        (str(tmp_path / "broken.jsonl"), ValueError, "broken.jsonl:2: invalid JSON"),
+        (str(tmp_path / "data.csv"), ValueError, "cannot tell the format of"),
+    ]
+    for source, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            list(iter_documents(_cfg([source])))
+    with pytest.raises(ValueError, match="hold no documents"):
+        PackedDataset(_cfg([str(tmp_path / "blank.txt")]), tok, "train")
+
+
+def test_size_and_batch_errors(tmp_path, corpus, tok):
+    path, _ = corpus
+    two = tmp_path / "two.txt"
+    two.write_text("one document\n\nanother document\n")
+    ds = PackedDataset(_cfg([path]), tok, "train")
+    n = len(ds)
+    with pytest.raises(ValueError, match=f"holds {n} sequences of seq_len \\+ 1 = 17 tokens .* global_batch is {n + 1}"):
+        ds.batch(0, n + 1)
+    with pytest.raises(ValueError, match="global_batch 6 is not divisible by process_count 4"):
+        ds.batch(0, 6, 0, 4)
+    with pytest.raises(ValueError, match=r"process_index must be in \[0, 2\), got 2"):
+        ds.batch(0, 6, 2, 2)
+    with pytest.raises(ValueError, match="step must be a non-negative int"):
+        ds.batch(-1, 6)
+    with pytest.raises(ValueError, match="shorter than one sequence of seq_len \\+ 1 = 100001 tokens"):
+        PackedDataset(_cfg([path], seq_len=100_000), tok, "eval")
+    with pytest.raises(ValueError, match=r"cannot hold out 2 eval document\(s\) from a corpus of 2 document"):
+        PackedDataset(_cfg([str(two)], eval_fraction=0.9), tok, "eval")
+    with pytest.raises(ValueError, match="eval split is empty"):
+        PackedDataset(_cfg([path], eval_fraction=0), tok, "eval")
+    with pytest.raises(ValueError, match=r"split must be one of \('train', 'eval'\), got 'test'"):
+        PackedDataset(_cfg([path]), tok, "test")
