@@ -1,0 +1,111 @@
+"""orbax checkpoints of the :class:`~nucleusx_jax.train.step.TrainState` in ``<run_dir>/checkpoints/<step>``.
+
+Saves are asynchronous (the step loop continues while arrays are written); orbax writes each step into a
+temporary directory and renames it when complete, so a crash mid-save leaves no step that
+``latest_step()`` would pick. A step that fails to restore (truncated or corrupted files) is moved to
+``<run_dir>/checkpoints_corrupt/<step>`` with a warning, and the previous step is tried.
+"""
+
+import logging
+import os
+import shutil
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from ..configuration import NucleusXConfig
+from .config import CheckpointConfig, load_config
+from .step import TrainState, build_module
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_DIR, CORRUPT_DIR, CONFIG_FILE = "checkpoints", "checkpoints_corrupt", "config.yaml"
+
+
+def _restore_args(abstract: Any) -> Any:
+    return ocp.checkpoint_utils.construct_restore_args(abstract)
+
+
+class Checkpointer:
+    """Save/restore of one run directory; ``every`` and ``max_to_keep`` from the ``checkpoint`` section."""
+
+    def __init__(self, run_dir: str, cfg: CheckpointConfig):
+        self.cfg = cfg
+        self.run_dir = os.path.abspath(run_dir)
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep, create=True,
+                                               enable_async_checkpointing=cfg.async_save)
+        self.manager = ocp.CheckpointManager(os.path.join(self.run_dir, CHECKPOINT_DIR), options=options)
+
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` (optimizer steps done) is a periodic save point."""
+        return self.cfg.every > 0 and step % self.cfg.every == 0
+
+    def save(self, state: TrainState) -> int:
+        """Start an asynchronous save of ``state`` under its step (a no-op if that step is saved); returns it."""
+        step = int(jax.device_get(state.step))
+        if step in self.manager.all_steps():
+            return step
+        meta = {"step": step, "data_position": step}
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state.as_dict()),
+                                                          meta=ocp.args.JsonSave(meta)), force=True)
+        return step
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are complete on disk."""
+        self.manager.wait_until_finished()
+
+    def restore_latest(self, abstract: TrainState) -> Optional[TrainState]:
+        """The newest step that restores onto ``abstract`` (a TrainState of ``ShapeDtypeStruct`` with
+        shardings; any mesh), or None when there is none. Broken steps are moved aside with a warning."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    abstract.as_dict(), restore_args=_restore_args(abstract.as_dict()))))["state"]
+                return TrainState(**restored)
+            except Exception as err:  # orbax/tensorstore raise many types for a damaged step
+                logger.warning("checkpoint step %d in %s cannot be restored (%s: %s); skipping it in favour of "
+                               "the previous one and moving it to %s", step, self.manager.directory,
+                               type(err).__name__, str(err).splitlines()[0][:300], CORRUPT_DIR)
+                self._move_aside(step)
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            target = os.path.join(self.run_dir, CORRUPT_DIR)
+            os.makedirs(target, exist_ok=True)
+            dest = os.path.join(target, str(step))
+            if os.path.exists(dest):
+                shutil.rmtree(dest)
+            os.replace(os.path.join(str(self.manager.directory), str(step)), dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"nucleusx-move-aside-{step}")
+        self.manager.reload()
+
+    def close(self) -> None:
+        """Wait for pending saves and release the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params(run_dir: str, step: Optional[int] = None) -> Tuple[NucleusXConfig, Any]:
+    """The model config and float32 parameters of a run's checkpoint (default: the latest complete step),
+    read without the optimizer state, onto the first local device. For export and conversion."""
+    cfg = load_config(os.path.join(run_dir, CONFIG_FILE))
+    module = build_module(cfg)
+    ids = jax.ShapeDtypeStruct((1, cfg.data.seq_len), jnp.int32)
+    abstract = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids)["params"]))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)}
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(f"no checkpoint step {step!r} in {run_dir}/{CHECKPOINT_DIR}: "
+                                f"available steps {list(manager.all_steps())}")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=_restore_args(target), partial_restore=True)))
+    manager.close()
+    return cfg.model_config(), restored["state"]["params"]

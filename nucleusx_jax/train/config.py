@@ -1,0 +1,264 @@
+"""The training YAML schema: sections ``model``, ``data``, ``optimizer``, ``schedule``, ``train``, ``mesh``,
+``checkpoint``, ``logging``; validation with clear errors, ``--set section.key=value`` overrides.
+
+``model`` holds :class:`~nucleusx_jax.NucleusXConfig` fields, or ``{path: some/config.json}`` (relative to the
+working directory; other fields override the file's). Every other section is a dataclass below (``data`` is
+:class:`~nucleusx_jax.train.data.DataConfig`). An unknown key raises an error listing the valid keys; a
+value of the wrong type raises an error naming the expected type.
+"""
+
+import dataclasses
+import inspect
+import json
+import os
+import types
+import typing
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
+
+import yaml
+
+from ..configuration import NucleusXConfig
+from .data import DataConfig
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """AdamW with global-norm clipping."""
+
+    learning_rate: float = 3e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms: bool = False  # apply weight decay to norm weights
+    decay_embeddings: bool = False  # apply weight decay to the input embedding table
+    clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    """Linear warmup to ``optimizer.learning_rate``, then ``decay`` down to ``min_lr_ratio`` times it."""
+
+    warmup_steps: int = 100
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The run: length, batch, precision, forward form, eval cadence, failure policy."""
+
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    global_batch: int = 8  # sequences per optimizer step, over all hosts
+    grad_accum: int = 1  # microbatches per step (global_batch / grad_accum sequences each)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    forward_mode: Literal["parallel", "chunkwise"] = "parallel"
+    chunk_size: int = 512  # chunkwise only; must divide data.seq_len
+    seed: int = 0  # parameter init and dropout
+    eval_every: int = 100  # 0 disables periodic eval
+    eval_batches: int = 4
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh sizes; one axis may be -1 (all remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """orbax checkpoints in ``<run_dir>/checkpoints``; the final model in ``<run_dir>/hf``."""
+
+    every: int = 100  # save every N steps (and at the end); 0: only at the end
+    max_to_keep: int = 3
+    async_save: bool = True
+    resume: bool = True  # continue from the latest complete checkpoint in the run dir
+    export_hf: bool = True
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """Progress bar, metrics.jsonl, TensorBoard, loss plot, the final sample."""
+
+    every: int = 10  # log/print metrics every N steps
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+    peak_tflops_per_device: Optional[float] = None  # for MFU; default: a table by device kind
+    sample_prompt: str = "def "
+    sample_tokens: int = 48  # 0: no sample at the end
+
+
+SECTIONS: Dict[str, type] = {
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "train": TrainConfig,
+    "mesh": MeshConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+MODEL_PATH_KEY = "path"
+
+
+@dataclasses.dataclass
+class Config:
+    """The whole run; ``model`` is the resolved dict of NucleusXConfig fields."""
+
+    model: Dict[str, Any]
+    data: DataConfig
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig
+    train: TrainConfig
+    mesh: MeshConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+
+    def model_config(self) -> NucleusXConfig:
+        """The validated :class:`NucleusXConfig`."""
+        return NucleusXConfig(**self.model)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict (YAML-serialisable) of the resolved config."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (what ``--config`` accepts)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (ints are accepted as floats); raises naming ``tp``."""
+    origin = typing.get_origin(tp)
+    ok = True
+    if origin is Literal:
+        ok = value in typing.get_args(tp)
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, where)
+                except (TypeError, ValueError):
+                    pass
+        ok = False
+    elif origin in (list, List):
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+        ok = False
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp in (bool, str):
+        ok = isinstance(value, tp)
+    if not ok:
+        raise TypeError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _section(name: str, cls: type, values: Any) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise TypeError(f"section '{name}': expected a mapping of keys to values, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in section '{name}'; valid keys: {', '.join(fields)}")
+    return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()})
+
+
+def _model_fields() -> List[str]:
+    params = inspect.signature(NucleusXConfig.__init__).parameters
+    return [p for p in params if p not in ("self", "kwargs")] + ["num_labels", "problem_type"]
+
+
+def resolve_model(values: Any) -> Dict[str, Any]:
+    """``model`` section -> dict of NucleusXConfig fields (a ``path`` to a config.json, or to a directory
+    holding one, is read; other keys override it). Unknown fields raise; NucleusXConfig validates the result."""
+    if isinstance(values, str):
+        values = {MODEL_PATH_KEY: values}
+    if not isinstance(values, Mapping):
+        raise TypeError(f"section 'model': expected a mapping of NucleusXConfig fields or a path, "
+                        f"got {type(values).__name__}")
+    values = dict(values)
+    valid = _model_fields()
+    fields: Dict[str, Any] = {}
+    if MODEL_PATH_KEY in values:
+        path = values.pop(MODEL_PATH_KEY)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
+            loaded = json.load(f)
+        fields = {k: v for k, v in loaded.items() if k in valid}
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in section 'model'; valid keys: {MODEL_PATH_KEY}, "
+                         f"{', '.join(valid)}")
+    defaults = inspect.signature(NucleusXConfig.__init__).parameters
+    for key, value in values.items():
+        default = defaults[key].default if key in defaults else None
+        if default is not None and default is not inspect.Parameter.empty:
+            value = _coerce(value, float if type(default) is float else type(default), f"model.{key}")
+        fields[key] = value
+    NucleusXConfig(**fields)  # validate now, with NucleusXConfig's messages
+    return fields
+
+
+def set_override(raw: Dict[str, Any], assignment: str) -> None:
+    """Apply ``section.key=value`` to the raw dict; the value is parsed as YAML (``1e-3``, ``true``, ``[a, b]``)."""
+    if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
+        raise ValueError(f"--set {assignment!r} is invalid: expected section.key=value, e.g. train.steps=10")
+    target, value = assignment.split("=", 1)
+    section, key = target.split(".", 1)
+    valid = ["model", *SECTIONS]
+    if section not in valid:
+        raise ValueError(f"--set {assignment!r}: unknown section '{section}'; valid sections: {', '.join(valid)}")
+    if not isinstance(raw.get(section), dict):
+        raw[section] = {} if raw.get(section) is None else ({MODEL_PATH_KEY: raw[section]}
+                                                            if isinstance(raw[section], str) else raw[section])
+    raw[section][key] = yaml.safe_load(value) if value != "" else ""
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    """Validate a raw nested dict (from YAML) into a :class:`Config`."""
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"the config must be a mapping of sections, got {type(raw).__name__}")
+    valid = ["model", *SECTIONS]
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}; valid sections: {', '.join(valid)}")
+    sections = {name: _section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+    return Config(model=resolve_model(raw.get("model") or {}), **sections)
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
+    """Read the YAML at ``path`` (None: all defaults), apply ``--set`` overrides, validate."""
+    raw: Dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    for assignment in overrides:
+        set_override(raw, assignment)
+    return parse_config(raw)

@@ -1,0 +1,306 @@
+"""The training run: distributed setup, run directory, tokenizer and data, mesh, resume, the step loop with
+eval/logging/checkpoints/preemption, then export, plot, sample and summary.
+
+Run directory layout: ``config.yaml`` (resolved), ``tokenizer.model`` (when trained here), ``data_cache/``,
+``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``loss.png``, ``hf/`` (final model and
+tokenizer), ``summary.json``.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from .. import sharding as shd
+from ..configuration import NucleusXConfig
+from .checkpoint import CONFIG_FILE, Checkpointer
+from .config import Config
+from .data import PackedDataset
+from .metrics import MetricsWriter, peak_tflops, plot_losses
+from .step import Trainer, TrainState, make_trainer, training_flops_per_token
+from .tokenizer import Tokenizer, load_tokenizer, save_hf_tokenizer, train_tokenizer
+
+logger = logging.getLogger(__name__)
+TOKENIZER_FILE, HF_DIR, SUMMARY_FILE, DATA_CACHE = "tokenizer.model", "hf", "summary.json", "data_cache"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when ``train.on_nonfinite == "stop"`` and a step's loss or gradient norm is not finite."""
+
+
+def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                     process_id: Optional[int] = None) -> None:
+    """``jax.distributed.initialize``: explicit when ``coordinator`` is given (GPU clusters, CPU tests),
+    auto-detected on a multi-host TPU slice or a multi-node SLURM job, otherwise nothing (one process)."""
+    if coordinator is not None:
+        if num_processes is None or process_id is None:
+            raise ValueError(f"--coordinator {coordinator} needs --num-processes and --process-id too")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def prepare_tokenizer(cfg: Config, run_dir: str) -> Tokenizer:
+    """``data.tokenizer``, or (when empty) a SentencePiece model trained on ``data.sources`` into the run dir
+    (once: process 0 trains, the others wait). Sets the model's vocab/special ids from it."""
+    path = cfg.data.tokenizer
+    if not path:
+        path = os.path.join(run_dir, TOKENIZER_FILE)
+        if jax.process_index() == 0 and not os.path.exists(path):
+            logger.info("training a %d-piece SentencePiece tokenizer on %s", cfg.data.vocab_size, cfg.data.sources)
+            train_tokenizer(cfg.data.sources, path[: -len(".model")], cfg.data.vocab_size,
+                            text_field=cfg.data.text_field, format=cfg.data.format, seed=cfg.data.seed)
+        _sync("nucleusx-tokenizer")
+    tok = load_tokenizer(path)
+    vocab = cfg.model.get("vocab_size", NucleusXConfig().vocab_size)
+    if tok.vocab_size > vocab:
+        raise ValueError(f"the tokenizer {path} has {tok.vocab_size} pieces but model.vocab_size={vocab}; "
+                         "set model.vocab_size >= the tokenizer's vocab size")
+    cfg.model.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    return tok
+
+
+def greedy_sample(trainer: Trainer, params: Any, prompt: List[int], num_tokens: int) -> List[int]:
+    """Greedy continuation of ``prompt``: one parallel pass over the prompt, then ``num_tokens`` recurrent
+    steps on the retention state (constant memory per token)."""
+    module = trainer.module
+
+    @jax.jit
+    def run(params: Any, ids: jax.Array) -> jax.Array:
+        logits, cache, _ = module.apply({"params": params}, ids, None, None, "parallel", None, True, False, True)
+
+        def step(carry: Any, _: Any) -> Any:
+            token, cache = carry
+            logits, cache, _ = module.apply({"params": params}, token[:, None], None, cache, "recurrent", None,
+                                            True, False, True)
+            nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+            return (nxt, cache), nxt
+
+        first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        _, rest = jax.lax.scan(step, (first, cache), None, length=num_tokens - 1)
+        return jnp.concatenate([first[None], rest], axis=0)[:, 0]
+
+    return [int(t) for t in jax.device_get(run(params, jnp.asarray([prompt], jnp.int32)))]
+
+
+def export_hf(run_dir: str, config: NucleusXConfig, params: Any, tokenizer_file: Optional[str]) -> str:
+    """Write the model (``save_pretrained``) and, for SentencePiece, the tokenizer into ``<run_dir>/hf``
+    (built in a temporary directory, then renamed). Call on every process; process 0 writes."""
+    from ..hf import FlaxNucleusXForCausalLM
+
+    host_params = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 \
+        else jax.device_get(params)
+    final = os.path.join(run_dir, HF_DIR)
+    if jax.process_index() == 0:
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        FlaxNucleusXForCausalLM(config, _do_init=False).save_pretrained(tmp, params=host_params)
+        if tokenizer_file is not None and tokenizer_file.endswith(".model"):
+            save_hf_tokenizer(tokenizer_file, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    _sync("nucleusx-export")
+    return final
+
+
+class _Preemption:
+    """SIGTERM sets a flag that the loop checks after each step (agreed over all processes)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def check(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def evaluate(trainer: Trainer, params: Any, dataset: PackedDataset, batches: int) -> float:
+    """Mean loss over the first ``batches`` global batches of ``dataset`` (the held-out split)."""
+    losses = [trainer.eval_step(params, _global_batch(trainer, dataset, i)) for i in range(batches)]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def _global_batch(trainer: Trainer, dataset: PackedDataset, step: int) -> jax.Array:
+    """Global batch ``step`` assembled from each host's own rows."""
+    b = trainer.cfg.train.global_batch
+    local = dataset.batch(step, b, jax.process_index(), jax.process_count())
+    return jax.make_array_from_process_local_data(trainer.batch_sharding, local, (b, local.shape[1]))
+
+
+def run(cfg: Config) -> Dict[str, Any]:
+    """Train (or resume) the run described by ``cfg``; returns the summary (also written to summary.json).
+
+    Raises :class:`NonFiniteLossError` on a non-finite step when ``train.on_nonfinite == "stop"``. On SIGTERM
+    saves a checkpoint and returns with ``summary["preempted"] = True``.
+    """
+    t, lg = cfg.train, cfg.logging
+    lead = jax.process_index() == 0
+    run_dir = os.path.abspath(t.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    tokenizer = prepare_tokenizer(cfg, run_dir)
+    tokenizer_file = cfg.data.tokenizer or os.path.join(run_dir, TOKENIZER_FILE)
+    if lead:
+        _write_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_yaml())
+        print(f"resolved config (saved to {os.path.join(run_dir, CONFIG_FILE)}):\n{cfg.to_yaml()}", flush=True)
+
+    mesh = shd.make_mesh(dataclasses.asdict(cfg.mesh))
+    trainer = make_trainer(cfg, mesh)
+    cache_dir = os.path.join(run_dir, DATA_CACHE)
+    train_data = PackedDataset(cfg.data, tokenizer, "train", cache_dir=cache_dir)
+    train_data.validate_batch(t.global_batch, jax.process_index(), jax.process_count())
+    eval_data = None
+    if t.eval_every > 0 and cfg.data.eval_fraction > 0:
+        eval_data = PackedDataset(cfg.data, tokenizer, "eval", cache_dir=cache_dir)
+        eval_data.validate_batch(t.global_batch, jax.process_index(), jax.process_count())
+
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    state = checkpointer.restore_latest(trainer.abstract_state) if cfg.checkpoint.resume else None
+    resumed_from = None if state is None else int(jax.device_get(state.step))
+    if state is None:
+        state = trainer.init_state()
+    start = int(jax.device_get(state.step))
+    model_config = cfg.model_config()
+    flops_per_token = training_flops_per_token(model_config, trainer.num_params, cfg.data.seq_len)
+    peak = peak_tflops(jax.devices()[0].device_kind, lg.peak_tflops_per_device)
+    tokens_per_step = t.global_batch * cfg.data.seq_len
+    if lead:
+        print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
+              f"{jax.process_count()} process(es); {trainer.num_params:,} parameters; {len(train_data)} train "
+              f"sequences of {cfg.data.seq_len} tokens; {flops_per_token:.3g} training FLOPs/token; "
+              + (f"resuming from step {resumed_from}" if resumed_from is not None else "starting from scratch"),
+              flush=True)
+
+    writer = MetricsWriter(run_dir, lg.tensorboard) if lead else None
+    preemption = _Preemption()
+    bar = tqdm(total=t.steps, initial=start, disable=not (lead and lg.progress), desc="train", dynamic_ncols=True)
+    first_loss = last_loss = None
+    eval_losses: List[float] = []
+    window_start, window_tokens, preempted = time.perf_counter(), 0, False
+    start_time = time.perf_counter()
+    try:
+        for step in range(start, t.steps):
+            state, metrics = trainer.train_step(state, _global_batch(trainer, train_data, step))
+            m = jax.device_get(metrics)
+            done = step + 1
+            loss = float(m["loss"])
+            if not bool(m["finite"]):
+                message = (f"non-finite training loss {loss} (grad norm {float(m['grad_norm'])}) at step {done}; "
+                           "the parameters were not updated")
+                if t.on_nonfinite == "stop":
+                    raise NonFiniteLossError(message + "; stopping (set train.on_nonfinite=skip to skip such steps "
+                                             "instead). The last checkpoint holds finite weights.")
+                logger.warning("%s; skipping the step (train.on_nonfinite=skip)", message)
+            else:
+                first_loss = loss if first_loss is None else first_loss
+                last_loss = loss
+            window_tokens += tokens_per_step
+            if done % lg.every == 0 or done == t.steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+                          "tokens_per_s": window_tokens / elapsed,
+                          "tflops_per_device": flops_per_token * window_tokens / elapsed / jax.device_count() / 1e12}
+                if peak is not None:
+                    record["mfu"] = record["tflops_per_device"] / peak
+                if writer is not None:
+                    writer.write(done, "train", record)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                window_start, window_tokens = time.perf_counter(), 0
+            else:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update(1)
+            if eval_data is not None and (done % t.eval_every == 0 or done == t.steps):
+                eval_loss = evaluate(trainer, state.params, eval_data, t.eval_batches)
+                eval_losses.append(eval_loss)
+                if writer is not None:
+                    writer.write(done, "eval", {"loss": eval_loss})
+                if lead:
+                    bar.write(f"step {done}: train loss {loss:.4f}, eval loss {eval_loss:.4f}")
+                window_start = time.perf_counter()
+            if checkpointer.due(done):
+                checkpointer.save(state)
+            if preemption.check():
+                checkpointer.save(state)
+                checkpointer.wait()
+                preempted = True
+                if lead:
+                    bar.write(f"SIGTERM: saved step {done} to {run_dir}; exiting")
+                break
+        if not preempted:
+            checkpointer.save(state)
+    finally:
+        bar.close()
+        preemption.restore()
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
+    wall = time.perf_counter() - start_time
+    steps_done = int(jax.device_get(state.step))
+    summary: Dict[str, Any] = {
+        "run_dir": run_dir, "steps": steps_done, "resumed_from": resumed_from, "preempted": preempted,
+        "first_train_loss": first_loss, "last_train_loss": last_loss,
+        "eval_losses": eval_losses, "wall_s": wall, "parameters": trainer.num_params,
+        "tokens_per_s": (steps_done - start) * tokens_per_step / wall if wall > 0 else None,
+    }
+    if not preempted:
+        if cfg.checkpoint.export_hf:
+            summary["hf_dir"] = export_hf(run_dir, model_config, state.params, tokenizer_file)
+        if lead and lg.plot:
+            summary["plot"] = plot_losses(run_dir)
+        if lg.sample_tokens > 0:
+            prompt = ([tokenizer.bos_id] if cfg.data.add_bos else []) + tokenizer.encode(lg.sample_prompt)
+            sample = tokenizer.decode(greedy_sample(trainer, state.params, prompt, lg.sample_tokens))
+            summary["sample"] = lg.sample_prompt + sample
+    if lead:
+        _write_atomic(os.path.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+        print_summary(summary)
+    return summary
+
+
+def print_summary(summary: Dict[str, Any]) -> None:
+    """The final summary, human-readable."""
+    fmt = lambda v: "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [f"run dir        {summary['run_dir']}",
+             f"steps          {summary['steps']}" + (f" (resumed from {summary['resumed_from']})"
+                                                      if summary["resumed_from"] is not None else ""),
+             f"train loss     first {fmt(summary['first_train_loss'])} -> last {fmt(summary['last_train_loss'])}",
+             f"eval loss      " + (" -> ".join(f"{x:.4f}" for x in summary["eval_losses"]) or "n/a"),
+             f"wall time      {summary['wall_s']:.1f} s, {fmt(summary['tokens_per_s'])} tokens/s"]
+    if summary.get("hf_dir"):
+        lines.append(f"HF model       {summary['hf_dir']}")
+    if summary.get("plot"):
+        lines.append(f"loss plot      {summary['plot']}")
+    if summary.get("sample") is not None:
+        lines.append(f"sample         {summary['sample']!r}")
+    print("\n".join(["== summary =="] + lines), flush=True)

@@ -1,0 +1,232 @@
+"""The sharded training state, AdamW, the jit-compiled train/eval steps, and the FLOP count for MFU.
+
+Batches are ``[B, T + 1]`` int32 token rows (``PackedDataset.batch``): inputs ``[:, :-1]``, targets ``[:, 1:]``.
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .. import sharding as shd
+from ..configuration import NucleusXConfig
+from ..modeling import NucleusXForCausalLMModule, next_token_loss
+from .config import Config
+
+Array = jax.Array
+REMAT_POLICIES = {"none": None, "full": None, "dots": "dots_saveable",
+                  "dots_no_batch": "dots_with_no_batch_dims_saveable"}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds: ``step`` (optimizer steps done = data position), fp32 ``params``,
+    ``opt_state``, and ``rng`` (the base key; step ``s`` uses ``fold_in(rng, s)``)."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+    rng: Array
+
+    def as_dict(self) -> Dict[str, Any]:
+        """Plain-dict view (what orbax stores)."""
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
+
+
+def build_module(cfg: Config) -> NucleusXForCausalLMModule:
+    """The linen model with the run's compute dtype and remat option (parameters always float32)."""
+    t = cfg.train
+    return NucleusXForCausalLMModule(
+        cfg.model_config(), dtype=jnp.dtype(t.dtype), param_dtype=jnp.float32,
+        gradient_checkpointing=t.remat != "none", remat_policy=REMAT_POLICIES[t.remat])
+
+
+def learning_rate_schedule(cfg: Config) -> Callable[[Array], Array]:
+    """lr(count): linear warmup ``(count + 1) / warmup_steps``, then cosine/linear/constant decay to
+    ``min_lr_ratio * learning_rate`` at ``train.steps``."""
+    peak, s, total = cfg.optimizer.learning_rate, cfg.schedule, cfg.train.steps
+
+    def schedule(count: Array) -> Array:
+        count = jnp.asarray(count, jnp.float32)
+        warm = jnp.minimum(1.0, (count + 1.0) / max(1, s.warmup_steps))
+        progress = jnp.clip((count - s.warmup_steps) / max(1, total - s.warmup_steps), 0.0, 1.0)
+        if s.decay == "cosine":
+            decay = s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + jnp.cos(math.pi * progress))
+        elif s.decay == "linear":
+            decay = 1.0 - (1 - s.min_lr_ratio) * progress
+        else:
+            decay = jnp.ones_like(progress)
+        return peak * warm * decay
+
+    return schedule
+
+
+def weight_decay_mask(params: Any, decay_norms: bool, decay_embeddings: bool) -> Any:
+    """True where AdamW decays: every Dense ``kernel``; norm ``weight`` and ``embedding`` only if asked."""
+    decide = {"kernel": True, "weight": decay_norms, "embedding": decay_embeddings}
+
+    def leaf(path: Tuple[Any, ...], _: Any) -> bool:
+        name = path[-1].key
+        if name not in decide:
+            raise ValueError(f"parameter {jax.tree_util.keystr(path)} has an unknown kind '{name}' "
+                             f"for the weight-decay mask (known: {', '.join(decide)})")
+        return decide[name]
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def build_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """Global-norm clipping (``clip_norm > 0``) then AdamW with the schedule and the decay mask."""
+    o = cfg.optimizer
+    adamw = optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                        mask=lambda p: weight_decay_mask(p, o.decay_norms, o.decay_embeddings))
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm > 0 else adamw
+
+
+def training_flops_per_token(config: NucleusXConfig, num_params: int, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward), the numerator of MFU.
+
+    ``6 * N + 3 * L * T * (E + E_v)``: ``N`` counts every parameter except the input embedding table (the LM
+    head counts; a tied table counts once, as the head), 6 = 2 (multiply-add) x 3 (forward + 2 backward).
+    Retention is counted like causal attention: per layer and token the forward pass does ``q.k`` over on
+    average ``T / 2`` positions (``2 * E * T / 2`` FLOPs) and the weighted sum of values (``2 * E_v * T / 2``),
+    times 3 for training. ``E`` = decoder_embed_dim, ``E_v`` = decoder_value_embed_dim, ``L`` layers,
+    ``T`` the training sequence length. The chunkwise form does fewer; this is the parallel form's count.
+    """
+    embedding = config.vocab_size * config.decoder_embed_dim
+    dense = num_params - (0 if config.tie_word_embeddings else embedding)
+    retention = 3 * config.decoder_layers * seq_len * (config.decoder_embed_dim + config.decoder_value_embed_dim)
+    return 6.0 * dense + retention
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Compiled steps and the shardings of one run on one mesh.
+
+    ``state_shardings`` is a :class:`TrainState` of ``NamedSharding``; ``abstract_state`` the matching
+    ``jax.ShapeDtypeStruct`` tree (with shardings: the orbax restore target).
+    """
+
+    cfg: Config
+    mesh: Mesh
+    module: NucleusXForCausalLMModule
+    optimizer: optax.GradientTransformation
+    abstract_state: TrainState
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    init_state: Callable[[], TrainState]
+    train_step: Callable[[TrainState, Array], Tuple[TrainState, Dict[str, Array]]]
+    eval_step: Callable[[Any, Array], Array]
+    num_params: int
+
+
+def state_specs(module: NucleusXForCausalLMModule, optimizer: optax.GradientTransformation,
+                seq_len: int) -> Tuple[TrainState, TrainState]:
+    """(abstract state, PartitionSpec state) without allocating anything; works for any mesh shape."""
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids)["params"])
+    param_specs = shd.logical_specs(boxed)
+    params = nn.meta.unbox(boxed)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    opt_specs = optax.tree_map_params(optimizer, lambda _, spec: spec, opt_state, param_specs,
+                                      transform_non_params=lambda _: PartitionSpec(), is_leaf=is_spec)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    abstract = TrainState(step=scalar, params=params, opt_state=opt_state, rng=key)
+    specs = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs, rng=PartitionSpec())
+    return abstract, specs
+
+
+def check_fits(cfg: Config, mesh_shape: Dict[str, int]) -> None:
+    """Fail before compiling when the run does not fit the mesh; the messages name the numbers."""
+    t, model = cfg.train, cfg.model_config()
+    rows = mesh_shape["data"] * mesh_shape["fsdp"]
+    if t.global_batch % (rows * t.grad_accum):
+        raise ValueError(f"train.global_batch={t.global_batch} must be divisible by data x fsdp x grad_accum = "
+                         f"{mesh_shape['data']} x {mesh_shape['fsdp']} x {t.grad_accum} = {rows * t.grad_accum}")
+    tensor = mesh_shape["tensor"]
+    if model.decoder_retention_heads % tensor:
+        raise ValueError(f"model.decoder_retention_heads={model.decoder_retention_heads} must be divisible by "
+                         f"mesh.tensor={tensor}")
+    if t.forward_mode == "chunkwise" and cfg.data.seq_len % t.chunk_size:
+        raise ValueError(f"train.chunk_size={t.chunk_size} must divide data.seq_len={cfg.data.seq_len} "
+                         "for forward_mode=chunkwise")
+
+
+def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
+    """Shardings, the sharded initialiser and the jit-compiled steps for ``cfg`` on ``mesh``."""
+    mesh_shape = dict(mesh.shape)
+    check_fits(cfg, mesh_shape)
+    t = cfg.train
+    module = build_module(cfg)
+    optimizer = build_optimizer(cfg)
+    abstract, specs = state_specs(module, optimizer, cfg.data.seq_len)
+    shd.check_divisible(abstract.as_dict(), specs.as_dict(), mesh_shape)
+    state_shardings = shd.named_shardings(mesh, specs)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, state_shardings)
+    batch_sharding = NamedSharding(mesh, shd.batch_spec(2))
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES, None))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    z_loss = float(cfg.model_config().z_loss_coeff)
+    num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
+
+    def loss_fn(params: Any, tokens: Array, rng: Array, deterministic: bool) -> Array:
+        logits, _, _ = module.apply({"params": params}, tokens[:, :-1], None, None, t.forward_mode, t.chunk_size,
+                                    False, False, deterministic, rngs={"dropout": rng})
+        return next_token_loss(logits, tokens[:, 1:], z_loss)
+
+    def init() -> TrainState:
+        key = jax.random.PRNGKey(t.seed)
+        params = nn.meta.unbox(module.init(key, jnp.zeros((1, cfg.data.seq_len), jnp.int32))["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          rng=jax.random.fold_in(key, 1))
+
+    def train_step(state: TrainState, batch: Array) -> Tuple[TrainState, Dict[str, Array]]:
+        """batch ``[B, T + 1]`` -> (new state, metrics). Microbatch ``i`` takes rows ``i::grad_accum`` so each
+        device keeps its own rows; a non-finite loss or gradient leaves params and optimizer untouched."""
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        micro = batch.reshape(-1, t.grad_accum, batch.shape[1]).transpose(1, 0, 2)
+        micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
+        grad_fn = jax.value_and_grad(loss_fn)
+
+        def accumulate(carry: Tuple[Array, Any], xs: Tuple[Array, Array]) -> Tuple[Tuple[Array, Any], None]:
+            loss, grads = grad_fn(state.params, xs[0], jax.random.fold_in(step_rng, xs[1]), False)
+            return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                        (micro, jnp.arange(t.grad_accum)))
+        loss, grads = loss / t.grad_accum, jax.tree.map(lambda g: g / t.grad_accum, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                               opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+        lr = learning_rate_schedule(cfg)(state.step)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite}
+
+    def eval_step(params: Any, batch: Array) -> Array:
+        """Mean next-token loss of ``batch`` ``[B, T + 1]`` (no dropout)."""
+        return loss_fn(params, batch, jax.random.PRNGKey(0), True)
+
+    metric_shardings = {"loss": replicated, "grad_norm": replicated, "lr": replicated, "finite": replicated}
+    return Trainer(
+        cfg=cfg, mesh=mesh, module=module, optimizer=optimizer, abstract_state=abstract,
+        state_shardings=state_shardings, batch_sharding=batch_sharding,
+        init_state=jax.jit(init, out_shardings=state_shardings),
+        train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                           out_shardings=(state_shardings, metric_shardings), donate_argnums=0),
+        eval_step=jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding),
+                          out_shardings=replicated),
+        num_params=num_params,
+    )
