@@ -7,6 +7,7 @@ from transformers import PretrainedConfig
 from .activations import ACTIVATIONS
 
 FORWARD_MODES = ("parallel", "chunkwise", "recurrent")
+RETENTION_IMPLS = ("xla", "pallas")
 
 
 class NucleusXConfig(PretrainedConfig):
@@ -55,6 +56,7 @@ class NucleusXConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-6,
         groupnorm_eps: float = 1e-6,
         tie_word_embeddings: bool = False,
+        retention_impl: str = "xla",
         **kwargs: Any,
     ):
         self.vocab_size = vocab_size
@@ -80,6 +82,7 @@ class NucleusXConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.groupnorm_eps = groupnorm_eps
         self.z_loss_coeff = z_loss_coeff
+        self.retention_impl = retention_impl
         if self.deepnorm:
             self.decoder_normalize_before = False
         super().__init__(
@@ -122,6 +125,8 @@ class NucleusXConfig(PretrainedConfig):
                       "(the key head dim) must be even for the rotation")
         if self.forward_mode not in FORWARD_MODES:
             raise bad("forward_mode", f"must be one of {', '.join(FORWARD_MODES)}")
+        if self.retention_impl not in RETENTION_IMPLS:
+            raise bad("retention_impl", f"must be one of {', '.join(RETENTION_IMPLS)}")
         if self.activation_fn not in ACTIVATIONS:
             raise bad("activation_fn", f"must be one of {', '.join(sorted(ACTIVATIONS))}")
         chunk = self.recurrent_chunk_size

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import kernels
 from . import retention as ret
 from .activations import ACTIVATIONS
 from .configuration import NucleusXConfig
@@ -123,6 +124,8 @@ class MultiScaleRetention(nn.Module):
         else:
             if mode == "parallel":
                 out = ret.parallel_retention(q, k, v, log_decay, mask)
+            elif cfg.retention_impl == "pallas":
+                out = kernels.chunkwise_retention(q, k, v, log_decay, chunk_size, mask)
             else:
                 out = ret.chunkwise_retention(q, k, v, log_decay, chunk_size, mask)
             if want_state:
