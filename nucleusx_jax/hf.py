@@ -126,6 +126,21 @@ def check_inputs(
     return tuple(states)
 
 
+def prompt_forward_mode(
+    config: NucleusXConfig, length: int, recurrent_chunk_size: Optional[int] = None, threshold: Optional[int] = None
+) -> Tuple[str, int]:
+    """How generation runs a prompt of ``length`` tokens once: ``(forward_mode, chunk_size)``.
+
+    Parallel mode, or chunkwise when ``length > threshold`` (default ``4 * recurrent_chunk_size``).
+    """
+    chunk = recurrent_chunk_size if recurrent_chunk_size is not None else config.recurrent_chunk_size
+    if threshold is None:
+        threshold = 4 * chunk
+    if not isinstance(threshold, (int, np.integer)) or isinstance(threshold, bool) or threshold < 1:
+        raise ValueError(f"prompt_chunkwise_threshold={threshold!r} is invalid: must be an integer >= 1")
+    return ("chunkwise" if length > threshold else "parallel"), chunk
+
+
 class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
     """Shared HF glue: init, the validated and jit-compiled call, and loading PyTorch checkpoints."""
 
@@ -320,11 +335,10 @@ class FlaxNucleusXForCausalLM(FlaxNucleusXPreTrainedModel):
         ``prompt_chunkwise_threshold`` (default ``4 * recurrent_chunk_size``), and leaves the recurrent state.
         The mixin runs a one-token prompt inside its loop: a recurrent step from the empty state.
         """
-        batch, length = _shape(input_ids)
-        chunk = recurrent_chunk_size if recurrent_chunk_size is not None else self.config.recurrent_chunk_size
-        threshold = prompt_chunkwise_threshold if prompt_chunkwise_threshold is not None else 4 * chunk
-        mode = "chunkwise" if length > threshold else "parallel"
+        length = _shape(input_ids)[-1] if np.ndim(input_ids) else 0
+        mode, chunk = prompt_forward_mode(self.config, length, recurrent_chunk_size, prompt_chunkwise_threshold)
         check_inputs(self.config, input_ids, attention_mask, mode, chunk, None, None, self.head)
+        batch = _shape(input_ids)[0]
         if max_length <= length:
             raise ValueError(f"max_length={max_length} leaves no new token after the prompt of {length} tokens: "
                              "max_new_tokens must be >= 1")

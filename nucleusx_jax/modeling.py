@@ -301,8 +301,11 @@ class NucleusXForCausalLMModule(nn.Module):
     def __call__(self, input_ids: Array, *args: Any, **kwargs: Any) -> Tuple[Array, Any, Any]:
         """Same arguments as :class:`NucleusXModule`; returns (logits ``[B, T, vocab]``, cache, hidden)."""
         x, cache, hidden = self.model(input_ids, *args, **kwargs)
-        logits = self.model.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
-        return logits, cache, hidden
+        return self.lm_logits(x), cache, hidden
+
+    def lm_logits(self, x: Array) -> Array:
+        """The LM head on hidden states: ``[..., E] -> [..., vocab]`` (the tied embedding when tied)."""
+        return self.model.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
 
 
 class NucleusXForSequenceClassificationModule(nn.Module):
