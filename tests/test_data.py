@@ -163,6 +163,20 @@ def test_builtin_pydoc_corpus():
     assert sum(map(len, docs)) > 300_000
 
 
+def test_builtin_stdlib_corpus():
+    import inspect
+    import json as json_module
+
+    docs = list(iter_source_documents("builtin:stdlib"))
+    assert len(docs) > 300 and sum(map(len, docs)) > 1_000_000
+    by_module = {d.split("\n", 1)[0]: d for d in docs if d.startswith("module ")}
+    doc = by_module["module json"]
+    assert doc.startswith("module json\n" + inspect.getdoc(json_module))
+    assert "\n\ndef dumps\n" + inspect.getdoc(json_module.dumps) in doc
+    assert not [m for m in by_module if m.startswith(("module test.", "module idlelib", "module site-packages"))]
+    assert list(iter_source_documents("builtin:stdlib")) == docs
+
+
 def test_text_jsonl_gz_dir_and_glob_sources(tmp_path):
     (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\n  \n\nsecond one\n\n\n  third, indented\n")
     (tmp_path / "b.jsonl").write_text('{"body": "from jsonl"}\n\n{"body": "   "}\n{"body": "again"}\n')
@@ -321,7 +335,7 @@ def test_source_errors(tmp_path, tok):
     cases = [
         (str(tmp_path / "missing.txt"), FileNotFoundError, "missing.txt' does not exist"),
         (str(tmp_path / "*.parquet"), FileNotFoundError, "matches no files"),
-        ("builtin:wikipedia", ValueError, r"unknown builtin source 'builtin:wikipedia'; available: \['builtin:pydoc'\]"),
+        ("builtin:wikipedia", ValueError, r"unknown builtin source 'builtin:wikipedia'; available: \['builtin:pydoc', 'builtin:stdlib'\]"),
         ("s3://bucket/x", ValueError, "unknown data source scheme 's3'"),
         (str(tmp_path / "bad.jsonl"), ValueError, r"bad.jsonl:2: no field 'text' \(record has \['body'\]\)"),
         (str(tmp_path / "broken.jsonl"), ValueError, "broken.jsonl:2: invalid JSON"),

@@ -8,7 +8,8 @@ Sources (``DataConfig.sources``) are read in order into documents:
   directory written by ``save_to_disk``; a glob pattern: its matches, sorted;
 * ``hf:PATH_OR_NAME``: an HF ``datasets`` directory (``load_from_disk``), or a hub name (``load_dataset``,
   needs a network), column ``text_field`` of split ``train`` (or of the only split);
-* ``builtin:pydoc``: the embedded corpus, the topics of CPython's ``pydoc_data`` (one document per topic).
+* ``builtin:pydoc``: the embedded corpus, the topics of CPython's ``pydoc_data`` (one document per topic);
+  ``builtin:stdlib``: the docstrings of the standard library's modules (one document per module).
 
 Empty documents are skipped. Documents are split into train/eval by document (a seeded permutation), each
 split is tokenized once into a flat token array ``[BOS] doc [EOS] [BOS] doc [EOS] ...`` (cached as ``.npy``
@@ -22,15 +23,19 @@ the data position saved in a checkpoint is just the step number.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import glob
 import gzip
 import hashlib
 import json
 import os
 import re
+import sysconfig
 import tempfile
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence
+import tokenize
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -107,7 +112,54 @@ def _pydoc_documents() -> Iterator[str]:
         yield topics[key]
 
 
-BUILTIN_SOURCES: Dict[str, Callable[[], Iterator[str]]] = {"builtin:pydoc": _pydoc_documents}
+# Parts of the standard library that are tests, demos, vendored or installed packages, not documentation.
+_STDLIB_SKIP = {"test", "tests", "idle_test", "idlelib", "turtledemo", "lib2to3", "ensurepip", "site-packages",
+                "dist-packages", "__pycache__", "__phello__"}
+
+
+def _documented_nodes(node: ast.AST, header: str) -> Iterator[Tuple[str, ast.AST]]:
+    """``node`` and, in source order, the classes and functions defined in its body or in its classes'."""
+    yield header, node
+    for child in getattr(node, "body", ()):
+        if isinstance(child, ast.ClassDef):
+            yield from _documented_nodes(child, f"class {child.name}")
+        elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield f"def {child.name}", child
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_docstrings() -> Tuple[str, ...]:
+    """One document per standard-library module: the docstrings of the module, its classes, functions and
+    methods in source order, each under a ``module`` / ``class Name`` / ``def Name`` header line. Parsed with ``ast``; nothing
+    is imported. Files that do not parse (none in CPython 3.11) are skipped."""
+    root = sysconfig.get_paths()["stdlib"]
+    docs = []
+    paths = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in _STDLIB_SKIP]
+        paths += [os.path.join(directory, n) for n in names if n.endswith(".py") and not n.startswith("test_")]
+    for path in sorted(paths):
+        rel = os.path.relpath(path, root)
+        try:
+            with tokenize.open(path) as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        module = rel[: -len(".py")].replace(os.sep, ".").removesuffix(".__init__")
+        parts = []
+        for header, node in _documented_nodes(tree, f"module {module}"):
+            text = ast.get_docstring(node)
+            if text:
+                parts.append(f"{header}\n{text}")
+        if parts:
+            docs.append("\n\n".join(parts))
+    return tuple(docs)
+
+
+BUILTIN_SOURCES: Dict[str, Callable[[], Iterable[str]]] = {
+    "builtin:pydoc": _pydoc_documents,
+    "builtin:stdlib": _stdlib_docstrings,
+}
 
 
 def _open_text(path: str):
