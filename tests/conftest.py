@@ -1,0 +1,28 @@
+"""Shared test helpers: the reference fixtures and small random models."""
+
+import os
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_NAMES = ("nucleus_x_tiny", "nucleus_x_tiny_large_weights")
+
+
+def load_cases(name: str) -> Dict[str, np.ndarray]:
+    """All arrays of a fixture's cases.npz (see that folder's README.md)."""
+    with np.load(FIXTURES / name / "cases.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+@pytest.fixture(scope="session")
+def fixture_dirs() -> Dict[str, Path]:
+    return {n: FIXTURES / n for n in FIXTURE_NAMES}
