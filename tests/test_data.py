@@ -195,7 +195,7 @@ def test_text_jsonl_gz_dir_and_glob_sources(tmp_path):
 
 
 def test_hf_datasets_directory(tmp_path, tok):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the `test` and `data` extras install it
     texts = ["alpha beta", "", "gamma delta", "epsilon"]
     datasets.Dataset.from_dict({"content": texts, "n": [1, 2, 3, 4]}).save_to_disk(str(tmp_path / "ds"))
     datasets.DatasetDict(
