@@ -237,7 +237,10 @@ def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
         try:
             ds = datasets.load_dataset(spec)
         except Exception as e:  # datasets raises many types for a missing hub name or network
-            raise ValueError(f"could not load the HF hub dataset {spec!r} (no network, or no such dataset): {e}") from e
+            raise ValueError(
+                f"{spec!r} is no local path, and loading it as an HF hub dataset failed (no network, or no such "
+                f"dataset): {e}"
+            ) from e
     if isinstance(ds, datasets.DatasetDict):
         splits = sorted(ds)
         if "train" not in ds and len(splits) != 1:
