@@ -10,25 +10,25 @@ PyTorch key                                  flax path                          
 
 Tied embeddings: with ``tie_word_embeddings`` the flax model has no ``lm_head``; a ``lm_head.weight`` in
 the checkpoint must then equal the embedding.
+
+A bare ``NucleusXModel`` checkpoint has the same keys without ``model.`` (flax paths without ``model/``).
 """
 
-import json
+import logging
 import os
 import re
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Collection, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from . import retention
 from .configuration import NucleusXConfig
+from .tensorio import CheckpointError, CheckpointReader, torch_to_numpy  # noqa: F401  (re-exported)
 
+logger = logging.getLogger(__name__)
 Path = Tuple[str, ...]
 BUFFERS = ("model.rel_pos.angle", "model.rel_pos.decay")
 HEAD_KEYS = {"causal_lm": ("lm_head.weight",), "sequence_classification": ("score.weight",), "base": ()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model or its config; the message lists what is wrong."""
 
 
 def torch_key_to_flax(key: str) -> Tuple[Path, bool]:
@@ -52,25 +52,99 @@ def flax_path_to_torch(path: Path) -> Tuple[str, bool]:
     return key, leaf == "kernel"
 
 
-def rel_pos_buffers(config: NucleusXConfig) -> Dict[str, np.ndarray]:
-    """The ``model.rel_pos`` buffers the PyTorch model derives from ``config``."""
-    return {
-        "model.rel_pos.angle": retention.angle_table(config.key_head_dim),
-        "model.rel_pos.decay": retention.log_decay_table(config.decoder_retention_heads, config.use_lm_decay),
-    }
+def rel_pos_buffers(config: NucleusXConfig, prefix: str = "model.", like_torch: bool = True) -> Dict[str, np.ndarray]:
+    """The ``rel_pos`` buffers (float32) the PyTorch model derives from ``config``: ``angle`` ``[K]``, ``decay`` ``[H]``.
+
+    ``like_torch``: compute them with the float32 torch operations the PyTorch model's constructor uses, so
+    they equal its buffers bit for bit (needs torch; without it the float64-then-rounded tables of
+    :mod:`retention` are used, which differ by at most one float32 ulp, and a warning says so).
+    """
+    names = (prefix + "rel_pos.angle", prefix + "rel_pos.decay")
+    heads = config.decoder_retention_heads
+    torch = None
+    if like_torch:
+        try:
+            import torch
+        except ImportError:
+            logger.warning("torch is not installed: the rel_pos buffers come from float64 tables and may differ "
+                           "from the PyTorch model's by one float32 ulp")
+    if torch is None:
+        return dict(zip(names, (retention.angle_table(config.key_head_dim),
+                                retention.log_decay_table(heads, config.use_lm_decay))))
+    f32 = torch.float32
+    angle = torch.pow(10000.0, torch.linspace(0.0, 1.0, config.key_head_dim // 2, dtype=f32)).reciprocal()
+    if config.use_lm_decay:
+        bounds = torch.log(torch.tensor([1 / 32, 1 / 512], dtype=f32))
+        decay = torch.log(1 - torch.exp(torch.linspace(bounds[0], bounds[1], heads, dtype=f32)))
+    else:
+        decay = torch.log(1 - torch.pow(2.0, -5.0 - torch.arange(heads, dtype=f32)))
+    return dict(zip(names, (torch.repeat_interleave(angle, 2).numpy(), decay.numpy())))
 
 
 def check_buffers(key: str, value: np.ndarray, config: NucleusXConfig) -> None:
-    """Raise if a ``rel_pos`` buffer disagrees with what ``config`` implies (beyond float32 rounding)."""
-    expected = rel_pos_buffers(config)[key]
-    value = np.asarray(value, np.float32)
-    if value.shape != expected.shape or not np.allclose(value, expected, rtol=1e-5, atol=1e-6):
+    """Raise naming ``key`` if a ``rel_pos`` buffer disagrees with what ``config`` implies, beyond the rounding
+    of its dtype (float32: 1e-5 relative; 16-bit buffers, possibly computed in 16 bits: 3e-2)."""
+    prefix = key[:-len("rel_pos.angle")] if key.endswith("rel_pos.angle") else key[:-len("rel_pos.decay")]
+    expected = rel_pos_buffers(config, prefix, like_torch=False)[key]
+    rtol = 1e-5 if np.dtype(value.dtype).itemsize >= 4 else 3e-2
+    found = np.asarray(value, np.float32)
+    if found.shape != expected.shape or not np.allclose(found, expected, rtol=rtol, atol=rtol * 1e-1):
         raise CheckpointError(
-            f"buffer {key} (shape {list(value.shape)}) disagrees with the config "
-            f"(decoder_embed_dim={config.decoder_embed_dim}, decoder_retention_heads="
-            f"{config.decoder_retention_heads}, use_lm_decay={config.use_lm_decay}) which implies shape "
+            f"buffer {key} (shape {list(found.shape)}, values {np.round(found[:4], 6).tolist()}...) disagrees "
+            f"with the config (decoder_embed_dim={config.decoder_embed_dim}, decoder_retention_heads="
+            f"{config.decoder_retention_heads}, use_lm_decay={config.use_lm_decay}), which implies shape "
             f"{list(expected.shape)} values {np.round(expected[:4], 6).tolist()}..."
         )
+
+
+def infer_head(keys: Collection[str]) -> str:
+    """Which model a PyTorch state dict's keys come from: ``sequence_classification`` (has ``score.weight``),
+    ``causal_lm`` (``model.`` keys) or ``base`` (a bare ``NucleusXModel``)."""
+    if "score.weight" in keys:
+        return "sequence_classification"
+    return "causal_lm" if any(k.startswith("model.") for k in keys) else "base"
+
+
+def check_torch_keys(
+    shapes: Mapping[str, Tuple[int, ...]],
+    config: NucleusXConfig,
+    head: str,
+    allow_missing_head: bool = False,
+    display: Optional[Callable[[str], str]] = None,
+) -> List[str]:
+    """Check a state dict's parameter keys and shapes (buffers excluded) against ``config``.
+
+    With tied embeddings ``lm_head.weight`` may be present or absent. Raises :class:`CheckpointError` listing
+    every missing, unexpected and wrong-shaped key (named by ``display(key)`` where given, e.g. flax paths);
+    returns the missing head keys when ``allow_missing_head``.
+    """
+    expected = expected_torch_shapes(config, head)
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    show = display or (lambda k: k)
+    allowed = set(expected) | ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    unexpected = sorted(show(k) for k in shapes if k not in allowed)
+    wrong = [f"{show(k)}: checkpoint {list(shapes[k])}, config expects {list(s)}"
+             for k, s in expected.items() if k in shapes and tuple(shapes[k]) != s]
+    if config.tie_word_embeddings and "lm_head.weight" in shapes and tuple(shapes["lm_head.weight"]) != (
+            config.vocab_size, config.decoder_embed_dim):
+        wrong.append(f"{show('lm_head.weight')}: checkpoint {list(shapes['lm_head.weight'])}, config expects "
+                     f"{[config.vocab_size, config.decoder_embed_dim]}")
+    missing = [k for k in expected if k not in shapes]
+    head_missing = [k for k in missing if k in HEAD_KEYS[head]]
+    missing = [show(k) for k in missing if k not in HEAD_KEYS[head]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys: {unexpected}")
+    if wrong:
+        problems.append(f"wrong shapes: {wrong}")
+    if head_missing and not allow_missing_head:
+        problems.append(f"missing head keys: {[show(k) for k in head_missing]}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the NucleusX config: " + "; ".join(problems))
+    return head_missing
 
 
 def expected_torch_shapes(config: NucleusXConfig, head: str) -> Dict[str, Tuple[int, ...]]:
@@ -110,30 +184,22 @@ def state_dict_to_params(
     keys)``; missing head keys are an error unless ``allow_missing_head``. Every other missing, unexpected
     or wrong-shaped key raises :class:`CheckpointError` listing them.
     """
-    expected = expected_torch_shapes(config, "causal_lm" if head == "base" else head)
+    full_head = "causal_lm" if head == "base" else head
     tied = config.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight", None)
-    params: dict = {}
-    seen, unexpected, wrong = set(), [], []
-    lm_head = None
+    state: Dict[str, np.ndarray] = {}
     for key, value in tensors:
         if not key.startswith(("model.", "lm_head.", "score.")):
             key = "model." + key  # a bare NucleusXModel checkpoint
         if key in BUFFERS:
             check_buffers(key, value, config)
-            continue
-        if key in ("lm_head.weight", "score.weight") and key not in expected and not (tied and key == "lm_head.weight"):
-            continue  # the other head's weights
-        if tied and key == "lm_head.weight":
-            lm_head = value
-            continue
-        if key not in expected:
-            unexpected.append(key)
-            continue
-        if tuple(value.shape) != expected[key]:
-            wrong.append(f"{key}: checkpoint {list(value.shape)}, config expects {list(expected[key])}")
-            continue
+        elif key not in HEAD_KEYS["causal_lm"] + HEAD_KEYS["sequence_classification"] or key in HEAD_KEYS[head]:
+            state[key] = value  # the other head's weights (and for the bare model both heads') are ignored
+    shapes = {k: v.shape for k, v in state.items()}
+    head_missing = check_torch_keys(shapes, config, full_head, allow_missing_head or head == "base")
+    head_missing = [k for k in head_missing if k in HEAD_KEYS[head]]
+    lm_head = state.pop("lm_head.weight") if tied and "lm_head.weight" in state else None
+    params: dict = {}
+    for key, value in state.items():
         path, transpose = torch_key_to_flax(key)
         if head == "base":
             path = path[1:]
@@ -141,21 +207,6 @@ def state_dict_to_params(
         for p in path[:-1]:
             node = node.setdefault(p, {})
         node[path[-1]] = np.ascontiguousarray(value.T) if transpose else value
-        seen.add(key)
-    missing = sorted(set(expected) - seen)
-    head_missing = [k for k in missing if k in HEAD_KEYS[head]]
-    missing = [k for k in missing if k not in HEAD_KEYS[head]]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys: {sorted(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shapes: {wrong}")
-    if head_missing and not allow_missing_head:
-        problems.append(f"missing head keys: {head_missing}")
-    if problems:
-        raise CheckpointError("checkpoint does not match the NucleusX config: " + "; ".join(problems))
     if lm_head is not None:
         emb = params["model"]["embed_tokens"]["embedding"] if head != "base" else params["embed_tokens"]["embedding"]
         if not np.array_equal(np.asarray(lm_head), np.asarray(emb)):
@@ -176,7 +227,7 @@ def params_to_state_dict(params: Mapping, config: NucleusXConfig, head: str) -> 
         key, transpose = flax_path_to_torch(full)
         arr = np.asarray(value)
         yield key, (np.ascontiguousarray(arr.T) if transpose else arr)
-    yield from rel_pos_buffers(config).items()
+    yield from rel_pos_buffers(config, "" if head == "base" else "model.").items()
 
 
 # ----------------------------------------------------------------------------------------- reading files
@@ -194,38 +245,9 @@ def find_torch_weights(directory: str) -> Optional[str]:
 def iter_torch_tensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
     """Stream ``(key, numpy array)`` from a safetensors/.bin file or a sharded ``*.index.json``.
 
-    Tensors are read one at a time (safetensors ``safe_open``; ``torch.load(mmap=True)`` for ``.bin``),
-    so memory stays near the largest tensor. bfloat16 stays bfloat16 (``ml_dtypes``).
+    Tensors are read one at a time (see :mod:`nucleusx_jax.tensorio`), so memory stays near the largest
+    tensor. bfloat16 stays bfloat16 (``ml_dtypes``).
     """
-    if path.endswith(".index.json"):
-        with open(path) as f:
-            weight_map = json.load(f)["weight_map"]
-        base = os.path.dirname(path)
-        for shard in sorted(set(weight_map.values())):
-            yield from iter_torch_tensors(os.path.join(base, shard))
-        return
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-        return
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"reading {path} needs PyTorch: pip install 'nucleusx-jax[torch]'") from e
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    for key in list(state):
-        yield key, torch_to_numpy(state.pop(key))
-
-
-def torch_to_numpy(t: "object") -> np.ndarray:
-    """A CPU torch tensor as numpy without changing its dtype (bfloat16 via ``ml_dtypes``)."""
-    import ml_dtypes
-    import torch
-
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+    with CheckpointReader(path) as reader:
+        for key in reader.index:
+            yield key, reader.read(key)

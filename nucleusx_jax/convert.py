@@ -1,0 +1,336 @@
+"""Convert NucleusX checkpoints between PyTorch and flax model directories, one tensor at a time.
+
+``convert(src, dst, to="flax")`` reads a PyTorch directory (``config.json`` with ``model.safetensors``,
+``pytorch_model.bin`` or their sharded forms) and writes what ``FlaxAutoModelForCausalLM.from_pretrained``
+loads natively: ``config.json`` with ``flax_model.msgpack`` (or ``flax_model-0000i-of-0000n.msgpack`` shards
+and ``flax_model.msgpack.index.json``). ``to="torch"`` goes back: ``model.safetensors`` (default) or
+``pytorch_model.bin``, with the keys, order, layout and dtypes the PyTorch model saves: the ``rel_pos``
+buffers are regenerated from the config, and with tied embeddings ``lm_head.weight`` is left out of
+safetensors and shares the embedding's storage in ``.bin``.
+
+Everything is checked before the first byte is written: the key set and shapes against the config (every
+missing, unexpected or wrong-shaped key is listed), the buffers against the config, tied weights, dtypes.
+Output goes to a temporary directory next to ``dst`` that is renamed to ``dst`` at the end; on any error
+it is removed, so ``dst`` is never left half written.
+
+Memory: one source tensor and its converted copy at a time (``.bin`` output holds one shard, as
+``torch.save`` needs the whole shard); see ``benchmarks/convert_memory.py``.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import ml_dtypes
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import weights
+from .configuration import NucleusXConfig
+from .tensorio import FORMATS, CheckpointError, CheckpointReader, CheckpointWriter, TensorInfo
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+FLOAT_DTYPES = set(DTYPES.values()) | {np.dtype(np.float64)}
+TORCH_FORMATS = ("safetensors", "bin")
+FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What :func:`convert` wrote: tensors and bytes written, parameters (buffers and tied copies excluded)."""
+
+    dst: str
+    tensors: int
+    parameters: int
+    bytes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        rate = self.bytes / 1e9 / max(self.seconds, 1e-9)
+        return (f"{self.tensors} tensors, {self.parameters:,} parameters, {self.bytes / 1e9:.3f} GB in "
+                f"{self.seconds:.1f} s ({rate:.2f} GB/s) -> {self.dst}")
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One output tensor: where it comes from and what it becomes."""
+
+    out: str  # name in the output file
+    info: TensorInfo  # output shape and dtype
+    src: Optional[str] = None  # name in the source; None for a regenerated buffer or an alias
+    transpose: bool = False
+    alias: Optional[str] = None  # output name of the tensor whose storage this one shares (tied .bin)
+    value: Optional[np.ndarray] = None  # a regenerated buffer
+    is_param: bool = True
+
+
+def _parse_dtype(dtype: Optional[str]) -> Optional[np.dtype]:
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported: choose one of {', '.join(DTYPES)} (or none to keep "
+                         "the source dtype)")
+    return DTYPES[dtype]
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from an int or a string like ``"5GB"`` (powers of 1000) or ``"2GiB"`` (powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+    unit = match.group(2).upper() if match else None
+    if isinstance(size, bool) or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
+        raise ValueError(f"max_shard_size={size!r} is invalid: give a positive number of bytes or a size like "
+                         "'5GB', '500MB' or '2GiB'")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _load_config(src: str) -> NucleusXConfig:
+    path = os.path.join(src, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{src} has no config.json: SRC must be a NucleusX model directory")
+    try:
+        with open(path) as f:
+            model_type = json.load(f).get("model_type")
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not readable JSON: {e}") from e
+    if model_type != NucleusXConfig.model_type:
+        raise CheckpointError(f"{path} has model_type={model_type!r}; this converter handles "
+                              f"{NucleusXConfig.model_type!r}")
+    return NucleusXConfig.from_pretrained(src)
+
+
+def _is_training_run(src: str) -> bool:
+    """An orbax checkpoint directory: step subdirectories, or a ``checkpoints`` folder holding them."""
+    for base in (src, os.path.join(src, "checkpoints")):
+        if os.path.isdir(base) and any(n.isdigit() and os.path.isdir(os.path.join(base, n)) for n in os.listdir(base)):
+            return True
+    return False
+
+
+def _find_source(src: str, to: str, step: Optional[int]) -> str:
+    torch_file = weights.find_torch_weights(src)
+    flax_file = next((os.path.join(src, n) for n in FLAX_FILES if os.path.isfile(os.path.join(src, n))), None)
+    if to == "flax":
+        if step is not None:
+            raise ValueError("step selects a training checkpoint, which only --to torch reads")
+        if torch_file is None:
+            hint = "; it holds flax weights: convert them with --to torch" if flax_file else ""
+            raise CheckpointError(f"{src} holds no PyTorch weights (expected one of "
+                                  f"{', '.join(weights.TORCH_FILES)}){hint}")
+        return torch_file
+    if flax_file is not None and step is None:
+        return flax_file
+    if _is_training_run(src):
+        raise ValueError(f"{src} is a training (orbax) checkpoint directory; converting those is not supported "
+                         "yet: export the params to a flax model directory first")
+    if step is not None:
+        raise ValueError(f"step={step} selects a training checkpoint, but {src} is not a training run directory")
+    hint = "; it holds PyTorch weights: convert them with --to flax" if torch_file else ""
+    raise CheckpointError(f"{src} holds no flax weights (expected one of {', '.join(FLAX_FILES)}) and is not a "
+                          f"training run directory{hint}")
+
+
+def _check_dtypes(index: Dict[str, TensorInfo]) -> None:
+    bad = {name: str(info.dtype) for name, info in index.items() if info.dtype not in FLOAT_DTYPES}
+    if bad:
+        raise CheckpointError(f"unsupported dtype: NucleusX weights are floating point (float16, bfloat16, float32, "
+                              f"float64), but {bad}")
+
+
+def _out_info(info: TensorInfo, transpose: bool, dtype: Optional[np.dtype]) -> TensorInfo:
+    return TensorInfo(info.shape[::-1] if transpose else info.shape, dtype if dtype is not None else info.dtype)
+
+
+def _plan_to_flax(reader: CheckpointReader, config: NucleusXConfig, dtype: Optional[np.dtype]) -> List[_Item]:
+    """Check a PyTorch state dict against ``config`` and list the flax tensors to write (state-dict order)."""
+    index = reader.index
+    _check_dtypes(index)
+    head = weights.infer_head(index)
+    prefix = "" if head == "base" else "model."
+    buffers = [prefix + "rel_pos.angle", prefix + "rel_pos.decay"]
+    weights.check_torch_keys({k: i.shape for k, i in index.items() if k not in buffers}, config, head)
+    for key in buffers:
+        if key in index:
+            weights.check_buffers(key, reader.read(key), config)
+    tied = config.tie_word_embeddings and "lm_head.weight" in index
+    if tied and not np.array_equal(reader.read("lm_head.weight"), reader.read(prefix + "embed_tokens.weight")):
+        raise CheckpointError("lm_head.weight differs from model.embed_tokens.weight although the config has "
+                              "tie_word_embeddings=True")
+    items = []
+    for key in weights.expected_torch_shapes(config, head):
+        if key in index and not (tied and key == "lm_head.weight"):  # tied: lm_head is not a flax parameter
+            path, transpose = weights.torch_key_to_flax(key)
+            items.append(_Item("/".join(path), _out_info(index[key], transpose, dtype), key, transpose))
+    return items
+
+
+def _plan_to_torch(
+    reader: CheckpointReader, config: NucleusXConfig, dtype: Optional[np.dtype], torch_format: str
+) -> List[_Item]:
+    """Check a flax parameter tree against ``config`` and list the PyTorch tensors to write (state-dict order)."""
+    index = reader.index
+    _check_dtypes(index)
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    names: Dict[str, str] = {}  # torch key -> flax name, for messages and reading
+    strays: Dict[str, Tuple[int, ...]] = {}
+    for name, info in index.items():
+        path = tuple(name.split("/"))
+        key, transpose = weights.flax_path_to_torch(path)
+        try:
+            known = weights.torch_key_to_flax(key) == (path, transpose) and key not in names
+        except CheckpointError:
+            known = False
+        if known:
+            shapes[key], names[key] = (info.shape[::-1] if transpose else info.shape), name
+        else:
+            strays[name] = info.shape
+    head = weights.infer_head(shapes)
+    def display(key: str) -> str:  # name keys as the flax file does
+        return names.get(key) or (key if key in strays else "/".join(weights.torch_key_to_flax(key)[0]))
+
+    weights.check_torch_keys({**shapes, **strays}, config, head, display=display)
+    prefix = "" if head == "base" else "model."
+    embed = prefix + "embed_tokens.weight"
+    items, tail = [], []
+    for key in weights.expected_torch_shapes(config, head):
+        if key in names:
+            src = names[key]
+            transpose = weights.torch_key_to_flax(key)[1]
+            item = _Item(key, _out_info(index[src], transpose, dtype), src, transpose)
+        elif key == "lm_head.weight" and torch_format == "bin":  # tied: the reference's .bin shares storage
+            item = _Item(key, items[0].info, alias=embed, is_param=False)
+        else:  # tied lm_head in safetensors: stored once, as the embedding
+            continue
+        (tail if key in weights.HEAD_KEYS[head] else items).append(item)
+    buffer_dtype = items[0].info.dtype  # the buffers follow the model's dtype, as model.to(dtype) does
+    for key, value in weights.rel_pos_buffers(config, prefix).items():
+        items.append(_Item(key, TensorInfo(value.shape, buffer_dtype), value=value.astype(buffer_dtype), is_param=False))
+    return items + tail
+
+
+def _commit(tmp: str, dst: str) -> None:
+    """Move the finished ``tmp`` to ``dst``, replacing what is there."""
+    if os.path.lexists(dst):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
+        os.rename(dst, os.path.join(old, "previous"))
+        os.rename(tmp, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, dst)
+
+
+def convert(
+    src: str,
+    dst: str,
+    to: str,
+    dtype: Optional[str] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    overwrite: bool = False,
+    step: Optional[int] = None,
+    torch_format: str = "safetensors",
+    progress: bool = True,
+) -> Summary:
+    """Convert the model directory ``src`` into ``dst`` (``to``: ``flax`` or ``torch``); see the module docstring.
+
+    ``dtype`` (``float32``, ``bfloat16``, ``float16``) casts every tensor; by default each keeps its source
+    dtype. Files above ``max_shard_size`` (bytes or ``"5GB"``) are sharded with an ``*.index.json``.
+    ``torch_format``: ``safetensors`` or ``bin`` for ``to="torch"``. Raises :class:`CheckpointError` for a bad
+    checkpoint, ``FileExistsError`` if ``dst`` exists without ``overwrite``, ``ValueError`` for bad arguments.
+    """
+    start = time.perf_counter()
+    if to not in ("flax", "torch"):
+        raise ValueError(f"to={to!r} is invalid: choose 'flax' or 'torch'")
+    if torch_format not in TORCH_FORMATS:
+        raise ValueError(f"torch_format={torch_format!r} is invalid: choose one of {', '.join(TORCH_FORMATS)}")
+    target = _parse_dtype(dtype)
+    max_bytes = parse_size(max_shard_size)
+    src, dst = os.path.abspath(src), os.path.abspath(dst)
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"SRC {src} is not a directory")
+    if src == dst:
+        raise ValueError(f"SRC and DST are the same directory ({src}); write to a new directory")
+    if os.path.lexists(dst) and not overwrite:
+        raise FileExistsError(f"DST {dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    config = _load_config(src)
+    source = _find_source(src, to, step)
+    with CheckpointReader(source) as reader:
+        if to == "flax":
+            items, fmt = _plan_to_flax(reader, config, target), FORMATS["msgpack"]
+        else:
+            items, fmt = _plan_to_torch(reader, config, target, torch_format), FORMATS[torch_format]
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=os.path.dirname(dst))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; DST gets the usual permissions
+        try:
+            writer = CheckpointWriter(tmp, fmt, [(it.out, it.info) for it in items], max_bytes)
+            by_name = {it.out: it for it in items}
+            shared = {it.alias for it in items if it.alias}
+            kept: Dict[str, np.ndarray] = {}
+            with tqdm(total=writer.total_bytes, unit="B", unit_scale=True, disable=not progress,
+                      desc=f"{os.path.basename(src)} -> {to}") as bar:
+                for name in writer.order:
+                    item = by_name[name]
+                    if item.alias:
+                        arr = kept.pop(item.alias)
+                    elif item.value is not None:
+                        arr = item.value
+                    else:
+                        arr = reader.read(item.src)
+                        arr = arr.T if item.transpose else arr
+                        arr = arr.astype(item.info.dtype, order="C", copy=item.transpose or arr.dtype != item.info.dtype)
+                    if name in shared:
+                        kept[name] = arr
+                    writer.write(name, arr)
+                    bar.set_postfix_str(name, refresh=False)
+                    bar.update(arr.nbytes)
+                    del arr
+            writer.close()
+            for side in SIDE_FILES:
+                if os.path.isfile(os.path.join(src, side)):
+                    shutil.copyfile(os.path.join(src, side), os.path.join(tmp, side))
+            _commit(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return Summary(dst, len(items), sum(it.info.size for it in items if it.is_param), writer.total_bytes,
+                   time.perf_counter() - start)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``convert_torch_checkpoint.py`` command line; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="convert_torch_checkpoint.py",
+        description="Convert NucleusX checkpoints between PyTorch and flax model directories, tensor by tensor.")
+    parser.add_argument("src", help="source model directory (config.json and weights)")
+    parser.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
+    parser.add_argument("--to", required=True, choices=("flax", "torch"), help="the format to write")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="cast every tensor (default: keep the source dtype)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest file before sharding (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--step", type=int, help="training step to export (training run directories)")
+    parser.add_argument("--torch-format", default="safetensors", choices=TORCH_FORMATS,
+                        help="file format of --to torch (default safetensors)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        summary = convert(args.src, args.dst, args.to, args.dtype, args.max_shard_size, args.overwrite, args.step,
+                          args.torch_format, progress=not args.quiet)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"converted {summary}")
+    return 0
