@@ -1,0 +1,320 @@
+"""The benchmark suite: one table of timings and achieved fractions of this machine's matmul throughput.
+
+``python -m benchmarks`` (or ``python benchmarks/run.py``) runs, on the default JAX backend:
+
+* ``peak``: a 2048^3 float32 ``jnp.dot`` (the denominator of every fraction; measured at the start and the
+  end of the run, the median of all its timings is used);
+* ``op``: retention alone (bench-small heads: H=4, K=128, V=256), forward and forward+backward, parallel,
+  chunkwise (XLA) and, off CPU, chunkwise (Pallas), batch 1, T = 512 ... 32768;
+* ``model``: the bench-small model (vocab 32000, embed 512, value 1024, heads 4, ffn 1024, layers 4), logits
+  forward and loss forward+backward, parallel and chunkwise, batch 1, same lengths;
+* ``train``: the trainer's jit train step (AdamW; ``nucleusx_jax.train.step.make_trainer``), chunkwise, at
+  batch 4 x 512 and 1 x 8192;
+* ``decode``: batch-1 decode tokens/s measured by ``benchmarks/decode.py`` (a subprocess), when it exists.
+
+FLOPs follow :func:`nucleusx_jax.train.step.training_flops_per_token` (6 x params x tokens for training, every
+weight but the input embedding table, plus retention counted like causal attention); a forward pass is a third
+of it. Every row is the median of ``--repeats`` timed runs after one compile-and-warm-up run, with min and max.
+Rows whose estimated memory exceeds ``--memory-gb`` are listed as skipped. Results go to
+``benchmarks/results/<name>.json`` (written to a temporary file, then renamed).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nucleusx_jax import kernels
+from nucleusx_jax import retention as ret
+from nucleusx_jax.configuration import NucleusXConfig
+from nucleusx_jax.modeling import NucleusXForCausalLMModule, causal_lm_loss
+from nucleusx_jax.train.step import training_flops_per_token
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH_SMALL = dict(vocab_size=32000, decoder_embed_dim=512, decoder_value_embed_dim=1024, decoder_retention_heads=4,
+                   decoder_ffn_embed_dim=1024, decoder_layers=4)
+LENGTHS = (512, 2048, 8192, 32768)
+GROUPS = ("op", "model", "train", "decode")
+
+
+@dataclasses.dataclass
+class Row:
+    """One measured (or skipped) configuration; times in seconds, ``flops`` per call."""
+
+    group: str
+    name: str
+    tokens: int
+    flops: float
+    times: List[float] = dataclasses.field(default_factory=list)
+    skipped: str = ""
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    def as_dict(self, peak: float) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.times:
+            d.update(median_s=self.median, min_s=min(self.times), max_s=max(self.times),
+                     tokens_per_s=self.tokens / self.median, gflops_per_s=self.flops / self.median / 1e9,
+                     fraction_of_peak=self.flops / self.median / peak if self.flops else None)
+        return d
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> List[float]:
+    """Compile and warm up with one call, then ``repeats`` timed calls (each blocked until ready)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_times(repeats: int, n: int = 2048) -> List[float]:
+    """Timings of an ``n^3`` float32 ``jnp.dot`` (``2 n^3`` FLOPs)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    return timed(lambda: dot(a, b), repeats)
+
+
+def retention_flops(config: NucleusXConfig, batch: int, length: int, backward: bool) -> float:
+    """One layer's retention (all heads) counted like causal attention: the retention term of
+    :func:`training_flops_per_token` (its dense term is zero when only the embedding table is counted)."""
+    embedding_only = config.vocab_size * config.decoder_embed_dim
+    per_token = training_flops_per_token(config, embedding_only, length) / config.decoder_layers
+    return batch * length * per_token / (1 if backward else 3)
+
+
+def model_flops(config: NucleusXConfig, num_params: int, tokens: int, length: int, backward: bool) -> float:
+    """Model FLOPs of ``tokens`` tokens at sequence length ``length``; a forward pass is a third of training."""
+    return tokens * training_flops_per_token(config, num_params, length) / (1 if backward else 3)
+
+
+def _fits(estimate_bytes: float, budget_gb: float) -> str:
+    return "" if estimate_bytes <= budget_gb * 2**30 else f"needs ~{estimate_bytes / 2**30:.0f} GiB > {budget_gb} GiB"
+
+
+def op_rows(config: NucleusXConfig, lengths: Sequence[int], chunk: int, repeats: int, budget_gb: float,
+            impls: Sequence[str]) -> List[Row]:
+    """Retention alone, batch 1: parallel and chunkwise (each implementation), forward and forward+backward."""
+    heads, kdim, vdim = config.decoder_retention_heads, config.key_head_dim, config.value_head_dim
+    log_decay = jnp.asarray(ret.log_decay_table(heads, False))
+    forms = {"parallel": lambda q, k, v: ret.parallel_retention(q, k, v, log_decay)}
+    if "xla" in impls:
+        forms["chunkwise"] = lambda q, k, v: ret.chunkwise_retention(q, k, v, log_decay, chunk)
+    if "pallas" in impls:
+        forms["chunkwise-pallas"] = lambda q, k, v: kernels.chunkwise_retention(q, k, v, log_decay, chunk)
+    rows = []
+    for length in lengths:
+        keys = jax.random.split(jax.random.PRNGKey(length), 3)
+        q = jax.random.normal(keys[0], (1, heads, length, kdim))
+        k = jax.random.normal(keys[1], (1, heads, length, kdim)) * kdim**-0.5
+        v = jax.random.normal(keys[2], (1, heads, length, vdim))
+        for form, fn in forms.items():
+            for backward in (False, True):
+                name = f"retention {form} {'fwd+bwd' if backward else 'fwd'} T={length}"
+                row = Row("op", name, length, retention_flops(config, 1, length, backward))
+                quadratic = 4.0 * heads * length * length * (6 if backward else 3)
+                row.skipped = _fits(quadratic if form == "parallel" else 0, budget_gb)
+                if not row.skipped:
+                    if backward:
+                        f = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
+                    else:
+                        f = jax.jit(fn)
+                    row.times = timed(lambda f=f: f(q, k, v), repeats)
+                rows.append(_report(row))
+    return rows
+
+
+def model_rows(config: NucleusXConfig, lengths: Sequence[int], modes: Sequence[str], repeats: int,
+               budget_gb: float) -> List[Row]:
+    """The full model at batch 1: logits forward, and loss forward+backward with respect to the parameters."""
+    module = NucleusXForCausalLMModule(config)
+    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    forward = jax.jit(lambda p, ids, mode: module.apply({"params": p}, ids, forward_mode=mode)[0],
+                      static_argnums=2)
+    loss = lambda p, ids, mode: causal_lm_loss(module.apply({"params": p}, ids, forward_mode=mode)[0], ids)  # noqa
+    grad = jax.jit(jax.grad(loss), static_argnums=2)
+    rows = []
+    for length in lengths:
+        ids = jax.random.randint(jax.random.PRNGKey(length), (1, length), 0, config.vocab_size)
+        for mode in modes:
+            for backward in (False, True):
+                name = f"model {mode} {'fwd+bwd' if backward else 'fwd'} T={length}"
+                row = Row("model", name, length, model_flops(config, num_params, length, length, backward))
+                # activations: logits (x3 with backward) plus, in parallel mode, the T x T decay and scores
+                estimate = 4.0 * length * config.vocab_size * (3 if backward else 1)
+                if mode == "parallel":
+                    estimate += 4.0 * config.decoder_retention_heads * length**2 * (
+                        3 * config.decoder_layers if backward else 3)
+                row.skipped = _fits(estimate, budget_gb)
+                if not row.skipped:
+                    f = grad if backward else forward
+                    row.times = timed(lambda f=f: f(params, ids, mode), repeats)
+                rows.append(_report(row))
+    return rows
+
+
+def train_rows(config: NucleusXConfig, shapes: Sequence[Sequence[int]], chunk: int, repeats: int) -> List[Row]:
+    """Tokens/s of the trainer's compiled train step (AdamW, chunkwise), one device."""
+    from nucleusx_jax import sharding as shd
+    from nucleusx_jax.train.config import parse_config
+    from nucleusx_jax.train.step import make_trainer
+
+    rows = []
+    for batch, length in shapes:
+        cfg = parse_config({
+            "model": dict(BENCH_SMALL),
+            "data": {"seq_len": length},
+            "train": {"global_batch": batch, "forward_mode": "chunkwise", "chunk_size": min(chunk, length)},
+            "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        })
+        mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+        trainer = make_trainer(cfg, mesh)
+        state = [trainer.init_state()]
+        tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, length + 1), 0, config.vocab_size)
+        tokens = jax.device_put(tokens, trainer.batch_sharding)
+
+        def step() -> Any:
+            state[0], metrics = trainer.train_step(state[0], tokens)
+            return metrics["loss"]
+
+        flops = batch * length * training_flops_per_token(cfg.model_config(), trainer.num_params, length)
+        row = Row("train", f"train step chunkwise {batch}x{length}", batch * length, flops)
+        row.times = timed(step, repeats)
+        rows.append(_report(row))
+    return rows
+
+
+def decode_rows(new_tokens: int = 128) -> List[Row]:
+    """Batch-1 decode tokens/s from ``benchmarks/decode.py`` (run as a subprocess, prompt 16), when it exists;
+    the note gives its ratio to the weight-reading ceiling that script measures."""
+    script = os.path.join(HERE, "decode.py")
+    row = Row("decode", "decode batch 1 (benchmarks/decode.py)", new_tokens - 1, 0.0)
+    if not os.path.exists(script):
+        row.skipped = "benchmarks/decode.py not found"
+        return [_report(row)]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "decode.json")
+        cmd = [sys.executable, script, "--batches", "1", "--prompts", "16", "--new-tokens", str(new_tokens),
+               "--output", out]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+        with open(out) as f:
+            result = json.load(f)["results"][0]
+    row.times = [result["decode_s"]]
+    row.note = f"{result['decode_over_ceiling']:.0%} of the matrix-vector ceiling ({result['ceiling_tok_s']:.0f} tok/s)"
+    return [_report(row)]
+
+
+def _report(row: Row) -> Row:
+    """Print one line as soon as a row is measured (the final table repeats it with the run's peak)."""
+    if row.skipped:
+        print(f"  {row.name}: skipped ({row.skipped})", flush=True)
+    else:
+        print(f"  {row.name}: {row.median * 1e3:.1f} ms", flush=True)
+    return row
+
+
+def format_table(rows: Sequence[Row], peak: float) -> str:
+    """The table: median (min-max) time, time per token, tokens/s, GFLOP/s and the fraction of the peak."""
+    header = (f"{'benchmark':<40} {'median ms':>11} {'(min-max)':>17} {'us/token':>9} {'tokens/s':>10} "
+              f"{'GFLOP/s':>8} {'of peak':>7}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if r.skipped:
+            lines.append(f"{r.name:<40} skipped: {r.skipped}")
+            continue
+        m = r.median
+        frac = f"{r.flops / m / peak:7.1%}" if r.flops else f"{'':>7}"
+        gf = f"{r.flops / m / 1e9:8.1f}" if r.flops else f"{'':>8}"
+        span = f"({min(r.times) * 1e3:.1f}-{max(r.times) * 1e3:.1f})"
+        lines.append(f"{r.name:<40} {m * 1e3:11.1f} {span:>17} {m / r.tokens * 1e6:9.2f} {r.tokens / m:10.0f} "
+                     f"{gf} {frac} {r.note}".rstrip())
+    return "\n".join(lines)
+
+
+def write_json(path: str, payload: Dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (temporary file in the same directory, then rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {', '.join(GROUPS)}")
+    p.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="sequence lengths for op and model")
+    p.add_argument("--modes", default="parallel,chunkwise", help="model forward modes")
+    p.add_argument("--impls", default=None, help="chunkwise implementations for the op rows (xla,pallas); "
+                   "default xla on CPU (Pallas only interprets there), both elsewhere")
+    p.add_argument("--chunk", type=int, default=256, help="chunk size of the chunkwise form")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per row (after a warm-up run)")
+    p.add_argument("--memory-gb", type=float, default=12.0, help="skip rows estimated to need more memory")
+    p.add_argument("--name", default=None, help="results file name (default: backend and UTC time)")
+    args = p.parse_args(argv)
+    groups = [g for g in args.groups.split(",") if g]
+    bad = sorted(set(groups) - set(GROUPS))
+    if bad:
+        raise SystemExit(f"--groups: unknown group(s) {bad}; allowed: {', '.join(GROUPS)}")
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    backend = jax.default_backend()
+    impls = (args.impls or ("xla" if backend == "cpu" else "xla,pallas")).split(",")
+    config = NucleusXConfig(**BENCH_SMALL, recurrent_chunk_size=args.chunk)
+
+    print(f"backend {backend} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    load_start = os.getloadavg()[0]
+    peak_times = matmul_times(args.repeats)
+    rows: List[Row] = []
+    if "op" in groups:
+        rows += op_rows(config, lengths, args.chunk, args.repeats, args.memory_gb, impls)
+    if "model" in groups:
+        rows += model_rows(config, lengths, args.modes.split(","), args.repeats, args.memory_gb)
+    if "train" in groups:
+        rows += train_rows(config, [(4, 512), (1, 8192)], args.chunk, args.repeats)
+    if "decode" in groups:
+        rows += decode_rows()
+    peak_times += matmul_times(args.repeats)
+    peak = 2 * 2048**3 / statistics.median(peak_times)
+    peak_row = Row("peak", "matmul 2048^3 fp32 (the peak)", 1, 2 * 2048**3, peak_times)
+
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f} (other processes on the machine skew every row)")
+    print(format_table([peak_row] + rows, peak))
+    name = args.name or f"{backend}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
+    payload = {
+        "backend": backend, "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+        "platform": platform.platform(), "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "argv": list(sys.argv[1:] if argv is None else argv), "peak_flops_per_s": peak,
+        "load_average_start_end": [load_start, os.getloadavg()[0]],
+        "rows": [r.as_dict(peak) for r in [peak_row] + rows],
+    }
+    path = os.path.join(HERE, "results", f"{name}.json")
+    write_json(path, payload)
+    print(f"\nwrote {os.path.relpath(path)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
