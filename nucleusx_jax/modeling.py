@@ -23,6 +23,8 @@ from .configuration import NucleusXConfig
 Array = jax.Array
 Cache = Tuple[ret.RetentionState, ...]
 F32 = jnp.float32
+# logical names of the residual stream [B, T, E]; a no-op outside ``nn.logical_axis_rules`` (see sharding.py)
+ACTIVATION_AXES = ("batch", "length", "act_embed")
 
 
 def _param_init(init: Any, axes: Sequence[str]) -> Any:
@@ -258,7 +260,7 @@ class NucleusXModule(nn.Module):
         x = self.embed_tokens(input_ids) * scale
         if self.rms_norm_embedding is not None:
             x = self.rms_norm_embedding(x)
-        x = self.embed_dropout(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(self.embed_dropout(x, deterministic=deterministic), ACTIVATION_AXES)
         offset = past_key_values[0].seqlen if past_key_values is not None else 0
         positions = offset + jnp.arange(input_ids.shape[1])
         hidden = []
@@ -269,6 +271,7 @@ class NucleusXModule(nn.Module):
             state = past_key_values[i] if past_key_values is not None else None
             x, new_state = layer(x, positions, attention_mask, state, forward_mode, chunk_size, use_cache,
                                  deterministic)
+            x = nn.with_logical_constraint(x, ACTIVATION_AXES)
             cache.append(new_state)
         if self.rms_norm is not None:
             x = self.rms_norm(x)

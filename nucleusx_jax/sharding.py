@@ -11,6 +11,8 @@ logical      mesh axis              what it shards
 ``mlp``      ``tensor``             fc1/gate columns and fc2 rows
 ``vocab``    ``tensor``             the embedding table and the LM head over the vocabulary
 ``norm``     replicated             norm weights
+``length``,  replicated             the residual stream ``[B, T, E]`` is constrained to
+``act_embed``                       (``batch``, ``length``, ``act_embed``): sharded by rows only
 ===========  =====================  ===========================================================
 
 The optimizer state mirrors the parameters, so it is sharded the same way.
@@ -32,6 +34,8 @@ LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    ("length", None),
+    ("act_embed", None),
 )
 AnyMesh = Union[Mesh, AbstractMesh]
 

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import types
 import typing
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
@@ -105,6 +106,22 @@ SECTIONS: Dict[str, type] = {
     "logging": LoggingConfig,
 }
 MODEL_PATH_KEY = "path"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+               r"(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclasses.dataclass
@@ -238,7 +255,7 @@ def set_override(raw: Dict[str, Any], assignment: str) -> None:
     if not isinstance(raw.get(section), dict):
         raw[section] = {} if raw.get(section) is None else ({MODEL_PATH_KEY: raw[section]}
                                                             if isinstance(raw[section], str) else raw[section])
-    raw[section][key] = yaml.safe_load(value) if value != "" else ""
+    raw[section][key] = _yaml_load(value) if value != "" else ""
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
@@ -258,7 +275,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     raw: Dict[str, Any] = {}
     if path is not None:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = _yaml_load(f.read()) or {}
     for assignment in overrides:
         set_override(raw, assignment)
     return parse_config(raw)

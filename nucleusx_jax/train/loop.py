@@ -209,6 +209,10 @@ def run(cfg: Config) -> Dict[str, Any]:
     eval_losses: List[float] = []
     window_start, window_tokens, preempted = time.perf_counter(), 0, False
     start_time = time.perf_counter()
+    if eval_data is not None and start == 0:
+        eval_losses.append(evaluate(trainer, state.params, eval_data, t.eval_batches))
+        if writer is not None:
+            writer.write(0, "eval", {"loss": eval_losses[-1]})
     try:
         for step in range(start, t.steps):
             state, metrics = trainer.train_step(state, _global_batch(trainer, train_data, step))
@@ -296,7 +300,7 @@ def print_summary(summary: Dict[str, Any]) -> None:
                                                       if summary["resumed_from"] is not None else ""),
              f"train loss     first {fmt(summary['first_train_loss'])} -> last {fmt(summary['last_train_loss'])}",
              f"eval loss      " + (" -> ".join(f"{x:.4f}" for x in summary["eval_losses"]) or "n/a"),
-             f"wall time      {summary['wall_s']:.1f} s, {fmt(summary['tokens_per_s'])} tokens/s"]
+             f"wall time      {summary['wall_s']:.1f} s, {summary['tokens_per_s'] or 0:.0f} tokens/s"]
     if summary.get("hf_dir"):
         lines.append(f"HF model       {summary['hf_dir']}")
     if summary.get("plot"):

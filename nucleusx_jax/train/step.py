@@ -160,6 +160,17 @@ def check_fits(cfg: Config, mesh_shape: Dict[str, int]) -> None:
                          "for forward_mode=chunkwise")
 
 
+def _on_mesh(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` called (and so traced) with ``mesh`` set and the logical axis rules active, which turns the
+    model's activation constraints (``modeling.ACTIVATION_AXES``) into sharding constraints."""
+
+    def call(*args: Any) -> Any:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES):
+            return fn(*args)
+
+    return call
+
+
 def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     """Shardings, the sharded initialiser and the jit-compiled steps for ``cfg`` on ``mesh``."""
     mesh_shape = dict(mesh.shape)
@@ -223,10 +234,10 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     return Trainer(
         cfg=cfg, mesh=mesh, module=module, optimizer=optimizer, abstract_state=abstract,
         state_shardings=state_shardings, batch_sharding=batch_sharding,
-        init_state=jax.jit(init, out_shardings=state_shardings),
-        train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                           out_shardings=(state_shardings, metric_shardings), donate_argnums=0),
-        eval_step=jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding),
-                          out_shardings=replicated),
+        init_state=_on_mesh(mesh, jax.jit(init, out_shardings=state_shardings)),
+        train_step=_on_mesh(mesh, jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                                          out_shardings=(state_shardings, metric_shardings), donate_argnums=0)),
+        eval_step=_on_mesh(mesh, jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding),
+                                         out_shardings=replicated)),
         num_params=num_params,
     )
