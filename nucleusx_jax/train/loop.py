@@ -220,8 +220,8 @@ def run(cfg: Config) -> Dict[str, Any]:
             done = step + 1
             loss = float(m["loss"])
             if not bool(m["finite"]):
-                message = (f"non-finite training loss {loss} (grad norm {float(m['grad_norm'])}) at step {done}; "
-                           "the parameters were not updated")
+                message = (f"non-finite training loss or gradient at step {done} (loss {loss}, grad norm "
+                           f"{float(m['grad_norm'])}); the parameters were not updated")
                 if t.on_nonfinite == "stop":
                     raise NonFiniteLossError(message + "; stopping (set train.on_nonfinite=skip to skip such steps "
                                              "instead). The last checkpoint holds finite weights.")

@@ -1,0 +1,251 @@
+"""End-to-end runs of the trainer on ``configs/tiny.yaml`` shrunk by ``--set`` overrides: outputs, export,
+crash (kill -9) and resume, SIGTERM, a corrupted checkpoint, non-finite losses, two processes."""
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from nucleusx_jax import FlaxNucleusXForCausalLM
+from nucleusx_jax import sharding as shd
+from nucleusx_jax.train.checkpoint import CORRUPT_DIR, Checkpointer, restore_params
+from nucleusx_jax.train.config import load_config
+from nucleusx_jax.train.loop import NonFiniteLossError, run
+from nucleusx_jax.train.metrics import read_metrics
+from nucleusx_jax.train.step import make_trainer
+from nucleusx_jax.train.tokenizer import train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+STEPS = 12
+
+
+def overrides(tokenizer: str, run_dir: str, *extra: str):
+    """tiny.yaml, smaller: a 2-layer width-32 model, 32-token rows, batches of 4, logging every step."""
+    return [f"train.run_dir={run_dir}", f"data.tokenizer={tokenizer}", "data.vocab_size=512", "model.vocab_size=512",
+            "model.decoder_embed_dim=32", "model.decoder_value_embed_dim=64", "model.decoder_ffn_embed_dim=64",
+            "data.seq_len=32", "train.global_batch=4", "mesh.data=1", "schedule.warmup_steps=2",
+            "optimizer.learning_rate=0.01", f"train.steps={STEPS}", "train.eval_every=5", "train.eval_batches=1",
+            "checkpoint.every=4", "checkpoint.max_to_keep=3", "logging.every=1", "logging.sample_tokens=5",
+            "logging.progress=false", *extra]
+
+
+def cli(args, **kwargs):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.update(kwargs.pop("env", {}))
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def train_losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_tokenizer(["builtin:pydoc"], str(tmp_path_factory.mktemp("tok") / "sp"), 512)
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer, tmp_path_factory):
+    """An uninterrupted in-process run: (run_dir, summary)."""
+    run_dir = str(tmp_path_factory.mktemp("reference"))
+    summary = run(load_config(TINY, overrides(tokenizer, run_dir)))
+    return run_dir, summary
+
+
+def test_run_outputs(reference):
+    run_dir, summary = reference
+    assert summary["steps"] == STEPS and summary["resumed_from"] is None and not summary["preempted"]
+    train = read_metrics(run_dir, "train")
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert all(r["tokens_per_s"] > 0 and r["tflops_per_device"] > 0 and np.isfinite(r["loss"]) for r in train)
+    evals = read_metrics(run_dir, "eval")
+    assert [r["step"] for r in evals] == [0, 5, 10, 12]
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.5 and train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert summary["first_train_loss"] == train[0]["loss"] and summary["last_train_loss"] == train[-1]["loss"]
+    assert glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))
+    with open(os.path.join(run_dir, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    saved = load_config(os.path.join(run_dir, "config.yaml"))
+    assert saved.train.steps == STEPS and saved.model["eos_token_id"] == 2
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        assert json.load(f)["last_train_loss"] == summary["last_train_loss"]
+    assert isinstance(summary["sample"], str) and len(summary["sample"]) > len("The ")
+    assert sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "*"))) == [4, 8, 12]
+
+
+def test_export_and_restore_params(reference):
+    """The HF export equals the last checkpoint's params; restore_params reads any step without the optimizer."""
+    run_dir, _ = reference
+    config, params = restore_params(run_dir)
+    model = FlaxNucleusXForCausalLM.from_pretrained(os.path.join(run_dir, "hf"))
+    assert model.config.decoder_embed_dim == config.decoder_embed_dim == 32
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, early = restore_params(run_dir, step=4)
+    assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(early), jax.tree.leaves(params))) > 1e-3
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint step 5 .* available steps \[4, 8, 12\]"):
+        restore_params(run_dir, step=5)
+    assert os.path.isfile(os.path.join(run_dir, "hf", "tokenizer.model"))
+
+
+def test_corrupted_latest_checkpoint_is_skipped(reference, tmp_path, caplog):
+    run_dir, _ = reference
+    copy = tmp_path / "run"
+    copy.mkdir()
+    subprocess.run(["cp", "-r", os.path.join(run_dir, "checkpoints"), str(copy)], check=True)
+    for path in glob.glob(str(copy / "checkpoints" / "12" / "state" / "**" / "d" / "*"), recursive=True):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    trainer = make_trainer(cfg, shd.make_mesh({"data": 1}, jax.devices()[:1]))
+    with caplog.at_level(logging.WARNING):
+        state = Checkpointer(str(copy), cfg.checkpoint).restore_latest(trainer.abstract_state)
+    assert int(state.step) == 8
+    assert "checkpoint step 12" in caplog.text and "skipping it in favour of the previous one" in caplog.text
+    assert os.path.isdir(copy / CORRUPT_DIR / "12") and not os.path.exists(copy / "checkpoints" / "12")
+    _, params8 = restore_params(run_dir, step=8)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params8)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_uninterrupted(reference, tokenizer, tmp_path):
+    """kill -9 mid-run, rerun the same command: it resumes from the last complete checkpoint and every later
+    loss equals the uninterrupted run's (same data order and dropout keys)."""
+    ref_dir, _ = reference
+    run_dir = str(tmp_path / "run")
+    args = []
+    for o in overrides(tokenizer, run_dir):
+        args += ["--set", o]
+    proc = cli(args)
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(run_dir, "checkpoints", "4")) and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = max(train_losses(run_dir), default=0)
+    assert proc.returncode == -signal.SIGKILL and killed_at < STEPS, (proc.returncode, killed_at)
+    again = cli(args)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out[-3000:]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    resumed = summary["resumed_from"]
+    assert resumed is not None and resumed % 4 == 0 and resumed >= 4, summary
+    assert f"resuming from step {resumed}" in out and "resolved config" in out
+    ref, got = train_losses(ref_dir), train_losses(run_dir)
+    later = [s for s in range(resumed + 1, STEPS + 1)]
+    assert later
+    np.testing.assert_allclose([got[s] for s in later], [ref[s] for s in later], atol=1e-5, rtol=0)
+
+
+def test_sigterm_saves_and_exits(tokenizer, tmp_path):
+    run_dir = str(tmp_path / "run")
+    cfg = load_config(TINY, overrides(tokenizer, run_dir, "train.steps=100000", "checkpoint.every=0",
+                                      "train.eval_every=0", "checkpoint.export_hf=false"))
+
+    def send_sigterm_after_3_steps():
+        path = os.path.join(run_dir, "metrics.jsonl")
+        while not (os.path.exists(path) and sum(1 for _ in open(path)) >= 3):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=send_sigterm_after_3_steps, daemon=True).start()
+    summary = run(cfg)
+    assert summary["preempted"] and 3 <= summary["steps"] < 100000
+    steps = [int(os.path.basename(p)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "*"))]
+    assert steps == [summary["steps"]] and max(train_losses(run_dir)) == summary["steps"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is removed afterwards
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss(tokenizer, tmp_path, policy, caplog):
+    """lr=1e30 makes step 2 non-finite: 'stop' raises a clear error, 'skip' keeps the weights; no checkpoint
+    ever holds a non-finite value."""
+    run_dir = str(tmp_path / "run")
+    cfg = load_config(TINY, overrides(tokenizer, run_dir, "optimizer.learning_rate=1e30", "optimizer.clip_norm=0",
+                                      "checkpoint.every=1", "checkpoint.max_to_keep=9", "train.steps=4",
+                                      f"train.on_nonfinite={policy}",
+                                      "train.eval_every=0", "logging.sample_tokens=0"))
+    if policy == "stop":
+        with pytest.raises(NonFiniteLossError, match=r"non-finite training loss or gradient at step 2 \(loss .*, "
+                                                     r"grad norm nan\).*stopping \(set train.on_nonfinite=skip"):
+            run(cfg)
+    else:
+        with caplog.at_level(logging.WARNING):
+            summary = run(cfg)
+        assert summary["steps"] == 4 and "skipping the step (train.on_nonfinite=skip)" in caplog.text
+    steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "*")))
+    assert steps == ([1] if policy == "stop" else [1, 2, 3, 4])
+    for step in steps:
+        _, params = restore_params(run_dir, step)
+        assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+
+
+def test_cli_config_errors(capsys):
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
+    train_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_cli)
+    assert train_cli.main(["--config", TINY, "--set", "train.stepz=3"]) == 2
+    assert "unknown key(s) ['stepz'] in section 'train'; valid keys: run_dir, steps" in capsys.readouterr().err
+    assert train_cli.main(["--config", TINY, "--set", "train.steps=many"]) == 2
+    assert "train.steps: expected int, got str 'many'" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(args):
+    port = _free_port()
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [cli([*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                 env=env) for i in range(2)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_resume(tokenizer, tmp_path):
+    """2 processes x 2 CPU devices on 127.0.0.1, mesh data=2 x fsdp=2, each host feeding its half of the batch:
+    train 4 steps (checkpoints 2, 4), then the same command with 6 steps resumes from 4."""
+    run_dir = str(tmp_path / "run")
+    args = []
+    for o in overrides(tokenizer, run_dir, "mesh.data=2", "mesh.fsdp=2", "train.steps=4", "checkpoint.every=2",
+                       "train.eval_every=2", "logging.sample_tokens=3"):
+        args += ["--set", o]
+    outs = _two_processes(args)
+    assert "4 cpu devices, 2 process(es)" in outs[0] and "starting from scratch" in outs[0]
+    assert sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "*"))) == [2, 4]
+    outs = _two_processes(args + ["--set", "train.steps=6"])
+    assert "resuming from step 4" in outs[0]
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, 7)) and all(np.isfinite(list(losses.values())))
+    assert os.path.isfile(os.path.join(run_dir, "hf", "config.json"))
