@@ -2,8 +2,9 @@
 
 ``python -m benchmarks`` (or ``python benchmarks/run.py``) runs, on the default JAX backend:
 
-* ``peak``: a 2048^3 float32 ``jnp.dot`` (the denominator of every fraction; measured at the start and the
-  end of the run, the median of all its timings is used);
+* ``peak``: a 2048^3 float32 ``jnp.dot``, timed just before every timed run of every row; a row's fraction
+  of the peak is the median over its runs of (its FLOP/s) / (the FLOP/s of the matmul just before it), so
+  other processes sharing the CPU affect both sides alike. The peak row gives the median of all of them;
 * ``op``: retention alone (bench-small heads: H=4, K=128, V=256), forward and forward+backward, parallel,
   chunkwise (XLA) and, off CPU, chunkwise (Pallas), batch 1, T = 512 ... 32768;
 * ``model``: the bench-small model (vocab 32000, embed 512, value 1024, heads 4, ffn 1024, layers 4), logits
@@ -15,6 +16,7 @@
 FLOPs follow :func:`nucleusx_jax.train.step.training_flops_per_token` (6 x params x tokens for training, every
 weight but the input embedding table, plus retention counted like causal attention); a forward pass is a third
 of it. Every row is the median of ``--repeats`` timed runs after one compile-and-warm-up run, with min and max.
+Set ``XLA_FLAGS`` before the run to try XLA CPU flags (see ``benchmarks/NOTES.md``).
 Rows whose estimated memory exceeds ``--memory-gb`` are listed as skipped. Results go to
 ``benchmarks/results/<name>.json`` (written to a temporary file, then renamed).
 """
@@ -43,6 +45,8 @@ from nucleusx_jax.configuration import NucleusXConfig
 from nucleusx_jax.modeling import NucleusXForCausalLMModule, causal_lm_loss
 from nucleusx_jax.train.step import training_flops_per_token
 
+MATMUL_N = 2048
+MATMUL_FLOPS = 2.0 * MATMUL_N**3
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH_SMALL = dict(vocab_size=32000, decoder_embed_dim=512, decoder_value_embed_dim=1024, decoder_retention_heads=4,
                    decoder_ffn_embed_dim=1024, decoder_layers=4)
@@ -59,6 +63,7 @@ class Row:
     tokens: int
     flops: float
     times: List[float] = dataclasses.field(default_factory=list)
+    peak_times: List[float] = dataclasses.field(default_factory=list)  # the matmul timed just before each run
     skipped: str = ""
     note: str = ""
 
@@ -66,32 +71,51 @@ class Row:
     def median(self) -> float:
         return statistics.median(self.times)
 
-    def as_dict(self, peak: float) -> Dict[str, Any]:
+    @property
+    def fraction(self) -> Optional[float]:
+        """Median over the runs of (FLOP/s of the run) / (FLOP/s of the matmul timed just before it)."""
+        if not self.flops or not self.times:
+            return None
+        return statistics.median(self.flops / t * p / MATMUL_FLOPS for t, p in zip(self.times, self.peak_times))
+
+    def as_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         if self.times:
             d.update(median_s=self.median, min_s=min(self.times), max_s=max(self.times),
                      tokens_per_s=self.tokens / self.median, gflops_per_s=self.flops / self.median / 1e9,
-                     fraction_of_peak=self.flops / self.median / peak if self.flops else None)
+                     fraction_of_peak=self.fraction)
         return d
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> List[float]:
-    """Compile and warm up with one call, then ``repeats`` timed calls (each blocked until ready)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
+class Timer:
+    """Times functions, each timed call preceded by one timed 2048^3 float32 ``jnp.dot`` (the peak).
+
+    Pairing every run with a peak measurement taken just before it keeps the fraction meaningful when other
+    processes share the CPU: both see the same contention.
+    """
+
+    def __init__(self, repeats: int):
+        self.repeats = repeats
+        a = jax.random.normal(jax.random.PRNGKey(0), (MATMUL_N, MATMUL_N), jnp.float32)
+        b = jax.random.normal(jax.random.PRNGKey(1), (MATMUL_N, MATMUL_N), jnp.float32)
+        dot = jax.jit(jnp.dot)
+        self.matmul = lambda: dot(a, b)
+
+    @staticmethod
+    def seconds(fn: Callable[[], Any]) -> float:
+        """Wall time of one call, blocked until its result is ready."""
         start = time.perf_counter()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
 
-
-def matmul_times(repeats: int, n: int = 2048) -> List[float]:
-    """Timings of an ``n^3`` float32 ``jnp.dot`` (``2 n^3`` FLOPs)."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    return timed(lambda: dot(a, b), repeats)
+    def __call__(self, row: Row, fn: Callable[[], Any]) -> Row:
+        """Compile and warm up ``fn`` with one call, then add ``repeats`` (matmul, fn) timing pairs to ``row``."""
+        jax.block_until_ready(self.matmul())
+        jax.block_until_ready(fn())
+        for _ in range(self.repeats):
+            row.peak_times.append(self.seconds(self.matmul))
+            row.times.append(self.seconds(fn))
+        return row
 
 
 def retention_flops(config: NucleusXConfig, batch: int, length: int, backward: bool) -> float:
@@ -111,7 +135,7 @@ def _fits(estimate_bytes: float, budget_gb: float) -> str:
     return "" if estimate_bytes <= budget_gb * 2**30 else f"needs ~{estimate_bytes / 2**30:.0f} GiB > {budget_gb} GiB"
 
 
-def op_rows(config: NucleusXConfig, lengths: Sequence[int], chunk: int, repeats: int, budget_gb: float,
+def op_rows(timer: Timer, config: NucleusXConfig, lengths: Sequence[int], chunk: int, budget_gb: float,
             impls: Sequence[str]) -> List[Row]:
     """Retention alone, batch 1: parallel and chunkwise (each implementation), forward and forward+backward."""
     heads, kdim, vdim = config.decoder_retention_heads, config.key_head_dim, config.value_head_dim
@@ -138,12 +162,12 @@ def op_rows(config: NucleusXConfig, lengths: Sequence[int], chunk: int, repeats:
                         f = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
                     else:
                         f = jax.jit(fn)
-                    row.times = timed(lambda f=f: f(q, k, v), repeats)
+                    timer(row, lambda f=f: f(q, k, v))
                 rows.append(_report(row))
     return rows
 
 
-def model_rows(config: NucleusXConfig, lengths: Sequence[int], modes: Sequence[str], repeats: int,
+def model_rows(timer: Timer, config: NucleusXConfig, lengths: Sequence[int], modes: Sequence[str],
                budget_gb: float) -> List[Row]:
     """The full model at batch 1: logits forward, and loss forward+backward with respect to the parameters."""
     module = NucleusXForCausalLMModule(config)
@@ -168,12 +192,12 @@ def model_rows(config: NucleusXConfig, lengths: Sequence[int], modes: Sequence[s
                 row.skipped = _fits(estimate, budget_gb)
                 if not row.skipped:
                     f = grad if backward else forward
-                    row.times = timed(lambda f=f: f(params, ids, mode), repeats)
+                    timer(row, lambda f=f: f(params, ids, mode))
                 rows.append(_report(row))
     return rows
 
 
-def train_rows(config: NucleusXConfig, shapes: Sequence[Sequence[int]], chunk: int, repeats: int) -> List[Row]:
+def train_rows(timer: Timer, config: NucleusXConfig, shapes: Sequence[Sequence[int]], chunk: int) -> List[Row]:
     """Tokens/s of the trainer's compiled train step (AdamW, chunkwise), one device."""
     from nucleusx_jax import sharding as shd
     from nucleusx_jax.train.config import parse_config
@@ -198,8 +222,7 @@ def train_rows(config: NucleusXConfig, shapes: Sequence[Sequence[int]], chunk: i
             return metrics["loss"]
 
         flops = batch * length * training_flops_per_token(cfg.model_config(), trainer.num_params, length)
-        row = Row("train", f"train step chunkwise {batch}x{length}", batch * length, flops)
-        row.times = timed(step, repeats)
+        row = timer(Row("train", f"train step chunkwise {batch}x{length}", batch * length, flops), step)
         rows.append(_report(row))
     return rows
 
@@ -227,7 +250,7 @@ def decode_rows(new_tokens: int = 128) -> List[Row]:
 
 
 def _report(row: Row) -> Row:
-    """Print one line as soon as a row is measured (the final table repeats it with the run's peak)."""
+    """Print one line as soon as a row is measured (the final table repeats it)."""
     if row.skipped:
         print(f"  {row.name}: skipped ({row.skipped})", flush=True)
     else:
@@ -235,7 +258,7 @@ def _report(row: Row) -> Row:
     return row
 
 
-def format_table(rows: Sequence[Row], peak: float) -> str:
+def format_table(rows: Sequence[Row]) -> str:
     """The table: median (min-max) time, time per token, tokens/s, GFLOP/s and the fraction of the peak."""
     header = (f"{'benchmark':<40} {'median ms':>11} {'(min-max)':>17} {'us/token':>9} {'tokens/s':>10} "
               f"{'GFLOP/s':>8} {'of peak':>7}")
@@ -245,7 +268,7 @@ def format_table(rows: Sequence[Row], peak: float) -> str:
             lines.append(f"{r.name:<40} skipped: {r.skipped}")
             continue
         m = r.median
-        frac = f"{r.flops / m / peak:7.1%}" if r.flops else f"{'':>7}"
+        frac = f"{r.fraction:7.1%}" if r.flops else f"{'':>7}"
         gf = f"{r.flops / m / 1e9:8.1f}" if r.flops else f"{'':>8}"
         span = f"({min(r.times) * 1e3:.1f}-{max(r.times) * 1e3:.1f})"
         lines.append(f"{r.name:<40} {m * 1e3:11.1f} {span:>17} {m / r.tokens * 1e6:9.2f} {r.tokens / m:10.0f} "
@@ -286,29 +309,28 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(f"backend {backend} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, load average {os.getloadavg()[0]:.1f}", flush=True)
     load_start = os.getloadavg()[0]
-    peak_times = matmul_times(args.repeats)
+    timer = Timer(args.repeats)
     rows: List[Row] = []
     if "op" in groups:
-        rows += op_rows(config, lengths, args.chunk, args.repeats, args.memory_gb, impls)
+        rows += op_rows(timer, config, lengths, args.chunk, args.memory_gb, impls)
     if "model" in groups:
-        rows += model_rows(config, lengths, args.modes.split(","), args.repeats, args.memory_gb)
+        rows += model_rows(timer, config, lengths, args.modes.split(","), args.memory_gb)
     if "train" in groups:
-        rows += train_rows(config, [(4, 512), (1, 8192)], args.chunk, args.repeats)
+        rows += train_rows(timer, config, [(4, 512), (1, 8192)], args.chunk)
     if "decode" in groups:
         rows += decode_rows()
-    peak_times += matmul_times(args.repeats)
-    peak = 2 * 2048**3 / statistics.median(peak_times)
-    peak_row = Row("peak", "matmul 2048^3 fp32 (the peak)", 1, 2 * 2048**3, peak_times)
-
+    peak_row = timer(Row("peak", f"matmul {MATMUL_N}^3 fp32 (the peak)", 1, MATMUL_FLOPS), timer.matmul)
+    peak_row.peak_times = peak_row.times = [t for r in rows + [peak_row] for t in r.peak_times]
+    peak = MATMUL_FLOPS / statistics.median(peak_row.times)
     print(f"\nload average at the end {os.getloadavg()[0]:.1f} (other processes on the machine skew every row)")
-    print(format_table([peak_row] + rows, peak))
+    print(format_table([peak_row] + rows))
     name = args.name or f"{backend}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
     payload = {
         "backend": backend, "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "argv": list(sys.argv[1:] if argv is None else argv), "peak_flops_per_s": peak,
         "load_average_start_end": [load_start, os.getloadavg()[0]],
-        "rows": [r.as_dict(peak) for r in [peak_row] + rows],
+        "rows": [r.as_dict() for r in [peak_row] + rows],
     }
     path = os.path.join(HERE, "results", f"{name}.json")
     write_json(path, payload)
