@@ -141,10 +141,12 @@ class _Compiled:
         return options.advance(logits, cache, key, jnp.zeros(input_ids.shape[:1], bool))
 
     def _step(self, params: Any, state: DecodeState, *, options: DecodeOptions) -> DecodeState:
-        """One recurrent step on ``state.token`` (a real token: no mask), then the next choice."""
+        """One recurrent step on ``state.token``, then the next choice. The token is real (mask 1) in every row
+        still running; a finished row only repeats the pad token, so its state is left as it is (mask 0)."""
         self.step_traces += 1
+        mask = (~state.finished)[:, None].astype(jnp.int32)
         logits, cache, _ = self.module.apply(
-            {"params": params}, state.token[:, None], None, state.cache, "recurrent", 1, True, False, True)
+            {"params": params}, state.token[:, None], mask, state.cache, "recurrent", 1, True, False, True)
         return options.advance(logits[:, 0], cache, state.key, state.finished)
 
     def _loop(self, params: Any, state: DecodeState, *, steps: int, options: DecodeOptions,
