@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import ml_dtypes
 import numpy as np
@@ -112,14 +112,13 @@ def _load_config(src: str) -> NucleusXConfig:
 
 
 def _is_training_run(src: str) -> bool:
-    """An orbax checkpoint directory: step subdirectories, or a ``checkpoints`` folder holding them."""
-    for base in (src, os.path.join(src, "checkpoints")):
-        if os.path.isdir(base) and any(n.isdigit() and os.path.isdir(os.path.join(base, n)) for n in os.listdir(base)):
-            return True
-    return False
+    """A trainer run directory: ``config.yaml`` and orbax steps in ``checkpoints/<step>``."""
+    steps = os.path.join(src, "checkpoints")
+    return os.path.isdir(steps) and any(n.isdigit() for n in os.listdir(steps))
 
 
-def _find_source(src: str, to: str, step: Optional[int]) -> str:
+def _find_source(src: str, to: str, step: Optional[int]) -> Optional[str]:
+    """The weights file (or index) to read, or None for a training run directory (``to="torch"``)."""
     torch_file = weights.find_torch_weights(src)
     flax_file = next((os.path.join(src, n) for n in FLAX_FILES if os.path.isfile(os.path.join(src, n))), None)
     if to == "flax":
@@ -130,16 +129,53 @@ def _find_source(src: str, to: str, step: Optional[int]) -> str:
             raise CheckpointError(f"{src} holds no PyTorch weights (expected one of "
                                   f"{', '.join(weights.TORCH_FILES)}){hint}")
         return torch_file
-    if flax_file is not None and step is None:
-        return flax_file
     if _is_training_run(src):
-        raise ValueError(f"{src} is a training (orbax) checkpoint directory; converting those is not supported "
-                         "yet: export the params to a flax model directory first")
+        return None
     if step is not None:
-        raise ValueError(f"step={step} selects a training checkpoint, but {src} is not a training run directory")
-    hint = "; it holds PyTorch weights: convert them with --to flax" if torch_file else ""
-    raise CheckpointError(f"{src} holds no flax weights (expected one of {', '.join(FLAX_FILES)}) and is not a "
-                          f"training run directory{hint}")
+        raise ValueError(f"step={step} selects a training checkpoint, but {src} is not a training run directory "
+                         "(config.yaml and checkpoints/<step>)")
+    if flax_file is None:
+        hint = "; it holds PyTorch weights: convert them with --to flax" if torch_file else ""
+        raise CheckpointError(f"{src} holds no flax weights (expected one of {', '.join(FLAX_FILES)}) and is not "
+                              f"a training run directory (checkpoints/<step>){hint}")
+    return flax_file
+
+
+class _ParamsReader:
+    """A parameter tree in memory (a restored training checkpoint) behind the :class:`CheckpointReader`
+    interface: names are ``/``-joined paths."""
+
+    def __init__(self, params: Mapping, path: str):
+        from flax.traverse_util import flatten_dict
+
+        self.path = path
+        self._flat = {"/".join(k): v for k, v in flatten_dict(dict(params)).items()}
+        self.index = {k: TensorInfo(tuple(v.shape), np.dtype(v.dtype)) for k, v in self._flat.items()}
+
+    def read(self, name: str) -> np.ndarray:
+        return np.array(self._flat[name])
+
+    def close(self) -> None:
+        self._flat = {}
+
+    def __enter__(self) -> "_ParamsReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_training_run(src: str, step: Optional[int]) -> Tuple[NucleusXConfig, _ParamsReader]:
+    """The model config and float32 parameters of a trainer run (``step`` or the latest complete one).
+
+    orbax restores the whole parameter tree, so this source holds the parameters in memory."""
+    from .train.checkpoint import restore_params
+
+    try:
+        config, params = restore_params(src, step)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from e
+    return config, _ParamsReader(params, src)
 
 
 def _check_dtypes(index: Dict[str, TensorInfo]) -> None:
@@ -151,6 +187,9 @@ def _check_dtypes(index: Dict[str, TensorInfo]) -> None:
 
 def _out_info(info: TensorInfo, transpose: bool, dtype: Optional[np.dtype]) -> TensorInfo:
     return TensorInfo(info.shape[::-1] if transpose else info.shape, dtype if dtype is not None else info.dtype)
+
+
+Reader = Union[CheckpointReader, _ParamsReader]
 
 
 def _plan_to_flax(reader: CheckpointReader, config: NucleusXConfig, dtype: Optional[np.dtype]) -> List[_Item]:
@@ -177,7 +216,7 @@ def _plan_to_flax(reader: CheckpointReader, config: NucleusXConfig, dtype: Optio
 
 
 def _plan_to_torch(
-    reader: CheckpointReader, config: NucleusXConfig, dtype: Optional[np.dtype], torch_format: str
+    reader: Reader, config: NucleusXConfig, dtype: Optional[np.dtype], torch_format: str
 ) -> List[_Item]:
     """Check a flax parameter tree against ``config`` and list the PyTorch tensors to write (state-dict order)."""
     index = reader.index
@@ -263,9 +302,12 @@ def convert(
         raise ValueError(f"SRC and DST are the same directory ({src}); write to a new directory")
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"DST {dst} already exists; pass overwrite=True (--overwrite) to replace it")
-    config = _load_config(src)
     source = _find_source(src, to, step)
-    with CheckpointReader(source) as reader:
+    if source is None:
+        config, reader = _open_training_run(src, step)
+    else:
+        config, reader = _load_config(src), CheckpointReader(source)
+    with reader:
         if to == "flax":
             items, fmt = _plan_to_flax(reader, config, target), FORMATS["msgpack"]
         else:
@@ -299,8 +341,10 @@ def convert(
                     bar.update(arr.nbytes)
                     del arr
             writer.close()
+            if source is None:  # a training run has config.yaml; write the model's config.json
+                config.save_pretrained(tmp)
             for side in SIDE_FILES:
-                if os.path.isfile(os.path.join(src, side)):
+                if os.path.isfile(os.path.join(src, side)) and not os.path.isfile(os.path.join(tmp, side)):
                     shutil.copyfile(os.path.join(src, side), os.path.join(tmp, side))
             _commit(tmp, dst)
         except BaseException:

@@ -4,6 +4,7 @@ Ground truth is the reference's own files in tests/fixtures (model.safetensors, 
 state_dict_keys.txt), flax's msgpack reader, transformers' sharded loader and torch itself.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -82,6 +83,12 @@ def assert_clean(parent: Path, *keep: str) -> None:
     assert sorted(os.listdir(parent)) == sorted(keep)
 
 
+@functools.lru_cache(maxsize=None)
+def tiny_model(name: str) -> FlaxAutoModelForCausalLM:
+    """A fixture's model loaded from its PyTorch weights (cached: each compiles once per module)."""
+    return FlaxAutoModelForCausalLM.from_pretrained(FIXTURES / name, from_pt=True)
+
+
 @pytest.fixture(scope="module")
 def round_trips(tmp_path_factory):
     """torch -> flax -> torch for both fixtures, from safetensors and from .bin."""
@@ -129,10 +136,11 @@ def test_export_has_the_reference_key_set(round_trips, name):
 def test_flax_output_gives_the_same_logits(round_trips, name):
     cases = load_cases(name)
     ids = cases["input_ids"]
-    from_pt = FlaxAutoModelForCausalLM.from_pretrained(FIXTURES / name, from_pt=True)
-    converted = FlaxAutoModelForCausalLM.from_pretrained(round_trips[name] / "flax")
-    np.testing.assert_array_equal(from_pt(ids).logits, converted(ids).logits)
-    assert max_abs(converted(ids).logits, cases["logits_parallel"]) < 2e-5
+    from_pt = tiny_model(name)
+    _, converted = FlaxAutoModelForCausalLM.from_pretrained(round_trips[name] / "flax", _do_init=False)
+    logits = from_pt(ids, params=converted).logits  # transformers' own msgpack loader; compiled once
+    np.testing.assert_array_equal(from_pt(ids).logits, logits)
+    assert max_abs(logits, cases["logits_parallel"]) < 2e-5
     # flax's own reader sees the parameter tree of the PyTorch weights
     restored = flax.serialization.msgpack_restore((round_trips[name] / "flax" / "flax_model.msgpack").read_bytes())
     ours, theirs = flatten_dict(restored), flatten_dict(jax.device_get(from_pt.params))
@@ -148,8 +156,10 @@ def test_sharded_both_ways(tmp_path):
     assert len(shards) >= 5 and "flax_model.msgpack.index.json" in files and "flax_model.msgpack" not in files
     assert all(os.path.getsize(tmp_path / "flax" / f) < 100_000 + 70_000 for f in shards)  # one tensor is 65 kB
     ids = load_cases("nucleus_x_tiny")["input_ids"]
-    ref = FlaxAutoModelForCausalLM.from_pretrained(TINY, from_pt=True)(ids).logits
-    np.testing.assert_array_equal(FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "flax")(ids).logits, ref)
+    model = tiny_model("nucleus_x_tiny")
+    ref = model(ids).logits
+    _, params = FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "flax", _do_init=False)
+    np.testing.assert_array_equal(model(ids, params=params).logits, ref)
 
     convert(tmp_path / "flax", tmp_path / "torch", "torch", max_shard_size="100KB", progress=False)
     index = json.loads((tmp_path / "torch" / "model.safetensors.index.json").read_text())
@@ -159,7 +169,8 @@ def test_sharded_both_ways(tmp_path):
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in state.values())
     assert_same_state(torch_state(TINY), state)
     # the sharded PyTorch directory loads (from_pt) and converts back again
-    np.testing.assert_array_equal(FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "torch", from_pt=True)(ids).logits, ref)
+    _, params = FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "torch", from_pt=True, _do_init=False)
+    np.testing.assert_array_equal(model(ids, params=params).logits, ref)
     convert(tmp_path / "torch", tmp_path / "flax2", "flax", progress=False)
     convert(TINY, tmp_path / "flax1", "flax", progress=False)
     assert (tmp_path / "flax2" / "flax_model.msgpack").read_bytes() == (tmp_path / "flax1" / "flax_model.msgpack").read_bytes()
@@ -185,11 +196,12 @@ def test_tied_embeddings(tmp_path, fmt):
         state = dict(state, **{"lm_head.weight": state["model.embed_tokens.weight"]})
     src = torch_dir(tmp_path / "src", state, fmt, tie_word_embeddings=True)
     convert(src, tmp_path / "flax", "flax", progress=False)
-    model = FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "flax")
-    assert "lm_head" not in model.params
+    _, params = FlaxAutoModelForCausalLM.from_pretrained(tmp_path / "flax", _do_init=False)
+    assert "lm_head" not in params
     assert not any(name.startswith("lm_head") for name in MsgpackReader(str(tmp_path / "flax" / "flax_model.msgpack")).index)
     ids = load_cases("nucleus_x_tiny")["input_ids"]
-    np.testing.assert_array_equal(model(ids).logits, FlaxAutoModelForCausalLM.from_pretrained(src, from_pt=True)(ids).logits)
+    model = FlaxAutoModelForCausalLM.from_pretrained(src, from_pt=True)
+    np.testing.assert_array_equal(model(ids, params=params).logits, model(ids).logits)
 
     convert(tmp_path / "flax", tmp_path / "torch", "torch", torch_format=fmt, progress=False)
     assert_same_state(torch_state(src), torch_state(tmp_path / "torch"))
@@ -329,18 +341,41 @@ def test_dst_exists_needs_overwrite(tmp_path):
     assert (summary.tensors, summary.parameters) == (24, 135552)  # state_dict_keys.txt: 24 weights, 135552 elements
 
 
-def test_wrong_direction_and_training_runs(tmp_path):
+def test_wrong_direction(tmp_path):
     with pytest.raises(CheckpointError, match="holds no flax weights.*convert them with --to flax"):
         convert(TINY, tmp_path / "dst", "torch", progress=False)
     convert(TINY, tmp_path / "flax", "flax", progress=False)
     with pytest.raises(CheckpointError, match="holds no PyTorch weights.*convert them with --to torch"):
         convert(tmp_path / "flax", tmp_path / "dst", "flax", progress=False)
+    with pytest.raises(ValueError, match="step=3 selects a training checkpoint, but .* is not a training run"):
+        convert(tmp_path / "flax", tmp_path / "dst", "torch", step=3, progress=False)
+    assert_clean(tmp_path, "flax")
+
+
+def test_training_run_to_torch(tmp_path):
+    """A trainer run directory (config.yaml, orbax steps): the latest step or --step N."""
+    import orbax.checkpoint as ocp
+    import yaml
+
+    params = jax.device_get(tiny_model("nucleus_x_tiny").params)
     run = tmp_path / "run"
-    (run / "checkpoints" / "100").mkdir(parents=True)
-    shutil.copy(TINY / "config.json", run / "config.json")
-    with pytest.raises(ValueError, match="training .orbax. checkpoint directory; converting those is not supported"):
-        convert(run, tmp_path / "dst", "torch", step=100, progress=False)
-    assert_clean(tmp_path, "flax", "run")
+    run.mkdir()
+    model = {k: v for k, v in json.loads((TINY / "config.json").read_text()).items()
+             if k not in ("architectures", "transformers_version", "model_type")}
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"seq_len": 16}}))
+    manager = ocp.CheckpointManager(run / "checkpoints")
+    for step, tree in ((1, jax.tree.map(np.zeros_like, params)), (2, params)):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": tree})))
+    manager.wait_until_finished()
+    manager.close()
+    assert main([str(run), str(tmp_path / "latest"), "--to", "torch", "--quiet"]) == 0
+    assert_same_state(torch_state(TINY), torch_state(tmp_path / "latest"))
+    assert NucleusXConfig.from_pretrained(tmp_path / "latest").decoder_ffn_embed_dim == 96
+    convert(run, tmp_path / "first", "torch", step=1, progress=False)
+    assert not torch_state(tmp_path / "first")["model.layers.0.ffn.fc1.weight"].any()
+    with pytest.raises(CheckpointError, match="no checkpoint step 7"):
+        convert(run, tmp_path / "dst", "torch", step=7, progress=False)
+    assert_clean(tmp_path, "run", "latest", "first")
 
 
 def test_cli(tmp_path, capsys):
@@ -415,6 +450,7 @@ def test_model_configs_parameter_counts(name):
         assert abs(count / nominal - 1) < tol, f"{name}: {count / 1e9:.3f}B vs nominal {nominal / 1e9}B"
 
 
+@pytest.mark.slow  # two child processes that import jax and torch
 def test_memory_benchmark_runs_on_the_debug_config(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "convert_memory.py"), "--config", str(ROOT / "configs" / "nucleusx-debug.json"),
