@@ -6,10 +6,12 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -21,7 +23,7 @@ from nucleusx_jax import FlaxNucleusXForCausalLM
 from nucleusx_jax import sharding as shd
 from nucleusx_jax.train.checkpoint import CORRUPT_DIR, Checkpointer, restore_params
 from nucleusx_jax.train.config import load_config
-from nucleusx_jax.train.loop import NonFiniteLossError, run
+from nucleusx_jax.train.loop import DATA_CACHE, NonFiniteLossError, run
 from nucleusx_jax.train.metrics import read_metrics
 from nucleusx_jax.train.step import make_trainer
 from nucleusx_jax.train.tokenizer import train_tokenizer
@@ -29,6 +31,7 @@ from nucleusx_jax.train.tokenizer import train_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 STEPS = 12
+COMPILE_CACHE = tempfile.mkdtemp(prefix="nucleusx-jax-cache-")
 
 
 def overrides(tokenizer: str, run_dir: str, *extra: str):
@@ -42,10 +45,20 @@ def overrides(tokenizer: str, run_dir: str, *extra: str):
 
 
 def cli(args, **kwargs):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    """``python train.py --config configs/tiny.yaml ARGS`` in a subprocess; compilations are cached on disk
+    between the subprocesses of this module (a rerun after a crash reuses them)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.update(kwargs.pop("env", {}))
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, *args], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def fresh_run_dir(reference, tmp_path) -> str:
+    """An empty run dir holding only the reference run's tokenized-data cache (same data, same tokenizer)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(os.path.join(reference[0], DATA_CACHE), run_dir / DATA_CACHE)
+    return str(run_dir)
 
 
 def train_losses(run_dir):
@@ -127,7 +140,7 @@ def test_kill_9_then_resume_matches_uninterrupted(reference, tokenizer, tmp_path
     """kill -9 mid-run, rerun the same command: it resumes from the last complete checkpoint and every later
     loss equals the uninterrupted run's (same data order and dropout keys)."""
     ref_dir, _ = reference
-    run_dir = str(tmp_path / "run")
+    run_dir = fresh_run_dir(reference, tmp_path)
     args = []
     for o in overrides(tokenizer, run_dir):
         args += ["--set", o]
@@ -154,8 +167,8 @@ def test_kill_9_then_resume_matches_uninterrupted(reference, tokenizer, tmp_path
     np.testing.assert_allclose([got[s] for s in later], [ref[s] for s in later], atol=1e-5, rtol=0)
 
 
-def test_sigterm_saves_and_exits(tokenizer, tmp_path):
-    run_dir = str(tmp_path / "run")
+def test_sigterm_saves_and_exits(reference, tokenizer, tmp_path):
+    run_dir = fresh_run_dir(reference, tmp_path)
     cfg = load_config(TINY, overrides(tokenizer, run_dir, "train.steps=100000", "checkpoint.every=0",
                                       "train.eval_every=0", "checkpoint.export_hf=false"))
 
@@ -175,10 +188,10 @@ def test_sigterm_saves_and_exits(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_nonfinite_loss(tokenizer, tmp_path, policy, caplog):
+def test_nonfinite_loss(reference, tokenizer, tmp_path, policy, caplog):
     """lr=1e30 makes step 2 non-finite: 'stop' raises a clear error, 'skip' keeps the weights; no checkpoint
     ever holds a non-finite value."""
-    run_dir = str(tmp_path / "run")
+    run_dir = fresh_run_dir(reference, tmp_path)
     cfg = load_config(TINY, overrides(tokenizer, run_dir, "optimizer.learning_rate=1e30", "optimizer.clip_norm=0",
                                       "checkpoint.every=1", "checkpoint.max_to_keep=9", "train.steps=4",
                                       f"train.on_nonfinite={policy}",
@@ -233,15 +246,15 @@ def _two_processes(args):
 
 
 @pytest.mark.slow
-def test_two_processes_train_checkpoint_resume(tokenizer, tmp_path):
+def test_two_processes_train_checkpoint_resume(reference, tokenizer, tmp_path):
     """2 processes x 2 CPU devices on 127.0.0.1, mesh data=2 x fsdp=2, each host feeding its half of the batch:
     train 4 steps (checkpoints 2, 4), then the same command with 6 steps resumes from 4."""
-    run_dir = str(tmp_path / "run")
+    run_dir = fresh_run_dir(reference, tmp_path)
     args = []
     for o in overrides(tokenizer, run_dir, "mesh.data=2", "mesh.fsdp=2", "train.steps=4", "checkpoint.every=2",
-                       "train.eval_every=2", "logging.sample_tokens=3"):
+                       "train.eval_every=0", "logging.sample_tokens=0", "logging.plot=false"):
         args += ["--set", o]
-    outs = _two_processes(args)
+    outs = _two_processes(args + ["--set", "checkpoint.export_hf=false"])
     assert "4 cpu devices, 2 process(es)" in outs[0] and "starting from scratch" in outs[0]
     assert sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "*"))) == [2, 4]
     outs = _two_processes(args + ["--set", "train.steps=6"])
