@@ -74,7 +74,7 @@ def tokenizer(tmp_path_factory):
 def reference(tokenizer, tmp_path_factory):
     """An uninterrupted in-process run: (run_dir, summary)."""
     run_dir = str(tmp_path_factory.mktemp("reference"))
-    summary = run(load_config(TINY, overrides(tokenizer, run_dir)))
+    summary = run(load_config(TINY, overrides(tokenizer, run_dir, "checkpoint.export_torch=true")))
     return run_dir, summary
 
 
@@ -113,6 +113,11 @@ def test_export_and_restore_params(reference):
     with pytest.raises(FileNotFoundError, match=r"no checkpoint step 5 .* available steps \[4, 8, 12\]"):
         restore_params(run_dir, step=5)
     assert os.path.isfile(os.path.join(run_dir, "hf", "tokenizer.model"))
+    # the PyTorch export holds the same weights in torch layout (Linear weight = flax kernel transposed)
+    from safetensors.numpy import load_file
+
+    torch_weights = load_file(os.path.join(run_dir, "torch", "model.safetensors"))
+    np.testing.assert_array_equal(torch_weights["lm_head.weight"], np.asarray(params["lm_head"]["kernel"]).T)
 
 
 def test_corrupted_latest_checkpoint_is_skipped(reference, tmp_path, caplog):
@@ -125,8 +130,10 @@ def test_corrupted_latest_checkpoint_is_skipped(reference, tmp_path, caplog):
             f.truncate(os.path.getsize(path) // 2)
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     trainer = make_trainer(cfg, shd.make_mesh({"data": 1}, jax.devices()[:1]))
+    checkpointer = Checkpointer(str(copy), cfg.checkpoint)
     with caplog.at_level(logging.WARNING):
-        state = Checkpointer(str(copy), cfg.checkpoint).restore_latest(trainer.abstract_state)
+        state = checkpointer.restore_latest(trainer.abstract_state)
+    checkpointer.close()
     assert int(state.step) == 8
     assert "checkpoint step 12" in caplog.text and "skipping it in favour of the previous one" in caplog.text
     assert os.path.isdir(copy / CORRUPT_DIR / "12") and not os.path.exists(copy / "checkpoints" / "12")

@@ -74,13 +74,14 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    """orbax checkpoints in ``<run_dir>/checkpoints``; the final model in ``<run_dir>/hf``."""
+    """orbax checkpoints in ``<run_dir>/checkpoints``; the final model in ``<run_dir>/hf`` (and ``/torch``)."""
 
     every: int = 100  # save every N steps (and at the end); 0: only at the end
     max_to_keep: int = 3
     async_save: bool = True
     resume: bool = True  # continue from the latest complete checkpoint in the run dir
     export_hf: bool = True
+    export_torch: bool = False  # also <run_dir>/torch through nucleusx_jax.convert (needs torch; implies export_hf)
 
 
 @dataclasses.dataclass

@@ -3,7 +3,7 @@ eval/logging/checkpoints/preemption, then export, plot, sample and summary.
 
 Run directory layout: ``config.yaml`` (resolved), ``tokenizer.model`` (when trained here), ``data_cache/``,
 ``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``loss.png``, ``hf/`` (final model and
-tokenizer), ``summary.json``.
+tokenizer), ``torch/`` (optional PyTorch export), ``summary.json``.
 """
 
 import dataclasses
@@ -32,7 +32,8 @@ from .step import Trainer, TrainState, make_trainer, training_flops_per_token
 from .tokenizer import Tokenizer, load_tokenizer, save_hf_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
-TOKENIZER_FILE, HF_DIR, SUMMARY_FILE, DATA_CACHE = "tokenizer.model", "hf", "summary.json", "data_cache"
+TOKENIZER_FILE, HF_DIR, TORCH_DIR = "tokenizer.model", "hf", "torch"
+SUMMARY_FILE, DATA_CACHE = "summary.json", "data_cache"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -278,8 +279,13 @@ def run(cfg: Config) -> Dict[str, Any]:
         "tokens_per_s": (steps_done - start) * tokens_per_step / wall if wall > 0 else None,
     }
     if not preempted:
-        if cfg.checkpoint.export_hf:
+        if cfg.checkpoint.export_hf or cfg.checkpoint.export_torch:
             summary["hf_dir"] = export_hf(run_dir, model_config, state.params, tokenizer_file)
+        if cfg.checkpoint.export_torch and lead:
+            from ..convert import convert
+
+            summary["torch_dir"] = os.path.join(run_dir, TORCH_DIR)
+            convert(summary["hf_dir"], summary["torch_dir"], "torch", overwrite=True, progress=False)
         if lead and lg.plot:
             summary["plot"] = plot_losses(run_dir)
         if lg.sample_tokens > 0:
@@ -303,6 +309,8 @@ def print_summary(summary: Dict[str, Any]) -> None:
              f"wall time      {summary['wall_s']:.1f} s, {summary['tokens_per_s'] or 0:.0f} tokens/s"]
     if summary.get("hf_dir"):
         lines.append(f"HF model       {summary['hf_dir']}")
+    if summary.get("torch_dir"):
+        lines.append(f"PyTorch model  {summary['torch_dir']}")
     if summary.get("plot"):
         lines.append(f"loss plot      {summary['plot']}")
     if summary.get("sample") is not None:
