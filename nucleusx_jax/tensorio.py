@@ -388,8 +388,7 @@ class CheckpointReader:
                         raise CheckpointError(f"{name} is stored twice: in {self._where[name].path} and {file}")
                     self.index[name], self._where[name] = info, reader
             if path.endswith(".index.json"):
-                listed = {n for n, shard in weight_map.items()}
-                absent = sorted(listed - set(self.index))
+                absent = sorted(set(weight_map) - set(self.index))
                 if absent:
                     raise CheckpointError(f"{path} lists tensors that its shards do not hold: {absent}")
         except BaseException:
