@@ -21,7 +21,7 @@ import dataclasses
 import os
 import sys
 import weakref
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -304,7 +304,7 @@ class TextStreamer:
 
     def __init__(self, decode: Callable[[Sequence[int]], str]):
         self.decode = decode
-        self.ids: list = []
+        self.ids: List[int] = []
         self.printed = 0
 
     def push(self, token: int) -> str:
