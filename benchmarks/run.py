@@ -15,7 +15,8 @@
 
 FLOPs follow :func:`nucleusx_jax.train.step.training_flops_per_token` (6 x params x tokens for training, every
 weight but the input embedding table, plus retention counted like causal attention); a forward pass is a third
-of it. Every row is the median of ``--repeats`` timed runs after one compile-and-warm-up run, with min and max.
+of it. Every row is the median of ``--repeats`` timed runs (3 when the compile-and-warm-up run took over 20 s)
+after one compile-and-warm-up run, with min and max.
 Set ``XLA_FLAGS`` before the run to try XLA CPU flags (see ``benchmarks/NOTES.md``).
 Rows whose estimated memory exceeds ``--memory-gb`` are listed as skipped. Results go to
 ``benchmarks/results/<name>.json`` (written to a temporary file, then renamed).
@@ -24,7 +25,6 @@ Rows whose estimated memory exceeds ``--memory-gb`` are listed as skipped. Resul
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -35,18 +35,23 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# XLA:CPU flags for the run, unless XLA_FLAGS is set (``XLA_FLAGS= python -m benchmarks`` runs without them):
+# XNNPACK matmul kernels measured faster than the default ones here (benchmarks/NOTES.md, section 3).
+DEFAULT_XLA_FLAGS = "--xla_cpu_use_xnnpack=true"
+os.environ.setdefault("XLA_FLAGS", DEFAULT_XLA_FLAGS)
 
-from nucleusx_jax import kernels
-from nucleusx_jax import retention as ret
-from nucleusx_jax.configuration import NucleusXConfig
-from nucleusx_jax.modeling import NucleusXForCausalLMModule, causal_lm_loss
-from nucleusx_jax.train.step import training_flops_per_token
+import jax  # noqa: E402  (after XLA_FLAGS)
+import jax.numpy as jnp  # noqa: E402
+
+from nucleusx_jax import kernels  # noqa: E402
+from nucleusx_jax import retention as ret  # noqa: E402
+from nucleusx_jax.configuration import NucleusXConfig  # noqa: E402
+from nucleusx_jax.modeling import NucleusXForCausalLMModule, causal_lm_loss  # noqa: E402
+from nucleusx_jax.train.step import training_flops_per_token  # noqa: E402
 
 MATMUL_N = 2048
 MATMUL_FLOPS = 2.0 * MATMUL_N**3
+LONG_RUN_S, LONG_RUN_REPEATS = 20.0, 3
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH_SMALL = dict(vocab_size=32000, decoder_embed_dim=512, decoder_value_embed_dim=1024, decoder_retention_heads=4,
                    decoder_ffn_embed_dim=1024, decoder_layers=4)
@@ -109,10 +114,11 @@ class Timer:
         return time.perf_counter() - start
 
     def __call__(self, row: Row, fn: Callable[[], Any]) -> Row:
-        """Compile and warm up ``fn`` with one call, then add ``repeats`` (matmul, fn) timing pairs to ``row``."""
+        """Compile and warm up ``fn`` with one call, then add ``repeats`` (matmul, fn) timing pairs to ``row``
+        (at most ``LONG_RUN_REPEATS`` when the warm-up call took over ``LONG_RUN_S`` seconds)."""
         jax.block_until_ready(self.matmul())
-        jax.block_until_ready(fn())
-        for _ in range(self.repeats):
+        warm = self.seconds(fn)
+        for _ in range(self.repeats if warm < LONG_RUN_S else min(self.repeats, LONG_RUN_REPEATS)):
             row.peak_times.append(self.seconds(self.matmul))
             row.times.append(self.seconds(fn))
         return row
