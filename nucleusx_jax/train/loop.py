@@ -154,10 +154,16 @@ def evaluate(trainer: Trainer, params: Any, dataset: PackedDataset, batches: int
 
 
 def _global_batch(trainer: Trainer, dataset: PackedDataset, step: int) -> jax.Array:
-    """Global batch ``step`` assembled from each host's own rows."""
-    b = trainer.cfg.train.global_batch
-    local = dataset.batch(step, b, jax.process_index(), jax.process_count())
-    return jax.make_array_from_process_local_data(trainer.batch_sharding, local, (b, local.shape[1]))
+    """Global batch ``step`` ``[B, T + 1]``: each host reads only the rows its devices hold (row ``r`` is row
+    ``r`` of ``dataset``'s batch ``step`` whatever the process layout) and puts them on those devices."""
+    shape = (trainer.cfg.train.global_batch, trainer.cfg.data.seq_len + 1)
+    index_map = trainer.batch_sharding.addressable_devices_indices_map(shape)
+    rows = sorted({r for index in index_map.values() for r in range(*index[0].indices(shape[0]))})
+    local = dataset.rows(step, shape[0], rows)
+    position = {r: i for i, r in enumerate(rows)}
+    shards = [jax.device_put(local[[position[r] for r in range(*index[0].indices(shape[0]))]], device)
+              for device, index in index_map.items()]
+    return jax.make_array_from_single_device_arrays(shape, trainer.batch_sharding, shards)
 
 
 def run(cfg: Config) -> Dict[str, Any]:
