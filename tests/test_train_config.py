@@ -6,7 +6,6 @@ import math
 import os
 
 import jax
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 

@@ -9,7 +9,6 @@ tokenizer), ``torch/`` (optional PyTorch export), ``summary.json``.
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -17,7 +16,6 @@ import time
 from typing import Any, Dict, List, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
@@ -28,7 +26,7 @@ from .checkpoint import CONFIG_FILE, Checkpointer
 from .config import Config
 from .data import PackedDataset
 from .metrics import MetricsWriter, peak_tflops, plot_losses
-from .step import Trainer, TrainState, make_trainer, training_flops_per_token
+from .step import Trainer, make_trainer, training_flops_per_token
 from .tokenizer import Tokenizer, load_tokenizer, save_hf_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -85,41 +83,36 @@ def prepare_tokenizer(cfg: Config, run_dir: str) -> Tokenizer:
     return tok
 
 
-def greedy_sample(trainer: Trainer, params: Any, prompt: List[int], num_tokens: int) -> List[int]:
-    """Greedy continuation of ``prompt``: one parallel pass over the prompt, then ``num_tokens`` recurrent
-    steps on the retention state (constant memory per token)."""
-    module = trainer.module
+def greedy_sample(config: NucleusXConfig, host_params: Any, prompt: List[int], num_tokens: int) -> List[int]:
+    """Greedy continuation of ``prompt`` with :func:`nucleusx_jax.generate.generate` (the prompt in parallel
+    mode, then recurrent steps on the retention state); stops at EOS."""
+    from ..generate import generate
+    from ..hf import FlaxNucleusXForCausalLM
 
-    @jax.jit
-    def run(params: Any, ids: jax.Array) -> jax.Array:
-        logits, cache, _ = module.apply({"params": params}, ids, None, None, "parallel", None, True, False, True)
+    model = FlaxNucleusXForCausalLM(config, _do_init=False)
+    out = generate(model, np.asarray([prompt], np.int32), max_new_tokens=num_tokens, params=host_params,
+                   eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    new = [int(t) for t in out[0, len(prompt):]]
+    return new[: new.index(config.eos_token_id) + 1] if config.eos_token_id in new else new
 
-        def step(carry: Any, _: Any) -> Any:
-            token, cache = carry
-            logits, cache, _ = module.apply({"params": params}, token[:, None], None, cache, "recurrent", None,
-                                            True, False, True)
-            nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-            return (nxt, cache), nxt
 
-        first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        _, rest = jax.lax.scan(step, (first, cache), None, length=num_tokens - 1)
-        return jnp.concatenate([first[None], rest], axis=0)[:, 0]
-
-    return [int(t) for t in jax.device_get(run(params, jnp.asarray([prompt], jnp.int32)))]
+def host_params(params: Any) -> Any:
+    """The full parameter tree as numpy on every process (gathered across hosts when sharded over several)."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
 
 
 def export_hf(run_dir: str, config: NucleusXConfig, params: Any, tokenizer_file: Optional[str]) -> str:
-    """Write the model (``save_pretrained``) and, for SentencePiece, the tokenizer into ``<run_dir>/hf``
-    (built in a temporary directory, then renamed). Call on every process; process 0 writes."""
+    """Write the model (``save_pretrained`` of :func:`host_params` ``params``) and, for SentencePiece, the
+    tokenizer into ``<run_dir>/hf`` (built in a temporary directory, then renamed). Process 0 writes."""
     from ..hf import FlaxNucleusXForCausalLM
 
-    host_params = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 \
-        else jax.device_get(params)
     final = os.path.join(run_dir, HF_DIR)
     if jax.process_index() == 0:
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        FlaxNucleusXForCausalLM(config, _do_init=False).save_pretrained(tmp, params=host_params)
+        FlaxNucleusXForCausalLM(config, _do_init=False).save_pretrained(tmp, params=params)
         if tokenizer_file is not None and tokenizer_file.endswith(".model"):
             save_hf_tokenizer(tokenizer_file, tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -285,8 +278,9 @@ def run(cfg: Config) -> Dict[str, Any]:
         "tokens_per_s": (steps_done - start) * tokens_per_step / wall if wall > 0 else None,
     }
     if not preempted:
+        final_params = host_params(state.params)
         if cfg.checkpoint.export_hf or cfg.checkpoint.export_torch:
-            summary["hf_dir"] = export_hf(run_dir, model_config, state.params, tokenizer_file)
+            summary["hf_dir"] = export_hf(run_dir, model_config, final_params, tokenizer_file)
         if cfg.checkpoint.export_torch and lead:
             from ..convert import convert
 
@@ -296,7 +290,7 @@ def run(cfg: Config) -> Dict[str, Any]:
             summary["plot"] = plot_losses(run_dir)
         if lg.sample_tokens > 0:
             prompt = ([tokenizer.bos_id] if cfg.data.add_bos else []) + tokenizer.encode(lg.sample_prompt)
-            sample = tokenizer.decode(greedy_sample(trainer, state.params, prompt, lg.sample_tokens))
+            sample = tokenizer.decode(greedy_sample(model_config, final_params, prompt, lg.sample_tokens))
             summary["sample"] = lg.sample_prompt + sample
     if lead:
         _write_atomic(os.path.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
@@ -311,7 +305,7 @@ def print_summary(summary: Dict[str, Any]) -> None:
              f"steps          {summary['steps']}" + (f" (resumed from {summary['resumed_from']})"
                                                       if summary["resumed_from"] is not None else ""),
              f"train loss     first {fmt(summary['first_train_loss'])} -> last {fmt(summary['last_train_loss'])}",
-             f"eval loss      " + (" -> ".join(f"{x:.4f}" for x in summary["eval_losses"]) or "n/a"),
+             "eval loss      " + (" -> ".join(f"{x:.4f}" for x in summary["eval_losses"]) or "n/a"),
              f"wall time      {summary['wall_s']:.1f} s, {summary['tokens_per_s'] or 0:.0f} tokens/s"]
     if summary.get("hf_dir"):
         lines.append(f"HF model       {summary['hf_dir']}")
