@@ -277,8 +277,8 @@ def format_table(rows: Sequence[Row]) -> str:
         frac = f"{r.fraction:7.1%}" if r.flops else f"{'':>7}"
         gf = f"{r.flops / m / 1e9:8.1f}" if r.flops else f"{'':>8}"
         span = f"({min(r.times) * 1e3:.1f}-{max(r.times) * 1e3:.1f})"
-        lines.append(f"{r.name:<40} {m * 1e3:11.1f} {span:>17} {m / r.tokens * 1e6:9.2f} {r.tokens / m:10.0f} "
-                     f"{gf} {frac} {r.note}".rstrip())
+        per = f"{'':>9} {'':>10}" if r.group == "peak" else f"{m / r.tokens * 1e6:9.2f} {r.tokens / m:10.0f}"
+        lines.append(f"{r.name:<40} {m * 1e3:11.1f} {span:>17} {per} {gf} {frac} {r.note}".rstrip())
     return "\n".join(lines)
 
 
