@@ -38,24 +38,42 @@ class RetentionState(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------- tables
+def _f32(x: np.ndarray) -> np.ndarray:
+    """Round to float32: the reference computes its tables in float32, and its rounding points matter."""
+    return np.asarray(x, np.float64).astype(np.float32)
+
+
+def _linspace_f32(start: float, end: float, num: int) -> np.ndarray:
+    """torch's float32 ``linspace``: a float32 step, each half computed from its own end, then rounded."""
+    start, end = float(np.float32(start)), float(np.float32(end))
+    if num == 1:
+        return _f32(np.array([start]))
+    step = float(np.float32(np.float32(end) - np.float32(start)) / np.float32(num - 1))
+    i = np.arange(num, dtype=np.float64)
+    return _f32(np.where(i < num // 2, start + step * i, end - step * (num - 1 - i)))
+
+
 def log_decay_table(num_heads: int, use_lm_decay: bool) -> np.ndarray:
     """Per-head ``log(gamma)``, ``[H]`` float32.
 
     Default scheme: ``gamma_h = 1 - 2**(-5 - h)``. ``use_lm_decay``: ``gamma = 1 - exp(x)`` with ``x`` spaced
-    evenly from ``log(1/32)`` to ``log(1/512)`` (the RetNet paper's language-model allocation).
+    evenly from ``log(1/32)`` to ``log(1/512)`` (the RetNet paper's language-model allocation). Each step is
+    rounded to float32 where the reference rounds, so e.g. ``1 - 2**-25`` becomes 1 (no decay) exactly as in
+    the reference; each value is within one float32 ulp of the reference's buffer.
     """
     if use_lm_decay:
-        x = np.linspace(np.log(1 / 32), np.log(1 / 512), num_heads)
-        decay = np.log1p(-np.exp(x))
+        x = _linspace_f32(_f32(np.log(1 / 32)), _f32(np.log(1 / 512)), num_heads)
+        one_minus = np.float32(1) - _f32(np.exp(x.astype(np.float64)))
     else:
-        decay = np.log1p(-(2.0 ** (-5.0 - np.arange(num_heads))))
-    return decay.astype(np.float32)
+        one_minus = np.float32(1) - _f32(2.0 ** (-5.0 - np.arange(num_heads)))
+    return _f32(np.log(one_minus.astype(np.float64)))
 
 
 def angle_table(key_head_dim: int) -> np.ndarray:
-    """Rotation frequencies ``[K]`` float32: ``10000**-linspace(0, 1, K/2)``, each repeated twice."""
-    angle = 1.0 / (10000.0 ** np.linspace(0.0, 1.0, key_head_dim // 2))
-    return np.repeat(angle, 2).astype(np.float32)
+    """Rotation frequencies ``[K]`` float32: ``1 / 10000**linspace(0, 1, K/2)``, each repeated twice
+    (rounded to float32 at the reference's steps)."""
+    power = _f32(10000.0 ** _linspace_f32(0.0, 1.0, key_head_dim // 2).astype(np.float64))
+    return np.repeat(np.float32(1) / power, 2)
 
 
 def rotate(x: Array, positions: Array, angle: Array) -> Array:
