@@ -1,5 +1,6 @@
-"""Sharded training on 8 simulated CPU devices: every mesh gives the 1-device losses; gradient accumulation
-matches one big batch; a checkpoint written on one mesh restores onto another."""
+"""Sharded training on 8 simulated CPU devices: every mesh gives the 1-device losses (also chunkwise with
+remat); bfloat16 compute keeps float32 state; gradient accumulation matches one big batch; a checkpoint
+written on one mesh restores onto another."""
 
 import json
 import os
@@ -48,6 +49,11 @@ for name in sys.argv[1].split(";"):
         ckpt.save(state)
         ckpt.close()
         saved = jax.device_get(state.params)
+# the same model computed chunkwise with per-layer remat: the same losses
+out["chunkwise_remat"] = train((2, 2, 2), ["train.forward_mode=chunkwise", "train.chunk_size=8", "train.remat=dots"])[2]
+# bfloat16 compute keeps float32 master weights and optimizer state
+_, bf16_state, out["bf16"] = train((2, 2, 2), ["train.dtype=bfloat16"])
+out["bf16_state_dtypes"] = sorted({str(x.dtype) for x in jax.tree.leaves((bf16_state.params, bf16_state.opt_state))})
 out["accum"] = train((2, 2, 2), ["train.grad_accum=2", "model.dropout=0", "model.drop_path_rate=0"])[2]
 out["no_accum"] = train((2, 2, 2), ["model.dropout=0", "model.drop_path_rate=0"])[2]
 # restore the (2,4,1) checkpoint onto a (1,2,4) mesh
@@ -65,7 +71,9 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    # backend optimisation level 0 halves the compile time of the 8 programs; all runs share it
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
     proc = subprocess.run([sys.executable, "-c", WORKER, ";".join(MESHES), str(tmp_path_factory.mktemp("ckpt"))],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -80,6 +88,14 @@ def test_mesh_matches_one_device(results, mesh):
     one = np.array(results["1"])
     assert one[-1] < one[0]  # it trains
     np.testing.assert_allclose(results[mesh], one, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_chunkwise_remat_and_bf16(results):
+    np.testing.assert_allclose(results["chunkwise_remat"], results["1"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(results["bf16"], results["1"], atol=0.05, rtol=0)
+    assert results["bf16"] != results["1"]  # it did compute in bfloat16
+    assert results["bf16_state_dtypes"] == ["float32", "int32"]  # adam count is int32
 
 
 @pytest.mark.slow

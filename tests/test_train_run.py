@@ -47,10 +47,12 @@ def overrides(tokenizer: str, run_dir: str, *extra: str):
 
 def cli(args, **kwargs):
     """``python train.py --config configs/tiny.yaml ARGS`` in a subprocess; compilations are cached on disk
-    between the subprocesses of this module (a rerun after a crash reuses them)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    env.update(kwargs.pop("env", {}))
+    between the subprocesses of this module (a rerun after a crash reuses them) and use XLA's backend
+    optimisation level 0 (half the compile time; float differences from the in-process runs stay ~1e-7)."""
+    devices = kwargs.pop("devices", 1)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, *args], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
@@ -237,9 +239,8 @@ def _free_port() -> int:
 
 def _two_processes(args):
     port = _free_port()
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     procs = [cli([*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                 env=env) for i in range(2)]
+                 devices=2) for i in range(2)]
     outs = []
     for p in procs:
         try:
