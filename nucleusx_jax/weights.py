@@ -56,8 +56,8 @@ def rel_pos_buffers(config: NucleusXConfig, prefix: str = "model.", like_torch: 
     """The ``rel_pos`` buffers (float32) the PyTorch model derives from ``config``: ``angle`` ``[K]``, ``decay`` ``[H]``.
 
     ``like_torch``: compute them with the float32 torch operations the PyTorch model's constructor uses, so
-    they equal its buffers bit for bit (needs torch; without it the float64-then-rounded tables of
-    :mod:`retention` are used, which differ in the last float32 bits, and a warning says so).
+    they equal its buffers bit for bit (needs torch; without it the tables of :mod:`retention` are used, which
+    can differ in the last float32 bits: two ulp at most, and a warning says so).
     """
     names = (prefix + "rel_pos.angle", prefix + "rel_pos.decay")
     heads = config.decoder_retention_heads
@@ -66,9 +66,8 @@ def rel_pos_buffers(config: NucleusXConfig, prefix: str = "model.", like_torch: 
         try:
             import torch
         except ImportError:
-            logger.warning("torch is not installed: the rel_pos buffers come from float64 tables, which differ "
-                           "from the PyTorch model's float32 ones in the last bits (angle <= 6e-7 relative, "
-                           "decay <= 4e-8 absolute)")
+            logger.warning("torch is not installed: the rel_pos buffers come from nucleusx_jax.retention's "
+                           "tables, which can differ from the PyTorch model's in the last two float32 bits")
     if torch is None:
         return dict(zip(names, (retention.angle_table(config.key_head_dim),
                                 retention.log_decay_table(heads, config.use_lm_decay))))
