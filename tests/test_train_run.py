@@ -143,6 +143,15 @@ def test_corrupted_latest_checkpoint_is_skipped(reference, tmp_path, caplog):
     _, params8 = restore_params(run_dir, step=8)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params8)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # a readable checkpoint of another model is an error, not damage: nothing is moved aside
+    wider = load_config(os.path.join(run_dir, "config.yaml"), ["model.decoder_ffn_embed_dim=96"])
+    other = make_trainer(wider, shd.make_mesh({"data": 1}, jax.devices()[:1]))
+    checkpointer = Checkpointer(str(copy), cfg.checkpoint)
+    with pytest.raises(ValueError, match=r"checkpoint step 8 .* does not match this run's model and optimizer: "
+                                         r"\['opt_state'\].* has shape \(32, 64\) there but \(32, 96\) in this run"):
+        checkpointer.restore_latest(other.abstract_state)
+    checkpointer.close()
+    assert os.path.isdir(copy / "checkpoints" / "8")
 
 
 @pytest.mark.slow

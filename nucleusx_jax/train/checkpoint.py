@@ -3,7 +3,8 @@
 Saves are asynchronous (the step loop continues while arrays are written); orbax writes each step into a
 temporary directory and renames it when complete, so a crash mid-save leaves no step that
 ``latest_step()`` would pick. A step that fails to restore (truncated or corrupted files) is moved to
-``<run_dir>/checkpoints_corrupt/<step>`` with a warning, and the previous step is tried.
+``<run_dir>/checkpoints_corrupt/<step>`` with a warning, and the previous step is tried; a readable step of a
+different model or optimizer (array shapes differ) is an error instead.
 """
 
 import logging
@@ -37,7 +38,9 @@ class Checkpointer:
         self.run_dir = os.path.abspath(run_dir)
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep, create=True,
                                                enable_async_checkpointing=cfg.async_save)
-        self.manager = ocp.CheckpointManager(os.path.join(self.run_dir, CHECKPOINT_DIR), options=options)
+        self.manager = ocp.CheckpointManager(
+            os.path.join(self.run_dir, CHECKPOINT_DIR), options=options,
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def due(self, step: int) -> bool:
         """Whether step ``step`` (optimizer steps done) is a periodic save point."""
@@ -62,15 +65,41 @@ class Checkpointer:
         shardings; any mesh), or None when there is none. Broken steps are moved aside with a warning."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
+                saved = jax.tree_util.tree_leaves_with_path(self.manager.item_metadata(step)["state"].tree)
+            except Exception as err:  # orbax/tensorstore raise many types for a damaged step
+                self._skip(step, err)
+                continue
+            self._check_matches(step, saved, abstract)
+            try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                     abstract.as_dict(), restore_args=_restore_args(abstract.as_dict()))))["state"]
                 return TrainState(**restored)
-            except Exception as err:  # orbax/tensorstore raise many types for a damaged step
-                logger.warning("checkpoint step %d in %s cannot be restored (%s: %s); skipping it in favour of "
-                               "the previous one and moving it to %s", step, self.manager.directory,
-                               type(err).__name__, str(err).splitlines()[0][:300], CORRUPT_DIR)
-                self._move_aside(step)
+            except Exception as err:
+                self._skip(step, err)
         return None
+
+    def _check_matches(self, step: int, saved: Any, abstract: TrainState) -> None:
+        """A readable step of another model or optimizer is an error (not damage): name the first difference."""
+        wanted = jax.tree_util.tree_leaves_with_path(abstract.as_dict())
+        problem = None
+        if len(saved) != len(wanted):
+            problem = f"it holds {len(saved)} arrays, this run's state has {len(wanted)}"
+        else:
+            for (path, meta), (_, want) in zip(saved, wanted):
+                if tuple(meta.shape) != tuple(want.shape):
+                    problem = (f"{jax.tree_util.keystr(path)} has shape {tuple(meta.shape)} there but "
+                               f"{tuple(want.shape)} in this run")
+                    break
+        if problem:
+            raise ValueError(f"checkpoint step {step} in {self.manager.directory} does not match this run's model "
+                             f"and optimizer: {problem}. Use another train.run_dir, or set checkpoint.resume=false "
+                             "to start over")
+
+    def _skip(self, step: int, err: Exception) -> None:
+        logger.warning("checkpoint step %d in %s cannot be restored (%s: %s); skipping it in favour of the "
+                       "previous one and moving it to %s", step, self.manager.directory, type(err).__name__,
+                       str(err).splitlines()[0][:300] if str(err) else "", CORRUPT_DIR)
+        self._move_aside(step)
 
     def _move_aside(self, step: int) -> None:
         if jax.process_index() == 0:
