@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse the flags, start ``jax.distributed`` if needed, run; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", help="training YAML (sections model, data, optimizer, schedule, train, mesh, "
-                                    "checkpoint, logging); omitted: all defaults")
+    p.add_argument("--config", required=True, help="training YAML (sections model, data, optimizer, schedule, "
+                                                   "train, mesh, checkpoint, logging), e.g. configs/tiny.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (YAML syntax), e.g. --set train.steps=10; repeatable")
     p.add_argument("--coordinator", help="jax.distributed coordinator HOST:PORT (process 0's address)")
