@@ -7,6 +7,8 @@ tokenizer), ``torch/`` (optional PyTorch export), ``summary.json``.
 """
 
 import dataclasses
+import glob
+import importlib.util
 import json
 import logging
 import os
@@ -40,14 +42,18 @@ class NonFiniteLossError(RuntimeError):
 
 def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
                      process_id: Optional[int] = None) -> None:
-    """``jax.distributed.initialize``: explicit when ``coordinator`` is given (GPU clusters, CPU tests),
-    auto-detected on a multi-host TPU slice or a multi-node SLURM job, otherwise nothing (one process)."""
+    """``jax.distributed.initialize``: explicit when ``coordinator`` is given (GPU clusters, CPU tests); with
+    jax's own cluster detection on a Cloud TPU VM (libtpu installed and TPU chips present; also fine on a
+    single host), on GKE TPU pods (``TPU_WORKER_HOSTNAMES``) and in multi-task SLURM jobs; otherwise nothing."""
     if coordinator is not None:
         if num_processes is None or process_id is None:
             raise ValueError(f"--coordinator {coordinator} needs --num-processes and --process-id too")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return
+    chips = glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*")
+    tpu_vm = importlib.util.find_spec("libtpu") is not None and bool(chips)
+    if tpu_vm or "TPU_WORKER_HOSTNAMES" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()
 
 
