@@ -117,7 +117,13 @@ class Timer:
         """Compile and warm up ``fn`` with one call, then add ``repeats`` (matmul, fn) timing pairs to ``row``
         (at most ``LONG_RUN_REPEATS`` when the warm-up call took over ``LONG_RUN_S`` seconds)."""
         jax.block_until_ready(self.matmul())
-        warm = self.seconds(fn)
+        try:
+            warm = self.seconds(fn)
+        except jax.errors.JaxRuntimeError as e:  # only running out of memory turns into a skipped row
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            row.skipped = f"out of memory ({str(e).splitlines()[0][:120]})"
+            return row
         for _ in range(self.repeats if warm < LONG_RUN_S else min(self.repeats, LONG_RUN_REPEATS)):
             row.peak_times.append(self.seconds(self.matmul))
             row.times.append(self.seconds(fn))
@@ -141,7 +147,7 @@ def _fits(estimate_bytes: float, budget_gb: float) -> str:
     return "" if estimate_bytes <= budget_gb * 2**30 else f"needs ~{estimate_bytes / 2**30:.0f} GiB > {budget_gb} GiB"
 
 
-def op_rows(timer: Timer, config: NucleusXConfig, lengths: Sequence[int], chunk: int, budget_gb: float,
+def op_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfig, lengths: Sequence[int], chunk: int, budget_gb: float,
             impls: Sequence[str]) -> List[Row]:
     """Retention alone, batch 1: parallel and chunkwise (each implementation), forward and forward+backward."""
     heads, kdim, vdim = config.decoder_retention_heads, config.key_head_dim, config.value_head_dim
@@ -169,11 +175,11 @@ def op_rows(timer: Timer, config: NucleusXConfig, lengths: Sequence[int], chunk:
                     else:
                         f = jax.jit(fn)
                     timer(row, lambda f=f: f(q, k, v))
-                rows.append(_report(row))
+                rows.append(report(row))
     return rows
 
 
-def model_rows(timer: Timer, config: NucleusXConfig, lengths: Sequence[int], modes: Sequence[str],
+def model_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfig, lengths: Sequence[int], modes: Sequence[str],
                budget_gb: float) -> List[Row]:
     """The full model at batch 1: logits forward, and loss forward+backward with respect to the parameters."""
     module = NucleusXForCausalLMModule(config)
@@ -191,7 +197,7 @@ def model_rows(timer: Timer, config: NucleusXConfig, lengths: Sequence[int], mod
                 name = f"model {mode} {'fwd+bwd' if backward else 'fwd'} T={length}"
                 row = Row("model", name, length, model_flops(config, num_params, length, length, backward))
                 # activations: logits (x3 with backward) plus, in parallel mode, the T x T decay and scores
-                estimate = 4.0 * length * config.vocab_size * (3 if backward else 1)
+                estimate = 4.0 * length * config.vocab_size * (7 if backward else 1)  # measured: ~6.4x with bwd
                 if mode == "parallel":
                     estimate += 4.0 * config.decoder_retention_heads * length**2 * (
                         3 * config.decoder_layers if backward else 3)
@@ -199,11 +205,11 @@ def model_rows(timer: Timer, config: NucleusXConfig, lengths: Sequence[int], mod
                 if not row.skipped:
                     f = grad if backward else forward
                     timer(row, lambda f=f: f(params, ids, mode))
-                rows.append(_report(row))
+                rows.append(report(row))
     return rows
 
 
-def train_rows(timer: Timer, config: NucleusXConfig, shapes: Sequence[Sequence[int]], chunk: int) -> List[Row]:
+def train_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfig, shapes: Sequence[Sequence[int]], chunk: int) -> List[Row]:
     """Tokens/s of the trainer's compiled train step (AdamW, chunkwise), one device."""
     from nucleusx_jax import sharding as shd
     from nucleusx_jax.train.config import parse_config
@@ -229,18 +235,18 @@ def train_rows(timer: Timer, config: NucleusXConfig, shapes: Sequence[Sequence[i
 
         flops = batch * length * training_flops_per_token(cfg.model_config(), trainer.num_params, length)
         row = timer(Row("train", f"train step chunkwise {batch}x{length}", batch * length, flops), step)
-        rows.append(_report(row))
+        rows.append(report(row))
     return rows
 
 
-def decode_rows(new_tokens: int = 128) -> List[Row]:
+def decode_rows(report: Callable[[Row], Row], new_tokens: int = 128) -> List[Row]:
     """Batch-1 decode tokens/s from ``benchmarks/decode.py`` (run as a subprocess, prompt 16), when it exists;
     the note gives its ratio to the weight-reading ceiling that script measures."""
     script = os.path.join(HERE, "decode.py")
     row = Row("decode", "decode batch 1 (benchmarks/decode.py)", new_tokens - 1, 0.0)
     if not os.path.exists(script):
         row.skipped = "benchmarks/decode.py not found"
-        return [_report(row)]
+        return [report(row)]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "decode.json")
         cmd = [sys.executable, script, "--batches", "1", "--prompts", "16", "--new-tokens", str(new_tokens),
@@ -252,16 +258,27 @@ def decode_rows(new_tokens: int = 128) -> List[Row]:
             result = json.load(f)["results"][0]
     row.times = [result["decode_s"]]
     row.note = f"{result['decode_over_ceiling']:.0%} of the matrix-vector ceiling ({result['ceiling_tok_s']:.0f} tok/s)"
-    return [_report(row)]
+    return [report(row)]
 
 
-def _report(row: Row) -> Row:
-    """Print one line as soon as a row is measured (the final table repeats it)."""
-    if row.skipped:
-        print(f"  {row.name}: skipped ({row.skipped})", flush=True)
-    else:
-        print(f"  {row.name}: {row.median * 1e3:.1f} ms", flush=True)
-    return row
+class Reporter:
+    """Prints each row as soon as it is measured and rewrites the JSON with every row so far (a later crash
+    or interruption keeps what was measured)."""
+
+    def __init__(self, path: str, header: Dict[str, Any]):
+        self.path, self.header, self.rows = path, header, []
+
+    def __call__(self, row: Row) -> Row:
+        if row.skipped:
+            print(f"  {row.name}: skipped ({row.skipped})", flush=True)
+        else:
+            print(f"  {row.name}: {row.median * 1e3:.1f} ms, {row.fraction or 0:.1%} of peak", flush=True)
+        self.rows.append(row)
+        self.save()
+        return row
+
+    def save(self, extra: Optional[Dict[str, Any]] = None) -> None:
+        write_json(self.path, {**self.header, **(extra or {}), "rows": [r.as_dict() for r in self.rows]})
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -291,7 +308,7 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {', '.join(GROUPS)}")
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="sequence lengths for op and model")
@@ -314,34 +331,31 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     print(f"backend {backend} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, load average {os.getloadavg()[0]:.1f}", flush=True)
-    load_start = os.getloadavg()[0]
+    name = args.name or f"{backend}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
+    path = os.path.join(HERE, "results", f"{name}.json")
+    report = Reporter(path, {
+        "backend": backend, "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+        "platform": platform.platform(), "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "argv": list(sys.argv[1:] if argv is None else argv), "load_average_start": os.getloadavg()[0]})
     timer = Timer(args.repeats)
-    rows: List[Row] = []
     if "op" in groups:
-        rows += op_rows(timer, config, lengths, args.chunk, args.memory_gb, impls)
+        op_rows(timer, report, config, lengths, args.chunk, args.memory_gb, impls)
     if "model" in groups:
-        rows += model_rows(timer, config, lengths, args.modes.split(","), args.memory_gb)
+        model_rows(timer, report, config, lengths, args.modes.split(","), args.memory_gb)
     if "train" in groups:
-        rows += train_rows(timer, config, [(4, 512), (1, 8192)], args.chunk)
+        train_rows(timer, report, config, [(4, 512), (1, 8192)], args.chunk)
     if "decode" in groups:
-        rows += decode_rows()
+        decode_rows(report)
+    rows = list(report.rows)
     peak_row = timer(Row("peak", f"matmul {MATMUL_N}^3 fp32 (the peak)", 1, MATMUL_FLOPS), timer.matmul)
     peak_row.peak_times = peak_row.times = [t for r in rows + [peak_row] for t in r.peak_times]
     peak = MATMUL_FLOPS / statistics.median(peak_row.times)
+    report.rows = [peak_row] + rows
+    report.save({"peak_flops_per_s": peak, "load_average_end": os.getloadavg()[0]})
     print(f"\nload average at the end {os.getloadavg()[0]:.1f} (other processes on the machine skew every row)")
-    print(format_table([peak_row] + rows))
-    name = args.name or f"{backend}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}"
-    payload = {
-        "backend": backend, "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
-        "platform": platform.platform(), "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "argv": list(sys.argv[1:] if argv is None else argv), "peak_flops_per_s": peak,
-        "load_average_start_end": [load_start, os.getloadavg()[0]],
-        "rows": [r.as_dict() for r in [peak_row] + rows],
-    }
-    path = os.path.join(HERE, "results", f"{name}.json")
-    write_json(path, payload)
+    print(format_table(report.rows))
     print(f"\nwrote {os.path.relpath(path)}")
-    return payload
+    return report.rows
 
 
 if __name__ == "__main__":
