@@ -231,7 +231,7 @@ def train_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfi
 
         def step() -> Any:
             state[0], metrics = trainer.train_step(state[0], tokens)
-            return metrics["loss"]
+            return state[0], metrics
 
         flops = batch * length * training_flops_per_token(cfg.model_config(), trainer.num_params, length)
         row = timer(Row("train", f"train step chunkwise {batch}x{length}", batch * length, flops), step)
