@@ -21,13 +21,33 @@ import json
 import mmap
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import ml_dtypes
 import msgpack
 import numpy as np
 from flax.serialization import MAX_CHUNK_SIZE
+
+
+def atomic_write(path: str, data: Union[bytes, str, Callable[[IO[bytes]], None]]) -> None:
+    """Write ``data`` (bytes, text, or a function writing into the open binary file) to a temporary file next
+    to ``path``, then rename it into place: readers see the old file or the whole new one, never a part."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class CheckpointError(ValueError):

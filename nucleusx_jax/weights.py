@@ -23,7 +23,7 @@ import numpy as np
 
 from . import retention
 from .configuration import NucleusXConfig
-from .tensorio import CheckpointError, CheckpointReader, torch_to_numpy  # noqa: F401  (re-exported)
+from .tensorio import CheckpointError, CheckpointReader  # noqa: F401  (CheckpointError is re-exported)
 
 logger = logging.getLogger(__name__)
 Path = Tuple[str, ...]

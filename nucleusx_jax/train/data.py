@@ -33,12 +33,13 @@ import json
 import os
 import re
 import sysconfig
-import tempfile
 import tokenize
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from ..tensorio import atomic_write
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -365,18 +366,6 @@ def _tokenize(docs: Sequence[str], tokenizer: "Tokenizer", desc: str, chunk: int
     return out
 
 
-def _save_npy_atomic(path: str, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 class PackedDataset:
     """One split of the corpus, tokenized once and packed; batches are a pure function of ``(seed, step)``.
 
@@ -415,7 +404,7 @@ class PackedDataset:
             if top >= tokenizer.vocab_size:
                 raise ValueError(f"the tokenizer produced id {top} >= its vocab_size {tokenizer.vocab_size}")
             if cache_path is not None:
-                _save_npy_atomic(cache_path, self.tokens)
+                atomic_write(cache_path, lambda f: np.save(f, self.tokens))
         self.num_sequences = max(0, (len(self.tokens) - 1) // self.seq_len)
         if self.num_sequences == 0:
             raise ValueError(

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import sharding as shd
 from ..configuration import NucleusXConfig
+from ..tensorio import atomic_write
 from .checkpoint import CONFIG_FILE, Checkpointer
 from .config import Config
 from .data import PackedDataset
@@ -60,13 +61,6 @@ def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def prepare_tokenizer(cfg: Config, run_dir: str) -> Tokenizer:
@@ -178,7 +172,7 @@ def run(cfg: Config) -> Dict[str, Any]:
     tokenizer = prepare_tokenizer(cfg, run_dir)
     tokenizer_file = cfg.data.tokenizer or os.path.join(run_dir, TOKENIZER_FILE)
     if lead:
-        _write_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_yaml())
+        atomic_write(os.path.join(run_dir, CONFIG_FILE), cfg.to_yaml())
         print(f"resolved config (saved to {os.path.join(run_dir, CONFIG_FILE)}):\n{cfg.to_yaml()}", flush=True)
 
     mesh = shd.make_mesh(dataclasses.asdict(cfg.mesh))
@@ -299,7 +293,7 @@ def run(cfg: Config) -> Dict[str, Any]:
             sample = tokenizer.decode(greedy_sample(model_config, final_params, prompt, lg.sample_tokens))
             summary["sample"] = lg.sample_prompt + sample
     if lead:
-        _write_atomic(os.path.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+        atomic_write(os.path.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
         print_summary(summary)
     return summary
 

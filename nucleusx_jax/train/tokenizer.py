@@ -15,12 +15,12 @@ import argparse
 import hashlib
 import io
 import os
-import tempfile
 from typing import List, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import sentencepiece as spm
 
+from ..tensorio import atomic_write
 from .data import MIN_VOCAB_SIZE, iter_source_documents
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -42,21 +42,6 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class SentencePieceTokenizer:
@@ -223,7 +208,7 @@ def train_tokenizer(
     except RuntimeError as e:
         raise ValueError(f"SentencePiece training failed for vocab_size={vocab_size} on {list(corpus_files)}: {e}") from e
     path = output_prefix + ".model"
-    _atomic_write_bytes(path, model.getvalue())
+    atomic_write(path, model.getvalue())
     return path
 
 
