@@ -209,10 +209,20 @@ def prefill(
                                    mask, key, mode=mode, chunk=int(chunk), options=options)
 
 
-def _check_max_new_tokens(max_new_tokens: Any) -> int:
+def _start(
+    model: hf.FlaxNucleusXForCausalLM, input_ids: Any, attention_mask: Any, max_new_tokens: Any, do_sample: bool,
+    temperature: float, top_k: int, top_p: float, eos_token_id: Union[None, int, Sequence[int]],
+    pad_token_id: Optional[int], prng_key: Optional[Array], params: Any, recurrent_chunk_size: Optional[int],
+    prompt_chunkwise_threshold: Optional[int],
+) -> Tuple[int, DecodeOptions, DecodeState]:
+    """What :func:`generate` and :func:`stream` share: check ``max_new_tokens``, resolve the decoding options
+    and run the prompt. Returns ``(steps, options, state after the prompt)``."""
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 1")
-    return int(max_new_tokens)
+    options = decode_options(model, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    state = prefill(model, input_ids, attention_mask, options=options, prng_key=prng_key, params=params,
+                    recurrent_chunk_size=recurrent_chunk_size, prompt_chunkwise_threshold=prompt_chunkwise_threshold)
+    return int(max_new_tokens), options, state
 
 
 def generate(
@@ -236,10 +246,9 @@ def generate(
     """Prompt plus new tokens, ``[B, T + max_new_tokens]`` (pad after a row's EOS), like
     ``model.generate(...).sequences``; with ``output_logits`` also the logits of every choice
     ``[B, max_new_tokens, vocab]``. The new tokens come from one compiled loop of recurrent steps."""
-    steps = _check_max_new_tokens(max_new_tokens)
-    options = decode_options(model, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
-    state = prefill(model, input_ids, attention_mask, options=options, prng_key=prng_key, params=params,
-                    recurrent_chunk_size=recurrent_chunk_size, prompt_chunkwise_threshold=prompt_chunkwise_threshold)
+    steps, options, state = _start(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
+                                   top_p, eos_token_id, pad_token_id, prng_key, params, recurrent_chunk_size,
+                                   prompt_chunkwise_threshold)
     tokens, logits, _ = compiled(model).loop(params if params is not None else model.params, state, steps=steps,
                                              options=options, output_logits=bool(output_logits))
     sequences = np.concatenate([np.asarray(input_ids, np.int32), np.asarray(tokens)], axis=1)
@@ -266,10 +275,9 @@ def stream(
     """Yield the new tokens ``[B]`` one by one as they are produced (the same tokens as :func:`generate`),
     until ``max_new_tokens`` or every row has produced an EOS. The prompt runs (and bad input raises) at the
     call, before the first token is asked for; every later token is one call of the same compiled step."""
-    steps = _check_max_new_tokens(max_new_tokens)
-    options = decode_options(model, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
-    state = prefill(model, input_ids, attention_mask, options=options, prng_key=prng_key, params=params,
-                    recurrent_chunk_size=recurrent_chunk_size, prompt_chunkwise_threshold=prompt_chunkwise_threshold)
+    steps, options, state = _start(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
+                                   top_p, eos_token_id, pad_token_id, prng_key, params, recurrent_chunk_size,
+                                   prompt_chunkwise_threshold)
     step: Callable[..., DecodeState] = compiled(model).step
     weights = params if params is not None else model.params
 

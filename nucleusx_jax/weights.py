@@ -215,21 +215,6 @@ def state_dict_to_params(
     return params, head_missing
 
 
-def params_to_state_dict(params: Mapping, config: NucleusXConfig, head: str) -> Iterator[Tuple[str, np.ndarray]]:
-    """Yield ``(PyTorch key, array)`` in torch layout for a flax ``params`` tree, buffers included.
-
-    With tied embeddings ``lm_head.weight`` is not yielded (safetensors stores it once, as the reference)."""
-    from flax.traverse_util import flatten_dict
-
-    flat = flatten_dict(dict(params))
-    for path, value in flat.items():
-        full = path if head != "base" else ("model",) + path
-        key, transpose = flax_path_to_torch(full)
-        arr = np.asarray(value)
-        yield key, (np.ascontiguousarray(arr.T) if transpose else arr)
-    yield from rel_pos_buffers(config, "" if head == "base" else "model.").items()
-
-
 # ----------------------------------------------------------------------------------------- reading files
 TORCH_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
