@@ -8,6 +8,7 @@ Shapes: B batch, T length, E ``decoder_embed_dim``, H heads, K key head dim, V v
 """
 
 import math
+from functools import partial
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -323,6 +324,18 @@ class NucleusXForCausalLMModule(nn.Module):
         """The LM head on hidden states: ``[..., E] -> [..., vocab]`` (the tied embedding when tied)."""
         return self.model.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
 
+    def next_token_loss(self, input_ids: Array, labels: Array, *args: Any, z_loss_coeff: float = 0.0,
+                        **kwargs: Any) -> Array:
+        """:func:`next_token_loss` of the logits of ``input_ids`` ``[B, T]`` against ``labels`` ``[B, T]``,
+        computed by :func:`lm_head_loss` (the ``[B, T, vocab]`` logits never exist whole). Other arguments
+        as :class:`NucleusXModule`."""
+        x, _, _ = self.model(input_ids, *args, **kwargs)
+        if self.config.tie_word_embeddings:
+            kernel = self.model.embed_tokens.embedding.T
+        else:
+            kernel = nn.meta.unbox(self.lm_head.variables["params"]["kernel"])
+        return lm_head_loss(x, kernel, labels, z_loss_coeff)
+
 
 class NucleusXForSequenceClassificationModule(nn.Module):
     """Decoder plus a bias-free ``score`` head, pooled at the token before the first pad (or the last)."""
@@ -364,14 +377,103 @@ def causal_lm_loss(logits: Array, labels: Array, z_loss_coeff: float = 0.0) -> A
 def next_token_loss(logits: Array, labels: Array, z_loss_coeff: float = 0.0) -> Array:
     """:func:`causal_lm_loss` on already aligned ``logits`` ``[B, T, vocab]`` and ``labels`` ``[B, T]``
     (``labels[:, t]`` is the token that ``logits[:, t]`` predicts); -100 ignored."""
-    logits = logits.astype(F32)
+    real = jnp.ones(labels.shape, bool)
+    return _loss_terms(logits.astype(F32), labels, real, jnp.sum(labels != -100), labels.size, z_loss_coeff)[0]
+
+
+def _loss_terms(logits: Array, labels: Array, real: Array, n_valid: Array, n_real: Any,
+                z_loss_coeff: float) -> Tuple[Array, Array]:
+    """(``sum over valid labels of (lse - picked logit) / n_valid`` plus the z-loss ``z * sum over real
+    positions of log(lse) / n_real``, and ``lse``): logits ``[..., vocab]`` float32, labels and real ``[...]``."""
     valid = labels != -100
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    loss = jnp.sum(jnp.where(valid, lse - picked, 0.0)) / jnp.sum(valid)
+    loss = jnp.sum(jnp.where(valid, lse - picked, 0.0)) / n_valid
     if z_loss_coeff > 0:
-        loss = loss + z_loss_coeff * jnp.mean(jnp.log(lse))
-    return loss
+        loss = loss + z_loss_coeff * jnp.sum(jnp.where(real, jnp.log(lse), 0.0)) / n_real
+    return loss, lse
+
+
+def _head_block(h: Array, kernel: Array, labels: Array, real: Array, n_valid: Array, n_real: Array,
+                z_loss_coeff: float, want_grads: bool) -> Tuple[Array, Optional[Tuple[Array, Array]]]:
+    """One block of :func:`lm_head_loss`: h ``[N, E]``, labels/real ``[N]`` -> (its share of the loss,
+    (d loss / d h ``[N, E]``, d loss / d kernel ``[E, vocab]``) when ``want_grads``)."""
+    logits = jnp.dot(h, kernel.astype(h.dtype), preferred_element_type=F32)  # [N, vocab]
+    loss, lse = _loss_terms(logits, labels, real, n_valid, n_real, z_loss_coeff)
+    if not want_grads:
+        return loss, None
+    # d loss / d logits = valid / n_valid * (softmax - onehot) + z * real / n_real * softmax / lse
+    pick_weight = (labels != -100).astype(F32) / n_valid
+    softmax_weight = pick_weight
+    if z_loss_coeff > 0:
+        softmax_weight = softmax_weight + z_loss_coeff * real.astype(F32) / (n_real * lse)
+    g = jnp.exp(logits - lse[:, None]) * softmax_weight[:, None]
+    onehot = jnp.arange(logits.shape[-1])[None, :] == labels[:, None]
+    g = jnp.where(onehot, g - pick_weight[:, None], g).astype(h.dtype)
+    dh = jnp.dot(g, kernel.astype(h.dtype).T, preferred_element_type=F32)
+    dkernel = jnp.dot(h.T, g, preferred_element_type=F32)
+    return loss, (dh, dkernel)
+
+
+def _head_scan(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float, block_tokens: int,
+               want_grads: bool) -> Tuple[Array, Optional[Tuple[Array, Array]]]:
+    """:func:`lm_head_loss` (and its gradients) as a ``lax.scan`` over blocks of positions."""
+    batch, length, embed = hidden.shape
+    block = max(1, min(length, block_tokens // batch))
+    n = -(-length // block)
+    pad = n * block - length
+    real = jnp.pad(jnp.ones((batch, length), bool), ((0, 0), (0, pad)))
+    labels = jnp.pad(labels, ((0, 0), (0, pad)), constant_values=-100)
+    n_valid = jnp.sum(labels != -100)
+    n_real = batch * length
+
+    def blocks(x: Array) -> Array:  # [B, n * block, ...] -> [n, B * block, ...]
+        x = x.reshape(batch, n, block, *x.shape[2:]).swapaxes(0, 1)
+        return x.reshape(n, batch * block, *x.shape[3:])
+
+    xs = (blocks(jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))), blocks(labels), blocks(real))
+
+    def step(carry: Tuple[Array, Array], x: Tuple[Array, Array, Array]) -> Tuple[Tuple[Array, Array], Array]:
+        loss, grads = _head_block(x[0], kernel, x[1], x[2], n_valid, n_real, z_loss_coeff, want_grads)
+        if not want_grads:
+            return (carry[0] + loss, carry[1]), jnp.zeros((), F32)
+        return (carry[0] + loss, carry[1] + grads[1]), grads[0]
+
+    dkernel = jnp.zeros(kernel.shape if want_grads else (), F32)
+    (loss, dkernel), dh = jax.lax.scan(step, (jnp.zeros((), F32), dkernel), xs)
+    if not want_grads:
+        return loss, None
+    dh = dh.reshape(n, batch, block, embed).swapaxes(0, 1).reshape(batch, n * block, embed)[:, :length]
+    return loss, (dh.astype(hidden.dtype), dkernel.astype(kernel.dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def lm_head_loss(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float = 0.0,
+                 block_tokens: int = 4096) -> Array:
+    """``next_token_loss(hidden @ kernel, labels, z_loss_coeff)`` without the whole ``[B, T, vocab]`` logits.
+
+    hidden ``[B, T, E]``, kernel ``[E, vocab]``, labels ``[B, T]`` (-100 ignored). Positions go in blocks of
+    about ``block_tokens`` (``B x block`` rows); under differentiation each block computes its gradients in
+    the forward pass (the loss is the end of the graph), so the backward pass only scales them: the logits are
+    neither kept nor recomputed, and memory is ``block_tokens x vocab`` instead of ``B x T x vocab``.
+    """
+    return _head_scan(hidden, kernel, labels, z_loss_coeff, block_tokens, False)[0]
+
+
+def _lm_head_loss_fwd(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float,
+                      block_tokens: int) -> Tuple[Array, Tuple[Array, Array, Array]]:
+    loss, (dh, dkernel) = _head_scan(hidden, kernel, labels, z_loss_coeff, block_tokens, True)
+    return loss, (dh, dkernel, labels)
+
+
+def _lm_head_loss_bwd(z_loss_coeff: float, block_tokens: int, res: Tuple[Array, Array, Array],
+                      ct: Array) -> Tuple[Array, Array, Array]:
+    dh, dkernel, labels = res
+    zero_labels = np.zeros(labels.shape, jax.dtypes.float0)
+    return (ct * dh).astype(dh.dtype), (ct * dkernel).astype(dkernel.dtype), zero_labels
+
+
+lm_head_loss.defvjp(_lm_head_loss_fwd, _lm_head_loss_bwd)
 
 
 def sequence_classification_loss(logits: Array, labels: Array, problem_type: str) -> Array:

@@ -109,6 +109,21 @@ def test_losses(fx):
     assert float(c["lm_loss_z"]) != pytest.approx(float(c["lm_loss"]), abs=1e-6)  # the z term is visible
 
 
+def test_trainer_loss_equals_reference_loss(fx):
+    """The trainer's loss (the module's blocked ``next_token_loss``) on inputs ``ids[:, :-1]`` and targets
+    ``ids[:, 1:]`` is the reference's shifted loss, with ignored labels and with z-loss."""
+    _, m, c = fx
+    ids = c["input_ids"]
+
+    def loss(labels, z):
+        return float(m.module.apply({"params": m.params}, ids[:, :-1], labels[:, 1:], z_loss_coeff=z,
+                                    method="next_token_loss"))
+
+    assert abs(loss(ids, 0.0) - float(c["lm_loss"])) < TOL
+    assert abs(loss(c["lm_labels_ignore"], 0.0) - float(c["lm_loss_ignore"])) < TOL
+    assert abs(loss(ids, float(c["z_loss_coeff"])) - float(c["lm_loss_z"])) < TOL
+
+
 @pytest.fixture(scope="module")
 def seqcls_dirs(tmp_path_factory):
     """Sequence-classification checkpoints: the fixture's model.* weights plus seqcls_score_weight."""

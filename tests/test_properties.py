@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from nucleusx_jax import FlaxNucleusXForCausalLM, NucleusXConfig, retention
+from nucleusx_jax.modeling import lm_head_loss, next_token_loss
 
 from conftest import max_abs
 
@@ -105,3 +106,58 @@ def test_every_mode_compiles_once_per_shape(model):
     for t in range(6, 11):  # decoding: one compiled step reused for every token
         past = model(IDS[:, t:t + 1], forward_mode="recurrent", past_key_values=past, use_cache=True).past_key_values
     assert model.trace_count == before
+
+
+@pytest.mark.parametrize("block_tokens", [1, 5, 8, 4096])
+@pytest.mark.parametrize("z_loss_coeff", [0.0, 0.01])
+def test_lm_head_loss_equals_loss_on_logits(block_tokens, z_loss_coeff):
+    """The blocked LM-head loss (gradients computed in its forward pass) against the plain loss on whole
+    logits: value, d/d hidden and d/d kernel, with ignored labels, blocks that do not divide T, float32 and a
+    bfloat16 hidden state."""
+    rng = np.random.default_rng(block_tokens)
+    hidden = jnp.asarray(rng.normal(size=(2, 7, 12)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(12, 29)) * 0.5, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 29, size=(2, 7))).at[0, :3].set(-100).at[1, 5].set(-100)
+
+    def plain(h, w):
+        logits = jnp.einsum("bte,ev->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        return next_token_loss(logits, labels, z_loss_coeff)
+
+    def blocked(h, w):
+        return lm_head_loss(h, w, labels, z_loss_coeff, block_tokens)
+
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        h = hidden.astype(dtype)
+        want, want_grads = jax.value_and_grad(plain, (0, 1))(h, kernel)
+        got, got_grads = jax.jit(jax.value_and_grad(blocked, (0, 1)))(h, kernel)
+        assert abs(float(got) - float(want)) < tol * abs(float(want))
+        assert abs(float(jax.jit(blocked)(h, kernel)) - float(want)) < tol * abs(float(want))
+        for a, b in zip(got_grads, want_grads):
+            assert a.dtype == b.dtype
+            assert max_abs(a, b) < tol * float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_module_next_token_loss_and_gradients(model, tied):
+    """``NucleusXForCausalLMModule.next_token_loss`` (the trainer's loss) equals the loss on the model's
+    logits, and so do its parameter gradients, for an LM head and for tied embeddings."""
+    m = model
+    if tied:
+        cfg = NucleusXConfig(**{**model.config.to_dict(), "tie_word_embeddings": True})
+        m = FlaxNucleusXForCausalLM(cfg, seed=3)
+    inputs, targets = IDS[:, :-1], IDS[:, 1:]
+
+    def plain(p):
+        logits = m.module.apply({"params": p}, inputs, forward_mode="chunkwise", chunk_size=4)[0]
+        return next_token_loss(logits, targets)
+
+    def blocked(p):
+        return m.module.apply({"params": p}, inputs, targets, forward_mode="chunkwise", chunk_size=4,
+                              method="next_token_loss")
+
+    want, want_grads = jax.value_and_grad(plain)(m.params)
+    got, got_grads = jax.jit(jax.value_and_grad(blocked))(m.params)
+    assert abs(float(got) - float(want)) < TOL
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree.leaves(got_grads)):
+        err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-12))
+        assert err < TOL, (jax.tree_util.keystr(path), err)

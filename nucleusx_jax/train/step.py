@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import sharding as shd
 from ..configuration import NucleusXConfig
-from ..modeling import NucleusXForCausalLMModule, next_token_loss
+from ..modeling import NucleusXForCausalLMModule
 from .config import Config
 
 Array = jax.Array
@@ -190,9 +190,9 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
 
     def loss_fn(params: Any, tokens: Array, rng: Array, deterministic: bool) -> Array:
-        logits, _, _ = module.apply({"params": params}, tokens[:, :-1], None, None, t.forward_mode, t.chunk_size,
-                                    False, False, deterministic, rngs={"dropout": rng})
-        return next_token_loss(logits, tokens[:, 1:], z_loss)
+        return module.apply({"params": params}, tokens[:, :-1], tokens[:, 1:], None, None, t.forward_mode,
+                            t.chunk_size, False, False, deterministic, z_loss_coeff=z_loss, rngs={"dropout": rng},
+                            method=NucleusXForCausalLMModule.next_token_loss)
 
     def init() -> TrainState:
         key = jax.random.PRNGKey(t.seed)
