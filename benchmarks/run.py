@@ -2,7 +2,8 @@
 
 ``python -m benchmarks`` (or ``python benchmarks/run.py``) runs, on the default JAX backend:
 
-* ``peak``: a 2048^3 float32 ``jnp.dot``, timed just before every timed run of every row; a row's fraction
+* ``peak``: a 2048^3 float32 ``jnp.dot``, timed just before every timed run of every row (the fastest of
+  ``PEAK_TRIES`` back-to-back calls: a single call right after a long run measures low); a row's fraction
   of the peak is the median over its runs of (its FLOP/s) / (the FLOP/s of the matmul just before it), so
   other processes sharing the CPU affect both sides alike. The peak row gives the median of all of them;
 * ``op``: retention alone (bench-small heads: H=4, K=128, V=256), forward and forward+backward, parallel,
@@ -18,7 +19,8 @@ weight but the input embedding table, plus retention counted like causal attenti
 of it. Every row is the median of ``--repeats`` timed runs (3 when the compile-and-warm-up run took over 20 s)
 after one compile-and-warm-up run, with min and max.
 Set ``XLA_FLAGS`` before the run to try XLA CPU flags (see ``benchmarks/NOTES.md``).
-Rows whose estimated memory exceeds ``--memory-gb`` are listed as skipped. Results go to
+Every row is compiled first; rows whose memory, as XLA plans it (``memory_analysis()``: arguments, outputs and
+temporaries), exceeds ``--memory-gb`` are listed as skipped without running. Results go to
 ``benchmarks/results/<name>.json`` (written to a temporary file, then renamed).
 """
 
@@ -33,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 # XLA:CPU flags for the run, unless XLA_FLAGS is set (``XLA_FLAGS= python -m benchmarks`` runs without them):
 # XNNPACK matmul kernels measured faster than the default ones here (benchmarks/NOTES.md, section 3).
@@ -46,11 +48,12 @@ import jax.numpy as jnp  # noqa: E402
 from nucleusx_jax import kernels  # noqa: E402
 from nucleusx_jax import retention as ret  # noqa: E402
 from nucleusx_jax.configuration import NucleusXConfig  # noqa: E402
-from nucleusx_jax.modeling import NucleusXForCausalLMModule, causal_lm_loss  # noqa: E402
+from nucleusx_jax.modeling import NucleusXForCausalLMModule  # noqa: E402
 from nucleusx_jax.train.step import training_flops_per_token  # noqa: E402
 
 MATMUL_N = 2048
 MATMUL_FLOPS = 2.0 * MATMUL_N**3
+PEAK_TRIES = 3
 LONG_RUN_S, LONG_RUN_REPEATS = 20.0, 3
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH_SMALL = dict(vocab_size=32000, decoder_embed_dim=512, decoder_value_embed_dim=1024, decoder_retention_heads=4,
@@ -93,7 +96,8 @@ class Row:
 
 
 class Timer:
-    """Times functions, each timed call preceded by one timed 2048^3 float32 ``jnp.dot`` (the peak).
+    """Times functions, each timed call preceded by a timed 2048^3 float32 ``jnp.dot`` (the peak: the fastest
+    of ``PEAK_TRIES`` calls).
 
     Pairing every run with a peak measurement taken just before it keeps the fraction meaningful when other
     processes share the CPU: both see the same contention.
@@ -125,7 +129,7 @@ class Timer:
             row.skipped = f"out of memory ({str(e).splitlines()[0][:120]})"
             return row
         for _ in range(self.repeats if warm < LONG_RUN_S else min(self.repeats, LONG_RUN_REPEATS)):
-            row.peak_times.append(self.seconds(self.matmul))
+            row.peak_times.append(min(self.seconds(self.matmul) for _ in range(PEAK_TRIES)))
             row.times.append(self.seconds(fn))
         return row
 
@@ -143,8 +147,15 @@ def model_flops(config: NucleusXConfig, num_params: int, tokens: int, length: in
     return tokens * training_flops_per_token(config, num_params, length) / (1 if backward else 3)
 
 
-def _fits(estimate_bytes: float, budget_gb: float) -> str:
-    return "" if estimate_bytes <= budget_gb * 2**30 else f"needs ~{estimate_bytes / 2**30:.0f} GiB > {budget_gb} GiB"
+def compile_within(fn: Callable[..., Any], args: Sequence[Any], budget_gb: float) -> Tuple[Optional[Callable[[], Any]], str]:
+    """Compile ``fn(*args)``; returns (a no-argument call of it, "") or (None, why it was skipped) when the
+    memory XLA plans for it (arguments, outputs and temporaries) exceeds ``budget_gb``."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    plan = compiled.memory_analysis()
+    need = plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
+    if need > budget_gb * 2**30:
+        return None, f"needs {need / 2**30:.1f} GiB (XLA's plan) > {budget_gb} GiB"
+    return (lambda: compiled(*args)), ""
 
 
 def op_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfig, lengths: Sequence[int], chunk: int, budget_gb: float,
@@ -167,44 +178,41 @@ def op_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfig, 
             for backward in (False, True):
                 name = f"retention {form} {'fwd+bwd' if backward else 'fwd'} T={length}"
                 row = Row("op", name, length, retention_flops(config, 1, length, backward))
-                quadratic = 4.0 * heads * length * length * (6 if backward else 3)
-                row.skipped = _fits(quadratic if form == "parallel" else 0, budget_gb)
-                if not row.skipped:
-                    if backward:
-                        f = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)))
-                    else:
-                        f = jax.jit(fn)
-                    timer(row, lambda f=f: f(q, k, v))
+                f = jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2)) if backward else fn
+                call, row.skipped = compile_within(f, (q, k, v), budget_gb)
+                if call is not None:
+                    timer(row, call)
                 rows.append(report(row))
     return rows
 
 
 def model_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfig, lengths: Sequence[int], modes: Sequence[str],
-               budget_gb: float) -> List[Row]:
-    """The full model at batch 1: logits forward, and loss forward+backward with respect to the parameters."""
+               chunk: int, budget_gb: float) -> List[Row]:
+    """The full model at batch 1: logits forward, and the next-token loss (the trainer's, through
+    :func:`nucleusx_jax.modeling.lm_head_loss`) forward+backward with respect to the parameters."""
     module = NucleusXForCausalLMModule(config)
     params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     num_params = sum(x.size for x in jax.tree.leaves(params))
-    forward = jax.jit(lambda p, ids, mode: module.apply({"params": p}, ids, forward_mode=mode)[0],
-                      static_argnums=2)
-    loss = lambda p, ids, mode: causal_lm_loss(module.apply({"params": p}, ids, forward_mode=mode)[0], ids)  # noqa
-    grad = jax.jit(jax.grad(loss), static_argnums=2)
     rows = []
     for length in lengths:
         ids = jax.random.randint(jax.random.PRNGKey(length), (1, length), 0, config.vocab_size)
+        labels = jnp.concatenate([ids[:, 1:], jnp.full((1, 1), -100, ids.dtype)], axis=1)
         for mode in modes:
+            kw = dict(forward_mode=mode, chunk_size=min(chunk, length))
+
+            def forward(p: Any, ids: jax.Array, kw: Dict[str, Any] = kw) -> jax.Array:
+                return module.apply({"params": p}, ids, **kw)[0]
+
+            def loss(p: Any, ids: jax.Array, labels: jax.Array, kw: Dict[str, Any] = kw) -> jax.Array:
+                return module.apply({"params": p}, ids, labels, **kw, method=NucleusXForCausalLMModule.next_token_loss)
+
             for backward in (False, True):
                 name = f"model {mode} {'fwd+bwd' if backward else 'fwd'} T={length}"
                 row = Row("model", name, length, model_flops(config, num_params, length, length, backward))
-                # activations: logits (x3 with backward) plus, in parallel mode, the T x T decay and scores
-                estimate = 4.0 * length * config.vocab_size * (7 if backward else 1)  # measured: ~6.4x with bwd
-                if mode == "parallel":
-                    estimate += 4.0 * config.decoder_retention_heads * length**2 * (
-                        3 * config.decoder_layers if backward else 3)
-                row.skipped = _fits(estimate, budget_gb)
-                if not row.skipped:
-                    f = grad if backward else forward
-                    timer(row, lambda f=f: f(params, ids, mode))
+                f, args = (jax.grad(loss), (params, ids, labels)) if backward else (forward, (params, ids))
+                call, row.skipped = compile_within(f, args, budget_gb)
+                if call is not None:
+                    timer(row, call)
                 rows.append(report(row))
     return rows
 
@@ -341,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     if "op" in groups:
         op_rows(timer, report, config, lengths, args.chunk, args.memory_gb, impls)
     if "model" in groups:
-        model_rows(timer, report, config, lengths, args.modes.split(","), args.memory_gb)
+        model_rows(timer, report, config, lengths, args.modes.split(","), args.chunk, args.memory_gb)
     if "train" in groups:
         train_rows(timer, report, config, [(4, 512), (1, 8192)], args.chunk)
     if "decode" in groups:
