@@ -38,7 +38,9 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "decode.json")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # runs from a checkout without an install, as its own child processes do
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "decode.json")
 BENCH_SMALL = dict(vocab_size=32000, decoder_embed_dim=512, decoder_value_embed_dim=1024, decoder_retention_heads=4,
                    decoder_ffn_embed_dim=1024, decoder_layers=4, recurrent_chunk_size=256)
 MB = 2.0**20
