@@ -330,6 +330,8 @@ class NucleusXForCausalLMModule(nn.Module):
         computed by :func:`lm_head_loss` (the ``[B, T, vocab]`` logits never exist whole). Other arguments
         as :class:`NucleusXModule`."""
         x, _, _ = self.model(input_ids, *args, **kwargs)
+        if self.is_initializing():  # create the head's parameters, as __call__ does
+            self.lm_logits(x[:, :1])
         if self.config.tie_word_embeddings:
             kernel = self.model.embed_tokens.embedding.T
         else:

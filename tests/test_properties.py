@@ -1,5 +1,6 @@
 """Properties on seeded random configs and inputs: the three forms agree, gradients agree, no retraces."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,6 +158,8 @@ def test_module_next_token_loss_and_gradients(model, tied):
 
     want, want_grads = jax.value_and_grad(plain)(m.params)
     got, got_grads = jax.jit(jax.value_and_grad(blocked))(m.params)
+    initialised = nn.meta.unbox(m.module.init(jax.random.PRNGKey(0), inputs, targets, method="next_token_loss")["params"])
+    assert jax.tree.structure(initialised) == jax.tree.structure(m.params)  # init through the loss: same tree
     assert abs(float(got) - float(want)) < TOL
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree.leaves(got_grads)):
         err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-12))
