@@ -435,16 +435,18 @@ def _head_scan(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float,
 
     xs = (blocks(jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))), blocks(labels), blocks(real))
 
-    def step(carry: Tuple[Array, Array], x: Tuple[Array, Array, Array]) -> Tuple[Tuple[Array, Array], Array]:
+    def step(carry: Any, x: Tuple[Array, Array, Array]) -> Tuple[Any, Optional[Array]]:
+        """carry: the loss so far, and with ``want_grads`` also d loss / d kernel so far; ys: d loss / d h."""
         loss, grads = _head_block(x[0], kernel, x[1], x[2], n_valid, n_real, z_loss_coeff, want_grads)
-        if not want_grads:
-            return (carry[0] + loss, carry[1]), jnp.zeros((), F32)
+        if grads is None:
+            return carry + loss, None
         return (carry[0] + loss, carry[1] + grads[1]), grads[0]
 
-    dkernel = jnp.zeros(kernel.shape if want_grads else (), F32)
-    (loss, dkernel), dh = jax.lax.scan(step, (jnp.zeros((), F32), dkernel), xs)
+    zero = jnp.zeros((), F32)
+    carry, dh = jax.lax.scan(step, (zero, jnp.zeros(kernel.shape, F32)) if want_grads else zero, xs)
     if not want_grads:
-        return loss, None
+        return carry, None
+    loss, dkernel = carry
     dh = dh.reshape(n, batch, block, embed).swapaxes(0, 1).reshape(batch, n * block, embed)[:, :length]
     return loss, (dh.astype(hidden.dtype), dkernel.astype(kernel.dtype))
 
@@ -463,16 +465,15 @@ def lm_head_loss(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: floa
 
 
 def _lm_head_loss_fwd(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float,
-                      block_tokens: int) -> Tuple[Array, Tuple[Array, Array, Array]]:
-    loss, (dh, dkernel) = _head_scan(hidden, kernel, labels, z_loss_coeff, block_tokens, True)
-    return loss, (dh, dkernel, labels)
+                      block_tokens: int) -> Tuple[Array, Tuple[Array, Array]]:
+    loss, grads = _head_scan(hidden, kernel, labels, z_loss_coeff, block_tokens, True)
+    return loss, grads
 
 
-def _lm_head_loss_bwd(z_loss_coeff: float, block_tokens: int, res: Tuple[Array, Array, Array],
-                      ct: Array) -> Tuple[Array, Array, Array]:
-    dh, dkernel, labels = res
-    zero_labels = np.zeros(labels.shape, jax.dtypes.float0)
-    return (ct * dh).astype(dh.dtype), (ct * dkernel).astype(dkernel.dtype), zero_labels
+def _lm_head_loss_bwd(z_loss_coeff: float, block_tokens: int, grads: Tuple[Array, Array],
+                      ct: Array) -> Tuple[Array, Array, None]:
+    dh, dkernel = grads
+    return (ct * dh).astype(dh.dtype), (ct * dkernel).astype(dkernel.dtype), None  # labels: no cotangent
 
 
 lm_head_loss.defvjp(_lm_head_loss_fwd, _lm_head_loss_bwd)
