@@ -326,7 +326,7 @@ class TextStreamer:
 
 def main(argv: Optional[Sequence[str]] = None, out: Any = None) -> str:
     """CLI: stream the completion of ``--prompt`` to ``out`` (stdout); returns the completion."""
-    from .train.tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer
 
     p = argparse.ArgumentParser(prog="python -m nucleusx_jax.generate",
                                 description="Stream a NucleusX completion of a prompt to the terminal.")

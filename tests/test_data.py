@@ -11,15 +11,15 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from nucleusx_jax.train import tokenizer as tokenizer_module
+from nucleusx_jax import tokenizer as tokenizer_module
+from nucleusx_jax.data.sources import iter_source_documents
 from nucleusx_jax.train.data import (
     DataConfig,
     PackedDataset,
     iter_documents,
-    iter_source_documents,
     split_document_ids,
 )
-from nucleusx_jax.train.tokenizer import (
+from nucleusx_jax.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,

@@ -26,7 +26,7 @@ from nucleusx_jax.train.config import load_config
 from nucleusx_jax.train.loop import DATA_CACHE, NonFiniteLossError, run
 from nucleusx_jax.train.metrics import read_metrics
 from nucleusx_jax.train.step import make_trainer
-from nucleusx_jax.train.tokenizer import train_tokenizer
+from nucleusx_jax.tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")

@@ -30,7 +30,7 @@ from .config import Config
 from .data import PackedDataset
 from .metrics import MetricsWriter, peak_tflops, plot_losses
 from .step import Trainer, make_trainer, training_flops_per_token
-from .tokenizer import Tokenizer, load_tokenizer, save_hf_tokenizer, train_tokenizer
+from ..tokenizer import Tokenizer, load_tokenizer, save_hf_tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
 TOKENIZER_FILE, HF_DIR, TORCH_DIR = "tokenizer.model", "hf", "torch"

@@ -6,7 +6,7 @@ llama-2-style SentencePiece model: BPE, ``byte_fallback`` (no text is ever out o
 one by one, whitespace kept as is (identity normalisation). Its special ids are ``<unk>=0, <s>=1, </s>=2,
 <pad>=3``: llama's unk/bos/eos ids (the defaults of :class:`~nucleusx_jax.NucleusXConfig`) plus a real pad piece.
 
-CLI: ``python -m nucleusx_jax.train.tokenizer --corpus FILE... --output PREFIX --vocab-size N``.
+CLI: ``python -m nucleusx_jax.tokenizer --corpus FILE... --output PREFIX --vocab-size N``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from typing import List, Optional, Protocol, Sequence, runtime_checkable
 import numpy as np
 import sentencepiece as spm
 
-from ..tensorio import atomic_write
-from .data import MIN_VOCAB_SIZE, iter_source_documents
+from .data.sources import iter_source_documents
+from .tensorio import atomic_write
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+MIN_VOCAB_SIZE = 261  # 256 byte-fallback pieces + unk/bos/eos/pad + at least one merge
 # SentencePiece skips longer input "sentences"; longer lines are cut into pieces of this many characters.
 MAX_SENTENCE_CHARS = 4096
 
@@ -236,7 +237,7 @@ def save_hf_tokenizer(model_file: str, output_dir: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> str:
     """CLI entry point; prints and returns the written ``.model`` path."""
     p = argparse.ArgumentParser(
-        prog="python -m nucleusx_jax.train.tokenizer",
+        prog="python -m nucleusx_jax.tokenizer",
         description="Train a llama-2-style SentencePiece tokenizer (BPE, byte fallback) on a corpus.",
     )
     p.add_argument("--corpus", nargs="+", required=True, help="text/jsonl files, hf:PATH, builtin:pydoc, ...")

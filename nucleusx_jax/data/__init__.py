@@ -1,0 +1,1 @@
+"""The pretraining data: text sources, token stores, readers and mixtures."""

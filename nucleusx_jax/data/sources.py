@@ -1,0 +1,234 @@
+"""Text sources read into documents: local text/jsonl files (``.gz``), directories, globs, HF datasets and
+the embedded corpora.
+
+* ``*.txt`` files: one document per blank-line-separated paragraph;
+* ``*.jsonl`` files: one document per line, the string field ``text_field``; ``.gz`` variants of both;
+* a directory: every ``*.txt`` / ``*.jsonl`` file under it (sorted), unless it is an HF ``datasets``
+  directory written by ``save_to_disk``; a glob pattern: its matches, sorted;
+* ``hf:PATH_OR_NAME``: an HF ``datasets`` directory (``load_from_disk``), or a hub name (``load_dataset``,
+  needs a network), column ``text_field`` of split ``train`` (or of the only split);
+* ``builtin:pydoc``: the embedded corpus, the topics of CPython's ``pydoc_data`` (one document per topic);
+  ``builtin:stdlib``: the docstrings of the standard library's modules (one document per module).
+
+Empty documents are skipped.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import glob
+import gzip
+import json
+import os
+import re
+import sysconfig
+import tokenize
+from typing import Callable, Dict, Iterable, Iterator, List, Tuple
+
+FORMATS = ("auto", "text", "jsonl", "hf")
+_TEXT_SUFFIXES = (".txt", ".text")
+_JSONL_SUFFIXES = (".jsonl",)
+_PARAGRAPH_BREAK = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?!\\)")  # "hf:...", "builtin:...", "s3://..."; not "C:\"
+
+
+def _pydoc_documents() -> Iterator[str]:
+    """CPython's ``pydoc_data.topics``: ~80 topics, ~460 KB of English documentation of the language."""
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield topics[key]
+
+
+# Parts of the standard library that are tests, demos, vendored or installed packages, not documentation.
+_STDLIB_SKIP = {"test", "tests", "idle_test", "idlelib", "turtledemo", "lib2to3", "ensurepip", "site-packages",
+                "dist-packages", "__pycache__", "__phello__"}
+
+
+def _documented_nodes(node: ast.AST, header: str) -> Iterator[Tuple[str, ast.AST]]:
+    """``node`` and, in source order, the classes and functions defined in its body or in its classes'."""
+    yield header, node
+    for child in getattr(node, "body", ()):
+        if isinstance(child, ast.ClassDef):
+            yield from _documented_nodes(child, f"class {child.name}")
+        elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield f"def {child.name}", child
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_docstrings() -> Tuple[str, ...]:
+    """One document per standard-library module (~500, ~1.7 MB on CPython 3.11): the docstrings of the module,
+    its classes, functions and methods in source order, each under a ``module NAME`` / ``class NAME`` /
+    ``def NAME`` header line. Parsed with ``ast`` (nothing is imported); a file that does not parse raises."""
+    root = sysconfig.get_paths()["stdlib"]
+    docs, paths = [], []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in _STDLIB_SKIP]
+        paths += [os.path.join(directory, n) for n in names if n.endswith(".py") and not n.startswith("test_")]
+    for path in sorted(paths):
+        rel = os.path.relpath(path, root)
+        with tokenize.open(path) as f:
+            tree = ast.parse(f.read(), filename=path)
+        module = rel[: -len(".py")].replace(os.sep, ".").removesuffix(".__init__")
+        parts = []
+        for header, node in _documented_nodes(tree, f"module {module}"):
+            text = ast.get_docstring(node)
+            if text:
+                parts.append(f"{header}\n{text}")
+        if parts:
+            docs.append("\n\n".join(parts))
+    return tuple(docs)
+
+
+BUILTIN_SOURCES: Dict[str, Callable[[], Iterable[str]]] = {
+    "builtin:pydoc": _pydoc_documents,
+    "builtin:stdlib": _stdlib_docstrings,
+}
+
+
+def _open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _file_format(path: str, format: str) -> str:
+    """``text`` or ``jsonl`` for a file, from ``format`` or (``auto``) the file name."""
+    if format in ("text", "jsonl"):
+        return format
+    if format == "hf":
+        raise ValueError(f"format 'hf' needs a directory written by datasets' save_to_disk, got the file {path!r}")
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith(_TEXT_SUFFIXES):
+        return "text"
+    if name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    raise ValueError(
+        f"cannot tell the format of {path!r} from its name (known: {_TEXT_SUFFIXES + _JSONL_SUFFIXES}, "
+        f"optionally .gz); set data.format to 'text' or 'jsonl'"
+    )
+
+
+def _text_documents(path: str) -> Iterator[str]:
+    try:
+        with _open_text(path) as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 text: {e}") from e
+    for paragraph in _PARAGRAPH_BREAK.split(text):
+        if paragraph.strip():
+            yield paragraph.strip("\r\n")
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from e
+                if not isinstance(record, dict) or text_field not in record:
+                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                    raise ValueError(f"{path}:{lineno}: no field {text_field!r} (record has {keys}); set data.text_field")
+                text = record[text_field]
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
+                if text.strip():
+                    yield text
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 text: {e}") from e
+
+
+def _is_hf_dataset_dir(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(spec)
+
+
+def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
+    """Column ``text_field`` of an HF dataset: a ``save_to_disk`` directory or (with a network) a hub name."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(
+            f"the source {spec!r} needs the `datasets` package: pip install 'nucleusx-jax[data]'"
+        ) from e
+    if _looks_like_path(spec):
+        path = os.path.expanduser(spec)
+        if not os.path.isdir(path) or not _is_hf_dataset_dir(path):
+            raise FileNotFoundError(f"{spec!r} is not an HF datasets directory written by save_to_disk")
+        ds = datasets.load_from_disk(path)
+    else:
+        try:
+            ds = datasets.load_dataset(spec)
+        except Exception as e:  # datasets raises many types for a missing hub name or network
+            raise ValueError(
+                f"{spec!r} is no local path, and loading it as an HF hub dataset failed (no network, or no such "
+                f"dataset): {e}"
+            ) from e
+    if isinstance(ds, datasets.DatasetDict):
+        splits = sorted(ds)
+        if "train" not in ds and len(splits) != 1:
+            raise ValueError(f"HF dataset {spec!r} has splits {splits} and no 'train' split; save the one to use")
+        ds = ds["train"] if "train" in ds else ds[splits[0]]
+    if text_field not in ds.column_names:
+        raise ValueError(f"HF dataset {spec!r} has no column {text_field!r} (columns: {ds.column_names}); set data.text_field")
+    for batch in ds.select_columns([text_field]).iter(batch_size=1024):
+        for text in batch[text_field]:
+            if not isinstance(text, str):
+                raise ValueError(f"HF dataset {spec!r}: column {text_field!r} holds {type(text).__name__}, not strings")
+            if text.strip():
+                yield text
+
+
+def _expand_files(source: str, format: str) -> List[str]:
+    """The files of a path source: the file itself, a directory's text/jsonl files, or a glob's matches."""
+    if os.path.isfile(source):
+        return [source]
+    if os.path.isdir(source):
+        suffixes = _TEXT_SUFFIXES + _JSONL_SUFFIXES
+        files = sorted(
+            os.path.join(root, f)
+            for root, _, names in os.walk(source)
+            for f in names
+            if not f.startswith(".") and (format in ("text", "jsonl") or f.removesuffix(".gz").endswith(suffixes))
+        )
+        if not files:
+            raise ValueError(f"the directory {source!r} holds no {suffixes} files (optionally .gz)")
+        return files
+    if glob.has_magic(source):
+        files = sorted(f for f in glob.glob(source, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise FileNotFoundError(f"the pattern {source!r} matches no files")
+        return files
+    raise FileNotFoundError(f"data source {source!r} does not exist")
+
+
+def iter_source_documents(source: str, format: str = "auto", text_field: str = "text") -> Iterator[str]:
+    """The non-empty documents of one source, in a fixed order."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    scheme = _SCHEME.match(source)
+    if scheme and scheme.group(1) == "builtin":
+        if source not in BUILTIN_SOURCES:
+            raise ValueError(f"unknown builtin source {source!r}; available: {sorted(BUILTIN_SOURCES)}")
+        yield from (d for d in BUILTIN_SOURCES[source]() if d.strip())
+    elif scheme and scheme.group(1) == "hf":
+        yield from _hf_documents(source[len("hf:") :], text_field)
+    elif scheme and len(scheme.group(1)) > 1:
+        raise ValueError(
+            f"unknown data source scheme {scheme.group(1)!r} in {source!r}; use builtin:NAME "
+            f"({sorted(BUILTIN_SOURCES)}), hf:PATH_OR_NAME, or a local file, directory or glob"
+        )
+    elif os.path.isdir(source) and (format == "hf" or (format == "auto" and _is_hf_dataset_dir(source))):
+        yield from _hf_documents(source if _looks_like_path(source) else "./" + source, text_field)
+    else:
+        for path in _expand_files(os.path.expanduser(source), format):
+            if _file_format(path, format) == "text":
+                yield from _text_documents(path)
+            else:
+                yield from _jsonl_documents(path, text_field)
