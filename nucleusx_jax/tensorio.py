@@ -3,13 +3,21 @@
 Readers index a file from its headers without touching tensor data and then read any tensor on demand, so
 memory stays near the size of one tensor whatever the size of the file:
 
-* safetensors: the header (8-byte length, JSON) gives every tensor's dtype, shape and byte range; a tensor is
-  read with ``readinto`` (no mmap: mapped pages would count towards the process's resident memory);
+* safetensors: the ``safetensors`` library validates the header per the format's specification (bounded size,
+  integer offsets, byte counts matching dtype x shape, ranges contiguous from 0 to the end of the file, no
+  overlap or gap); a tensor is then read with ``readinto`` from its validated range (not through the library's
+  mmap: mapped pages would count towards the process's resident memory);
 * ``.bin``: ``torch.load(mmap=True, weights_only=True)``; each tensor is copied out and its mapped pages are
   released (``madvise(MADV_DONTNEED)``) so they do not accumulate;
 * flax msgpack (``flax.serialization.msgpack_serialize``, transformers' ``flax_model*.msgpack``): a small
-  scanner walks the maps and array headers and records where each array's bytes lie; names are the
-  ``/``-joined tree paths. Arrays above ``MAX_CHUNK_SIZE`` use flax's chunked layout both ways.
+  scanner walks the maps and array headers and records where each array's bytes lie (the ``msgpack`` library
+  would load each array's bytes to find the next key); names are the ``/``-joined tree paths. It bounds the
+  nesting depth, checks every length against the bytes left in the file and accepts only numeric dtypes.
+  Arrays above ``MAX_CHUNK_SIZE`` use flax's chunked layout both ways;
+* sharded checkpoints: an ``*.index.json`` whose ``weight_map`` maps every tensor to a plain file name in the
+  index's own directory (no paths), and every shard holds exactly the tensors the map gives it.
+
+Every violation raises :class:`CheckpointError` naming the file, the tensor (where there is one) and the rule.
 
 Writers take the full list of ``(name, TensorInfo)`` first (headers are written before the data) and then
 the arrays in :attr:`order`. A checkpoint larger than ``max_shard_size`` is split as transformers does, with
@@ -18,6 +26,7 @@ an ``*.index.json`` naming the file of every tensor.
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import struct
@@ -29,15 +38,29 @@ import ml_dtypes
 import msgpack
 import numpy as np
 from flax.serialization import MAX_CHUNK_SIZE
+from safetensors import SafetensorError, safe_open
+
+
+def umask() -> int:
+    """The process's file mode creation mask (read without changing it where Linux allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def atomic_write(path: str, data: Union[bytes, str, Callable[[IO[bytes]], None]]) -> None:
     """Write ``data`` (bytes, text, or a function writing into the open binary file) to a temporary file next
-    to ``path``, then rename it into place: readers see the old file or the whole new one, never a part."""
+    to ``path``, then rename it into place: readers see the old file or the whole new one, never a part.
+    The file gets the mode ``open`` would give it (0666 less the umask)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes the file private (0600)
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
@@ -64,7 +87,7 @@ class TensorInfo:
     @property
     def size(self) -> int:
         """Number of elements."""
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -78,7 +101,13 @@ SAFETENSORS_DTYPES = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 SAFETENSORS_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# dtypes a flax msgpack array may name (never parsed with np.dtype: "O" would read pointers from the file)
+MSGPACK_DTYPES = {d.name: d for d in [*SAFETENSORS_DTYPES.values(), *map(np.dtype, (
+    np.uint16, np.uint32, np.uint64, np.complex64, np.complex128))]}
 CHUNKED_MARKER = "__msgpack_chunked_array__"  # flax's key for arrays split into chunks
+MAX_DIM = 2**48  # larger dimensions only fit a file when another one is 0; numpy refuses some of them
+MAX_MSGPACK_DEPTH = 64  # nesting of maps in a flax msgpack file (flax's trees are a few levels deep)
+MAX_INDEX_BYTES = 64 * 2**20  # an *.index.json (a 65B model's is ~100 KB)
 
 
 def _read_into(f, arr: np.ndarray, offset: int, path: str) -> np.ndarray:
@@ -99,6 +128,21 @@ def _write_array(f, arr: np.ndarray) -> None:
     f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
 
 
+def _unique_keys(pairs: List[Tuple[str, object]]) -> dict:
+    """``json`` object hook refusing a key that appears twice (the last one would silently win)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError(f"a key appears twice: {sorted(k for k in out if sum(p[0] == k for p in pairs) > 1)}")
+    return out
+
+
+def _check_shape(path: str, name: str, shape: Sequence[int]) -> None:
+    bad = [d for d in shape if not 0 <= d <= MAX_DIM]
+    if bad:
+        raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)}: dimensions must lie in "
+                              f"[0, {MAX_DIM}]")
+
+
 # ---------------------------------------------------------------------------------------------- readers
 class TensorReader:
     """One tensor file: ``index`` maps every name to its :class:`TensorInfo`; ``read(name)`` loads one tensor."""
@@ -113,52 +157,56 @@ class TensorReader:
         raise NotImplementedError
 
 
-class SafetensorsReader(TensorReader):
-    """A ``.safetensors`` file; ``metadata`` is its ``__metadata__`` dict."""
+class _SpanReader(TensorReader):
+    """A file whose tensors lie in byte ranges: ``spans[name]`` lists ``(offset, nbytes)`` pieces in order."""
 
-    def __init__(self, path: str):
-        self.path = path
-        size = os.path.getsize(path)
-        self._f = open(path, "rb")
-        try:
-            head = self._f.read(8)
-            length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if not 2 <= length <= size - 8:
-                raise CheckpointError(f"{path} is not a readable safetensors file: truncated or corrupt header "
-                                      f"(file of {size} bytes)")
-            try:
-                header = json.loads(self._f.read(length))
-                self.metadata = header.pop("__metadata__", None) or {}
-                self._base, self.index, self._offsets = 8 + length, {}, {}
-                end = 0
-                for name, entry in header.items():
-                    if entry["dtype"] not in SAFETENSORS_DTYPES:
-                        raise CheckpointError(f"{path}: tensor {name} has dtype {entry['dtype']}, which this "
-                                              f"reader does not know (known: {', '.join(SAFETENSORS_DTYPES)})")
-                    info = TensorInfo(tuple(int(d) for d in entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]])
-                    begin, stop = entry["data_offsets"]
-                    if stop - begin != info.nbytes:
-                        raise CheckpointError(f"{path}: tensor {name} spans {stop - begin} bytes but its shape "
-                                              f"{list(info.shape)} and dtype need {info.nbytes}")
-                    self.index[name], self._offsets[name] = info, begin
-                    end = max(end, stop)
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                if isinstance(e, CheckpointError):
-                    raise
-                raise CheckpointError(f"{path} is not a readable safetensors file: bad header ({e!r})") from e
-            if self._base + end > size:
-                raise CheckpointError(f"{path} is truncated: its header describes {self._base + end} bytes, "
-                                      f"the file has {size}")
-        except BaseException:
-            self._f.close()
-            raise
+    _f: IO[bytes]
+    spans: Dict[str, List[Tuple[int, int]]]
 
     def read(self, name: str) -> np.ndarray:
         info = self.index[name]
-        return _read_into(self._f, np.empty(info.shape, info.dtype), self._base + self._offsets[name], self.path)
+        arr = np.empty(info.shape, info.dtype)
+        flat, done = arr.reshape(-1).view(np.uint8), 0
+        for offset, nbytes in self.spans[name]:
+            _read_into(self._f, flat[done:done + nbytes], offset, self.path)
+            done += nbytes
+        return arr
 
     def close(self) -> None:
         self._f.close()
+
+
+class SafetensorsReader(_SpanReader):
+    """A ``.safetensors`` file; ``metadata`` is its ``__metadata__`` dict. The ``safetensors`` library checks
+    the header against the specification; tensors are read from the checked ranges."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with safe_open(path, framework="numpy"):  # validates the header; maps the file, touches no data
+                pass
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt): {e}") from e
+        self._f = open(path, "rb")
+        try:
+            length = struct.unpack("<Q", self._f.read(8))[0]
+            try:
+                header = json.loads(self._f.read(length), object_pairs_hook=_unique_keys)
+            except ValueError as e:
+                raise CheckpointError(f"{path} is not a readable safetensors file: bad header ({e})") from e
+            self.metadata = header.pop("__metadata__", None) or {}
+            self.index, self.spans = {}, {}
+            for name, entry in header.items():
+                if entry["dtype"] not in SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {name} has dtype {entry['dtype']}, which this "
+                                          f"reader does not know (known: {', '.join(SAFETENSORS_DTYPES)})")
+                _check_shape(path, name, entry["shape"])
+                begin, end = entry["data_offsets"]
+                self.index[name] = TensorInfo(tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]])
+                self.spans[name] = [(8 + length + begin, end - begin)]
+        except BaseException:
+            self._f.close()
+            raise
 
 
 def torch_to_numpy(t: "object") -> np.ndarray:
@@ -223,7 +271,7 @@ class TorchBinReader(TensorReader):
         self._state = None
 
 
-class MsgpackReader(TensorReader):
+class MsgpackReader(_SpanReader):
     """A flax msgpack file; tensor names are the ``/``-joined paths of the tree."""
 
     _SIZED = {0xC4: ("bin", ">B"), 0xC5: ("bin", ">H"), 0xC6: ("bin", ">I"), 0xC7: ("ext", ">B"),
@@ -238,9 +286,9 @@ class MsgpackReader(TensorReader):
         self._size = os.path.getsize(path)
         self._f = open(path, "rb")
         self.index: Dict[str, TensorInfo] = {}
-        self._chunks: Dict[str, List[Tuple[int, int]]] = {}
+        self.spans: Dict[str, List[Tuple[int, int]]] = {}
         try:
-            self._scan_map(())
+            self._scan_map((), 1)
             if self._f.tell() != self._size:
                 raise CheckpointError(f"{path} is not a readable flax msgpack file: {self._size - self._f.tell()} "
                                       "bytes follow the parameter tree")
@@ -252,30 +300,38 @@ class MsgpackReader(TensorReader):
         return CheckpointError(f"{self.path} is not a readable flax msgpack file: {what} at byte {self._f.tell()}")
 
     def _take(self, n: int) -> bytes:
-        data = self._f.read(n)
-        if len(data) < n:
-            raise CheckpointError(f"{self.path} is truncated: it ends at byte {self._size} inside the parameter tree")
-        return data
+        if n > self._size - self._f.tell():  # checked first: a corrupt length must not size an allocation
+            raise CheckpointError(f"{self.path} is truncated: it ends at byte {self._size} inside the parameter "
+                                  f"tree, where {n} more bytes are needed after byte {self._f.tell()}")
+        return self._f.read(n)
 
     def _head(self) -> Tuple[str, int]:
-        """The next value's kind and its length (maps, arrays, str, bin, ext) or value (int, bool)."""
+        """The next value's kind and its length (maps, arrays, str, bin, ext) or value (int, bool). Lengths and
+        element counts are checked against the bytes left in the file."""
         b = self._take(1)[0]
         if b <= 0x7F or b >= 0xE0:
             return "int", b if b <= 0x7F else b - 0x100
         if b <= 0x8F:
-            return "map", b & 0x0F
-        if b <= 0x9F:
-            return "array", b & 0x0F
-        if b <= 0xBF:
-            return "str", b & 0x1F
-        if b in (0xC2, 0xC3):
+            kind, n = "map", b & 0x0F
+        elif b <= 0x9F:
+            kind, n = "array", b & 0x0F
+        elif b <= 0xBF:
+            kind, n = "str", b & 0x1F
+        elif b in (0xC2, 0xC3):
             return "bool", b - 0xC2
-        if 0xD4 <= b <= 0xD8:
-            return "ext", 1 << (b - 0xD4)
-        if b not in self._SIZED:
+        elif 0xD4 <= b <= 0xD8:
+            kind, n = "ext", 1 << (b - 0xD4)
+        elif b in self._SIZED:
+            kind, fmt = self._SIZED[b]
+            n = struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
+            if kind == "int":
+                return kind, n
+        else:
             raise self._fail(f"unsupported msgpack type 0x{b:02x}")
-        kind, fmt = self._SIZED[b]
-        return kind, struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
+        if n > self._size - self._f.tell():  # every element or byte needs at least one byte of the file
+            raise CheckpointError(f"{self.path} is truncated: a {kind} of length {n} at byte {self._f.tell()} "
+                                  f"does not fit in the {self._size} bytes of the file")
+        return kind, n
 
     def _expect(self, *kinds: str) -> int:
         kind, n = self._head()
@@ -284,15 +340,20 @@ class MsgpackReader(TensorReader):
         return n
 
     def _str(self) -> str:
-        return self._take(self._expect("str", "bin")).decode()
+        try:
+            return self._take(self._expect("str", "bin")).decode()
+        except UnicodeDecodeError as e:
+            raise self._fail(f"a key that is not UTF-8 ({e.reason})") from e
 
-    def _scan_map(self, prefix: Tuple[str, ...]) -> None:
+    def _scan_map(self, prefix: Tuple[str, ...], depth: int) -> None:
+        if depth > MAX_MSGPACK_DEPTH:
+            raise self._fail(f"maps nested deeper than {MAX_MSGPACK_DEPTH} levels under {'/'.join(prefix)}")
         for _ in range(self._expect("map")):
             path = prefix + tuple(self._str().split("/"))  # transformers' shards use '/'-joined flat keys
             start = self._f.tell()
             kind, n = self._head()
             if kind == "ext":
-                self._add("/".join(path), *self._scan_array(n))
+                self._add("/".join(path), *self._scan_array(n, "/".join(path)))
                 continue
             if kind != "map":
                 raise self._fail(f"{'/'.join(path)} holds a {kind}, not an array or a map")
@@ -301,70 +362,65 @@ class MsgpackReader(TensorReader):
             if first == CHUNKED_MARKER:
                 self._scan_chunked("/".join(path))
             else:
-                self._scan_map(path)
+                self._scan_map(path, depth + 1)
 
-    def _add(self, name: str, info: TensorInfo, chunks: List[Tuple[int, int]]) -> None:
+    def _add(self, name: str, info: TensorInfo, spans: List[Tuple[int, int]]) -> None:
         if name in self.index:
             raise self._fail(f"array {name} appears twice")
-        self.index[name], self._chunks[name] = info, chunks
+        self.index[name], self.spans[name] = info, spans
 
-    def _scan_array(self, length: int) -> Tuple[TensorInfo, List[Tuple[int, int]]]:
+    def _scan_array(self, length: int, name: str) -> Tuple[TensorInfo, List[Tuple[int, int]]]:
         """An ndarray ext (flax: ``ExtType(1, packb((shape, dtype name, bytes)))``) whose length was read."""
         code = struct.unpack(">b", self._take(1))[0]
         start = self._f.tell()
         if code != 1 or self._expect("array") != 3:
-            raise self._fail(f"an extension of type {code} that is not a flax ndarray")
+            raise self._fail(f"{name}: an extension of type {code} that is not a flax ndarray")
         shape = tuple(self._expect("int") for _ in range(self._expect("array")))
-        name = self._str()
-        try:
-            dtype = np.dtype(name)  # ml_dtypes registers bfloat16 and friends by name
-        except TypeError as e:
-            raise self._fail(f"unknown dtype {name!r}") from e
+        _check_shape(self.path, name, shape)
+        dtype = self._str()
+        if dtype not in MSGPACK_DTYPES:
+            raise self._fail(f"{name}: dtype {dtype!r} is not one of {', '.join(MSGPACK_DTYPES)}")
         nbytes = self._expect("bin", "str")
         offset = self._f.tell()
-        info = TensorInfo(shape, dtype)
+        info = TensorInfo(shape, MSGPACK_DTYPES[dtype])
         if nbytes != info.nbytes or offset + nbytes - start != length:
-            raise self._fail(f"an array of shape {list(shape)} {name} with {nbytes} bytes of data")
-        if offset + nbytes > self._size:
-            raise CheckpointError(f"{self.path} is truncated: an array needs bytes up to {offset + nbytes}, "
-                                  f"the file has {self._size}")
-        self._f.seek(offset + nbytes)
+            raise self._fail(f"{name}: an array of shape {list(shape)} {dtype} needs {info.nbytes} bytes, but "
+                             f"its data has {nbytes} and its extension {length - (offset - start)}")
+        self._f.seek(offset + nbytes)  # _head checked that the data lies inside the file
         return info, [(offset, nbytes)]
 
+    def _numbered(self, what: str, read_value: Callable[[], object]) -> List[object]:
+        """A map ``{"0": v0, "1": v1, ...}`` (flax's encoding of a list) as ``[v0, v1, ...]``."""
+        pairs = [(self._str(), read_value()) for _ in range(self._expect("map"))]
+        keys = [k for k, _ in pairs]
+        if sorted(keys) != sorted(map(str, range(len(pairs)))):
+            raise self._fail(f"{what} keys are {keys}, not 0 to {len(pairs) - 1} once each")
+        values = dict(pairs)
+        return [values[str(i)] for i in range(len(pairs))]
+
     def _scan_chunked(self, name: str) -> None:
-        shape, chunks, dtype = None, [], None
+        parts: Dict[str, List[object]] = {}
         for _ in range(self._expect("map")):
             key = self._str()
             if key == CHUNKED_MARKER:
                 self._expect("bool")
-            elif key == "shape":
-                dims = {self._str(): self._expect("int") for _ in range(self._expect("map"))}
-                shape = tuple(dims[str(i)] for i in range(len(dims)))
-            elif key == "chunks":
-                parts = {}
-                for _ in range(self._expect("map")):
-                    index = int(self._str())
-                    info, where = self._scan_array(self._expect("ext"))
-                    parts[index], dtype = where[0], info.dtype
-                chunks = [parts[i] for i in range(len(parts))]
+            elif key in ("shape", "chunks") and key not in parts:
+                read = ((lambda: self._expect("int")) if key == "shape"
+                        else (lambda: self._scan_array(self._expect("ext"), name)))
+                parts[key] = self._numbered(f"the chunked array {name}'s {key}", read)
             else:
-                raise self._fail(f"unexpected key {key!r} in the chunked array {name}")
-        info = TensorInfo(shape or (), dtype or np.dtype(np.float32))
-        if shape is None or sum(n for _, n in chunks) != info.nbytes:
-            raise self._fail(f"a chunked array {name} whose chunks do not fill its shape")
-        self._add(name, info, chunks)
-
-    def read(self, name: str) -> np.ndarray:
-        info = self.index[name]
-        arr = np.empty(info.shape, info.dtype)
-        flat, done = arr.reshape(-1).view(np.uint8), 0
-        for offset, nbytes in self._chunks[name]:
-            _read_into(self._f, flat[done:done + nbytes], offset, self.path)
-            done += nbytes
-        return arr
-
-    def close(self) -> None:
-        self._f.close()
+                raise self._fail(f"unexpected or repeated key {key!r} in the chunked array {name}")
+        if set(parts) != {"shape", "chunks"} or not parts["chunks"]:
+            raise self._fail(f"the chunked array {name} lacks its shape or chunks")
+        shape = tuple(parts["shape"])
+        _check_shape(self.path, name, shape)
+        dtypes = {info.dtype for info, _ in parts["chunks"]}
+        info = TensorInfo(shape, next(iter(dtypes)))
+        spans = [span for _, spans in parts["chunks"] for span in spans]
+        if len(dtypes) != 1 or sum(n for _, n in spans) != info.nbytes:
+            raise self._fail(f"the chunks of the array {name} ({', '.join(map(str, dtypes))}, "
+                             f"{sum(n for _, n in spans)} bytes) do not fill its shape {list(shape)}")
+        self._add(name, info, spans)
 
 
 READERS: Dict[str, Callable[[str], TensorReader]] = {
@@ -372,8 +428,37 @@ READERS: Dict[str, Callable[[str], TensorReader]] = {
 }
 
 
+def read_index(path: str) -> Dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's ``*.index.json``: tensor name -> shard file name. Each shard
+    must be a plain file name (no directory part) of an existing file next to the index."""
+    size = os.path.getsize(path)
+    if size > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{path} is not a checkpoint index: {size} bytes, more than {MAX_INDEX_BYTES}")
+    try:
+        with open(path, "rb") as f:
+            index = json.loads(f.read(), object_pairs_hook=_unique_keys)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint index (JSON): {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path} is not a checkpoint index: it needs a non-empty \"weight_map\" object "
+                              "mapping tensor names to shard file names")
+    base = os.path.dirname(path)
+    for name, shard in weight_map.items():
+        plain = (isinstance(shard, str) and shard not in ("", ".", "..") and "\0" not in shard
+                 and os.path.basename(shard) == shard and (os.altsep is None or os.altsep not in shard))
+        if not plain:
+            raise CheckpointError(f"{path}: tensor {name} is mapped to {shard!r}; a shard must be the plain name "
+                                  "of a file in the index's directory")
+        if not os.path.isfile(os.path.join(base, shard)):
+            raise CheckpointError(f"{path}: tensor {name} is mapped to the shard {shard}, which does not exist "
+                                  f"in {base or '.'}")
+    return weight_map
+
+
 class CheckpointReader:
-    """All tensors of a checkpoint: one file, or the shards listed by an ``*.index.json``.
+    """All tensors of a checkpoint: one file, or the shards listed by an ``*.index.json`` (see
+    :func:`read_index`; every shard must hold exactly the tensors the index gives it).
 
     ``index`` maps every name to its :class:`TensorInfo`; ``read(name)`` loads one tensor. Use as a context
     manager (closes the files).
@@ -381,18 +466,9 @@ class CheckpointReader:
 
     def __init__(self, path: str):
         self.path = path
-        files = [path]
-        if path.endswith(".index.json"):
-            try:
-                with open(path) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{path} is not a readable checkpoint index: {e!r}") from e
-            base = os.path.dirname(path)
-            files = [os.path.join(base, name) for name in dict.fromkeys(weight_map.values())]
-            absent = [f for f in files if not os.path.isfile(f)]
-            if absent:
-                raise CheckpointError(f"{path} lists shards that do not exist: {absent}")
+        weight_map = read_index(path) if path.endswith(".index.json") else None
+        files = [path] if weight_map is None else [os.path.join(os.path.dirname(path), name)
+                                                   for name in dict.fromkeys(weight_map.values())]
         self.readers: List[TensorReader] = []
         self.index: Dict[str, TensorInfo] = {}
         self._where: Dict[str, TensorReader] = {}
@@ -406,8 +482,11 @@ class CheckpointReader:
                 for name, info in reader.index.items():
                     if name in self._where:
                         raise CheckpointError(f"{name} is stored twice: in {self._where[name].path} and {file}")
+                    if weight_map is not None and weight_map.get(name) != os.path.basename(file):
+                        raise CheckpointError(f"{path}: the shard {os.path.basename(file)} holds tensor {name}, "
+                                              f"which the index maps to {weight_map.get(name)!r}")
                     self.index[name], self._where[name] = info, reader
-            if path.endswith(".index.json"):
+            if weight_map is not None:
                 absent = sorted(set(weight_map) - set(self.index))
                 if absent:
                     raise CheckpointError(f"{path} lists tensors that its shards do not hold: {absent}")
