@@ -341,7 +341,7 @@ class MsgpackReader(_SpanReader):
 
     def _str(self) -> str:
         try:
-            return self._take(self._expect("str", "bin")).decode()
+            return self._take(self._expect("str")).decode()
         except UnicodeDecodeError as e:
             raise self._fail(f"a key that is not UTF-8 ({e.reason})") from e
 
@@ -380,7 +380,7 @@ class MsgpackReader(_SpanReader):
         dtype = self._str()
         if dtype not in MSGPACK_DTYPES:
             raise self._fail(f"{name}: dtype {dtype!r} is not one of {', '.join(MSGPACK_DTYPES)}")
-        nbytes = self._expect("bin", "str")
+        nbytes = self._expect("bin")
         offset = self._f.tell()
         info = TensorInfo(shape, MSGPACK_DTYPES[dtype])
         if nbytes != info.nbytes or offset + nbytes - start != length:
