@@ -9,9 +9,13 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from nucleusx_jax.cli import reports_user_errors
 
+
+@reports_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse the flags, start ``jax.distributed`` if needed, run; returns the exit status."""
+    """Parse the flags, start ``jax.distributed`` if needed, run; returns 0. A bad config or option exits with
+    status 2, a non-finite loss with 3, another run holding the run directory with 4 (one line on stderr)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", required=True, help="training YAML (sections model, data, optimizer, schedule, "
                                                    "train, mesh, checkpoint, logging), e.g. configs/tiny.yaml")
@@ -26,19 +30,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
     from nucleusx_jax.train.config import load_config
-    from nucleusx_jax.train.loop import NonFiniteLossError, init_distributed, run
+    from nucleusx_jax.train.loop import init_distributed, run
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     init_distributed(args.coordinator, args.num_processes, args.process_id)
-    try:
-        run(cfg)
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+    run(cfg)
     return 0
 
 

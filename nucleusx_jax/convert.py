@@ -10,8 +10,11 @@ safetensors and shares the embedding's storage in ``.bin``.
 
 Everything is checked before the first byte is written: the key set and shapes against the config (every
 missing, unexpected or wrong-shaped key is listed), the buffers against the config, tied weights, dtypes.
-Output goes to a temporary directory next to ``dst`` that is renamed to ``dst`` at the end; on any error
-it is removed, so ``dst`` is never left half written.
+Output goes to a temporary directory next to ``dst`` (``.<name>.partial-<host>-<pid>-*``) that is renamed to
+``dst`` at the end; on any error it is removed, so ``dst`` is never left half written. A partial directory
+left by a killed conversion on this host is removed at the next start; one from another host, or an
+``.<name>.old-*`` holding the previous ``dst`` of an interrupted overwrite, is reported (logged). ``dst``
+may not be ``src``, contain it or be a symlink into it; an existing ``dst`` inside ``src`` is not replaced.
 
 Memory: one source tensor and its converted copy at a time (``.bin`` output holds one shard, as
 ``torch.save`` needs the whole shard); see ``benchmarks/convert_memory.py``.
@@ -19,10 +22,11 @@ Memory: one source tensor and its converted copy at a time (``.bin`` output hold
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
-import sys
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,13 +37,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import weights
+from .cli import reports_user_errors
 from .configuration import NucleusXConfig
-from .tensorio import FORMATS, CheckpointError, CheckpointReader, CheckpointWriter, TensorInfo
+from .tensorio import FORMATS, CheckpointError, CheckpointReader, CheckpointWriter, TensorInfo, umask
+from .train.lock import process_start
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 FLOAT_DTYPES = set(DTYPES.values()) | {np.dtype(np.float64)}
 TORCH_FORMATS = ("safetensors", "bin")
 FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
+logger = logging.getLogger(__name__)
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json")
 
@@ -259,6 +266,50 @@ def _plan_to_torch(
     return items + tail
 
 
+def _check_destination(src: str, dst: str, overwrite: bool) -> None:
+    """Refuse a ``dst`` (absolute paths) whose writing or replacing would touch ``src``."""
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+
+    def inside(path: str, directory: str) -> bool:
+        return os.path.commonpath([path, directory]) == directory
+
+    if real_dst == real_src:
+        raise ValueError(f"DST {dst} is SRC {src}" + (" (through a symlink)" if dst != src else "")
+                         + "; write to a new directory")
+    if inside(real_src, real_dst):
+        raise ValueError(f"DST {dst} contains SRC {src}; replacing it would delete the source: write to a new "
+                         "directory")
+    if os.path.islink(dst) and inside(real_dst, real_src):
+        raise ValueError(f"DST {dst} is a symlink into SRC {src}; write to a new directory")
+    if overwrite and os.path.lexists(dst) and inside(real_dst, real_src):
+        raise ValueError(f"DST {dst} is inside SRC {src}; replacing it would change the source: write to a new "
+                         "directory")
+
+
+def _partial_prefix(dst: str) -> str:
+    return f".{os.path.basename(dst)}.partial-"
+
+
+def _clean_stale_outputs(dst: str) -> None:
+    """Remove the partial outputs next to ``dst`` of conversions killed on this host; log other leftovers."""
+    parent, name = os.path.dirname(dst), os.path.basename(dst)
+    host = socket.gethostname()
+    for entry in sorted(os.listdir(parent)):
+        path = os.path.join(parent, entry)
+        if entry.startswith(_partial_prefix(dst)):
+            owner = entry[len(_partial_prefix(dst)):].rsplit("-", 2)  # host, pid, mkdtemp's suffix
+            pid = int(owner[1]) if len(owner) == 3 and owner[1].isdigit() else None
+            if pid is not None and owner[0] == host and process_start(pid) is None:
+                shutil.rmtree(path, ignore_errors=True)
+                logger.warning("removed %s, the partial output of a conversion that was killed (pid %d)", path, pid)
+            else:
+                logger.warning("%s is the partial output of a conversion that runs or was killed on %s; delete "
+                               "it if none runs", path, owner[0] if pid is not None else "an unknown host")
+        elif entry.startswith(f".{name}.old-"):
+            logger.warning("%s holds the previous %s of an interrupted --overwrite: check it, then delete it",
+                           path, dst)
+
+
 def _commit(tmp: str, dst: str) -> None:
     """Move the finished ``tmp`` to ``dst``, replacing what is there."""
     if os.path.lexists(dst):
@@ -298,8 +349,7 @@ def convert(
     src, dst = os.path.abspath(src), os.path.abspath(dst)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"SRC {src} is not a directory")
-    if src == dst:
-        raise ValueError(f"SRC and DST are the same directory ({src}); write to a new directory")
+    _check_destination(src, dst, overwrite)
     if os.path.lexists(dst) and not overwrite:
         raise FileExistsError(f"DST {dst} already exists; pass overwrite=True (--overwrite) to replace it")
     source = _find_source(src, to, step)
@@ -313,10 +363,10 @@ def convert(
         else:
             items, fmt = _plan_to_torch(reader, config, target, torch_format), FORMATS[torch_format]
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=os.path.dirname(dst))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; DST gets the usual permissions
+        _clean_stale_outputs(dst)
+        tmp = tempfile.mkdtemp(prefix=f"{_partial_prefix(dst)}{socket.gethostname()}-{os.getpid()}-",
+                               dir=os.path.dirname(dst))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; DST gets the usual permissions
         try:
             writer = CheckpointWriter(tmp, fmt, [(it.out, it.info) for it in items], max_bytes)
             by_name = {it.out: it for it in items}
@@ -354,8 +404,9 @@ def convert(
                    time.perf_counter() - start)
 
 
+@reports_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The ``convert_torch_checkpoint.py`` command line; returns the exit status."""
+    """The ``convert_torch_checkpoint.py`` command line; returns 0 (a user error exits with status 2)."""
     parser = argparse.ArgumentParser(
         prog="convert_torch_checkpoint.py",
         description="Convert NucleusX checkpoints between PyTorch and flax model directories, tensor by tensor.")
@@ -370,11 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="file format of --to torch (default safetensors)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        summary = convert(args.src, args.dst, args.to, args.dtype, args.max_shard_size, args.overwrite, args.step,
-                          args.torch_format, progress=not args.quiet)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    summary = convert(args.src, args.dst, args.to, args.dtype, args.max_shard_size, args.overwrite, args.step,
+                      args.torch_format, progress=not args.quiet)
     print(f"converted {summary}")
     return 0

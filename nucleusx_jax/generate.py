@@ -34,6 +34,7 @@ from transformers.generation import (
 )
 
 from . import hf
+from .cli import reports_user_errors
 from .retention import RetentionState
 
 Array = jax.Array
@@ -324,6 +325,7 @@ class TextStreamer:
         return piece
 
 
+@reports_user_errors
 def main(argv: Optional[Sequence[str]] = None, out: Any = None) -> str:
     """CLI: stream the completion of ``--prompt`` to ``out`` (stdout); returns the completion."""
     from .tokenizer import load_tokenizer

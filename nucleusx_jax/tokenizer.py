@@ -20,6 +20,7 @@ from typing import List, Optional, Protocol, Sequence, runtime_checkable
 import numpy as np
 import sentencepiece as spm
 
+from .cli import reports_user_errors
 from .data.sources import iter_source_documents
 from .tensorio import atomic_write
 
@@ -234,6 +235,7 @@ def save_hf_tokenizer(model_file: str, output_dir: str) -> str:
     return output_dir
 
 
+@reports_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> str:
     """CLI entry point; prints and returns the written ``.model`` path."""
     p = argparse.ArgumentParser(

@@ -405,11 +405,13 @@ def test_cli(tmp_path, capsys):
     assert out.startswith("converted 24 tensors, 135,552 parameters, 0.001 GB in ") and "GB/s" in out
     assert main([str(tmp_path / "flax"), str(tmp_path / "torch"), "--to", "torch", "--max-shard-size", "200KB"]) == 0
     assert (tmp_path / "torch" / "model.safetensors.index.json").exists()
-    assert main([str(TINY), str(tmp_path / "flax"), "--to", "flax"]) == 1
+    with pytest.raises(SystemExit, match="2"):
+        main([str(TINY), str(tmp_path / "flax"), "--to", "flax"])
     assert "already exists" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(TINY), str(tmp_path / "x"), "--to", "flax", "--dtype", "int8"])
-    assert main([str(TINY), str(tmp_path / "x"), "--to", "flax", "--max-shard-size", "5 lightyears"]) == 1
+    with pytest.raises(SystemExit, match="2"):
+        main([str(TINY), str(tmp_path / "x"), "--to", "flax", "--max-shard-size", "5 lightyears"])
     assert "max_shard_size='5 lightyears' is invalid" in capsys.readouterr().err
 
 

@@ -23,6 +23,7 @@ from nucleusx_jax import FlaxNucleusXForCausalLM
 from nucleusx_jax import sharding as shd
 from nucleusx_jax.train.checkpoint import CORRUPT_DIR, Checkpointer, restore_params
 from nucleusx_jax.train.config import load_config
+from nucleusx_jax.train.lock import LOCK_FILE
 from nucleusx_jax.train.loop import DATA_CACHE, NonFiniteLossError, run
 from nucleusx_jax.train.metrics import read_metrics
 from nucleusx_jax.train.step import make_trainer
@@ -86,6 +87,8 @@ def reference(tokenizer, tmp_path_factory):
 def test_run_outputs(reference):
     run_dir, summary = reference
     assert summary["steps"] == STEPS and summary["resumed_from"] is None and not summary["preempted"]
+    with open(os.path.join(run_dir, LOCK_FILE)) as f:
+        assert f.read() == ""  # released
     train = read_metrics(run_dir, "train")
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert all(r["tokens_per_s"] > 0 and r["tflops_per_device"] > 0 and np.isfinite(r["loss"]) for r in train)
@@ -176,9 +179,12 @@ def test_kill_9_then_resume_matches_uninterrupted(reference, tokenizer, tmp_path
     proc.wait(timeout=60)
     killed_at = max(train_losses(run_dir), default=0)
     assert proc.returncode == -signal.SIGKILL and killed_at < STEPS, (proc.returncode, killed_at)
+    with open(os.path.join(run_dir, LOCK_FILE)) as f:
+        assert json.load(f)["pid"] == proc.pid  # the killed run's lock is left behind ...
     again = cli(args)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out[-3000:]
+    assert f"taking over the stale lock {os.path.join(run_dir, LOCK_FILE)}" in out and f"pid {proc.pid}" in out
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     resumed = summary["resumed_from"]
@@ -238,9 +244,11 @@ def test_cli_config_errors(capsys):
     spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
     train_cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_cli)
-    assert train_cli.main(["--config", TINY, "--set", "train.stepz=3"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        train_cli.main(["--config", TINY, "--set", "train.stepz=3"])
     assert "unknown key(s) ['stepz'] in section 'train'; valid keys: run_dir, steps" in capsys.readouterr().err
-    assert train_cli.main(["--config", TINY, "--set", "train.steps=many"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        train_cli.main(["--config", TINY, "--set", "train.steps=many"])
     assert "train.steps: expected int, got str 'many'" in capsys.readouterr().err
 
 

@@ -4,17 +4,20 @@
 ``model`` holds :class:`~nucleusx_jax.NucleusXConfig` fields, or ``{path: some/config.json}`` (relative to the
 working directory; other fields override the file's). Every other section is a dataclass below (``data`` is
 :class:`~nucleusx_jax.train.data.DataConfig`). An unknown key raises an error listing the valid keys; a
-value of the wrong type raises an error naming the expected type.
+value of the wrong type raises an error naming the expected type; a number outside its section's ``BOUNDS``
+raises an error naming the key, the value and the allowed range (checked when a section is built). All of
+these are :class:`ConfigError`.
 """
 
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import types
 import typing
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -22,9 +25,65 @@ from ..configuration import NucleusXConfig
 from .data import DataConfig
 
 
+class ConfigError(ValueError, TypeError):
+    """The training config is invalid (unknown key, wrong type, value out of range); the message names the
+    key, the value and what is allowed. A ``TypeError`` too, for a value of the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Bound:
+    """The finite values a numeric setting allows: ``low``..``high`` (``*_open`` excludes the end point), plus
+    the isolated values ``also``."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    also: Tuple[float, ...] = ()
+
+    def __contains__(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def __str__(self) -> str:
+        def show(v: float) -> str:
+            return f"{'-' if v < 0 else ''}infinity" if math.isinf(v) else (str(int(v)) if v == int(v) else repr(v))
+
+        opening = "(" if self.low_open or math.isinf(self.low) else "["
+        closing = ")" if self.high_open or math.isinf(self.high) else "]"
+        return (f"{opening}{show(self.low)}, {show(self.high)}{closing}"
+                + "".join(f" or {show(v)}" for v in self.also))
+
+
+COUNT, POSITIVE_COUNT = Bound(low=0), Bound(low=1)  # ints >= 0, ints >= 1
+POSITIVE = Bound(low=0, low_open=True)
+FRACTION = Bound(low=0, high=1, high_open=True)  # [0, 1)
+
+
+class _Bounded:
+    """A config section whose numeric fields are checked against ``BOUNDS`` when it is built."""
+
+    SECTION: ClassVar[str]
+    BOUNDS: ClassVar[Mapping[str, Bound]]
+
+    def __post_init__(self) -> None:
+        for key, bound in self.BOUNDS.items():
+            value = getattr(self, key)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and value not in bound:
+                raise ConfigError(f"{self.SECTION}.{key}={value!r} is out of range: allowed {bound}")
+
+
 @dataclasses.dataclass
-class OptimizerConfig:
+class OptimizerConfig(_Bounded):
     """AdamW with global-norm clipping."""
+
+    SECTION: ClassVar[str] = "optimizer"
+    BOUNDS: ClassVar[Mapping[str, Bound]] = {"learning_rate": POSITIVE, "b1": FRACTION, "b2": FRACTION,
+                                             "eps": POSITIVE, "weight_decay": COUNT, "clip_norm": COUNT}
 
     learning_rate: float = 3e-4
     b1: float = 0.9
@@ -37,8 +96,11 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass
-class ScheduleConfig:
+class ScheduleConfig(_Bounded):
     """Linear warmup to ``optimizer.learning_rate``, then ``decay`` down to ``min_lr_ratio`` times it."""
+
+    SECTION: ClassVar[str] = "schedule"
+    BOUNDS: ClassVar[Mapping[str, Bound]] = {"warmup_steps": COUNT, "min_lr_ratio": Bound(low=0, high=1)}
 
     warmup_steps: int = 100
     decay: Literal["cosine", "linear", "constant"] = "cosine"
@@ -46,8 +108,14 @@ class ScheduleConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(_Bounded):
     """The run: length, batch, precision, forward form, eval cadence, failure policy."""
+
+    SECTION: ClassVar[str] = "train"
+    BOUNDS: ClassVar[Mapping[str, Bound]] = {
+        "steps": POSITIVE_COUNT, "global_batch": POSITIVE_COUNT, "grad_accum": POSITIVE_COUNT,
+        "chunk_size": POSITIVE_COUNT, "seed": Bound(low=0, high=2**32 - 1), "eval_every": COUNT,
+        "eval_batches": POSITIVE_COUNT}
 
     run_dir: str = "runs/default"
     steps: int = 1000
@@ -64,8 +132,11 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class MeshConfig:
+class MeshConfig(_Bounded):
     """Device mesh sizes; one axis may be -1 (all remaining devices)."""
+
+    SECTION: ClassVar[str] = "mesh"
+    BOUNDS: ClassVar[Mapping[str, Bound]] = dict.fromkeys(("data", "fsdp", "tensor"), Bound(low=1, also=(-1,)))
 
     data: int = -1
     fsdp: int = 1
@@ -73,8 +144,11 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Bounded):
     """orbax checkpoints in ``<run_dir>/checkpoints``; the final model in ``<run_dir>/hf`` (and ``/torch``)."""
+
+    SECTION: ClassVar[str] = "checkpoint"
+    BOUNDS: ClassVar[Mapping[str, Bound]] = {"every": COUNT, "max_to_keep": POSITIVE_COUNT}
 
     every: int = 100  # save every N steps (and at the end); 0: only at the end
     max_to_keep: int = 3
@@ -85,8 +159,12 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
-class LoggingConfig:
+class LoggingConfig(_Bounded):
     """Progress bar, metrics.jsonl, TensorBoard, loss plot, the final sample."""
+
+    SECTION: ClassVar[str] = "logging"
+    BOUNDS: ClassVar[Mapping[str, Bound]] = {"every": POSITIVE_COUNT, "peak_tflops_per_device": POSITIVE,
+                                             "sample_tokens": COUNT}
 
     every: int = 10  # log/print metrics every N steps
     progress: bool = True
@@ -121,8 +199,15 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+def _yaml_load(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; a syntax error is a one-line :class:`ConfigError` naming ``where`` and the spot."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        spot = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML: {problem}{spot}") from None
 
 
 @dataclasses.dataclass
@@ -175,7 +260,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if arg is not type(None):
                 try:
                     return _coerce(value, arg, where)
-                except (TypeError, ValueError):
+                except ConfigError:
                     pass
         ok = False
     elif origin in (list, List):
@@ -190,7 +275,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp in (bool, str):
         ok = isinstance(value, tp)
     if not ok:
-        raise TypeError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -198,12 +283,12 @@ def _section(name: str, cls: type, values: Any) -> Any:
     if values is None:
         values = {}
     if not isinstance(values, Mapping):
-        raise TypeError(f"section '{name}': expected a mapping of keys to values, got {type(values).__name__}")
+        raise ConfigError(f"section '{name}': expected a mapping of keys to values, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in section '{name}'; valid keys: {', '.join(fields)}")
+        raise ConfigError(f"unknown key(s) {unknown} in section '{name}'; valid keys: {', '.join(fields)}")
     return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()})
 
 
@@ -218,7 +303,7 @@ def resolve_model(values: Any) -> Dict[str, Any]:
     if isinstance(values, str):
         values = {MODEL_PATH_KEY: values}
     if not isinstance(values, Mapping):
-        raise TypeError(f"section 'model': expected a mapping of NucleusXConfig fields or a path, "
+        raise ConfigError(f"section 'model': expected a mapping of NucleusXConfig fields or a path, "
                         f"got {type(values).__name__}")
     values = dict(values)
     valid = _model_fields()
@@ -232,7 +317,7 @@ def resolve_model(values: Any) -> Dict[str, Any]:
         fields = {k: v for k, v in loaded.items() if k in valid}
     unknown = sorted(set(values) - set(valid))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in section 'model'; valid keys: {MODEL_PATH_KEY}, "
+        raise ConfigError(f"unknown key(s) {unknown} in section 'model'; valid keys: {MODEL_PATH_KEY}, "
                          f"{', '.join(valid)}")
     defaults = inspect.signature(NucleusXConfig.__init__).parameters
     for key, value in values.items():
@@ -247,26 +332,26 @@ def resolve_model(values: Any) -> Dict[str, Any]:
 def set_override(raw: Dict[str, Any], assignment: str) -> None:
     """Apply ``section.key=value`` to the raw dict; the value is parsed as YAML (``1e-3``, ``true``, ``[a, b]``)."""
     if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
-        raise ValueError(f"--set {assignment!r} is invalid: expected section.key=value, e.g. train.steps=10")
+        raise ConfigError(f"--set {assignment!r} is invalid: expected section.key=value, e.g. train.steps=10")
     target, value = assignment.split("=", 1)
     section, key = target.split(".", 1)
     valid = ["model", *SECTIONS]
     if section not in valid:
-        raise ValueError(f"--set {assignment!r}: unknown section '{section}'; valid sections: {', '.join(valid)}")
+        raise ConfigError(f"--set {assignment!r}: unknown section '{section}'; valid sections: {', '.join(valid)}")
     if not isinstance(raw.get(section), dict):
         raw[section] = {} if raw.get(section) is None else ({MODEL_PATH_KEY: raw[section]}
                                                             if isinstance(raw[section], str) else raw[section])
-    raw[section][key] = _yaml_load(value) if value != "" else ""
+    raw[section][key] = _yaml_load(value, f"--set {assignment!r}") if value != "" else ""
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
     """Validate a raw nested dict (from YAML) into a :class:`Config`."""
     if not isinstance(raw, Mapping):
-        raise TypeError(f"the config must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
     valid = ["model", *SECTIONS]
     unknown = sorted(set(raw) - set(valid))
     if unknown:
-        raise ValueError(f"unknown section(s) {unknown}; valid sections: {', '.join(valid)}")
+        raise ConfigError(f"unknown section(s) {unknown}; valid sections: {', '.join(valid)}")
     sections = {name: _section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
     return Config(model=resolve_model(raw.get("model") or {}), **sections)
 
@@ -276,7 +361,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     raw: Dict[str, Any] = {}
     if path is not None:
         with open(path) as f:
-            raw = _yaml_load(f.read()) or {}
+            raw = _yaml_load(f.read(), path) or {}
     for assignment in overrides:
         set_override(raw, assignment)
     return parse_config(raw)

@@ -3,7 +3,8 @@ eval/logging/checkpoints/preemption, then export, plot, sample and summary.
 
 Run directory layout: ``config.yaml`` (resolved), ``tokenizer.model`` (when trained here), ``data_cache/``,
 ``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``loss.png``, ``hf/`` (final model and
-tokenizer), ``torch/`` (optional PyTorch export), ``summary.json``.
+tokenizer), ``torch/`` (optional PyTorch export), ``summary.json``, ``run.lock`` (the trainer running there,
+see :mod:`.lock`).
 """
 
 import dataclasses
@@ -28,6 +29,7 @@ from ..tensorio import atomic_write
 from .checkpoint import CONFIG_FILE, Checkpointer
 from .config import Config
 from .data import PackedDataset
+from .lock import RunLock, RunLockedError
 from .metrics import MetricsWriter, peak_tflops, plot_losses
 from .step import Trainer, make_trainer, training_flops_per_token
 from ..tokenizer import Tokenizer, load_tokenizer, save_hf_tokenizer, train_tokenizer
@@ -39,6 +41,8 @@ SUMMARY_FILE, DATA_CACHE = "summary.json", "data_cache"
 
 class NonFiniteLossError(RuntimeError):
     """Raised when ``train.on_nonfinite == "stop"`` and a step's loss or gradient norm is not finite."""
+
+    exit_status = 3  # train.py's exit status (see nucleusx_jax.cli)
 
 
 def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
@@ -159,12 +163,41 @@ def _global_batch(trainer: Trainer, dataset: PackedDataset, step: int) -> jax.Ar
     return jax.make_array_from_single_device_arrays(shape, trainer.batch_sharding, shards)
 
 
+def _lock_run_dir(run_dir: str) -> Optional[RunLock]:
+    """Process 0 takes the run directory's lock (the other processes of this run share it); every process
+    learns whether it could, so a refused multi-host run stops everywhere. Raises :class:`RunLockedError`."""
+    lock, refused = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunLockedError as err:
+            refused = err
+    if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(refused is None)):
+        refused = refused or RunLockedError(f"process 0 of this run could not lock {run_dir}; see its error")
+    if refused is not None:
+        raise refused
+    return lock
+
+
 def run(cfg: Config) -> Dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns the summary (also written to summary.json).
 
-    Raises :class:`NonFiniteLossError` on a non-finite step when ``train.on_nonfinite == "stop"``. On SIGTERM
-    saves a checkpoint and returns with ``summary["preempted"] = True``.
+    Raises :class:`RunLockedError` when another run holds ``train.run_dir`` (see :mod:`.lock`), and
+    :class:`NonFiniteLossError` on a non-finite step when ``train.on_nonfinite == "stop"``. On SIGTERM saves a
+    checkpoint and returns with ``summary["preempted"] = True``.
     """
+    run_dir = os.path.abspath(cfg.train.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    lock = _lock_run_dir(run_dir)
+    try:
+        return _run(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: Config) -> Dict[str, Any]:
+    """:func:`run` once the run directory is locked."""
     t, lg = cfg.train, cfg.logging
     lead = jax.process_index() == 0
     run_dir = os.path.abspath(t.run_dir)
