@@ -104,6 +104,28 @@ def test_overwrite_never_touches_the_source(tmp_path):
     assert (parent / "model" / "flax" / "flax_model.msgpack").is_file()
 
 
+@pytest.mark.parametrize("safe", [True, False])
+def test_shards_as_transformers_writes_them_still_load(tmp_path, safe):
+    """Shards written by huggingface_hub's save_torch_state_dict, which transformers' save_pretrained uses
+    (same file names, index and metadata), pass the strict readers and convert like the single file."""
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copyfile(TINY / "config.json", src / "config.json")
+    state = {k: v.clone() for k, v in load_file(str(TINY / "model.safetensors")).items()}
+    pattern = "model{suffix}.safetensors" if safe else "pytorch_model{suffix}.bin"
+    save_torch_state_dict(state, src, filename_pattern=pattern, max_shard_size="100KB", safe_serialization=safe,
+                          metadata={"format": "pt"})
+    index = json.loads((src / (pattern.format(suffix="") + ".index.json")).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    convert(src, tmp_path / "sharded", "flax", progress=False)
+    convert(TINY, tmp_path / "single", "flax", progress=False)
+    assert ((tmp_path / "sharded" / "flax_model.msgpack").read_bytes()
+            == (tmp_path / "single" / "flax_model.msgpack").read_bytes())
+
+
 def test_stale_partial_outputs(tmp_path, caplog):
     dead = subprocess.Popen(["true"])
     dead.wait()  # reaped: its pid names no process
