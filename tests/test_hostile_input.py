@@ -68,6 +68,9 @@ def test_malformed_yaml_is_one_line(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"--set 'train.steps=\[1' is not valid YAML"):
         load_config(TINY_YAML, ["train.steps=[1"])
+    (tmp_path / "config.json").write_text("{x")
+    with pytest.raises(ConfigError, match=f"model.path: {tmp_path / 'config.json'} is not valid JSON"):
+        load_config(TINY_YAML, [f"model.path={tmp_path}"])
 
 
 # ------------------------------------------------------------------------------------------ converter

@@ -313,7 +313,12 @@ def resolve_model(values: Any) -> Dict[str, Any]:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         with open(path) as f:
-            loaded = json.load(f)
+            try:
+                loaded = json.load(f)
+            except ValueError as e:
+                raise ConfigError(f"model.{MODEL_PATH_KEY}: {path} is not valid JSON: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"model.{MODEL_PATH_KEY}: {path} holds a {type(loaded).__name__}, not a model config")
         fields = {k: v for k, v in loaded.items() if k in valid}
     unknown = sorted(set(values) - set(valid))
     if unknown:
