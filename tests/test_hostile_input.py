@@ -247,6 +247,7 @@ def test_cli_bad_checkpoint_and_locked_run_dir(tmp_path):
     with RunLock(str(tmp_path / "run")) as lock:
         result = run_cli("train.py", "--config", TINY_YAML, "--set", f"train.run_dir={tmp_path / 'run'}")
     assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert os.listdir(tmp_path / "run") == [LOCK_FILE]  # refused before anything else was written
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path / 'run'} is in use by another run (pid {os.getpid()} on host "
                            f"{socket.gethostname()}, started {lock.holder.started})")
