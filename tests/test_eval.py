@@ -27,6 +27,7 @@ from nucleusx_jax.eval import NucleusXLM  # noqa: E402
 from nucleusx_jax.eval.__main__ import main as eval_main  # noqa: E402
 from nucleusx_jax.tokenizer import load_tokenizer, save_hf_tokenizer, train_tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # ~1.5 min on 2 cores: tokenizer training and a few compiles per model
 VOCAB = 512
 TOPICS = sorted(topics)
 
@@ -43,7 +44,7 @@ def env(tmp_path_factory):
     ``initializer_factor=1`` gives retention outputs well above the per-head RMSNorm's epsilon, as in a trained
     model: the retention forms then agree to float32 rounding (with the default factor they differ by ~1e-3)."""
     root = tmp_path_factory.mktemp("eval")
-    sp = train_tokenizer(["builtin:pydoc"], str(root / "sp"), VOCAB, max_sentences=3000, character_coverage=0.995)
+    sp = train_tokenizer(["builtin:pydoc"], str(root / "sp"), VOCAB, max_sentences=1000, character_coverage=0.995)
     cfg = NucleusXConfig(vocab_size=VOCAB, decoder_embed_dim=64, decoder_ffn_embed_dim=96, decoder_layers=2,
                          decoder_retention_heads=4, decoder_value_embed_dim=128, recurrent_chunk_size=16,
                          initializer_factor=1.0, bos_token_id=1, eos_token_id=2, pad_token_id=3)
@@ -120,14 +121,24 @@ metric_list:
     return str(tasks), files
 
 
-def _logprob(model, tok, context, continuation):
-    """log p(continuation | BOS + context) from one parallel pass (the pair encoded whole, as the harness does)."""
-    ctx = [tok.bos_id] + tok.encode(context)
-    whole = [tok.bos_id] + tok.encode(context + continuation)
-    logits = np.asarray(model(np.asarray([whole[:-1]]), forward_mode="parallel").logits[0], np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
-        -1, keepdims=True)
-    return sum(logp[t - 1, whole[t]] for t in range(len(ctx), len(whole)))
+def _direct_logps(model, seqs, mode):
+    """Float64 log-probabilities ``[N, L-1, V]`` of each token sequence's next tokens from one pass in ``mode``
+    (sequences right-padded to a common length: causal, so padding after a sequence changes nothing of it)."""
+    length = max(len(s) for s in seqs)
+    ids = np.asarray([list(s) + [0] * (length - len(s)) for s in seqs])
+    logits = np.asarray(model(ids[:, :-1], forward_mode=mode).logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def _logprobs(model, tok, pairs):
+    """log p(continuation | BOS + context) of each (context, continuation) text pair from one parallel pass (the
+    pair encoded whole and split where the context's encoding ends, as the harness does)."""
+    ctxs = [[tok.bos_id] + tok.encode(c) for c, _ in pairs]
+    wholes = [[tok.bos_id] + tok.encode(c + x) for c, x in pairs]
+    logp = _direct_logps(model, wholes, "parallel")
+    return np.asarray([sum(logp[n, t - 1, w[t]] for t in range(len(c), len(w)))
+                       for n, (c, w) in enumerate(zip(ctxs, wholes))])
 
 
 def _reference_generation(model, tok, prompt, steps=12):
@@ -158,7 +169,7 @@ def test_multiple_choice_matches_direct_logprobs(env, run):
     correct = []
     for s in samples:
         got = np.asarray([r[0][0] for r in s["resps"]])
-        want = np.asarray([_logprob(env["model"], env["tok"], *a) for a in s["arguments"]])
+        want = _logprobs(env["model"], env["tok"], s["arguments"])
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
         correct.append(float(np.argmax(want) == s["doc"]["label"]))
         assert s["acc"] == correct[-1]
@@ -183,15 +194,12 @@ def test_prefix_sharing_and_torch_dir_give_the_same_values(env, run):
 def test_rolling_perplexity_equals_one_chunkwise_pass(env, run):
     model, tok = env["model"], env["tok"]
     samples = run["results"]["samples"]["tiny_ppl"]
-    lengths = []
-    for s in samples:
-        ids = [tok.bos_id] + tok.encode(s["doc"]["text"])
-        lengths.append(len(ids))
-        logits = model(np.asarray([ids[:-1]]), forward_mode="chunkwise").logits[0]
-        logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), -1), np.float64)
-        loss = -logp[np.arange(len(ids) - 1), ids[1:]].mean()
-        got = s["resps"][0][0]
-        assert -got / (len(ids) - 1) == pytest.approx(loss, abs=1e-4)
+    docs = [[tok.bos_id] + tok.encode(s["doc"]["text"]) for s in samples]
+    logp = _direct_logps(model, docs, "chunkwise")
+    lengths = [len(d) for d in docs]
+    for n, (s, ids) in enumerate(zip(samples, docs)):
+        loss = -logp[n, np.arange(len(ids) - 1), ids[1:]].mean()
+        assert -s["resps"][0][0] / (len(ids) - 1) == pytest.approx(loss, abs=1e-4)
     assert max(lengths) > 3 * 256 and min(lengths) < 256  # several windows, and a document in one window
     # One compiled window serves every document length: memory does not grow with the document.
     assert run["lm"].backend._window._cache_size() == 1
@@ -210,8 +218,8 @@ def test_generation_equals_generate_cut_at_stop(env, run):
 
 
 def test_cli_runs_the_harness(env, run, tmp_path, capsys):
-    eval_main(["--model_args", f"pretrained={env['flax']},batch_size=4,max_length=256", "--tasks", "tiny_mc",
-               "--include_path", run["include"], "--output_path", str(tmp_path), "--bootstrap_iters", "0"])
+    eval_main(["--model_args", f"pretrained={env['flax']},max_length=256", "--batch_size", "4", "--tasks", "tiny_mc",
+               "--include_path", run["include"], "--output_path", str(tmp_path)])
     [path] = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.startswith("results")]
     with open(path) as f:
         acc = json.load(f)["results"]["tiny_mc"]["acc,none"]
