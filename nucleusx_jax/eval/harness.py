@@ -13,7 +13,8 @@ Retention makes two things cheap here:
   with nothing re-encoded; memory depends on the window, not on the document.
 
 Requests are batched by length (longest first), contexts padded on the left and continuations on the right,
-lengths rounded up to a multiple of ``pad_multiple`` so that few shapes are compiled.
+context lengths rounded up to a multiple of ``pad_multiple`` and continuation lengths (run token by token in the
+recurrent form) to a power of two, so that few shapes are compiled.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ class EvalOptions:
     also the window of rolling perplexity. ``truncation``: cut contexts that are too long from the left
     (otherwise a too-long request is an error). ``share_prefix``: run each distinct context once and continue
     every request from its state (otherwise each request runs context and continuation whole).
+    ``continuation_batch_size``: rows of one continuation pass (continuations are short, so more rows fit).
     ``add_bos``: put the tokenizer's BOS before every context. ``max_gen_toks``: new tokens of a generation
     when the task does not say. ``pad_multiple``: padded lengths are multiples of it.
     """
 
     batch_size: int = 8
+    continuation_batch_size: int = 32
     max_length: int = 2048
     truncation: bool = False
     share_prefix: bool = True
@@ -58,7 +61,7 @@ class EvalOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_length", "max_gen_toks", "pad_multiple"):
+        for name in ("batch_size", "continuation_batch_size", "max_length", "max_gen_toks", "pad_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1")
@@ -69,6 +72,11 @@ class EvalOptions:
 
 def _pad_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= n: padded continuation lengths (short, run token by token)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], length: int, rows: int, pad: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -228,10 +236,11 @@ class NucleusXLM(LM):
             first_logp, cache = self.backend.prefix(ids, mask)
             todo = [(row, i) for row, (_, served) in enumerate(batch) for i in served]
             todo.sort(key=lambda t: -len(pairs[t[1]][1]))
-            for part in _batches(todo, o.batch_size):
+            for part in _batches(todo, o.continuation_batch_size):
                 conts = [pairs[i][1] for _, i in part]
-                cids, cmask = _right_pad(conts, _pad_to(len(conts[0]), o.pad_multiple), o.batch_size, pad)
-                rows = np.asarray([row for row, _ in part] + [part[0][0]] * (o.batch_size - len(part)))
+                n_rows = o.continuation_batch_size
+                cids, cmask = _right_pad(conts, _power_of_two(len(conts[0])), n_rows, pad)
+                rows = np.asarray([row for row, _ in part] + [part[0][0]] * (n_rows - len(part)))
                 lp, greedy = self.backend.continuation(first_logp, cache, rows, cids, cmask)
                 for n, (_, i) in enumerate(part):
                     k = len(conts[n])
