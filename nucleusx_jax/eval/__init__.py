@@ -3,6 +3,6 @@
 See :mod:`nucleusx_jax.eval.harness` for the model and :mod:`nucleusx_jax.eval.backend` for the compiled passes.
 """
 
-from .harness import EvalOptions, NucleusXLM
+from .harness import EvalOptions, NucleusXLM, evaluate_tasks
 
-__all__ = ["EvalOptions", "NucleusXLM"]
+__all__ = ["EvalOptions", "NucleusXLM", "evaluate_tasks"]

@@ -23,9 +23,11 @@ import dataclasses
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jax
+import lm_eval
 import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.tasks import TaskManager
 from tqdm.auto import tqdm
 
 from .. import generate
@@ -327,4 +329,18 @@ class NucleusXLM(LM):
         return out
 
 
-__all__ = ["DTYPES", "EvalOptions", "NucleusXLM"]
+def evaluate_tasks(model: Any, tokenizer: Tokenizer, tasks: Sequence[str], *, params: Any = None,
+                   options: EvalOptions = EvalOptions(), include_path: Optional[str] = None,
+                   limit: Optional[int] = None, num_fewshot: Optional[int] = None) -> Dict[str, float]:
+    """Run lm-eval ``tasks`` on a model in memory (e.g. the trainer's, with its sharded ``params``); returns the
+    numeric metrics as ``{"task/metric": value}`` (the harness's ``metric,filter`` keys, ``,none`` dropped)."""
+    lm = NucleusXLM.from_model(model, tokenizer, params=params, options=options)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=TaskManager(include_path=include_path),
+                                      limit=limit, num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
+                                      verbosity="WARNING")
+    return {f"{task}/{key.removesuffix(',none')}": float(value)
+            for task, metrics in results["results"].items() for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in key}
+
+
+__all__ = ["DTYPES", "EvalOptions", "NucleusXLM", "evaluate_tasks"]
