@@ -247,3 +247,30 @@ def test_truncation_cuts_contexts_from_the_left(env):
     [(value, _)] = lm.loglikelihood_tokens([(ctx[-(10 - len(cont)):], cont)])
     [(got, _)] = lm.loglikelihood([type("R", (), {"args": (context, continuation)})()], disable_tqdm=True)
     assert got == pytest.approx(value, abs=1e-6)
+
+
+def test_lm_eval_tasks_during_training(env, run, tmp_path):
+    """``lm_eval.every`` runs the tasks on the trainer's parameters and logs them (metrics.jsonl, split lm_eval);
+    the last record equals the harness run on the exported final model."""
+    from nucleusx_jax.train.config import load_config
+    from nucleusx_jax.train.loop import run as train
+    from nucleusx_jax.train.metrics import read_metrics
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model = {k: v for k, v in env["model"].config.to_dict().items()
+             if k in ("vocab_size", "decoder_embed_dim", "decoder_value_embed_dim", "decoder_ffn_embed_dim",
+                      "decoder_layers", "decoder_retention_heads")}
+    run_dir = str(tmp_path / "run")
+    cfg = load_config(os.path.join(root, "configs", "tiny.yaml"), [
+        f"train.run_dir={run_dir}", f"data.tokenizer={env['tok'].path}", f"data.vocab_size={VOCAB}",
+        *[f"model.{k}={v}" for k, v in model.items()], "data.seq_len=32", "train.global_batch=4", "mesh.data=1",
+        "train.steps=4", "train.eval_every=0", "checkpoint.every=0", "logging.every=1", "logging.sample_tokens=0",
+        "logging.progress=false", "logging.plot=false", "lm_eval.every=2", "lm_eval.tasks=[tiny_mc]",
+        f"lm_eval.include_path={run['include']}", "lm_eval.limit=2", "lm_eval.max_length=256"])
+    train(cfg)
+    records = read_metrics(run_dir, "lm_eval")
+    assert [r["step"] for r in records] == [2, 4]
+    final = lm_eval.simple_evaluate(model=NucleusXLM(pretrained=os.path.join(run_dir, "hf"), max_length=256),
+                                    tasks=["tiny_mc"], task_manager=TaskManager(include_path=run["include"]),
+                                    limit=2, bootstrap_iters=0)
+    assert records[-1]["tiny_mc/acc"] == final["results"]["tiny_mc"]["acc,none"]
