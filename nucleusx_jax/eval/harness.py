@@ -209,7 +209,10 @@ class NucleusXLM(LM):
         for req in requests:
             ctx, cont = self._encode_pair(*req.args)
             pairs.append((self._fit(ctx, self.max_length - len(cont), "a loglikelihood request"), cont))
-        return self.loglikelihood_tokens(pairs, disable_tqdm=disable_tqdm)
+        out = self.loglikelihood_tokens(pairs, disable_tqdm=disable_tqdm)
+        for req, value in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood", req.args, value)
+        return out
 
     def loglikelihood_tokens(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]], *,
                              disable_tqdm: bool = True) -> List[Tuple[float, bool]]:
@@ -217,7 +220,6 @@ class NucleusXLM(LM):
         out: List[Optional[Tuple[float, bool]]] = [None] * len(pairs)
         for i, lp, greedy in self._scores(pairs, disable_tqdm):
             out[i] = (lp, greedy)
-            self.cache_hook.add_partial("loglikelihood", pairs[i], out[i])
         return out  # type: ignore[return-value]
 
     def _users(self, contexts: Sequence[Sequence[int]]) -> List[Tuple[Tuple[int, ...], List[int]]]:
