@@ -66,7 +66,7 @@ def _write_tasks(root, until):
     mc = [dict(question=_text(i, 40 + 10 * i), choices=[" ".join(rng.choice(words, 1 + j % 3)) for j in range(4)],
                label=int(rng.integers(4))) for i in range(1, 9)]
     ppl = [dict(text=_text(i, n)) for i, n in ((10, 4000), (11, 900), (12, 40))]
-    genr = [dict(prompt=_text(i, 60), answer="x") for i in (20, 21, 22)]
+    genr = [dict(prompt=_text(i, 60), answer="x") for i in (20, 21, 22, 20)]  # a repeated prompt: one shared row
     files = {"mc_train": mc[:4], "mc_test": mc[4:], "ppl": ppl, "gen": genr}
     for name, rows in files.items():
         with open(root / f"{name}.jsonl", "w") as f:
@@ -208,6 +208,7 @@ def test_rolling_perplexity_equals_one_chunkwise_pass(env, run):
 def test_generation_equals_generate_cut_at_stop(env, run):
     until = run["until"]
     samples = run["results"]["samples"]["tiny_gen"]
+    assert len(samples) == 4 and samples[0]["doc"] == samples[3]["doc"]
     cut = 0
     for s in samples:
         full = _reference_generation(env["model"], env["tok"], s["doc"]["prompt"])
