@@ -7,8 +7,8 @@ without sharing the context's state.
 A SentencePiece tokenizer (vocab 1024) trained on ``builtin:pydoc``, a random model (embed 256, value 512,
 heads 4, ffn 512, 4 layers, chunk 64, initializer_factor 1), float32 on the default JAX backend. The task is
 written to a temporary directory: items are pydoc snippets with four one-to-three-word choices, 5 shots from a
-train split. ``lm_eval.simple_evaluate`` builds its requests (captured), then ``NucleusXLM.loglikelihood`` runs them with
-``share_prefix=true`` (each item's context once, its 4 continuations from copies of its state) and
+train split. ``lm_eval.simple_evaluate`` builds its requests (captured), then ``NucleusXLM.loglikelihood`` runs
+them with ``share_prefix=true`` (each item's context once, its 4 continuations from copies of its state) and
 ``share_prefix=false`` (the same passes, the context run once per request): one run to compile, then the best
 wall time of ``--repeats`` runs. Prints the wall times, their ratio and the largest
 difference between the two settings' loglikelihoods; writes ``benchmarks/results/eval_prefix.json``.

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from pydoc_data.topics import topics

@@ -1,11 +1,11 @@
 """The model side of evaluation, in one place: loading a directory and the compiled forward passes.
 
 Everything here works on token ids; :mod:`nucleusx_jax.eval.harness` does the text, the batching and lm-eval.
-Shapes: B rows, T positions, V vocabulary. Every function returns per-token float32 log-probabilities of given
-targets and whether each target is the argmax (greedy) choice. The passes are:
+Shapes: B rows, T positions, V vocabulary; log-probabilities are float32. The passes are:
 
-* :meth:`Backend.prefix`: a (shared) context, in the parallel form (chunkwise past the prompt threshold); returns the log-probabilities after its last token and the
-  fixed-size recurrent state it leaves (one :class:`~nucleusx_jax.retention.RetentionState` per layer);
+* :meth:`Backend.prefix`: a (shared) context, in the parallel form (chunkwise past the prompt threshold);
+  returns the log-probabilities after its last token and the fixed-size recurrent state it leaves (one
+  :class:`~nucleusx_jax.retention.RetentionState` per layer);
 * :meth:`Backend.continuation`: continuations from rows of such a state, in the recurrent form;
 * :meth:`Backend.window`: one window of a long document, carrying the state in and out (rolling perplexity
   with memory independent of the document length).
@@ -85,12 +85,10 @@ class Backend:
         return (jnp.concatenate([first_lp, later_lp], axis=1),
                 jnp.concatenate([first_greedy, later_greedy], axis=1))
 
-    def _window_fn(self, params: Any, cache: Cache, ids: Array, mask: Array,
-                   targets: Array) -> Tuple[Array, Array, Cache]:
+    def _window_fn(self, params: Any, cache: Cache, ids: Array, mask: Array, targets: Array) -> Tuple[Array, Cache]:
         logits, cache, _ = self.module.apply({"params": params}, ids, mask, cache, "recurrent", 1, True, False, True)
-        lp, greedy = _target_scores(logits, targets)
-        real = mask.astype(bool)
-        return jnp.sum(jnp.where(real, lp, 0.0), axis=1), jnp.all(greedy | ~real, axis=1), cache
+        lp, _ = _target_scores(logits, targets)
+        return jnp.sum(jnp.where(mask.astype(bool), lp, 0.0), axis=1), cache
 
     # ------------------------------------------------------------------------------------------ host
     def prefix(self, ids: np.ndarray, mask: np.ndarray) -> Tuple[Array, Cache]:
@@ -113,12 +111,11 @@ class Backend:
                      for _ in range(cfg.decoder_layers))
 
     def window(self, cache: Cache, ids: np.ndarray, mask: np.ndarray,
-               targets: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Cache]:
+               targets: np.ndarray) -> Tuple[np.ndarray, Cache]:
         """One window ``[B, W]`` continuing ``cache`` (donated); pads (mask 0) leave the state as it is.
-        Returns (sum of log p(targets) over real positions ``[B]``, all greedy ``[B]``, the new state)."""
-        total, greedy, cache = self._window(self.params, cache, jnp.asarray(ids), jnp.asarray(mask),
-                                            jnp.asarray(targets))
-        return np.asarray(total), np.asarray(greedy), cache
+        Returns (sum of log p(targets) over real positions ``[B]``, the new state)."""
+        total, cache = self._window(self.params, cache, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(targets))
+        return np.asarray(total), cache
 
     def window_memory(self, batch: int, width: int) -> int:
         """Bytes of device memory XLA plans for one :meth:`window` of ``[batch, width]`` (arguments, outputs and

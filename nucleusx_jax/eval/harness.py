@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import generate
 from ..tokenizer import Tokenizer, load_tokenizer
-from .backend import DTYPES, Backend, load_model
+from .backend import Backend, load_model
 
 MODEL_NAME = "nucleusx"  # the name lm-eval knows the model by
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
@@ -275,7 +275,7 @@ class NucleusXLM(LM):
                                             o.batch_size, pad)
                 mask = mask * tmask  # the last token of a document predicts nothing
                 mask[len(batch):] = 0
-                total, _, cache = self.backend.window(cache, ids, mask, targets)
+                total, cache = self.backend.window(cache, ids, mask, targets)
                 totals += total
             for row, i in enumerate(batch):
                 out[i] = float(totals[row])
@@ -285,7 +285,8 @@ class NucleusXLM(LM):
     def _decode_options(self, kwargs: Dict[str, Any]) -> Tuple[generate.DecodeOptions, int, Tuple[str, ...]]:
         unknown = sorted(set(kwargs) - set(GEN_KWARGS))
         if unknown:
-            raise ValueError(f"unsupported generation argument(s) {', '.join(unknown)}; allowed: {', '.join(GEN_KWARGS)}")
+            raise ValueError(f"unsupported generation argument(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(GEN_KWARGS)}")
         until = kwargs.get("until", ())
         until = (until,) if isinstance(until, str) else tuple(until)
         steps = kwargs.get("max_gen_toks", self.options.max_gen_toks)
@@ -345,4 +346,4 @@ def evaluate_tasks(model: Any, tokenizer: Tokenizer, tasks: Sequence[str], *, pa
             if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in key}
 
 
-__all__ = ["DTYPES", "EvalOptions", "NucleusXLM", "evaluate_tasks"]
+__all__ = ["EvalOptions", "NucleusXLM", "evaluate_tasks"]
