@@ -175,6 +175,21 @@ class LoggingConfig(_Bounded):
     sample_tokens: int = 48  # 0: no sample at the end
 
 
+@dataclasses.dataclass
+class LmEvalConfig:
+    """lm-evaluation-harness tasks run every ``every`` steps on the training mesh, their metrics logged beside
+    the losses (split ``lm_eval``). Needs the ``eval`` extra. ``include_path``: a directory of local task YAMLs;
+    ``limit``: documents per task; the rest as :class:`nucleusx_jax.eval.EvalOptions`."""
+
+    tasks: List[str] = dataclasses.field(default_factory=list)
+    every: int = 0  # 0 disables
+    include_path: Optional[str] = None
+    limit: Optional[int] = None
+    num_fewshot: Optional[int] = None
+    batch_size: int = 8
+    max_length: int = 2048
+
+
 SECTIONS: Dict[str, type] = {
     "data": DataConfig,
     "optimizer": OptimizerConfig,
@@ -183,6 +198,7 @@ SECTIONS: Dict[str, type] = {
     "mesh": MeshConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "lm_eval": LmEvalConfig,
 }
 MODEL_PATH_KEY = "path"
 
@@ -222,6 +238,7 @@ class Config:
     mesh: MeshConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
+    lm_eval: LmEvalConfig = dataclasses.field(default_factory=LmEvalConfig)
 
     def model_config(self) -> NucleusXConfig:
         """The validated :class:`NucleusXConfig`."""

@@ -16,9 +16,10 @@ import os
 import shutil
 import signal
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
@@ -179,6 +180,24 @@ def _lock_run_dir(run_dir: str) -> Optional[RunLock]:
     return lock
 
 
+def lm_eval_runner(cfg: Config, tokenizer: Tokenizer) -> Optional[Callable[[Any], Dict[str, float]]]:
+    """``params -> {"task/metric": value}`` running ``cfg.lm_eval.tasks`` on the trainer's (sharded) parameters,
+    or None when ``lm_eval.every`` is 0. Imports the optional ``eval`` extra (lm-eval) only when asked for."""
+    le = cfg.lm_eval
+    if le.every <= 0:
+        return None
+    if not le.tasks:
+        raise ValueError(f"lm_eval.every={le.every} needs lm_eval.tasks, a list of lm-eval task names")
+    from ..eval import EvalOptions, evaluate_tasks
+    from ..hf import FlaxNucleusXForCausalLM
+
+    dtype = jnp.bfloat16 if cfg.train.dtype == "bfloat16" else jnp.float32
+    model = FlaxNucleusXForCausalLM(cfg.model_config(), dtype=dtype, _do_init=False)
+    options = EvalOptions(batch_size=le.batch_size, max_length=le.max_length)
+    return lambda params: evaluate_tasks(model, tokenizer, le.tasks, params=params, options=options,
+                                         include_path=le.include_path, limit=le.limit, num_fewshot=le.num_fewshot)
+
+
 def run(cfg: Config) -> Dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns the summary (also written to summary.json).
 
@@ -218,6 +237,7 @@ def _run(cfg: Config) -> Dict[str, Any]:
         eval_data = PackedDataset(cfg.data, tokenizer, "eval", cache_dir=cache_dir)
         eval_data.validate_batch(t.global_batch, jax.process_index(), jax.process_count())
 
+    run_lm_eval = lm_eval_runner(cfg, tokenizer)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     state = checkpointer.restore_latest(trainer.abstract_state) if cfg.checkpoint.resume else None
     resumed_from = None if state is None else int(jax.device_get(state.step))
@@ -284,6 +304,13 @@ def _run(cfg: Config) -> Dict[str, Any]:
                     writer.write(done, "eval", {"loss": eval_loss})
                 if lead:
                     bar.write(f"step {done}: train loss {loss:.4f}, eval loss {eval_loss:.4f}")
+                window_start = time.perf_counter()
+            if run_lm_eval is not None and (done % cfg.lm_eval.every == 0 or done == t.steps):
+                scores = run_lm_eval(state.params)
+                if writer is not None:
+                    writer.write(done, "lm_eval", scores)
+                if lead:
+                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 window_start = time.perf_counter()
             if checkpointer.due(done):
                 checkpointer.save(state)
