@@ -23,7 +23,8 @@ from nucleusx_jax import FlaxNucleusXForCausalLM
 from nucleusx_jax import sharding as shd
 from nucleusx_jax.train.checkpoint import CORRUPT_DIR, Checkpointer, restore_params
 from nucleusx_jax.train.config import load_config
-from nucleusx_jax.train.loop import DATA_CACHE, NonFiniteLossError, run
+from nucleusx_jax.train.data import DATA_DIR
+from nucleusx_jax.train.loop import NonFiniteLossError, run
 from nucleusx_jax.train.metrics import read_metrics
 from nucleusx_jax.train.step import make_trainer
 from nucleusx_jax.tokenizer import train_tokenizer
@@ -60,9 +61,9 @@ def cli(args, **kwargs):
 
 
 def fresh_run_dir(reference, tmp_path) -> str:
-    """An empty run dir holding only the reference run's tokenized-data cache (same data, same tokenizer)."""
+    """An empty run dir holding only the reference run's token stores (same data, same tokenizer)."""
     run_dir = tmp_path / "run"
-    shutil.copytree(os.path.join(reference[0], DATA_CACHE), run_dir / DATA_CACHE)
+    shutil.copytree(os.path.join(reference[0], DATA_DIR), run_dir / DATA_DIR)
     return str(run_dir)
 
 
