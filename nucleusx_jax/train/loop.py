@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -158,12 +158,18 @@ def _evaluate_all(trainer: Trainer, params: Any, eval_sets: List[EvalSet], batch
     return {"loss": record[f"{eval_sets[0].name}/loss"], **record}
 
 
+def host_rows(sharding: jax.sharding.Sharding, shape: Tuple[int, int]) -> List[int]:
+    """The rows of a ``shape`` batch that this process's devices hold under ``sharding``, sorted."""
+    index_map = sharding.addressable_devices_indices_map(shape)
+    return sorted({r for index in index_map.values() for r in range(*index[0].indices(shape[0]))})
+
+
 def _global_batch(trainer: Trainer, dataset: Mixture, step: int) -> jax.Array:
     """Global batch ``step`` ``[B, T + 1]``: each host reads only the rows its devices hold (row ``r`` is row
     ``r`` of ``dataset``'s batch ``step`` whatever the process layout) and puts them on those devices."""
     shape = (trainer.cfg.train.global_batch, trainer.cfg.data.seq_len + 1)
     index_map = trainer.batch_sharding.addressable_devices_indices_map(shape)
-    rows = sorted({r for index in index_map.values() for r in range(*index[0].indices(shape[0]))})
+    rows = host_rows(trainer.batch_sharding, shape)
     local = dataset.rows(step, shape[0], rows)
     position = {r: i for i, r in enumerate(rows)}
     shards = [jax.device_put(local[[position[r] for r in range(*index[0].indices(shape[0]))]], device)
