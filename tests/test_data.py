@@ -2,11 +2,9 @@
 mixtures: tests/test_data_store.py)."""
 
 import gzip
-import json
 import os
 import sys
 
-import numpy as np
 import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
@@ -177,6 +175,25 @@ def test_text_jsonl_gz_dir_and_glob_sources(tmp_path):
     assert list(iter_documents(cfg)) == ["from jsonl", "again", "zipped"] + text_docs
     # an explicit format overrides the file name
     assert list(iter_source_documents(str(tmp_path / "notes.md"), format="text")) == ["ignored by directory auto-detection"]
+
+
+def test_zst_and_parquet_sources_stream(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    with zstandard.open(tmp_path / "a.jsonl.zst", "wt", encoding="utf-8") as f:
+        f.write('{"text": "zst one"}\n{"text": "zst two"}\n')
+    with zstandard.open(tmp_path / "b.txt.zst", "wt", encoding="utf-8") as f:
+        f.write("para one\nline two\n\npara two\n")
+    texts = [f"row {i}" for i in range(10)] + ["  "]
+    pq.write_table(pa.table({"text": texts, "n": list(range(11))}), tmp_path / "c.parquet", row_group_size=3)
+    assert list(iter_source_documents(str(tmp_path / "a.jsonl.zst"))) == ["zst one", "zst two"]
+    assert list(iter_source_documents(str(tmp_path / "b.txt.zst"))) == ["para one\nline two", "para two"]
+    assert list(iter_source_documents(str(tmp_path / "c.parquet"))) == texts[:10]
+    assert list(iter_documents(_cfg([str(tmp_path)]))) == ["zst one", "zst two", "para one\nline two", "para two"] + texts[:10]
+    with pytest.raises(ValueError, match=r"no column 'body' \(columns: \['text', 'n'\]\)"):
+        list(iter_source_documents(str(tmp_path / "c.parquet"), text_field="body"))
 
 
 def test_hf_datasets_directory(tmp_path, tok):

@@ -93,6 +93,11 @@ def test_run_outputs(reference):
     evals = read_metrics(run_dir, "eval")
     assert [r["step"] for r in evals] == [0, 10, 20, 30, 40]
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.5 and train[-1]["loss"] < train[0]["loss"] - 0.5
+    with open(os.path.join(run_dir, DATA_DIR, "eval", "index.json")) as f:  # the held-out store's text bytes
+        index = json.load(f)
+    for r in evals:  # bits per byte of the original text: nats per token x tokens / (bytes x ln 2)
+        assert r["eval/loss"] == r["loss"]
+        assert r["eval/bpb"] == pytest.approx(r["loss"] * index["tokens"] / (index["bytes"] * np.log(2)), rel=1e-9)
     assert summary["first_train_loss"] == train[0]["loss"] and summary["last_train_loss"] == train[-1]["loss"]
     assert glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))
     with open(os.path.join(run_dir, "loss.png"), "rb") as f:

@@ -35,7 +35,7 @@ from ..tensorio import atomic_write
 from ..tokenizer import Tokenizer, load_tokenizer
 from .reader import derive_key, mix64
 from .sources import FORMATS, iter_source_documents, source_size
-from .store import DTYPES, INDEX_FILE, Shard, TokenStore, file_sha256, index_json, shard_name, token_dtype
+from .store import DTYPES, INDEX_FILE, Shard, TokenStore, index_json, shard_name, token_dtype
 
 PROGRESS_FILE = "progress.json"
 _HOLDOUT_TAG = 0x401D
