@@ -93,6 +93,9 @@ def test_store_holds_the_documents_tokenized(reference, corpus, tok, sp_path, tm
     # a complete store is returned as is; other settings on the same directory are refused
     before = _files(reference)
     prepare([path], sp_path, reference, options=_options(workers=3))
+    copy = tmp_path / "copy.model"  # the same tokenizer elsewhere: matched by fingerprint, not by path
+    copy.write_bytes(open(sp_path, "rb").read())
+    prepare([path], str(copy), reference, options=_options())
     assert _files(reference) == before
     with pytest.raises(ValueError, match=r"other settings \(they differ in \['shard_tokens'\]: \[1000\] there, \[2000\] now\)"):
         prepare([path], sp_path, reference, options=_options(shard_tokens=2000))

@@ -212,6 +212,9 @@ def _finished_shards(output: str, settings: Dict[str, Any], itemsize: int) -> Li
 
 
 def _same_settings(output: str, have: Dict[str, Any], want: Dict[str, Any]) -> None:
+    """Raise unless two builds' settings agree (the tokenizer by fingerprint and ids, not by its path)."""
+    have, want = ({**d, "tokenizer": {k: v for k, v in (d.get("tokenizer") or {}).items() if k != "path"}}
+                  for d in (have, want))
     differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
     if differ:
         raise ValueError(f"{output!r} already holds a (possibly unfinished) token store built with other settings "
