@@ -8,7 +8,9 @@
    600 words drawn (seeded) from the words of ``pydoc_data``; the first ``--small-gb`` (0.5) of files is the
    small corpus.
 3. Runs ``python -m nucleusx_jax.data prepare`` in a subprocess for each (corpus, workers) pair, polling the
-   RSS of its whole process tree (main + workers) every 0.1 s: peak tree RSS, wall time, tokens/s. Checks
+   RSS of its whole process tree (main + workers) every 0.1 s: peak tree RSS, wall time, tokens/s, and the
+   CPU seconds of the main process and of each worker (last seen; on a shared machine CPU seconds say more
+   than wall time). Checks
    peak <= 1.5 GB + 0.5 GB x workers, small vs large peak within 10 %, 2-worker/1-worker throughput >= 1.6.
 4. Writes synthetic token stores of ``--small-tokens`` (10 M) and ``--large-tokens`` (1 B) random ids
    directly, and in a subprocess each opens it as the trainer does (``open_run_data``) and reads
@@ -80,12 +82,14 @@ def run_prepare(files: list, tokenizer: str, output: str, workers: int) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ps, peak = psutil.Process(proc.pid), 0
+    ps, peak, cpu = psutil.Process(proc.pid), 0, {}
     while proc.poll() is None:
         try:
             peak = max(peak, tree_rss(ps))
+            for p in [ps] + ps.children(recursive=True):  # last seen CPU seconds of each process
+                cpu[p.pid] = sum(p.cpu_times()[:2])
         except psutil.NoSuchProcess:
-            break
+            pass
         time.sleep(0.1)
     wall = time.perf_counter() - t0
     out = proc.stdout.read()
@@ -96,7 +100,8 @@ def run_prepare(files: list, tokenizer: str, output: str, workers: int) -> dict:
     shutil.rmtree(output)
     return {"workers": workers, "corpus_bytes": sum(os.path.getsize(f) for f in files), "tokens": index["tokens"],
             "documents": index["documents"], "wall_s": wall, "tokens_per_s": index["tokens"] / wall,
-            "peak_tree_rss_gb": peak / 1e9, "load_avg_1m": os.getloadavg()[0]}
+            "peak_tree_rss_gb": peak / 1e9, "load_avg_1m": os.getloadavg()[0],
+            "cpu_s_main": cpu.get(proc.pid, 0.0), "cpu_s_workers": sorted(v for k, v in cpu.items() if k != proc.pid)}
 
 
 def write_synthetic_store(path: str, tokens: int, tokenizer: str, shard_tokens: int = 1 << 26) -> None:
