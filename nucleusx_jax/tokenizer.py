@@ -47,13 +47,15 @@ class Tokenizer(Protocol):
 
 
 class SentencePieceTokenizer:
-    """A SentencePiece model file. ``pad_id`` is the model's pad piece, or ``eos_id`` when it has none."""
+    """A SentencePiece model file. ``pad_id`` is the model's pad piece, or ``eos_id`` when it has none.
+    ``num_threads`` threads encode a batch (``-1``: SentencePiece's default, every core)."""
 
-    def __init__(self, model_file: str):
+    def __init__(self, model_file: str, *, num_threads: int = -1):
         with open(model_file, "rb") as f:
             proto = f.read()
         self.sp = spm.SentencePieceProcessor(model_proto=proto)
         self.path = model_file
+        self.num_threads = num_threads
         self.fingerprint = hashlib.sha256(proto).hexdigest()
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id()
@@ -66,7 +68,7 @@ class SentencePieceTokenizer:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return self.sp.encode(list(texts))
+        return self.sp.encode(list(texts), num_threads=self.num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -117,18 +119,19 @@ class HFTokenizer:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str) -> Tokenizer:
+def load_tokenizer(path: str, *, num_threads: int = -1) -> Tokenizer:
     """Open a SentencePiece ``*.model`` file, a directory holding ``tokenizer.model`` (without an HF
-    ``tokenizer_config.json``), or a local HF tokenizer directory."""
+    ``tokenizer_config.json``), or a local HF tokenizer directory. ``num_threads`` is SentencePiece's
+    batch-encoding thread count (HF tokenizers follow ``TOKENIZERS_PARALLELISM``)."""
     if os.path.isfile(path):
-        return SentencePieceTokenizer(path)
+        return SentencePieceTokenizer(path, num_threads=num_threads)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "tokenizer_config.json")) or os.path.isfile(
             os.path.join(path, "tokenizer.json")
         ):
             return HFTokenizer(path)
         if os.path.isfile(os.path.join(path, "tokenizer.model")):
-            return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"))
+            return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"), num_threads=num_threads)
         raise ValueError(
             f"tokenizer directory {path!r} holds neither tokenizer_config.json / tokenizer.json (HF) "
             f"nor tokenizer.model (SentencePiece)"

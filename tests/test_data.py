@@ -1,24 +1,17 @@
-"""The data pipeline: tokenizer training/loading, sources, packing, stateless batches, host shards, errors."""
+"""Tokenizer training/loading, text sources and the ``data`` config section (token stores, batches and
+mixtures: tests/test_data_store.py)."""
 
 import gzip
-import json
 import os
 import sys
-from collections import Counter
 
-import numpy as np
 import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from nucleusx_jax import tokenizer as tokenizer_module
 from nucleusx_jax.data.sources import iter_source_documents
-from nucleusx_jax.train.data import (
-    DataConfig,
-    PackedDataset,
-    iter_documents,
-    split_document_ids,
-)
+from nucleusx_jax.train.data import DataConfig
 from nucleusx_jax.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
@@ -41,25 +34,15 @@ def tok(sp_path):
     return load_tokenizer(sp_path)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """60 small documents as a jsonl file: document i says its number in words and digits."""
-    d = tmp_path_factory.mktemp("corpus")
-    docs = [f"Document number {i}. " + " ".join(["lorem ipsum dolor"] * (3 + i % 7)) + f" end {i}." for i in range(60)]
-    path = d / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs)))
-    return str(path), docs
-
-
 def _cfg(sources, **kw):
     kw.setdefault("seq_len", 16)
     return DataConfig(sources=list(sources), **kw)
 
 
-def _windows(ds):
-    """All windows of a dataset, [len(ds), seq_len + 1], built directly from its token array."""
-    L = ds.seq_len
-    return np.stack([np.asarray(ds.tokens[i * L : i * L + L + 1]) for i in range(len(ds))])
+def iter_documents(cfg):
+    """Every document of every source of ``cfg``, in order."""
+    for source in cfg.sources:
+        yield from iter_source_documents(source, cfg.format, cfg.text_field)
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -194,6 +177,25 @@ def test_text_jsonl_gz_dir_and_glob_sources(tmp_path):
     assert list(iter_source_documents(str(tmp_path / "notes.md"), format="text")) == ["ignored by directory auto-detection"]
 
 
+def test_zst_and_parquet_sources_stream(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    with zstandard.open(tmp_path / "a.jsonl.zst", "wt", encoding="utf-8") as f:
+        f.write('{"text": "zst one"}\n{"text": "zst two"}\n')
+    with zstandard.open(tmp_path / "b.txt.zst", "wt", encoding="utf-8") as f:
+        f.write("para one\nline two\n\npara two\n")
+    texts = [f"row {i}" for i in range(10)] + ["  "]
+    pq.write_table(pa.table({"text": texts, "n": list(range(11))}), tmp_path / "c.parquet", row_group_size=3)
+    assert list(iter_source_documents(str(tmp_path / "a.jsonl.zst"))) == ["zst one", "zst two"]
+    assert list(iter_source_documents(str(tmp_path / "b.txt.zst"))) == ["para one\nline two", "para two"]
+    assert list(iter_source_documents(str(tmp_path / "c.parquet"))) == texts[:10]
+    assert list(iter_documents(_cfg([str(tmp_path)]))) == ["zst one", "zst two", "para one\nline two", "para two"] + texts[:10]
+    with pytest.raises(ValueError, match=r"no column 'body' \(columns: \['text', 'n'\]\)"):
+        list(iter_source_documents(str(tmp_path / "c.parquet"), text_field="body"))
+
+
 def test_hf_datasets_directory(tmp_path, tok):
     import datasets  # the `test` and `data` extras install it
     texts = ["alpha beta", "", "gamma delta", "epsilon"]
@@ -209,100 +211,12 @@ def test_hf_datasets_directory(tmp_path, tok):
         list(iter_source_documents("hf:" + str(tmp_path / "ds")))
     with pytest.raises(FileNotFoundError, match="not an HF datasets directory"):
         list(iter_source_documents("hf:" + str(tmp_path / "missing")))
-    ds = PackedDataset(_cfg(["hf:" + str(tmp_path / "ds")], text_field="content", eval_fraction=0, seq_len=4), tok, "train")
-    assert ds.num_tokens == sum(len(tok.encode(t)) + 2 for t in want)
 
 
 def test_missing_datasets_package_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match=r"pip install 'nucleusx-jax\[data\]'"):
         list(iter_source_documents("hf:" + str(tmp_path)))
-
-
-# ------------------------------------------------------------------------------------------ packing, batches
-
-
-def test_packing_with_bos_eos_separators(corpus, tok):
-    path, docs = corpus
-    ds = PackedDataset(_cfg([path], eval_fraction=0, shuffle=False), tok, "train")
-    want = np.concatenate([[tok.bos_id] + tok.encode(d) + [tok.eos_id] for d in docs])
-    np.testing.assert_array_equal(ds.tokens, want)
-    assert ds.tokens.dtype == np.int32
-    assert int((ds.tokens == tok.eos_id).sum()) == len(docs)
-    assert len(ds) == (len(want) - 1) // 16
-    b = ds.batch(0, 4)
-    assert b.shape == (4, 17) and b.dtype == np.int32
-    np.testing.assert_array_equal(b, np.stack([want[i * 16 : i * 16 + 17] for i in range(4)]))  # no shuffle: in order
-    no_bos = PackedDataset(_cfg([path], eval_fraction=0, shuffle=False, add_bos=False), tok, "train")
-    np.testing.assert_array_equal(no_bos.tokens, np.concatenate([tok.encode(d) + [tok.eos_id] for d in docs]))
-
-
-def test_epochs_are_permutations_and_seeds_differ(corpus, tok):
-    path, _ = corpus
-    ds = PackedDataset(_cfg([path]), tok, "train")
-    windows = _windows(ds)
-    n, gb = len(ds), 8
-    steps = 3 * n // gb + 1
-    seen = np.concatenate([ds.batch(s, gb) for s in range(steps)])
-    for e in range(3):  # every window exactly once per epoch (as a multiset: windows may repeat)
-        assert Counter(r.tobytes() for r in seen[e * n : (e + 1) * n]) == Counter(w.tobytes() for w in windows)
-    assert not np.array_equal(seen[:n], seen[n : 2 * n])  # a fresh order each epoch
-    assert not np.array_equal(seen[:n], windows)  # shuffled
-    same = PackedDataset(_cfg([path]), tok, "train")
-    other = PackedDataset(_cfg([path], seed=1), tok, "train")
-    for s in (0, 5, 17):
-        np.testing.assert_array_equal(same.batch(s, gb), ds.batch(s, gb))
-    assert not np.array_equal(np.concatenate([other.batch(s, gb) for s in range(3)]), seen[: 3 * gb])
-
-
-def test_resume_at_any_step(corpus, tok):
-    path, _ = corpus
-    cfg = _cfg([path])
-    straight = PackedDataset(cfg, tok, "train")
-    expected = [straight.batch(s, 6) for s in range(40)]
-    resumed = PackedDataset(cfg, tok, "train")
-    for s in (31, 7, 39, 0, 22, 7):
-        np.testing.assert_array_equal(resumed.batch(s, 6), expected[s])
-
-
-def test_host_shards_partition_the_global_batch(corpus, tok):
-    path, _ = corpus
-    ds = PackedDataset(_cfg([path]), tok, "train")
-    for step in (0, 13):
-        full = ds.batch(step, 8)
-        for count in (2, 4, 8):
-            shards = [ds.batch(step, 8, p, count) for p in range(count)]
-            assert all(s.shape == (8 // count, 17) for s in shards)
-            np.testing.assert_array_equal(np.concatenate(shards), full)
-        np.testing.assert_array_equal(ds.rows(step, 8, [5, 0, 6]), full[[5, 0, 6]])
-
-
-def test_train_eval_disjoint_by_document(corpus, tok):
-    path, docs = corpus
-    cfg = _cfg([path], eval_fraction=0.1, seed=3)
-    train, ev = PackedDataset(cfg, tok, "train"), PackedDataset(cfg, tok, "eval")
-    assert len(ev.doc_ids) == 6 and len(train.doc_ids) == 54
-    assert not set(train.doc_ids) & set(ev.doc_ids)
-    assert sorted(np.concatenate([train.doc_ids, ev.doc_ids])) == list(range(60))
-    for ds in (train, ev):
-        want = np.concatenate([[tok.bos_id] + tok.encode(docs[i]) + [tok.eos_id] for i in ds.doc_ids])
-        np.testing.assert_array_equal(ds.tokens, want)
-    other = split_document_ids(60, _cfg([path], eval_fraction=0.1, seed=4))["eval"]
-    assert set(other) != set(ev.doc_ids)
-
-
-def test_token_cache(tmp_path, corpus, tok):
-    path, _ = corpus
-    cfg = _cfg([path])
-    first = PackedDataset(cfg, tok, "train", cache_dir=str(tmp_path))
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].startswith("tokens-train-") and files[0].endswith(".npy")
-    cached = PackedDataset(cfg, tok, "train", cache_dir=str(tmp_path))
-    assert isinstance(cached.tokens, np.memmap)
-    np.testing.assert_array_equal(cached.tokens, first.tokens)
-    np.testing.assert_array_equal(cached.batch(3, 4), first.batch(3, 4))
-    PackedDataset(_cfg([path], seed=1), tok, "train", cache_dir=str(tmp_path))  # another split: another file
-    assert len(os.listdir(tmp_path)) == 2
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -313,7 +227,7 @@ def test_token_cache(tmp_path, corpus, tok):
     [
         (dict(sources="builtin:pydoc"), "non-empty list"),
         (dict(sources=[]), "non-empty list"),
-        (dict(format="xml"), r"data.format must be one of \('auto', 'text', 'jsonl', 'hf'\), got 'xml'"),
+        (dict(format="xml"), r"data.format must be one of \('auto', 'text', 'jsonl', 'parquet', 'hf'\), got 'xml'"),
         (dict(seq_len=0), "data.seq_len must be an int >= 1, got 0"),
         (dict(vocab_size=100), "data.vocab_size must be an int >= 261"),
         (dict(eval_fraction=1.0), r"data.eval_fraction must be a number in \[0, 1\), got 1.0"),
@@ -339,34 +253,9 @@ def test_source_errors(tmp_path, tok):
         ("s3://bucket/x", ValueError, "unknown data source scheme 's3'"),
         (str(tmp_path / "bad.jsonl"), ValueError, r"bad.jsonl:2: no field 'text' \(record has \['body'\]\)"),
         (str(tmp_path / "broken.jsonl"), ValueError, "broken.jsonl:2: invalid JSON"),
-        (str(tmp_path / "data.csv"), ValueError, "cannot tell the format of"),
+        (str(tmp_path / "data.csv"), ValueError, "unknown source format: cannot tell the format of .*data.csv"),
     ]
     for source, exc, match in cases:
         with pytest.raises(exc, match=match):
             list(iter_documents(_cfg([source])))
-    with pytest.raises(ValueError, match="hold no documents"):
-        PackedDataset(_cfg([str(tmp_path / "blank.txt")]), tok, "train")
-
-
-def test_size_and_batch_errors(tmp_path, corpus, tok):
-    path, _ = corpus
-    two = tmp_path / "two.txt"
-    two.write_text("one document\n\nanother document\n")
-    ds = PackedDataset(_cfg([path]), tok, "train")
-    n = len(ds)
-    with pytest.raises(ValueError, match=f"holds {n} sequences of seq_len \\+ 1 = 17 tokens .* global_batch is {n + 1}"):
-        ds.batch(0, n + 1)
-    with pytest.raises(ValueError, match="global_batch 6 is not divisible by process_count 4"):
-        ds.batch(0, 6, 0, 4)
-    with pytest.raises(ValueError, match=r"process_index must be in \[0, 2\), got 2"):
-        ds.batch(0, 6, 2, 2)
-    with pytest.raises(ValueError, match="step must be a non-negative int"):
-        ds.batch(-1, 6)
-    with pytest.raises(ValueError, match="shorter than one sequence of seq_len \\+ 1 = 100001 tokens"):
-        PackedDataset(_cfg([path], seq_len=100_000), tok, "eval")
-    with pytest.raises(ValueError, match=r"cannot hold out 2 eval document\(s\) from a corpus of 2 document"):
-        PackedDataset(_cfg([str(two)], eval_fraction=0.9), tok, "eval")
-    with pytest.raises(ValueError, match="eval split is empty"):
-        PackedDataset(_cfg([path], eval_fraction=0), tok, "eval")
-    with pytest.raises(ValueError, match=r"split must be one of \('train', 'eval'\), got 'test'"):
-        PackedDataset(_cfg([path]), tok, "test")
+    assert list(iter_documents(_cfg([str(tmp_path / "blank.txt")]))) == []

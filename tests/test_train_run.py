@@ -23,8 +23,9 @@ from nucleusx_jax import FlaxNucleusXForCausalLM
 from nucleusx_jax import sharding as shd
 from nucleusx_jax.train.checkpoint import CORRUPT_DIR, Checkpointer, restore_params
 from nucleusx_jax.train.config import load_config
+from nucleusx_jax.train.data import DATA_DIR
 from nucleusx_jax.train.lock import LOCK_FILE
-from nucleusx_jax.train.loop import DATA_CACHE, NonFiniteLossError, run
+from nucleusx_jax.train.loop import NonFiniteLossError, run
 from nucleusx_jax.train.metrics import read_metrics
 from nucleusx_jax.train.step import make_trainer
 from nucleusx_jax.tokenizer import train_tokenizer
@@ -61,9 +62,9 @@ def cli(args, **kwargs):
 
 
 def fresh_run_dir(reference, tmp_path) -> str:
-    """An empty run dir holding only the reference run's tokenized-data cache (same data, same tokenizer)."""
+    """An empty run dir holding only the reference run's token stores (same data, same tokenizer)."""
     run_dir = tmp_path / "run"
-    shutil.copytree(os.path.join(reference[0], DATA_CACHE), run_dir / DATA_CACHE)
+    shutil.copytree(os.path.join(reference[0], DATA_DIR), run_dir / DATA_DIR)
     return str(run_dir)
 
 
@@ -95,6 +96,11 @@ def test_run_outputs(reference):
     evals = read_metrics(run_dir, "eval")
     assert [r["step"] for r in evals] == [0, 10, 20, 30, 40]
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.5 and train[-1]["loss"] < train[0]["loss"] - 0.5
+    with open(os.path.join(run_dir, DATA_DIR, "eval", "index.json")) as f:  # the held-out store's text bytes
+        index = json.load(f)
+    for r in evals:  # bits per byte of the original text: nats per token x tokens / (bytes x ln 2)
+        assert r["eval/loss"] == r["loss"]
+        assert r["eval/bpb"] == pytest.approx(r["loss"] * index["tokens"] / (index["bytes"] * np.log(2)), rel=1e-9)
     assert summary["first_train_loss"] == train[0]["loss"] and summary["last_train_loss"] == train[-1]["loss"]
     assert glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))
     with open(os.path.join(run_dir, "loss.png"), "rb") as f:

@@ -1,12 +1,15 @@
-"""Text sources read into documents: local text/jsonl files (``.gz``), directories, globs, HF datasets and
-the embedded corpora.
+"""Text sources read into documents, streaming (a file is never read whole): local text/jsonl/parquet
+files, directories, globs, HF datasets and the embedded corpora.
 
 * ``*.txt`` files: one document per blank-line-separated paragraph;
-* ``*.jsonl`` files: one document per line, the string field ``text_field``; ``.gz`` variants of both;
-* a directory: every ``*.txt`` / ``*.jsonl`` file under it (sorted), unless it is an HF ``datasets``
+* ``*.jsonl`` files: one document per line, the string field ``text_field``; ``.gz`` and ``.zst`` variants
+  of both (``.zst`` needs ``zstandard``);
+* ``*.parquet`` files: column ``text_field``, one document per row, read one row group at a time (needs
+  ``pyarrow``);
+* a directory: every text/jsonl/parquet file under it (sorted), unless it is an HF ``datasets``
   directory written by ``save_to_disk``; a glob pattern: its matches, sorted;
-* ``hf:PATH_OR_NAME``: an HF ``datasets`` directory (``load_from_disk``), or a hub name (``load_dataset``,
-  needs a network), column ``text_field`` of split ``train`` (or of the only split);
+* ``hf:PATH_OR_NAME``: an HF ``datasets`` directory (``load_from_disk``), or a hub name (``load_dataset``
+  with ``streaming=True``, needs a network), column ``text_field`` of split ``train`` (or of the only split);
 * ``builtin:pydoc``: the embedded corpus, the topics of CPython's ``pydoc_data`` (one document per topic);
   ``builtin:stdlib``: the docstrings of the standard library's modules (one document per module).
 
@@ -19,17 +22,20 @@ import ast
 import functools
 import glob
 import gzip
+import io
+import itertools
 import json
 import os
 import re
 import sysconfig
 import tokenize
-from typing import Callable, Dict, Iterable, Iterator, List, Tuple
+from typing import IO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-FORMATS = ("auto", "text", "jsonl", "hf")
+FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
 _TEXT_SUFFIXES = (".txt", ".text")
 _JSONL_SUFFIXES = (".jsonl",)
-_PARAGRAPH_BREAK = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+_PARQUET_SUFFIXES = (".parquet",)
+_COMPRESSED = (".gz", ".zst")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?!\\)")  # "hf:...", "builtin:...", "s3://..."; not "C:\"
 
 
@@ -87,36 +93,68 @@ BUILTIN_SOURCES: Dict[str, Callable[[], Iterable[str]]] = {
 }
 
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+def _open_text(path: str) -> IO[str]:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    if path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as e:
+            raise ImportError(f"reading {path!r} needs the `zstandard` package: pip install 'nucleusx-jax[data]'") from e
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
+                                encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def _file_format(path: str, format: str) -> str:
-    """``text`` or ``jsonl`` for a file, from ``format`` or (``auto``) the file name."""
-    if format in ("text", "jsonl"):
+    """``text``, ``jsonl`` or ``parquet`` for a file, from ``format`` or (``auto``) the file name."""
+    if format in ("text", "jsonl", "parquet"):
         return format
     if format == "hf":
         raise ValueError(f"format 'hf' needs a directory written by datasets' save_to_disk, got the file {path!r}")
-    name = path[:-3] if path.endswith(".gz") else path
-    if name.endswith(_TEXT_SUFFIXES):
-        return "text"
-    if name.endswith(_JSONL_SUFFIXES):
-        return "jsonl"
+    name = next((path[: -len(c)] for c in _COMPRESSED if path.endswith(c)), path)
+    for fmt, suffixes in (("text", _TEXT_SUFFIXES), ("jsonl", _JSONL_SUFFIXES), ("parquet", _PARQUET_SUFFIXES)):
+        if name.endswith(suffixes) and (fmt != "parquet" or name == path):
+            return fmt
     raise ValueError(
-        f"cannot tell the format of {path!r} from its name (known: {_TEXT_SUFFIXES + _JSONL_SUFFIXES}, "
-        f"optionally .gz); set data.format to 'text' or 'jsonl'"
+        f"unknown source format: cannot tell the format of {path!r} from its name (known: "
+        f"{_TEXT_SUFFIXES + _JSONL_SUFFIXES}, optionally {_COMPRESSED}, and {_PARQUET_SUFFIXES}); "
+        f"set the format to 'text', 'jsonl' or 'parquet'"
     )
 
 
 def _text_documents(path: str) -> Iterator[str]:
+    """Blank-line-separated paragraphs, read line by line (a line of spaces and tabs is blank)."""
+    lines: List[str] = []
     try:
         with _open_text(path) as f:
-            text = f.read()
+            for line in itertools.chain(f, [""]):  # "" flushes the last paragraph
+                if line.strip(" \t\r\n"):
+                    lines.append(line)
+                    continue
+                paragraph = "".join(lines).strip("\r\n")
+                lines.clear()
+                if paragraph.strip():
+                    yield paragraph
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not valid UTF-8 text: {e}") from e
-    for paragraph in _PARAGRAPH_BREAK.split(text):
-        if paragraph.strip():
-            yield paragraph.strip("\r\n")
+
+
+def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
+    """Column ``text_field`` of a parquet file, one row group at a time."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError(f"reading {path!r} needs the `pyarrow` package: pip install 'nucleusx-jax[data]'") from e
+    f = pq.ParquetFile(path)
+    if text_field not in f.schema_arrow.names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {f.schema_arrow.names}); set the text field")
+    for group in range(f.num_row_groups):
+        for text in f.read_row_group(group, columns=[text_field]).column(0).to_pylist():
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: column {text_field!r} holds {type(text).__name__}, not strings")
+            if text.strip():
+                yield text
 
 
 def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
@@ -164,18 +202,18 @@ def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
         ds = datasets.load_from_disk(path)
     else:
         try:
-            ds = datasets.load_dataset(spec)
+            ds = datasets.load_dataset(spec, streaming=True)
         except Exception as e:  # datasets raises many types for a missing hub name or network
             raise ValueError(
                 f"{spec!r} is no local path, and loading it as an HF hub dataset failed (no network, or no such "
                 f"dataset): {e}"
             ) from e
-    if isinstance(ds, datasets.DatasetDict):
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         splits = sorted(ds)
         if "train" not in ds and len(splits) != 1:
             raise ValueError(f"HF dataset {spec!r} has splits {splits} and no 'train' split; save the one to use")
         ds = ds["train"] if "train" in ds else ds[splits[0]]
-    if text_field not in ds.column_names:
+    if ds.column_names is not None and text_field not in ds.column_names:
         raise ValueError(f"HF dataset {spec!r} has no column {text_field!r} (columns: {ds.column_names}); set data.text_field")
     for batch in ds.select_columns([text_field]).iter(batch_size=1024):
         for text in batch[text_field]:
@@ -190,15 +228,16 @@ def _expand_files(source: str, format: str) -> List[str]:
     if os.path.isfile(source):
         return [source]
     if os.path.isdir(source):
-        suffixes = _TEXT_SUFFIXES + _JSONL_SUFFIXES
+        suffixes = _TEXT_SUFFIXES + _JSONL_SUFFIXES + _PARQUET_SUFFIXES
         files = sorted(
             os.path.join(root, f)
             for root, _, names in os.walk(source)
             for f in names
-            if not f.startswith(".") and (format in ("text", "jsonl") or f.removesuffix(".gz").endswith(suffixes))
+            if not f.startswith(".")
+            and (format in ("text", "jsonl", "parquet") or f.removesuffix(".gz").removesuffix(".zst").endswith(suffixes))
         )
         if not files:
-            raise ValueError(f"the directory {source!r} holds no {suffixes} files (optionally .gz)")
+            raise ValueError(f"the directory {source!r} holds no {suffixes} files (optionally .gz / .zst)")
         return files
     if glob.has_magic(source):
         files = sorted(f for f in glob.glob(source, recursive=True) if os.path.isfile(f))
@@ -206,6 +245,16 @@ def _expand_files(source: str, format: str) -> List[str]:
             raise FileNotFoundError(f"the pattern {source!r} matches no files")
         return files
     raise FileNotFoundError(f"data source {source!r} does not exist")
+
+
+def source_size(source: str, format: str = "auto") -> Optional[int]:
+    """Bytes of a local file/directory/glob source's files on disk (for progress), or None (hf:, builtin:)."""
+    if _SCHEME.match(source) and len(_SCHEME.match(source).group(1)) > 1:
+        return None
+    path = os.path.expanduser(source)
+    if os.path.isdir(path) and (format == "hf" or (format == "auto" and _is_hf_dataset_dir(path))):
+        return None
+    return sum(os.path.getsize(f) for f in _expand_files(path, format))
 
 
 def iter_source_documents(source: str, format: str = "auto", text_field: str = "text") -> Iterator[str]:
@@ -228,7 +277,10 @@ def iter_source_documents(source: str, format: str = "auto", text_field: str = "
         yield from _hf_documents(source if _looks_like_path(source) else "./" + source, text_field)
     else:
         for path in _expand_files(os.path.expanduser(source), format):
-            if _file_format(path, format) == "text":
+            fmt = _file_format(path, format)
+            if fmt == "text":
                 yield from _text_documents(path)
-            else:
+            elif fmt == "jsonl":
                 yield from _jsonl_documents(path, text_field)
+            else:
+                yield from _parquet_documents(path, text_field)

@@ -8,8 +8,10 @@ from typing import Optional, Sequence
 from lm_eval.__main__ import cli_evaluate, setup_parser
 
 from . import harness
+from ..cli import reports_user_errors
 
 
+@reports_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parse ``argv`` with lm-eval's parser (``--model`` defaults to ``nucleusx``) and run its evaluation."""
     parser = setup_parser()

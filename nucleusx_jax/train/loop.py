@@ -1,7 +1,8 @@
 """The training run: distributed setup, run directory, tokenizer and data, mesh, resume, the step loop with
 eval/logging/checkpoints/preemption, then export, plot, sample and summary.
 
-Run directory layout: ``config.yaml`` (resolved), ``tokenizer.model`` (when trained here), ``data_cache/``,
+Run directory layout: ``config.yaml`` (resolved), ``tokenizer.model`` (when trained here), ``data/`` (token
+stores prepared from ``data.sources``),
 ``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``loss.png``, ``hf/`` (final model and
 tokenizer), ``torch/`` (optional PyTorch export), ``summary.json``, ``run.lock`` (the trainer running there,
 see :mod:`.lock`).
@@ -16,7 +17,7 @@ import os
 import shutil
 import signal
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,8 @@ from ..configuration import NucleusXConfig
 from ..tensorio import atomic_write
 from .checkpoint import CONFIG_FILE, Checkpointer
 from .config import Config
-from .data import PackedDataset
+from ..data.mixture import Mixture
+from .data import EvalSet, open_run_data, prepare_run_stores
 from .lock import RunLock, RunLockedError
 from .metrics import MetricsWriter, peak_tflops, plot_losses
 from .step import Trainer, make_trainer, training_flops_per_token
@@ -37,7 +39,7 @@ from ..tokenizer import Tokenizer, load_tokenizer, save_hf_tokenizer, train_toke
 
 logger = logging.getLogger(__name__)
 TOKENIZER_FILE, HF_DIR, TORCH_DIR = "tokenizer.model", "hf", "torch"
-SUMMARY_FILE, DATA_CACHE = "summary.json", "data_cache"
+SUMMARY_FILE = "summary.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -145,18 +147,34 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def evaluate(trainer: Trainer, params: Any, dataset: PackedDataset, batches: int) -> float:
-    """Mean loss over the first ``batches`` global batches of ``dataset`` (the held-out split)."""
-    losses = [trainer.eval_step(params, _global_batch(trainer, dataset, i)) for i in range(batches)]
-    return float(np.mean(jax.device_get(losses)))
+def evaluate(trainer: Trainer, params: Any, eval_set: EvalSet, batches: int) -> Dict[str, float]:
+    """Mean loss (nats per token) over the first ``batches`` global batches of ``eval_set``, and in bits per
+    byte of its original text."""
+    losses = [trainer.eval_step(params, _global_batch(trainer, eval_set.data, i)) for i in range(batches)]
+    loss = float(np.mean(jax.device_get(losses)))
+    return {"loss": loss, "bpb": eval_set.bits_per_byte(loss)}
 
 
-def _global_batch(trainer: Trainer, dataset: PackedDataset, step: int) -> jax.Array:
+def _evaluate_all(trainer: Trainer, params: Any, eval_sets: List[EvalSet], batches: int) -> Dict[str, float]:
+    """:func:`evaluate` of every set, as ``{"loss": first set's loss, "<name>/loss": .., "<name>/bpb": ..}``."""
+    record: Dict[str, float] = {}
+    for e in eval_sets:
+        record.update({f"{e.name}/{k}": v for k, v in evaluate(trainer, params, e, batches).items()})
+    return {"loss": record[f"{eval_sets[0].name}/loss"], **record}
+
+
+def host_rows(sharding: jax.sharding.Sharding, shape: Tuple[int, int]) -> List[int]:
+    """The rows of a ``shape`` batch that this process's devices hold under ``sharding``, sorted."""
+    index_map = sharding.addressable_devices_indices_map(shape)
+    return sorted({r for index in index_map.values() for r in range(*index[0].indices(shape[0]))})
+
+
+def _global_batch(trainer: Trainer, dataset: Mixture, step: int) -> jax.Array:
     """Global batch ``step`` ``[B, T + 1]``: each host reads only the rows its devices hold (row ``r`` is row
     ``r`` of ``dataset``'s batch ``step`` whatever the process layout) and puts them on those devices."""
     shape = (trainer.cfg.train.global_batch, trainer.cfg.data.seq_len + 1)
     index_map = trainer.batch_sharding.addressable_devices_indices_map(shape)
-    rows = sorted({r for index in index_map.values() for r in range(*index[0].indices(shape[0]))})
+    rows = host_rows(trainer.batch_sharding, shape)
     local = dataset.rows(step, shape[0], rows)
     position = {r: i for i, r in enumerate(rows)}
     shards = [jax.device_put(local[[position[r] for r in range(*index[0].indices(shape[0]))]], device)
@@ -229,13 +247,11 @@ def _run(cfg: Config) -> Dict[str, Any]:
 
     mesh = shd.make_mesh(dataclasses.asdict(cfg.mesh))
     trainer = make_trainer(cfg, mesh)
-    cache_dir = os.path.join(run_dir, DATA_CACHE)
-    train_data = PackedDataset(cfg.data, tokenizer, "train", cache_dir=cache_dir)
-    train_data.validate_batch(t.global_batch, jax.process_index(), jax.process_count())
-    eval_data = None
-    if t.eval_every > 0 and cfg.data.eval_fraction > 0:
-        eval_data = PackedDataset(cfg.data, tokenizer, "eval", cache_dir=cache_dir)
-        eval_data.validate_batch(t.global_batch, jax.process_index(), jax.process_count())
+    if lead:
+        prepare_run_stores(cfg.data, tokenizer_file, run_dir, progress=lg.progress)
+    _sync("nucleusx-data")
+    train_data, eval_sets = open_run_data(cfg.data, tokenizer, tokenizer_file, run_dir)
+    eval_sets = eval_sets if t.eval_every > 0 else []
 
     run_lm_eval = lm_eval_runner(cfg, tokenizer)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
@@ -250,8 +266,9 @@ def _run(cfg: Config) -> Dict[str, Any]:
     tokens_per_step = t.global_batch * cfg.data.seq_len
     if lead:
         print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
-              f"{jax.process_count()} process(es); {trainer.num_params:,} parameters; {len(train_data)} train "
-              f"sequences of {cfg.data.seq_len} tokens; {flops_per_token:.3g} training FLOPs/token; "
+              f"{jax.process_count()} process(es); {trainer.num_params:,} parameters; train windows of "
+              f"{cfg.data.seq_len} tokens: {dict(zip(train_data.names, map(len, train_data.components)))}; "
+              f"{flops_per_token:.3g} training FLOPs/token; "
               + (f"resuming from step {resumed_from}" if resumed_from is not None else "starting from scratch"),
               flush=True)
 
@@ -260,12 +277,14 @@ def _run(cfg: Config) -> Dict[str, Any]:
     bar = tqdm(total=t.steps, initial=start, disable=not (lead and lg.progress), desc="train", dynamic_ncols=True)
     first_loss = last_loss = None
     eval_losses: List[float] = []
+    last_eval: Dict[str, float] = {}
     window_start, window_tokens, preempted = time.perf_counter(), 0, False
     start_time = time.perf_counter()
-    if eval_data is not None and start == 0:
-        eval_losses.append(evaluate(trainer, state.params, eval_data, t.eval_batches))
+    if eval_sets and start == 0:
+        last_eval = _evaluate_all(trainer, state.params, eval_sets, t.eval_batches)
+        eval_losses.append(last_eval["loss"])
         if writer is not None:
-            writer.write(0, "eval", {"loss": eval_losses[-1]})
+            writer.write(0, "eval", last_eval)
     try:
         for step in range(start, t.steps):
             state, metrics = trainer.train_step(state, _global_batch(trainer, train_data, step))
@@ -297,13 +316,15 @@ def _run(cfg: Config) -> Dict[str, Any]:
             else:
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             bar.update(1)
-            if eval_data is not None and (done % t.eval_every == 0 or done == t.steps):
-                eval_loss = evaluate(trainer, state.params, eval_data, t.eval_batches)
-                eval_losses.append(eval_loss)
+            if eval_sets and (done % t.eval_every == 0 or done == t.steps):
+                last_eval = _evaluate_all(trainer, state.params, eval_sets, t.eval_batches)
+                eval_losses.append(last_eval["loss"])
                 if writer is not None:
-                    writer.write(done, "eval", {"loss": eval_loss})
+                    writer.write(done, "eval", last_eval)
                 if lead:
-                    bar.write(f"step {done}: train loss {loss:.4f}, eval loss {eval_loss:.4f}")
+                    bar.write(f"step {done}: train loss {loss:.4f}, " + ", ".join(
+                        f"{e.name} loss {last_eval[e.name + '/loss']:.4f} ({last_eval[e.name + '/bpb']:.3f} bpb)"
+                        for e in eval_sets))
                 window_start = time.perf_counter()
             if run_lm_eval is not None and (done % cfg.lm_eval.every == 0 or done == t.steps):
                 scores = run_lm_eval(state.params)
@@ -334,7 +355,7 @@ def _run(cfg: Config) -> Dict[str, Any]:
     summary: Dict[str, Any] = {
         "run_dir": run_dir, "steps": steps_done, "resumed_from": resumed_from, "preempted": preempted,
         "first_train_loss": first_loss, "last_train_loss": last_loss,
-        "eval_losses": eval_losses, "wall_s": wall, "parameters": trainer.num_params,
+        "eval_losses": eval_losses, "eval": last_eval, "wall_s": wall, "parameters": trainer.num_params,
         "tokens_per_s": (steps_done - start) * tokens_per_step / wall if wall > 0 else None,
     }
     if not preempted:

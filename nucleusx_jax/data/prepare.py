@@ -1,0 +1,311 @@
+"""Prepare a token store from text sources: streaming, parallel, deterministic and resumable.
+
+The main process reads the sources in order (:func:`~nucleusx_jax.data.sources.iter_source_documents`) and
+groups the documents into *units* of about ``unit_chars`` characters. ``workers`` processes tokenize the
+units (one thread each); the main process receives them back in unit order and appends them to the current
+shard's temporary file, which is renamed to ``shard-NNNNN.bin`` once it holds ``shard_tokens`` tokens. At
+most ``2 * workers + 1`` units are in flight, so memory does not depend on the corpus.
+
+The token stream, hence every shard and the index, depends only on the sources, the tokenizer and the
+settings, never on ``workers``. After each shard is renamed, ``progress.json`` records it and where in the
+unit stream it ended; a rerun after a crash (even ``kill -9``) keeps those shards, skips the units they hold
+without tokenizing them, and produces a store byte-identical to an uninterrupted build. ``index.json`` is
+written last: a store without it is unfinished.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import glob
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import time
+from typing import IO, Any, Deque, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..tensorio import atomic_write
+from ..tokenizer import Tokenizer, load_tokenizer
+from .reader import derive_key, mix64
+from .sources import FORMATS, iter_source_documents, source_size
+from .store import DTYPES, INDEX_FILE, Shard, TokenStore, index_json, shard_name, token_dtype
+
+PROGRESS_FILE = "progress.json"
+_HOLDOUT_TAG = 0x401D
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldOut:
+    """A split by document: document ``i`` (in source order) is held out when a hash of ``(seed, i)`` falls
+    below ``fraction``. ``part`` selects the documents kept: ``train`` (the rest) or ``eval`` (the held-out)."""
+
+    fraction: float
+    seed: int = 0
+    part: Literal["train", "eval"] = "train"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction < 1:
+            raise ValueError(f"holdout fraction must be a number in (0, 1), got {self.fraction!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"holdout seed must be an int >= 0, got {self.seed!r}")
+        if self.part not in ("train", "eval"):
+            raise ValueError(f"holdout part must be 'train' or 'eval', got {self.part!r}")
+
+    def keep(self, first: int, count: int) -> np.ndarray:
+        """Which of documents ``first .. first + count - 1`` this part keeps: bool ``[count]``."""
+        ids = np.arange(first, first + count, dtype=np.uint64)
+        u = (mix64(ids ^ np.uint64(derive_key(self.seed, _HOLDOUT_TAG))) >> np.uint64(11)) / float(1 << 53)
+        return (u < self.fraction) == (self.part == "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareOptions:
+    """How :func:`prepare` reads, tokenizes and shards. Only ``workers`` and ``progress`` leave the store's
+    bytes unchanged; ``unit_chars`` changes only how a resumed build finds its place."""
+
+    workers: int = 1  # tokenizer processes, one thread each; 0 tokenizes in the calling process
+    shard_tokens: int = 1 << 26  # tokens per shard (128 MB of uint16)
+    unit_chars: int = 1 << 20  # characters of documents per unit of work
+    format: str = "auto"
+    text_field: str = "text"
+    add_bos: bool = True  # BOS before every document (EOS always follows one)
+    holdout: Optional[HoldOut] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, low in (("workers", 0), ("shard_tokens", 1), ("unit_chars", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown source format {self.format!r}; known formats: {FORMATS}")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ValueError(f"text_field must be a non-empty string, got {self.text_field!r}")
+        for name in ("add_bos", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.holdout is not None and not isinstance(self.holdout, HoldOut):
+            raise ValueError(f"holdout must be a HoldOut or None, got {self.holdout!r}")
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_tokenizer(path: str) -> Tokenizer:
+    return load_tokenizer(path, num_threads=1)
+
+
+def tokenize_unit(tokenizer_path: str, add_bos: bool, dtype: str, texts: Sequence[str]
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One unit: ``(tokens [T] of dtype, doc_ends [D] int64 (exclusive ends in tokens), doc_bytes [D] int64)``
+    with ``[BOS] doc [EOS]`` per document (BOS only with ``add_bos``)."""
+    tok = _worker_tokenizer(tokenizer_path)
+    ids = tok.encode_batch(list(texts)) if texts else []
+    lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+    extra = 2 if add_bos else 1
+    ends = np.cumsum(lengths + extra)
+    total = int(ends[-1]) if len(ends) else 0
+    out = np.empty(total, np.int64)
+    body = np.ones(total, bool)
+    body[ends - 1] = False
+    if add_bos:
+        body[ends - lengths - extra] = False
+        out[ends - lengths - extra] = tok.bos_id
+    out[ends - 1] = tok.eos_id
+    out[body] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum()))
+    if total and (out.min() < 0 or out.max() >= tok.vocab_size):
+        raise ValueError(f"the tokenizer {tokenizer_path!r} produced id {int(out.max())} outside [0, {tok.vocab_size})")
+    nbytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), np.int64, len(texts))
+    return out.astype(DTYPES[dtype]), ends, nbytes
+
+
+# ------------------------------------------------------------------------------------------- main side
+
+
+def _units(sources: Sequence[str], options: PrepareOptions) -> Iterator[Tuple[int, List[str], int]]:
+    """``(unit index, kept documents, characters read)``: documents in source order, grouped by size."""
+    batch: List[str] = []
+    chars, first, unit = 0, 0, 0
+
+    def flush() -> Tuple[int, List[str], int]:
+        docs = batch if options.holdout is None else list(itertools.compress(batch, options.holdout.keep(first, len(batch))))
+        return unit, docs, chars
+
+    for source in sources:
+        for doc in iter_source_documents(source, options.format, options.text_field):
+            batch.append(doc)
+            chars += len(doc)
+            if chars >= options.unit_chars:
+                yield flush()
+                first, unit, chars, batch = first + len(batch), unit + 1, 0, []
+    if batch:
+        yield flush()
+
+
+class _ShardWriter:
+    """Appends unit outputs to fixed-size shards: a temporary file renamed when full, then progress.json."""
+
+    def __init__(self, output: str, dtype: str, shard_tokens: int, settings: Dict[str, Any], done: List[Dict[str, Any]]):
+        self.output, self.dtype, self.shard_tokens, self.settings = output, np.dtype(DTYPES[dtype]), shard_tokens, settings
+        self.done = done
+        self.file: Optional[IO[bytes]] = None
+        self.fill = self.documents = self.bytes = 0
+        self.hash = hashlib.sha256()
+
+    def add(self, unit: int, tokens: np.ndarray, ends: np.ndarray, nbytes: np.ndarray, start: int) -> None:
+        """Append ``tokens[start:]`` of ``unit``; documents count in the shard holding their EOS."""
+        while start < len(tokens):
+            take = min(len(tokens) - start, self.shard_tokens - self.fill)
+            if self.file is None:
+                self.file = open(os.path.join(self.output, shard_name(len(self.done)) + ".tmp"), "wb")
+            block = tokens[start : start + take].tobytes()
+            self.file.write(block)
+            self.hash.update(block)
+            ended = (ends > start) & (ends <= start + take)
+            self.documents += int(ended.sum())
+            self.bytes += int(nbytes[ended].sum())
+            self.fill += take
+            start += take
+            if self.fill == self.shard_tokens:
+                self.commit(unit, start)
+
+    def commit(self, unit: int, offset: int) -> None:
+        """Rename the current shard into place and record it (and where it ended) in progress.json."""
+        if self.file is None:
+            return
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        name = shard_name(len(self.done))
+        os.replace(os.path.join(self.output, name + ".tmp"), os.path.join(self.output, name))
+        shard = Shard(file=name, tokens=self.fill, documents=self.documents, bytes=self.bytes, sha256=self.hash.hexdigest())
+        self.done.append({**dataclasses.asdict(shard), "end": [unit, offset]})
+        atomic_write(os.path.join(self.output, PROGRESS_FILE),
+                     json.dumps({"settings": self.settings, "shards": self.done}, indent=1, sort_keys=True))
+        self.file, self.fill, self.documents, self.bytes, self.hash = None, 0, 0, 0, hashlib.sha256()
+
+
+def _finished_shards(output: str, settings: Dict[str, Any], itemsize: int) -> List[Dict[str, Any]]:
+    """The shards a previous, interrupted build finished (their files present and whole), for a rerun with
+    the same settings; raises when ``output`` holds a build with other settings."""
+    path = os.path.join(output, PROGRESS_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        progress = json.load(f)
+    _same_settings(output, progress["settings"], settings)
+    done = []
+    for s in progress["shards"]:
+        file = os.path.join(output, s["file"])
+        if not os.path.isfile(file) or os.path.getsize(file) != s["tokens"] * itemsize:
+            break
+        done.append(s)
+    return done
+
+
+def _same_settings(output: str, have: Dict[str, Any], want: Dict[str, Any]) -> None:
+    """Raise unless two builds' settings agree (the tokenizer by fingerprint and ids, not by its path)."""
+    have, want = ({**d, "tokenizer": {k: v for k, v in (d.get("tokenizer") or {}).items() if k != "path"}}
+                  for d in (have, want))
+    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if differ:
+        raise ValueError(f"{output!r} already holds a (possibly unfinished) token store built with other settings "
+                         f"(they differ in {differ}: {[have.get(k) for k in differ]} there, {[want.get(k) for k in differ]} "
+                         f"now); choose another output directory or delete it")
+
+
+def _in_order(units: Iterator[Tuple[int, List[str], int]], tokenize: Any, workers: int
+              ) -> Iterator[Tuple[int, int, Tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """``(unit, chars, tokenize(texts))`` in unit order, with ``workers`` processes and a bounded queue."""
+    if workers == 0:
+        for unit, texts, chars in units:
+            yield unit, chars, tokenize(texts)
+        return
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: safe even when the caller runs JAX threads
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        pending: Deque[Tuple[int, int, concurrent.futures.Future]] = collections.deque()
+        for unit, texts, chars in units:
+            pending.append((unit, chars, pool.submit(tokenize, texts)))
+            if len(pending) > 2 * workers:
+                u, c, future = pending.popleft()
+                yield u, c, future.result()
+        while pending:
+            u, c, future = pending.popleft()
+            yield u, c, future.result()
+
+
+def prepare(sources: Sequence[str], tokenizer: str, output: str, *,
+            options: PrepareOptions = PrepareOptions()) -> TokenStore:
+    """Tokenize ``sources`` with the tokenizer at ``tokenizer`` into the token store ``output``; returns it
+    opened. A complete store with the same settings is returned as is; an interrupted build is resumed."""
+    if isinstance(sources, str) or not sources or not all(isinstance(s, str) and s for s in sources):
+        raise ValueError(f"sources must be a non-empty list of source strings, got {sources!r}")
+    tok = load_tokenizer(tokenizer, num_threads=1)
+    fingerprint = getattr(tok, "fingerprint", None)
+    if not fingerprint:
+        raise ValueError(f"the tokenizer {tokenizer!r} has no fingerprint; a store must record which tokenizer made it")
+    dtype = token_dtype(tok.vocab_size)
+    meta = {"dtype": dtype, "vocab_size": tok.vocab_size, "add_bos": options.add_bos, "sources": list(sources),
+            "source_format": options.format, "text_field": options.text_field, "shard_tokens": options.shard_tokens,
+            "holdout": None if options.holdout is None else dataclasses.asdict(options.holdout),
+            "tokenizer": {"fingerprint": fingerprint, "path": tokenizer, "bos_id": tok.bos_id, "eos_id": tok.eos_id}}
+    os.makedirs(output, exist_ok=True)
+    if os.path.isfile(os.path.join(output, INDEX_FILE)):
+        store = TokenStore(output)
+        _same_settings(output, {k: store.index.get(k) for k in meta}, meta)
+        if os.path.isfile(os.path.join(output, PROGRESS_FILE)):  # killed between the index and this removal
+            os.remove(os.path.join(output, PROGRESS_FILE))
+        return store
+    settings = {**meta, "unit_chars": options.unit_chars}
+    done = _finished_shards(output, settings, np.dtype(DTYPES[dtype]).itemsize)
+    for stale in glob.glob(os.path.join(output, "*.tmp")) + glob.glob(os.path.join(output, ".tmp-*")):
+        os.remove(stale)
+    resume_unit, resume_offset = done[-1]["end"] if done else (0, 0)
+    writer = _ShardWriter(output, dtype, options.shard_tokens, settings, done)
+
+    sizes = [source_size(s, options.format) for s in sources]
+    bar = tqdm(total=None if None in sizes else sum(sizes), unit="B", unit_scale=True, desc=f"prepare {output}",
+               disable=not options.progress, dynamic_ncols=True)
+    tokens_done, t0 = 0, time.perf_counter()
+
+    def todo() -> Iterator[Tuple[int, List[str], int]]:
+        for unit in _units(sources, options):
+            if unit[0] >= resume_unit:
+                yield unit
+            else:  # finished by the interrupted build: read past, not tokenized
+                bar.update(unit[2])
+
+    tokenize = functools.partial(tokenize_unit, tokenizer, options.add_bos, dtype)
+    end = (resume_unit, resume_offset)
+    try:
+        for unit, chars, (tokens, ends, nbytes) in _in_order(todo(), tokenize, options.workers):
+            writer.add(unit, tokens, ends, nbytes, resume_offset if unit == resume_unit else 0)
+            end = (unit, len(tokens))
+            tokens_done += len(tokens)
+            bar.update(chars)
+            bar.set_postfix_str(f"{tokens_done / (time.perf_counter() - t0) / 1e6:.2f}M tok/s", refresh=False)
+        writer.commit(*end)  # the last, shorter shard
+    finally:
+        bar.close()
+        if writer.file is not None:
+            writer.file.close()
+    shards = [Shard(**{k: v for k, v in s.items() if k != "end"}) for s in writer.done]
+    if not shards or sum(s.documents for s in shards) == 0:
+        what = "" if options.holdout is None else f" for the {options.holdout.part} part of holdout {options.holdout}"
+        raise ValueError(f"empty corpus: the sources {list(sources)} hold no documents{what}")
+    atomic_write(os.path.join(output, INDEX_FILE), index_json(meta, shards))
+    os.remove(os.path.join(output, PROGRESS_FILE))
+    return TokenStore(output)
+
+
+def verify(output: str) -> List[Tuple[str, str]]:
+    """Problems of the store ``output`` (missing/truncated shards raise; checksums are compared)."""
+    return TokenStore(output).verify()

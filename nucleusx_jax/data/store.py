@@ -1,0 +1,149 @@
+"""The token store: a directory of fixed-size shards of token ids plus ``index.json``.
+
+Layout of ``DIR``::
+
+    index.json          format, version, dtype, vocabulary size, tokenizer fingerprint and special ids,
+                        add_bos, the sources and prepare settings, every shard (file, tokens, documents,
+                        UTF-8 bytes, sha256) and the totals
+    shard-00000.bin     raw little-endian token ids (``uint16`` when the vocabulary fits, else ``uint32``),
+    shard-00001.bin     ``shard_tokens`` of them in every shard but the last
+
+The shards hold one flat stream ``[BOS] doc [EOS] [BOS] doc [EOS] ...`` (BOS only with ``add_bos``); a
+document may continue from one shard into the next. A shard's ``documents`` and ``bytes`` count the
+documents whose EOS lies in it and the UTF-8 bytes of their text, so ``bytes / tokens`` of a store converts
+a loss in nats per token into bits per byte. Shards are plain numpy files (``np.fromfile`` at an offset):
+any reader reads exactly the tokens it needs, nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+FORMAT, VERSION = "nucleusx-token-store", 1
+INDEX_FILE = "index.json"
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.bin"
+
+
+def token_dtype(vocab_size: int) -> str:
+    """``uint16`` when every id of a ``vocab_size`` vocabulary fits, else ``uint32``."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One shard file's entry in the index."""
+
+    file: str
+    tokens: int
+    documents: int
+    bytes: int
+    sha256: str
+
+
+def index_json(meta: Dict[str, Any], shards: List[Shard]) -> str:
+    """The text of ``index.json`` for ``meta`` (settings, tokenizer, dtype) and ``shards``; deterministic."""
+    body = {"format": FORMAT, "version": VERSION, **meta, "shards": [dataclasses.asdict(s) for s in shards],
+            "tokens": sum(s.tokens for s in shards), "documents": sum(s.documents for s in shards),
+            "bytes": sum(s.bytes for s in shards)}
+    return json.dumps(body, indent=1, sort_keys=True) + "\n"
+
+
+def file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TokenStore:
+    """A prepared store opened for reading: ``read(start, stop)`` returns tokens of the flat stream.
+
+    Opening checks the format and version, and that every shard exists with the size the index gives (a
+    missing or truncated shard raises, naming it). Memory is the index (a few numbers per shard), whatever
+    the corpus size; ``bytes_read`` counts the token bytes read so far.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        index_path = os.path.join(path, INDEX_FILE)
+        if not os.path.isfile(index_path):
+            hint = " (an unfinished prepare: rerun it to complete the store)" if os.path.isfile(
+                os.path.join(path, "progress.json")) else ""
+            raise FileNotFoundError(f"{path!r} is not a token store: it has no {INDEX_FILE}{hint}")
+        with open(index_path) as f:
+            index = json.load(f)
+        if index.get("format") != FORMAT or index.get("version") != VERSION:
+            raise ValueError(f"{index_path} is not a {FORMAT} version {VERSION} index (format "
+                             f"{index.get('format')!r}, version {index.get('version')!r})")
+        self.index = index
+        self.dtype = np.dtype(DTYPES[index["dtype"]])
+        self.shards = [Shard(**s) for s in index["shards"]]
+        for s in self.shards:
+            file = os.path.join(path, s.file)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"token store {path!r}: shard {s.file} is missing")
+            size, want = os.path.getsize(file), s.tokens * self.dtype.itemsize
+            if size != want:
+                raise ValueError(f"token store {path!r}: shard {s.file} holds {size} bytes, the index says "
+                                 f"{want} ({s.tokens} tokens); the shard is truncated or damaged - prepare it again")
+        self.starts = np.cumsum([0] + [s.tokens for s in self.shards], dtype=np.int64)
+        self.bytes_read = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.index["documents"])
+
+    @property
+    def num_bytes(self) -> int:
+        """UTF-8 bytes of the documents' original text."""
+        return int(self.index["bytes"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return str(self.index["tokenizer"]["fingerprint"])
+
+    def check_tokenizer(self, fingerprint: str, name: str) -> None:
+        """Raise unless the store was built with the tokenizer of this ``fingerprint`` (``name`` for the error)."""
+        if fingerprint != self.tokenizer_fingerprint:
+            raise ValueError(
+                f"token store {self.path!r} was built with another tokenizer (fingerprint "
+                f"{self.tokenizer_fingerprint[:16]}..., from {self.index['tokenizer'].get('path')!r}) than the "
+                f"run's {name!r} (fingerprint {fingerprint[:16]}...); prepare the store with the run's tokenizer")
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the stream as int32 ``[stop - start]``, across shard boundaries."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise ValueError(f"token range [{start}, {stop}) outside the store's [0, {self.num_tokens})")
+        parts: List[np.ndarray] = []
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            first, end = int(self.starts[shard]), int(self.starts[shard + 1])
+            take = min(stop, end) - start
+            parts.append(np.fromfile(os.path.join(self.path, self.shards[shard].file), dtype=self.dtype,
+                                     count=take, offset=(start - first) * self.dtype.itemsize))
+            if len(parts[-1]) != take:
+                raise ValueError(f"token store {self.path!r}: shard {self.shards[shard].file} ended early")
+            self.bytes_read += take * self.dtype.itemsize
+            start += take
+            shard += 1
+        return np.concatenate(parts).astype(np.int32) if parts else np.zeros((0,), np.int32)
+
+    def verify(self) -> List[Tuple[str, str]]:
+        """``(file, problem)`` for each shard whose sha256 differs from the index (reads every shard)."""
+        return [(s.file, "sha256 differs from the index") for s in self.shards
+                if file_sha256(os.path.join(self.path, s.file)) != s.sha256]
