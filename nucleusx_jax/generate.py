@@ -134,8 +134,8 @@ class _Compiled:
         """The prompt ``[B, T]`` once; the LM head only on its last position. Chooses the first new token."""
 
         def run(module: Any) -> Tuple[Array, Cache]:
-            options = modeling.RunOptions.from_config(module.config, mode=mode, chunk_size=chunk, return_state=True)
-            x, cache, _ = module.model(input_ids, mask, options=options)
+            run = modeling.RunOptions.from_config(module.config, mode=mode, chunk_size=chunk, return_state=True)
+            x, cache, _ = module.model(input_ids, mask, options=run)
             return module.lm_logits(x[:, -1]), cache
 
         logits, cache = self.module.apply({"params": params}, method=run)
@@ -145,9 +145,8 @@ class _Compiled:
         """One recurrent step on ``state.token``, then the next choice. The token is real (mask 1) in every row
         still running; a finished row only repeats the pad token, so its state is left as it is (mask 0)."""
         mask = (~state.finished)[:, None].astype(jnp.int32)
-        options = modeling.RunOptions.from_config(self.module.config, mode=ForwardMode.RECURRENT, return_state=True)
-        logits, cache, _ = self.module.apply({"params": params}, state.token[:, None], mask, state.cache,
-                                             options=options)
+        run = modeling.RunOptions.from_config(self.module.config, mode=ForwardMode.RECURRENT, return_state=True)
+        logits, cache, _ = self.module.apply({"params": params}, state.token[:, None], mask, state.cache, options=run)
         return options.advance(logits[:, 0], cache, state.key, state.finished)
 
     def _loop(self, params: Any, state: DecodeState, *, steps: int, options: DecodeOptions,
