@@ -393,10 +393,12 @@ class NucleusXForSequenceClassificationModule(nn.Module):
     dtype: Any = F32
     param_dtype: Any = F32
     gradient_checkpointing: bool = False
+    remat_policy: Optional[str] = None
 
     def setup(self) -> None:
         cfg = self.config
-        self.model = NucleusXModule(cfg, self.dtype, self.param_dtype, self.gradient_checkpointing)
+        self.model = NucleusXModule(cfg, self.dtype, self.param_dtype, self.gradient_checkpointing,
+                                    self.remat_policy)
         self.score = _dense(cfg.num_labels, "score", nn.initializers.normal(cfg.lm_head_initializer_range),
                             ("embed", None), self.dtype, self.param_dtype)
 

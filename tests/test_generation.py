@@ -17,9 +17,9 @@ import sentencepiece as spm
 from pydoc_data.topics import topics
 from transformers import FlaxAutoModelForCausalLM
 
-import nucleusx_jax  # noqa: F401  (registers nucleus_x with the Auto classes)
 from nucleusx_jax import generate as gen
-from nucleusx_jax import hf
+import nucleusx_jax.hf  # noqa: F401  (registers nucleus_x with the Auto classes)
+from nucleusx_jax import inputs
 
 from conftest import count_traces
 
@@ -61,9 +61,9 @@ def test_compiled_loop_greedy_and_logits_equal_reference(fx):
 
 def test_chunkwise_prompt_equals_parallel_prompt(tiny):
     model, c = tiny
-    assert hf.prompt_forward_mode(model.config, 9, recurrent_chunk_size=4, threshold=2) == ("chunkwise", 4)
-    assert hf.prompt_forward_mode(model.config, 32) == ("parallel", 8)  # default threshold 4 x chunk 8
-    assert hf.prompt_forward_mode(model.config, 33) == ("chunkwise", 8)
+    assert inputs.prompt_forward_mode(model.config, 9, recurrent_chunk_size=4, threshold=2) == ("chunkwise", 4)
+    assert inputs.prompt_forward_mode(model.config, 32) == ("parallel", 8)  # default threshold 4 x chunk 8
+    assert inputs.prompt_forward_mode(model.config, 33) == ("chunkwise", 8)
     ids, mask = c["gen_input_ids"], c["gen_attention_mask"]
     parallel = gen.generate(model, ids, mask, max_new_tokens=NEW)
     np.testing.assert_array_equal(gen.generate(model, ids, mask, max_new_tokens=NEW, **CHUNKWISE), parallel)

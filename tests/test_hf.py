@@ -7,9 +7,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from transformers import AutoConfig, FlaxAutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSequenceClassification
 
-import nucleusx_jax  # noqa: F401
-from nucleusx_jax import (FlaxNucleusXForCausalLM, FlaxNucleusXForSequenceClassification, FlaxNucleusXModel,
-                          NucleusXConfig)
+from nucleusx_jax.hf import (FlaxNucleusXForCausalLM, FlaxNucleusXForSequenceClassification, FlaxNucleusXModel,
+                             NucleusXConfig)
 from nucleusx_jax.weights import CheckpointError
 
 from conftest import FIXTURES, load_cases, max_abs

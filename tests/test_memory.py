@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nucleusx_jax import FlaxNucleusXForCausalLM, NucleusXConfig
+from nucleusx_jax import NucleusXConfig
+from nucleusx_jax.hf import FlaxNucleusXForCausalLM
 from nucleusx_jax.modeling import RunOptions
 
 T = 32768

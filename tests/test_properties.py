@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nucleusx_jax import FlaxNucleusXForCausalLM, NucleusXConfig, retention
+from nucleusx_jax import NucleusXConfig, retention
+from nucleusx_jax.hf import FlaxNucleusXForCausalLM
 from nucleusx_jax.modeling import RunOptions, lm_head_loss, next_token_loss
 
 from conftest import count_traces, max_abs
