@@ -83,6 +83,20 @@ def xavier_uniform(gain: float) -> Any:
     return nn.initializers.variance_scaling(gain**2, "fan_avg", "uniform")
 
 
+def deepnorm_init_scale(config: NucleusXConfig) -> float:
+    """DeepNet's ``beta = (8 L)^(-1/4)`` for a decoder-only stack with ``deepnorm``, else 1. As torchscale's
+    RetNet decoder (the reference's intent), the initial ``v_proj``, ``out_proj``, ``fc1`` and ``fc2`` weights
+    are multiplied by it, once."""
+    return math.pow(8.0 * config.decoder_layers, -0.25) if config.deepnorm else 1.0
+
+
+def scaled(init: Any, factor: float) -> Any:
+    """``init`` times ``factor``."""
+    if factor == 1.0:
+        return init
+    return lambda key, shape, dtype=F32: init(key, shape, dtype) * jnp.asarray(factor, dtype)
+
+
 def embedding_init(std: float, pad_token_id: Optional[int]) -> Any:
     """Normal(0, std) rows, with the padding row zeroed like torch's ``padding_idx``."""
 
@@ -164,10 +178,12 @@ class MultiScaleRetention(nn.Module):
         heads, kdim, vdim = cfg.decoder_retention_heads, cfg.key_head_dim, cfg.value_head_dim
         embed, value = cfg.decoder_embed_dim, cfg.decoder_value_embed_dim
         init = xavier_uniform(cfg.initializer_factor)
-        proj = lambda n, name, axes: _dense(n, name, init, axes, self.dtype, self.param_dtype)  # noqa: E731
+        beta = deepnorm_init_scale(cfg)
+        proj = lambda n, name, axes, scale=1.0: _dense(  # noqa: E731
+            n, name, scaled(init, scale), axes, self.dtype, self.param_dtype)
         q = proj(embed, "q_proj", ("embed", "heads"))(x)
         k = proj(embed, "k_proj", ("embed", "heads"))(x)
-        v = proj(value, "v_proj", ("embed", "heads"))(x)
+        v = proj(value, "v_proj", ("embed", "heads"), beta)(x)
         g = proj(value, "g_proj", ("embed", "heads"))(x)
         batch, length = x.shape[:2]
         split = lambda t, d: t.reshape(batch, length, heads, d).transpose(0, 2, 1, 3)  # noqa: E731
@@ -193,7 +209,7 @@ class MultiScaleRetention(nn.Module):
         normed = RMSNorm(cfg.groupnorm_eps, use_weight=False, dtype=self.dtype, name="group_norm")(out)
         normed = normed.transpose(0, 2, 1, 3).reshape(batch, length, value)
         gated = (jax.nn.silu(g.astype(F32)) * normed.astype(F32)).astype(self.dtype)
-        out = proj(embed, "out_proj", ("heads", "embed"))(gated)
+        out = proj(embed, "out_proj", ("heads", "embed"), beta)(gated)
         return out, (new_state if options.return_state else None)
 
 
@@ -208,12 +224,13 @@ class GLU(nn.Module):
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
+        deep = scaled(init, deepnorm_init_scale(cfg))
         ffn, embed = cfg.decoder_ffn_embed_dim, cfg.decoder_embed_dim
         gate = _dense(ffn, "gate", init, ("embed", "mlp"), self.dtype, self.param_dtype)(x)
-        h = _dense(ffn, "fc1", init, ("embed", "mlp"), self.dtype, self.param_dtype)(x)
+        h = _dense(ffn, "fc1", deep, ("embed", "mlp"), self.dtype, self.param_dtype)(x)
         h = ACTIVATIONS[cfg.activation_fn](h.astype(F32)).astype(self.dtype) * gate
         h = nn.Dropout(cfg.activation_dropout)(h, deterministic=deterministic)
-        h = _dense(embed, "fc2", init, ("mlp", "embed"), self.dtype, self.param_dtype)(h)
+        h = _dense(embed, "fc2", deep, ("mlp", "embed"), self.dtype, self.param_dtype)(h)
         return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
 
 

@@ -30,3 +30,24 @@ def test_bad_options_are_errors(overrides, error, words):
     with pytest.raises(error) as err:
         RunOptions.from_config(NucleusXConfig(), **overrides)
     assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_deepnorm_scales_the_initial_v_out_fc1_fc2_weights_once():
+    """DeepNet's beta = (8L)^(-1/4) (torchscale's RetNet decoder): v_proj, out_proj, fc1 and fc2 start at
+    beta times the plain init (same seed, so the same draws); every other weight is untouched."""
+    import numpy as np
+    from flax.traverse_util import flatten_dict
+
+    from nucleusx_jax import NucleusX
+
+    kw = dict(vocab_size=32, decoder_embed_dim=16, decoder_value_embed_dim=16, decoder_ffn_embed_dim=24,
+              decoder_layers=3, decoder_retention_heads=2)
+    plain = flatten_dict(NucleusX(NucleusXConfig(decoder_normalize_before=False, **kw), seed=5).params)
+    deep = flatten_dict(NucleusX(NucleusXConfig(deepnorm=True, **kw), seed=5).params)
+    beta = (8 * 3) ** -0.25
+    assert set(plain) == set(deep)
+    scaled = {k for k in deep if k[-2] in ("v_proj", "out_proj", "fc1", "fc2")}
+    assert len(scaled) == 4 * 3
+    for key in deep:
+        want = plain[key] * (beta if key in scaled else 1.0)
+        np.testing.assert_allclose(deep[key], want, rtol=1e-6, err_msg=str(key))
