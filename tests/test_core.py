@@ -101,3 +101,24 @@ def test_importing_the_core_imports_no_transformers():
             "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_exported_tokenizer_files_equal_llama_tokenizer_save(tmp_path):
+    """The run export's tokenizer directory, written without transformers, equals what transformers 4.x's
+    LlamaTokenizer.save_pretrained writes, and AutoTokenizer encodes like SentencePiece."""
+    transformers = pytest.importorskip("transformers")
+    from nucleusx_jax.tokenizer import SentencePieceTokenizer, save_hf_tokenizer, train_tokenizer
+
+    model_file = train_tokenizer(["builtin:pydoc"], str(tmp_path / "sp"), 512)
+    save_hf_tokenizer(model_file, str(tmp_path / "ours"))
+    sp = SentencePieceTokenizer(model_file)
+    piece = sp.sp.id_to_piece
+    transformers.LlamaTokenizer(vocab_file=model_file, unk_token=piece(sp.sp.unk_id()), bos_token=piece(sp.bos_id),
+                                eos_token=piece(sp.eos_id), pad_token=piece(sp.pad_id), add_bos_token=True,
+                                add_eos_token=False, legacy=False, sp_model_kwargs={}).save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes() or \
+            json.loads((tmp_path / "ours" / name).read_text()) == json.loads((tmp_path / "hf" / name).read_text()), name
+    text = "def f(x):\n    return x + 1  # déjà"
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert loaded.encode(text, add_special_tokens=False) == sp.encode(text)

@@ -234,3 +234,31 @@ def test_text_streamer_holds_back_incomplete_utf8():
     pieces = {1: b"a", 2: b"\xc3", 3: b"\xa9", 4: b"b"}  # "a", then the two bytes of "é", then "b"
     stream = gen.TextStreamer(lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace"))
     assert [stream.push(i) for i in (1, 2, 3, 4)] == ["a", "", "é", "b"]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.8),
+                                                       (1.3, 40, 0.95), (1.0, 300, 0.5)])
+def test_sampling_filters_equal_transformers_warpers(temperature, top_k, top_p):
+    """decode's own temperature / top-k / top-p give transformers 4.x's Flax warpers' scores exactly (ties
+    included: integer-valued logits), hence the same sampled tokens for a key."""
+    from transformers.generation import FlaxTemperatureLogitsWarper, FlaxTopKLogitsWarper, FlaxTopPLogitsWarper
+
+    from nucleusx_jax import decode
+
+    rng = np.random.default_rng(0)
+    logits = jax.numpy.asarray(np.concatenate([rng.normal(size=(3, 256)), rng.integers(-3, 3, (2, 256))]),
+                               jax.numpy.float32)
+    want = logits
+    if temperature != 1.0:
+        want = FlaxTemperatureLogitsWarper(temperature)(None, want, 0)
+    if top_k:
+        want = FlaxTopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1)(None, want, 0)
+    if top_p < 1.0:
+        want = FlaxTopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1)(None, want, 0)
+    options = decode.DecodeOptions(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    got = logits / temperature if temperature != 1.0 else logits
+    got = decode.top_k_filter(got, top_k) if top_k else got
+    got = decode.top_p_filter(got, top_p) if top_p < 1.0 else got
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    key = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(options.choose(logits, key), jax.random.categorical(key, want, axis=-1))

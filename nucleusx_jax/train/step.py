@@ -1,6 +1,6 @@
 """The sharded training state, AdamW, the jit-compiled train/eval steps, and the FLOP count for MFU.
 
-Batches are ``[B, T + 1]`` int32 token rows (``PackedDataset.batch``): inputs ``[:, :-1]``, targets ``[:, 1:]``.
+Batches are ``[B, T + 1]`` int32 token rows (``PackedDataset.rows``): inputs ``[:, :-1]``, targets ``[:, 1:]``.
 """
 
 import dataclasses
