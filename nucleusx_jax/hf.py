@@ -58,14 +58,6 @@ class NucleusXConfig(PretrainedConfig):
                 setattr(self, name, getattr(core, name))
         super().__init__(**{name: getattr(core, name) for name in tokens}, **kwargs)
 
-    @property
-    def key_head_dim(self) -> int:
-        return self.decoder_embed_dim // self.decoder_retention_heads
-
-    @property
-    def value_head_dim(self) -> int:
-        return self.decoder_value_embed_dim // self.decoder_retention_heads
-
     def to_core(self) -> configuration.NucleusXConfig:
         """The core config: the model fields and what the heads read (labels, problem type)."""
         values = self.to_dict()
