@@ -122,3 +122,16 @@ def test_exported_tokenizer_files_equal_llama_tokenizer_save(tmp_path):
     text = "def f(x):\n    return x + 1  # déjà"
     loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
     assert loaded.encode(text, add_special_tokens=False) == sp.encode(text)
+
+
+def test_activations_equal_transformers_get_activation():
+    """Every name in our activation table computes what transformers 4.x's ``get_activation`` does (the
+    reference resolves ``config.activation_fn`` through it)."""
+    torch = pytest.importorskip("torch")
+    activations = pytest.importorskip("transformers.activations")
+    from nucleusx_jax.activations import ACTIVATIONS
+
+    x = np.linspace(-12, 12, 2001, dtype=np.float32)
+    for name, fn in ACTIVATIONS.items():
+        want = activations.get_activation(name)(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(np.asarray(fn(jax.numpy.asarray(x))), want, atol=2e-6, rtol=1e-5, err_msg=name)
