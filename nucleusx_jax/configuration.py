@@ -191,12 +191,8 @@ class NucleusXConfig:
         return len(self.id2label)
 
     def to_dict(self) -> Dict[str, Any]:
-        """Every model field, ``model_type`` and the generic keys given; token ids that are None are left out
-        (as transformers writes them)."""
+        """Every model field, ``model_type`` and the generic keys given."""
         out = {name: getattr(self, name) for name in MODEL_FIELDS}
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            if out[name] is None:
-                del out[name]
         out["model_type"] = self.model_type
         out.update(self._generic)
         if "id2label" in out:
@@ -204,8 +200,11 @@ class NucleusXConfig:
         return out
 
     def to_json_string(self) -> str:
-        """``config.json`` text: :meth:`to_dict`, keys sorted, two-space indent (as transformers writes it)."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        """``config.json`` text as transformers writes it: :meth:`to_dict` without the token ids that are None
+        (its defaults), keys sorted, two-space indent."""
+        values = {k: v for k, v in self.to_dict().items()
+                  if not (k in ("pad_token_id", "bos_token_id", "eos_token_id") and v is None)}
+        return json.dumps(values, indent=2, sort_keys=True) + "\n"
 
     def replace(self, **changes: Any) -> "NucleusXConfig":
         """A new validated config with ``changes`` applied."""

@@ -19,7 +19,7 @@ from transformers import FlaxAutoModelForCausalLM
 
 from nucleusx_jax import generate as gen
 import nucleusx_jax.hf  # noqa: F401  (registers nucleus_x with the Auto classes)
-from nucleusx_jax import inputs
+from nucleusx_jax import decode, inputs
 
 from conftest import count_traces
 
@@ -123,7 +123,7 @@ def test_state_is_fixed_size_and_step_compiles_once(tiny):
     short = gen.prefill(model, c["gen_input_ids"][:, :3], options=options)
     long = gen.prefill(model, np.tile(c["gen_input_ids"], (1, 8)), options=options)  # 72 tokens, chunkwise
     assert shapes(short) == shapes(long)
-    fns = gen.compiled(model)
+    fns = decode.compiled(model)
     tokens = list(gen.stream(model, c["gen_input_ids"], c["gen_attention_mask"], max_new_tokens=NEW))
     with count_traces() as traces:
         again = list(gen.stream(model, c["gen_input_ids"][::-1].copy(), c["gen_attention_mask"][::-1].copy(),
