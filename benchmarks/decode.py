@@ -126,12 +126,12 @@ def run_batch(batch: int, prompts: List[int], new_tokens: int, repeats: int = 5,
     import jax
     import jax.numpy as jnp
 
-    from nucleusx_jax import FlaxNucleusXForCausalLM, NucleusXConfig
-    from nucleusx_jax import generate as gen
-    from nucleusx_jax.hf import prompt_forward_mode
+    from nucleusx_jax import NucleusX, NucleusXConfig
+    from nucleusx_jax import decode as gen
+    from nucleusx_jax.inputs import prompt_forward_mode
 
     config = NucleusXConfig(**BENCH_SMALL)
-    model = FlaxNucleusXForCausalLM(config, seed=seed)
+    model = NucleusX(config, seed=seed)
     params = model.params
     options = gen.DecodeOptions(pad_token_id=0)  # no EOS: every row decodes all new_tokens
     fns = gen.compiled(model)

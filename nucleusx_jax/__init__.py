@@ -1,34 +1,23 @@
 """nucleusx-jax: NucleusX (RetNet with SwiGLU and RMSNorm) in JAX/Flax.
 
-Importing the package registers ``nucleus_x`` with transformers' ``AutoConfig`` and the Flax auto classes.
+The core needs no transformers: ``nucleusx_jax.from_pretrained(path)`` loads our model directories and PyTorch
+ones. The transformers 4.x Flax API (``FlaxAutoModel*``, ``FlaxNucleusX*``) is the adapter
+:mod:`nucleusx_jax.hf` (``pip install nucleusx-jax[hf]``); importing it registers ``nucleus_x`` with the Auto
+classes.
 """
 
-from transformers import (
-    AutoConfig,
-    FlaxAutoModel,
-    FlaxAutoModelForCausalLM,
-    FlaxAutoModelForSequenceClassification,
-)
-
-from .configuration import NucleusXConfig
-from .hf import (
-    FlaxNucleusXForCausalLM,
-    FlaxNucleusXForSequenceClassification,
-    FlaxNucleusXModel,
-    FlaxNucleusXPreTrainedModel,
-)
+from .configuration import ForwardMode, NucleusXConfig, RetentionImpl
+from .model import NucleusX, Output, from_pretrained
+from .modeling import RunOptions
 from .retention import RetentionState
 
-AutoConfig.register("nucleus_x", NucleusXConfig, exist_ok=True)
-FlaxAutoModel.register(NucleusXConfig, FlaxNucleusXModel, exist_ok=True)
-FlaxAutoModelForCausalLM.register(NucleusXConfig, FlaxNucleusXForCausalLM, exist_ok=True)
-FlaxAutoModelForSequenceClassification.register(NucleusXConfig, FlaxNucleusXForSequenceClassification, exist_ok=True)
-
 __all__ = [
+    "ForwardMode",
+    "NucleusX",
     "NucleusXConfig",
-    "FlaxNucleusXModel",
-    "FlaxNucleusXForCausalLM",
-    "FlaxNucleusXForSequenceClassification",
-    "FlaxNucleusXPreTrainedModel",
+    "Output",
+    "RetentionImpl",
     "RetentionState",
+    "RunOptions",
+    "from_pretrained",
 ]

@@ -1,30 +1,87 @@
-"""``NucleusXConfig``: the reference's config (model_type ``nucleus_x``), with validation."""
+"""``NucleusXConfig``: the reference's config (model_type ``nucleus_x``), validated; no transformers needed.
 
-from typing import Any
+``config.json`` is interchangeable with the PyTorch reference's: the same keys, defaults and
+``attribute_map``. Besides the model fields the config keeps transformers' generic config keys
+(``architectures``, ``id2label``, ``problem_type``, ...) as plain attributes and writes them back.
+"""
 
-from transformers import PretrainedConfig
+import enum
+import inspect
+import json
+import logging
+import os
+from typing import Any, Dict, Union
 
 from .activations import ACTIVATIONS
+from .tensorio import atomic_write
 
-FORWARD_MODES = ("parallel", "chunkwise", "recurrent")
-RETENTION_IMPLS = ("xla", "pallas")
+logger = logging.getLogger(__name__)
+CONFIG_FILE = "config.json"
+# transformers' generic PretrainedConfig keys (4.x): accepted, kept and written back, never interpreted except
+# num_labels / id2label / label2id / problem_type, which the sequence-classification head uses.
+GENERIC_KEYS = frozenset("""
+    _name_or_path _commit_hash _attn_implementation _attn_implementation_autoset add_cross_attention architectures
+    bad_words_ids begin_suppress_tokens chunk_size_feed_forward cross_attention_hidden_size decoder_start_token_id
+    diversity_penalty do_sample dtype torch_dtype early_stopping encoder_no_repeat_ngram_size
+    exponential_decay_length_penalty finetuning_task forced_bos_token_id forced_eos_token_id id2label is_decoder
+    is_encoder_decoder label2id length_penalty max_length min_length model_type no_repeat_ngram_size num_labels
+    num_beam_groups num_beams num_return_sequences output_attentions output_hidden_states output_scores prefix
+    problem_type pruned_heads remove_invalid_values repetition_penalty return_dict return_dict_in_generate
+    sep_token_id suppress_tokens task_specific_params temperature tf_legacy_loss tie_encoder_decoder
+    tokenizer_class top_k top_p torchscript transformers_version typical_p use_bfloat16
+""".split())
+GENERIC_DEFAULTS: Dict[str, Any] = {"problem_type": None, "id2label": {0: "LABEL_0", 1: "LABEL_1"},
+                                    "label2id": {"LABEL_0": 0, "LABEL_1": 1}}
+ATTRIBUTE_MAP = {
+    "hidden_size": "decoder_embed_dim",
+    "intermediate_size": "decoder_ffn_embed_dim",
+    "num_attention_heads": "decoder_retention_heads",
+    "num_hidden_layers": "decoder_layers",
+}
 
 
-class NucleusXConfig(PretrainedConfig):
+class _Choice(str, enum.Enum):
+    """A string enum whose :meth:`parse` names the bad value and the allowed ones."""
+
+    @classmethod
+    def parse(cls, value: Union[str, "_Choice"], name: str = "") -> "_Choice":
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise ValueError(f"{name or cls.__name__}={value!r} is invalid: must be one of {allowed}") from None
+
+
+class ForwardMode(_Choice):
+    """The three equivalent retention forms."""
+
+    PARALLEL = "parallel"
+    CHUNKWISE = "chunkwise"
+    RECURRENT = "recurrent"
+
+
+class RetentionImpl(_Choice):
+    """The chunkwise form's implementation: plain XLA, or the Pallas kernel."""
+
+    XLA = "xla"
+    PALLAS = "pallas"
+
+
+FORWARD_MODES = tuple(m.value for m in ForwardMode)
+RETENTION_IMPLS = tuple(m.value for m in RetentionImpl)
+
+
+class NucleusXConfig:
     """Configuration of a NucleusX model; fields, defaults and ``attribute_map`` equal the PyTorch reference's.
 
     The defaults describe NucleusX-7B. ``deepnorm=True`` switches the layers to post-norm
     (``decoder_normalize_before=False``) exactly as the reference does. Invalid values raise ``ValueError``
-    naming the field, the value and what is allowed.
+    naming the field, the value and what is allowed; a keyword that is neither a field nor one of
+    transformers' generic config keys (:data:`GENERIC_KEYS`) raises ``TypeError``.
     """
 
     model_type = "nucleus_x"
-    attribute_map = {
-        "hidden_size": "decoder_embed_dim",
-        "intermediate_size": "decoder_ffn_embed_dim",
-        "num_attention_heads": "decoder_retention_heads",
-        "num_hidden_layers": "decoder_layers",
-    }
+    attribute_map = ATTRIBUTE_MAP
 
     def __init__(
         self,
@@ -57,8 +114,21 @@ class NucleusXConfig(PretrainedConfig):
         groupnorm_eps: float = 1e-6,
         tie_word_embeddings: bool = False,
         retention_impl: str = "xla",
-        **kwargs: Any,
+        **generic: Any,
     ):
+        unknown = sorted(set(generic) - GENERIC_KEYS)
+        if unknown:
+            raise TypeError(f"NucleusXConfig got unknown field(s) {unknown}; model fields: {', '.join(MODEL_FIELDS)}")
+        if generic.get("model_type", self.model_type) != self.model_type:
+            raise ValueError(f"model_type={generic['model_type']!r} is invalid: this config is {self.model_type!r}")
+        generic.pop("model_type", None)
+        num_labels = generic.pop("num_labels", None)
+        if num_labels is not None and "id2label" not in generic:  # as transformers stores it
+            generic["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
+            generic["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        if "id2label" in generic:
+            generic["id2label"] = {int(k): v for k, v in generic["id2label"].items()}
+        object.__setattr__(self, "_generic", generic)
         self.vocab_size = vocab_size
         self.initializer_range = initializer_range
         self.initializer_factor = initializer_factor
@@ -83,17 +153,103 @@ class NucleusXConfig(PretrainedConfig):
         self.groupnorm_eps = groupnorm_eps
         self.z_loss_coeff = z_loss_coeff
         self.retention_impl = retention_impl
+        self.bos_token_id = bos_token_id
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.use_cache = use_cache
+        self.tie_word_embeddings = tie_word_embeddings
         if self.deepnorm:
             self.decoder_normalize_before = False
-        super().__init__(
-            bos_token_id=bos_token_id,
-            pad_token_id=pad_token_id,
-            eos_token_id=eos_token_id,
-            use_cache=use_cache,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
         self.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        """The reference's ``attribute_map`` aliases and the generic keys (with transformers' defaults for the
+        ones the classification head reads)."""
+        if name.startswith("__") or name == "_generic":
+            raise AttributeError(name)
+        if name in ATTRIBUTE_MAP:
+            return getattr(self, ATTRIBUTE_MAP[name])
+        if name in self._generic:
+            return self._generic[name]
+        if name in GENERIC_DEFAULTS:
+            return dict(GENERIC_DEFAULTS[name]) if GENERIC_DEFAULTS[name] else None
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in GENERIC_KEYS and name not in MODEL_FIELDS:  # kept with the generic keys, so they are saved
+            if name == "num_labels":
+                self._generic["id2label"] = {i: f"LABEL_{i}" for i in range(value)}
+                self._generic["label2id"] = {f"LABEL_{i}": i for i in range(value)}
+            else:
+                self._generic[name] = value
+        else:
+            super().__setattr__(ATTRIBUTE_MAP.get(name, name), value)
+
+    @property
+    def num_labels(self) -> int:
+        """Outputs of the sequence-classification head: ``len(id2label)`` (2 by default, like transformers)."""
+        return len(self.id2label)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Every model field, ``model_type`` and the generic keys given."""
+        out = {name: getattr(self, name) for name in MODEL_FIELDS}
+        out["model_type"] = self.model_type
+        out.update(self._generic)
+        if "id2label" in out:
+            out["id2label"] = {str(k): v for k, v in out["id2label"].items()}
+        return out
+
+    def to_json_string(self) -> str:
+        """``config.json`` text as transformers writes it: :meth:`to_dict` without the token ids that are None
+        (its defaults), keys sorted, two-space indent."""
+        values = {k: v for k, v in self.to_dict().items()
+                  if not (k in ("pad_token_id", "bos_token_id", "eos_token_id") and v is None)}
+        return json.dumps(values, indent=2, sort_keys=True) + "\n"
+
+    def replace(self, **changes: Any) -> "NucleusXConfig":
+        """A new validated config with ``changes`` applied."""
+        return NucleusXConfig.from_dict({**NucleusXConfig.to_dict(self), **changes})
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "NucleusXConfig":
+        """From a config dict (``config.json`` contents). Keys that are neither fields nor generic keys are kept
+        (the reference keeps them too) with a warning naming them."""
+        values = dict(values)
+        strays = {k: values.pop(k) for k in list(values) if k not in MODEL_FIELDS and k not in GENERIC_KEYS}
+        config = cls(**values)
+        if strays:
+            logger.warning("config keys %s are not NucleusX fields; kept as they are", sorted(strays))
+            config._generic.update(strays)
+        return config
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], **overrides: Any) -> "NucleusXConfig":
+        """Read ``config.json`` from a model directory (or the file itself), then apply ``overrides``."""
+        path = os.fspath(path)
+        file = os.path.join(path, CONFIG_FILE) if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: expected a NucleusX model directory")
+        with open(file) as f:
+            try:
+                values = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"{file} is not readable JSON: {e}") from e
+        if not isinstance(values, dict) or values.get("model_type") != cls.model_type:
+            found = values.get("model_type") if isinstance(values, dict) else type(values).__name__
+            raise ValueError(f"{file} has model_type={found!r}; expected {cls.model_type!r}")
+        return cls.from_dict({**values, **overrides})
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> str:
+        """Write ``<directory>/config.json`` (atomically); returns its path."""
+        path = os.path.join(os.fspath(directory), CONFIG_FILE)
+        atomic_write(path, self.to_json_string())
+        return path
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, NucleusXConfig) and NucleusXConfig.to_dict(self) == NucleusXConfig.to_dict(other)
+
+    def __repr__(self) -> str:
+        return f"NucleusXConfig {self.to_json_string()}"
 
     @property
     def key_head_dim(self) -> int:
@@ -141,3 +297,6 @@ class NucleusXConfig(PretrainedConfig):
                 raise bad(field, "must be > 0")
         if self.z_loss_coeff < 0:
             raise bad("z_loss_coeff", "must be >= 0")
+
+
+MODEL_FIELDS = tuple(p for p in inspect.signature(NucleusXConfig.__init__).parameters if p not in ("self", "generic"))

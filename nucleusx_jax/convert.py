@@ -34,13 +34,13 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import ml_dtypes
 import numpy as np
+from flax.traverse_util import flatten_dict
 from tqdm.auto import tqdm
 
-from . import weights
+from . import runs, weights
 from .cli import reports_user_errors
 from .configuration import NucleusXConfig
-from .tensorio import FORMATS, CheckpointError, CheckpointReader, CheckpointWriter, TensorInfo, umask
-from .train.lock import process_start
+from .tensorio import FORMATS, CheckpointError, CheckpointReader, CheckpointWriter, TensorInfo, process_start, umask
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 FLOAT_DTYPES = set(DTYPES.values()) | {np.dtype(np.float64)}
@@ -118,12 +118,6 @@ def _load_config(src: str) -> NucleusXConfig:
     return NucleusXConfig.from_pretrained(src)
 
 
-def _is_training_run(src: str) -> bool:
-    """A trainer run directory: ``config.yaml`` and orbax steps in ``checkpoints/<step>``."""
-    steps = os.path.join(src, "checkpoints")
-    return os.path.isdir(steps) and any(n.isdigit() for n in os.listdir(steps))
-
-
 def _find_source(src: str, to: str, step: Optional[int]) -> Optional[str]:
     """The weights file (or index) to read, or None for a training run directory (``to="torch"``)."""
     torch_file = weights.find_torch_weights(src)
@@ -136,11 +130,11 @@ def _find_source(src: str, to: str, step: Optional[int]) -> Optional[str]:
             raise CheckpointError(f"{src} holds no PyTorch weights (expected one of "
                                   f"{', '.join(weights.TORCH_FILES)}){hint}")
         return torch_file
-    if _is_training_run(src):
+    if runs.is_run_dir(src):
         return None
     if step is not None:
         raise ValueError(f"step={step} selects a training checkpoint, but {src} is not a training run directory "
-                         "(config.yaml and checkpoints/<step>)")
+                         "(config.json and checkpoints/<step>)")
     if flax_file is None:
         hint = "; it holds PyTorch weights: convert them with --to flax" if torch_file else ""
         raise CheckpointError(f"{src} holds no flax weights (expected one of {', '.join(FLAX_FILES)}) and is not "
@@ -153,8 +147,6 @@ class _ParamsReader:
     interface: names are ``/``-joined paths."""
 
     def __init__(self, params: Mapping, path: str):
-        from flax.traverse_util import flatten_dict
-
         self.path = path
         self._flat = {"/".join(k): v for k, v in flatten_dict(dict(params)).items()}
         self.index = {k: TensorInfo(tuple(v.shape), np.dtype(v.dtype)) for k, v in self._flat.items()}
@@ -176,10 +168,8 @@ def _open_training_run(src: str, step: Optional[int]) -> Tuple[NucleusXConfig, _
     """The model config and float32 parameters of a trainer run (``step`` or the latest complete one).
 
     orbax restores the whole parameter tree, so this source holds the parameters in memory."""
-    from .train.checkpoint import restore_params
-
     try:
-        config, params = restore_params(src, step)
+        config, params = runs.restore_params(src, step)
     except FileNotFoundError as e:
         raise CheckpointError(str(e)) from e
     return config, _ParamsReader(params, src)
@@ -391,7 +381,7 @@ def convert(
                     bar.update(arr.nbytes)
                     del arr
             writer.close()
-            if source is None:  # a training run has config.yaml; write the model's config.json
+            if source is None:  # a training run's config.json (what its checkpoints hold)
                 config.save_pretrained(tmp)
             for side in SIDE_FILES:
                 if os.path.isfile(os.path.join(src, side)) and not os.path.isfile(os.path.join(tmp, side)):

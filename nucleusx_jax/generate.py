@@ -1,310 +1,28 @@
-"""Generation on the recurrent state: the prompt once, then one compiled loop of recurrent steps.
-
-The prompt ``[B, T]`` runs once in parallel mode (chunkwise when ``T > 4 * recurrent_chunk_size``) and leaves
-the recurrent state: one :class:`~nucleusx_jax.retention.RetentionState` per layer, whose size never depends on
-the length. Every new token is one recurrent step on that state. ``model.generate`` (transformers'
-``FlaxGenerationMixin``, through the hooks of :class:`~nucleusx_jax.hf.FlaxNucleusXForCausalLM`) works the same
-way; the functions here add what serving needs:
-
-* :func:`generate`: the new tokens come from one ``lax.while_loop`` compiled once per shape, with the state in
-  its carry (no host round trip per token); greedy or sampled (temperature, top-k, top-p, applied and keyed
-  exactly as ``FlaxGenerationMixin`` does, so a fixed ``prng_key`` gives the mixin's tokens);
-* :func:`stream`: a Python generator yielding each token as it is produced, from one jit-compiled step reused
-  for every token (its state buffers are donated);
-* the CLI ``python -m nucleusx_jax.generate MODEL_DIR --prompt "..."`` streams a completion to the terminal.
-"""
-
-from __future__ import annotations
+"""The generation command line: ``python -m nucleusx_jax.generate MODEL_DIR --prompt "..."`` streams a
+completion to the terminal. The decoding itself (:func:`generate`, :func:`stream`) is :mod:`nucleusx_jax.decode`,
+re-exported here."""
 
 import argparse
-import dataclasses
 import os
 import sys
-import weakref
-from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from transformers.generation import (
-    FlaxLogitsProcessorList,
-    FlaxTemperatureLogitsWarper,
-    FlaxTopKLogitsWarper,
-    FlaxTopPLogitsWarper,
-)
 
-from . import hf
 from .cli import reports_user_errors
-from .retention import RetentionState
+from .decode import DecodeOptions, decode_options, generate, prefill, stream
+from .model import NucleusX, from_pretrained
+from .tokenizer import load_tokenizer
 
-Array = jax.Array
-Cache = Tuple[RetentionState, ...]
-
-
-class DecodeState(NamedTuple):
-    """Everything one decoding step needs, all fixed-size: ``token`` ``[B]`` (the token just chosen),
-    ``logits`` ``[B, vocab]`` float32 (the logits it was chosen from), ``cache`` (one state per layer),
-    ``key`` (the PRNG key of the next choice), ``finished`` ``[B]`` (the row has produced an EOS)."""
-
-    token: Array
-    logits: Array
-    cache: Cache
-    key: Array
-    finished: Array
+__all__ = ["DecodeOptions", "TextStreamer", "decode_options", "generate", "load_model", "main", "prefill", "stream"]
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeOptions:
-    """How tokens are chosen and when a row stops (hashable: a static argument of the compiled functions).
-
-    Greedy, or sampled after temperature, top-k and top-p (in that order, as ``FlaxGenerationMixin``).
-    A row that has produced one of ``eos_token_ids`` continues with ``pad_token_id``.
-    """
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    eos_token_ids: Tuple[int, ...] = ()
-    pad_token_id: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature!r} is invalid: must be a number > 0")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r} is invalid: must be an integer >= 0 (0 disables it)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} is invalid: must be in (0, 1] (1 disables it)")
-
-    def choose(self, logits: Array, key: Array) -> Array:
-        """Next tokens ``[B]`` int32 from logits ``[B, vocab]``."""
-        if not self.do_sample:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        warpers = FlaxLogitsProcessorList()
-        if self.temperature != 1.0:
-            warpers.append(FlaxTemperatureLogitsWarper(self.temperature))
-        if self.top_k != 0:
-            warpers.append(FlaxTopKLogitsWarper(top_k=self.top_k, min_tokens_to_keep=1))
-        if self.top_p < 1.0:
-            warpers.append(FlaxTopPLogitsWarper(top_p=self.top_p, min_tokens_to_keep=1))
-        return jax.random.categorical(key, warpers(logits, logits, 0), axis=-1).astype(jnp.int32)
-
-    def advance(self, logits: Array, cache: Cache, key: Array, finished: Array) -> DecodeState:
-        """Choose from ``logits`` ``[B, vocab]``; finished rows get the pad token. Splits ``key`` like the mixin."""
-        logits = logits.astype(jnp.float32)
-        use, key = jax.random.split(key)
-        token = jnp.where(finished, self.pad_token_id, self.choose(logits, use))
-        if self.eos_token_ids:
-            finished = finished | jnp.isin(token, jnp.asarray(self.eos_token_ids, jnp.int32))
-        return DecodeState(token, logits, cache, key, finished)
-
-
-def decode_options(
-    model: Any,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: Union[None, int, Sequence[int]] = None,
-    pad_token_id: Optional[int] = None,
-) -> DecodeOptions:
-    """:class:`DecodeOptions` with the mixin's defaults: EOS and pad from ``model.generation_config``, and the
-    pad token falling back to the (first) EOS token."""
-    gen = model.generation_config
-    eos = gen.eos_token_id if eos_token_id is None else eos_token_id
-    eos_ids = () if eos is None else tuple(int(e) for e in np.atleast_1d(eos))
-    pad = gen.pad_token_id if pad_token_id is None else pad_token_id
-    if pad is None:
-        pad = eos_ids[0] if eos_ids else 0
-    return DecodeOptions(bool(do_sample), temperature, top_k, top_p, eos_ids, int(pad))
-
-
-class _Compiled:
-    """The jit-compiled prefill, step and loop of one model (each compiled once per shape and options)."""
-
-    def __init__(self, model: hf.FlaxNucleusXForCausalLM):
-        self.module = model.module
-        self.step_traces = 0  # counts traces of the step (one per compiled shape and options)
-        self.prefill = jax.jit(self._prefill, static_argnames=("mode", "chunk", "options"))
-        self.step = jax.jit(self._step, static_argnames=("options",), donate_argnames=("state",))
-        self.loop = jax.jit(self._loop, static_argnames=("steps", "options", "output_logits"),
-                            donate_argnames=("state",))
-
-    def _prefill(self, params: Any, input_ids: Array, mask: Optional[Array], key: Array, *, mode: str, chunk: int,
-                 options: DecodeOptions) -> DecodeState:
-        """The prompt ``[B, T]`` once; the LM head only on its last position. Chooses the first new token."""
-
-        def run(module: Any) -> Tuple[Array, Cache]:
-            x, cache, _ = module.model(input_ids, mask, None, mode, chunk, True, False, True)
-            return module.lm_logits(x[:, -1]), cache
-
-        logits, cache = self.module.apply({"params": params}, method=run)
-        return options.advance(logits, cache, key, jnp.zeros(input_ids.shape[:1], bool))
-
-    def _step(self, params: Any, state: DecodeState, *, options: DecodeOptions) -> DecodeState:
-        """One recurrent step on ``state.token``, then the next choice. The token is real (mask 1) in every row
-        still running; a finished row only repeats the pad token, so its state is left as it is (mask 0)."""
-        self.step_traces += 1
-        mask = (~state.finished)[:, None].astype(jnp.int32)
-        logits, cache, _ = self.module.apply(
-            {"params": params}, state.token[:, None], mask, state.cache, "recurrent", 1, True, False, True)
-        return options.advance(logits[:, 0], cache, state.key, state.finished)
-
-    def _loop(self, params: Any, state: DecodeState, *, steps: int, options: DecodeOptions,
-              output_logits: bool) -> Tuple[Array, Optional[Array], DecodeState]:
-        """``steps`` tokens ``[B, steps]`` (the first is ``state.token``) in one ``lax.while_loop`` that stops
-        early once every row is finished; with ``output_logits`` also their logits ``[B, steps, vocab]``."""
-        batch, vocab = state.logits.shape
-        tokens = jnp.full((batch, steps), options.pad_token_id, jnp.int32).at[:, 0].set(state.token)
-        logits = jnp.zeros((batch, steps, vocab) if output_logits else (0,), jnp.float32)
-        if output_logits:
-            logits = logits.at[:, 0].set(state.logits)
-
-        def cond(carry: Tuple[Array, DecodeState, Array, Array]) -> Array:
-            i, s, _, _ = carry
-            return (i < steps) & ~jnp.all(s.finished)
-
-        def body(carry: Tuple[Array, DecodeState, Array, Array]) -> Tuple[Array, DecodeState, Array, Array]:
-            i, s, toks, lg = carry
-            s = self._step(params, s, options=options)
-            toks = jax.lax.dynamic_update_slice(toks, s.token[:, None], (0, i))
-            if output_logits:
-                lg = jax.lax.dynamic_update_slice(lg, s.logits[:, None], (0, i, 0))
-            return i + 1, s, toks, lg
-
-        _, state, tokens, logits = jax.lax.while_loop(cond, body, (jnp.asarray(1), state, tokens, logits))
-        return tokens, (logits if output_logits else None), state
-
-
-_COMPILED: "weakref.WeakKeyDictionary[Any, _Compiled]" = weakref.WeakKeyDictionary()
-
-
-def compiled(model: hf.FlaxNucleusXForCausalLM) -> _Compiled:
-    """The compiled functions of ``model`` (made once per model object)."""
-    if not isinstance(model, hf.FlaxNucleusXForCausalLM):
-        raise TypeError(f"generation needs a FlaxNucleusXForCausalLM, got {type(model).__name__}")
-    if model not in _COMPILED:
-        _COMPILED[model] = _Compiled(model)
-    return _COMPILED[model]
-
-
-def prefill(
-    model: hf.FlaxNucleusXForCausalLM,
-    input_ids: Any,
-    attention_mask: Any = None,
-    *,
-    options: DecodeOptions,
-    prng_key: Optional[Array] = None,
-    params: Any = None,
-    recurrent_chunk_size: Optional[int] = None,
-    prompt_chunkwise_threshold: Optional[int] = None,
-) -> DecodeState:
-    """Run the prompt ``[B, T]`` (left-padded rows: ``attention_mask`` 0 on the pads) once and choose the first
-    new token. Bad input (empty prompt, ids outside the vocabulary, a mask of another shape) raises ValueError."""
-    length = np.shape(input_ids)[-1] if np.ndim(input_ids) else 0
-    mode, chunk = hf.prompt_forward_mode(model.config, length, recurrent_chunk_size, prompt_chunkwise_threshold)
-    hf.check_inputs(model.config, input_ids, attention_mask, mode, chunk, None, None, model.head)
-    mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    key = prng_key if prng_key is not None else jax.random.PRNGKey(0)
-    return compiled(model).prefill(params if params is not None else model.params, jnp.asarray(input_ids, jnp.int32),
-                                   mask, key, mode=mode, chunk=int(chunk), options=options)
-
-
-def _start(
-    model: hf.FlaxNucleusXForCausalLM, input_ids: Any, attention_mask: Any, max_new_tokens: Any, do_sample: bool,
-    temperature: float, top_k: int, top_p: float, eos_token_id: Union[None, int, Sequence[int]],
-    pad_token_id: Optional[int], prng_key: Optional[Array], params: Any, recurrent_chunk_size: Optional[int],
-    prompt_chunkwise_threshold: Optional[int],
-) -> Tuple[int, DecodeOptions, DecodeState]:
-    """What :func:`generate` and :func:`stream` share: check ``max_new_tokens``, resolve the decoding options
-    and run the prompt. Returns ``(steps, options, state after the prompt)``."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 1")
-    options = decode_options(model, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
-    state = prefill(model, input_ids, attention_mask, options=options, prng_key=prng_key, params=params,
-                    recurrent_chunk_size=recurrent_chunk_size, prompt_chunkwise_threshold=prompt_chunkwise_threshold)
-    return int(max_new_tokens), options, state
-
-
-def generate(
-    model: hf.FlaxNucleusXForCausalLM,
-    input_ids: Any,
-    attention_mask: Any = None,
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: Union[None, int, Sequence[int]] = None,
-    pad_token_id: Optional[int] = None,
-    prng_key: Optional[Array] = None,
-    params: Any = None,
-    recurrent_chunk_size: Optional[int] = None,
-    prompt_chunkwise_threshold: Optional[int] = None,
-    output_logits: bool = False,
-) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
-    """Prompt plus new tokens, ``[B, T + max_new_tokens]`` (pad after a row's EOS), like
-    ``model.generate(...).sequences``; with ``output_logits`` also the logits of every choice
-    ``[B, max_new_tokens, vocab]``. The new tokens come from one compiled loop of recurrent steps."""
-    steps, options, state = _start(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                                   top_p, eos_token_id, pad_token_id, prng_key, params, recurrent_chunk_size,
-                                   prompt_chunkwise_threshold)
-    tokens, logits, _ = compiled(model).loop(params if params is not None else model.params, state, steps=steps,
-                                             options=options, output_logits=bool(output_logits))
-    sequences = np.concatenate([np.asarray(input_ids, np.int32), np.asarray(tokens)], axis=1)
-    return (sequences, np.asarray(logits)) if output_logits else sequences
-
-
-def stream(
-    model: hf.FlaxNucleusXForCausalLM,
-    input_ids: Any,
-    attention_mask: Any = None,
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: Union[None, int, Sequence[int]] = None,
-    pad_token_id: Optional[int] = None,
-    prng_key: Optional[Array] = None,
-    params: Any = None,
-    recurrent_chunk_size: Optional[int] = None,
-    prompt_chunkwise_threshold: Optional[int] = None,
-) -> Iterator[np.ndarray]:
-    """Yield the new tokens ``[B]`` one by one as they are produced (the same tokens as :func:`generate`),
-    until ``max_new_tokens`` or every row has produced an EOS. The prompt runs (and bad input raises) at the
-    call, before the first token is asked for; every later token is one call of the same compiled step."""
-    steps, options, state = _start(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                                   top_p, eos_token_id, pad_token_id, prng_key, params, recurrent_chunk_size,
-                                   prompt_chunkwise_threshold)
-    step: Callable[..., DecodeState] = compiled(model).step
-    weights = params if params is not None else model.params
-
-    def tokens(state: DecodeState) -> Iterator[np.ndarray]:
-        for i in range(steps):
-            if i:
-                state = step(weights, state, options=options)
-            token, finished = jax.device_get((state.token, state.finished))
-            yield token
-            if finished.all():
-                return
-
-    return tokens(state)
-
-
-# ------------------------------------------------------------------------------------------------------- CLI
-def load_model(model_dir: str) -> hf.FlaxNucleusXForCausalLM:
+def load_model(model_dir: str) -> NucleusX:
     """A causal LM from a flax (``flax_model.msgpack``) or PyTorch model directory (detected from its files)."""
-    from transformers import FlaxAutoModelForCausalLM
-
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
-    model = FlaxAutoModelForCausalLM.from_pretrained(model_dir)
-    if not isinstance(model, hf.FlaxNucleusXForCausalLM):
-        raise TypeError(f"{model_dir} holds a {type(model).__name__}, not a NucleusX causal LM")
-    return model
+    return from_pretrained(model_dir)
 
 
 class TextStreamer:
@@ -328,8 +46,6 @@ class TextStreamer:
 @reports_user_errors
 def main(argv: Optional[Sequence[str]] = None, out: Any = None) -> str:
     """CLI: stream the completion of ``--prompt`` to ``out`` (stdout); returns the completion."""
-    from .tokenizer import load_tokenizer
-
     p = argparse.ArgumentParser(prog="python -m nucleusx_jax.generate",
                                 description="Stream a NucleusX completion of a prompt to the terminal.")
     p.add_argument("model_dir", help="a flax or PyTorch NucleusX model directory")

@@ -52,6 +52,26 @@ def umask() -> int:
         return mask
 
 
+def process_start(pid: int) -> Optional[int]:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``), or None if there is no such
+    process. Without ``/proc``: 0 for any existing process. Tells a live holder from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (command)": state, ..., starttime (22nd)
+        return None if fields[0] in ("Z", "X") else int(fields[19])  # a zombie has exited
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # exists, owned by someone else
+        pass
+    return 0
+
+
 def atomic_write(path: str, data: Union[bytes, str, Callable[[IO[bytes]], None]]) -> None:
     """Write ``data`` (bytes, text, or a function writing into the open binary file) to a temporary file next
     to ``path``, then rename it into place: readers see the old file or the whole new one, never a part.

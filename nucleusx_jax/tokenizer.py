@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 from typing import List, Optional, Protocol, Sequence, runtime_checkable
 
@@ -21,7 +22,7 @@ import numpy as np
 import sentencepiece as spm
 
 from .cli import reports_user_errors
-from .data.sources import iter_source_documents
+from .sources import iter_source_documents
 from .tensorio import atomic_write
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -218,23 +219,28 @@ def train_tokenizer(
 
 
 def save_hf_tokenizer(model_file: str, output_dir: str) -> str:
-    """Write a SentencePiece model as an HF ``LlamaTokenizer`` directory (``save_pretrained``); returns it."""
-    from transformers import LlamaTokenizer
-
+    """Write a SentencePiece model as an HF ``LlamaTokenizer`` directory (``tokenizer.model``,
+    ``tokenizer_config.json``, ``special_tokens_map.json``: what ``LlamaTokenizer.save_pretrained`` writes,
+    with ``legacy=False``, BOS added, no EOS), without needing transformers; returns ``output_dir``."""
     sp = SentencePieceTokenizer(model_file)
-    pieces = sp.sp
-    tok = LlamaTokenizer(
-        vocab_file=model_file,
-        unk_token=pieces.id_to_piece(pieces.unk_id()),
-        bos_token=pieces.id_to_piece(sp.bos_id),
-        eos_token=pieces.id_to_piece(sp.eos_id),
-        pad_token=pieces.id_to_piece(sp.pad_id),
-        add_bos_token=True,
-        add_eos_token=False,
-        legacy=False,
-        sp_model_kwargs={},
-    )
-    tok.save_pretrained(output_dir)
+    names = {"unk_token": sp.sp.id_to_piece(sp.sp.unk_id()), "bos_token": sp.sp.id_to_piece(sp.bos_id),
+             "eos_token": sp.sp.id_to_piece(sp.eos_id), "pad_token": sp.sp.id_to_piece(sp.pad_id)}
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    special = sorted({sp.sp.unk_id(), sp.bos_id, sp.eos_id, sp.pad_id})
+    config = {
+        "add_bos_token": True, "add_eos_token": False, "add_prefix_space": True,
+        "added_tokens_decoder": {str(i): {"content": sp.sp.id_to_piece(i), **flags, "special": True} for i in special},
+        **names, "clean_up_tokenization_spaces": False, "extra_special_tokens": {}, "legacy": False,
+        "model_max_length": 1000000000000000019884624838656, "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False, "tokenizer_class": "LlamaTokenizer",
+        "use_default_system_prompt": False,
+    }
+    os.makedirs(output_dir, exist_ok=True)
+    with open(model_file, "rb") as f:
+        atomic_write(os.path.join(output_dir, "tokenizer.model"), f.read())
+    atomic_write(os.path.join(output_dir, "tokenizer_config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
+    special_map = {key: {"content": value, **flags} for key, value in sorted(names.items())}
+    atomic_write(os.path.join(output_dir, "special_tokens_map.json"), json.dumps(special_map, indent=2) + "\n")
     return output_dir
 
 

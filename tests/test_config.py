@@ -3,9 +3,7 @@
 import json
 
 import pytest
-from transformers import AutoConfig
 
-import nucleusx_jax  # noqa: F401
 from nucleusx_jax import NucleusXConfig
 
 from conftest import FIXTURES
@@ -25,8 +23,17 @@ REFERENCE_DEFAULTS = dict(
 OUR_EXTRA_FIELDS = {"retention_impl"}
 
 
-def test_defaults_and_attribute_map():
-    cfg = NucleusXConfig()
+def hf_config_class():
+    """The transformers adapter's config class (the test is skipped without transformers)."""
+    pytest.importorskip("transformers")
+    from nucleusx_jax.hf import NucleusXConfig as HFNucleusXConfig
+
+    return HFNucleusXConfig
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["core", "hf"])
+def test_defaults_and_attribute_map(adapter):
+    cfg = hf_config_class()() if adapter else NucleusXConfig()
     for field, value in REFERENCE_DEFAULTS.items():
         assert getattr(cfg, field) == value, field
     assert (cfg.hidden_size, cfg.intermediate_size) == (4096, 6912)
@@ -34,11 +41,18 @@ def test_defaults_and_attribute_map():
     assert cfg.model_type == "nucleus_x"
 
 
-def test_reference_config_json_loads_unchanged_and_round_trips(tmp_path):
+@pytest.mark.parametrize("adapter", [False, True], ids=["core", "hf"])
+def test_reference_config_json_loads_unchanged_and_round_trips(tmp_path, adapter):
     path = FIXTURES / "nucleus_x_tiny" / "config.json"
     reference = json.loads(path.read_text())
-    cfg = AutoConfig.from_pretrained(path.parent)
-    assert isinstance(cfg, NucleusXConfig)
+    if adapter:
+        hf_class = hf_config_class()
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(path.parent)
+        assert isinstance(cfg, hf_class) and isinstance(cfg.to_core(), NucleusXConfig)
+    else:
+        cfg = NucleusXConfig.from_pretrained(path.parent)
     for key, value in reference.items():
         if key != "transformers_version":
             assert getattr(cfg, key) == value, key
@@ -72,3 +86,19 @@ def test_invalid_values_name_field_value_and_allowed(kwargs, field):
     message = str(err.value)
     assert field in message and "must" in message
     assert repr(kwargs[field]) in message
+
+
+def test_unknown_constructor_field_is_an_error_and_file_extras_are_kept(tmp_path):
+    with pytest.raises(TypeError, match=r"unknown field\(s\) \['decoder_layer'\]"):
+        NucleusXConfig(decoder_layer=3)
+    cfg = NucleusXConfig(num_labels=3, problem_type="single_label_classification")
+    assert cfg.num_labels == 3 and cfg.replace(decoder_layers=3).num_labels == 3
+    data = dict(cfg.to_dict(), custom_tool_key=[1, 2])  # another tool's key: kept and written back
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    again = NucleusXConfig.from_pretrained(tmp_path)
+    assert again.to_dict() == data and again.custom_tool_key == [1, 2] and again == NucleusXConfig.from_dict(data)
+    # what the sequence-classification reference config writes, read back the same
+    seqcls = json.loads((FIXTURES / "nucleus_x_tiny" / "seqcls_config.json").read_text())
+    loaded = NucleusXConfig.from_dict(seqcls)
+    assert loaded.num_labels == 3 and loaded.problem_type == "single_label_classification"
+    assert {k: v for k, v in loaded.to_dict().items() if k != "retention_impl"} == seqcls

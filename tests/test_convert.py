@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from transformers import FlaxAutoModelForCausalLM
 
-import nucleusx_jax  # noqa: F401  (registers the Auto classes)
+import nucleusx_jax.hf  # noqa: F401  (registers the Auto classes)
 from nucleusx_jax import NucleusXConfig, modeling, weights
 from nucleusx_jax.convert import convert, main
 from nucleusx_jax.tensorio import CheckpointReader, MsgpackReader, MsgpackWriter, TensorInfo
@@ -374,16 +374,13 @@ def test_wrong_direction(tmp_path):
 
 
 def test_training_run_to_torch(tmp_path):
-    """A trainer run directory (config.yaml, orbax steps): the latest step or --step N."""
+    """A trainer run directory (config.json, orbax steps): the latest step or --step N."""
     import orbax.checkpoint as ocp
-    import yaml
 
     params = jax.device_get(tiny_model("nucleus_x_tiny").params)
     run = tmp_path / "run"
     run.mkdir()
-    model = {k: v for k, v in json.loads((TINY / "config.json").read_text()).items()
-             if k not in ("architectures", "transformers_version", "model_type")}
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": model, "data": {"seq_len": 16}}))
+    NucleusXConfig.from_pretrained(TINY).save_pretrained(run)
     manager = ocp.CheckpointManager(run / "checkpoints")
     for step, tree in ((1, jax.tree.map(np.zeros_like, params)), (2, params)):
         manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": tree})))

@@ -10,7 +10,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from nucleusx_jax import tokenizer as tokenizer_module
-from nucleusx_jax.data.sources import iter_source_documents
+from nucleusx_jax.sources import iter_source_documents
 from nucleusx_jax.train.data import DataConfig
 from nucleusx_jax.tokenizer import (
     HFTokenizer,

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from nucleusx_jax import FlaxNucleusXForCausalLM, NucleusXConfig
+from nucleusx_jax import NucleusXConfig
+from nucleusx_jax.hf import FlaxNucleusXForCausalLM
 
 
 @pytest.fixture(scope="module")

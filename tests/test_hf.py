@@ -7,9 +7,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from transformers import AutoConfig, FlaxAutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSequenceClassification
 
-import nucleusx_jax  # noqa: F401
-from nucleusx_jax import (FlaxNucleusXForCausalLM, FlaxNucleusXForSequenceClassification, FlaxNucleusXModel,
-                          NucleusXConfig)
+from nucleusx_jax.hf import (FlaxNucleusXForCausalLM, FlaxNucleusXForSequenceClassification, FlaxNucleusXModel,
+                             NucleusXConfig)
 from nucleusx_jax.weights import CheckpointError
 
 from conftest import FIXTURES, load_cases, max_abs
@@ -120,3 +119,20 @@ def test_sequence_classification_head_initialised_from_a_causal_lm_checkpoint():
     lm = FlaxNucleusXForCausalLM.from_pretrained(TINY, from_pt=True)
     for x, y in zip(jax.tree.leaves(model.params["model"]), jax.tree.leaves(lm.params["model"])):
         np.testing.assert_array_equal(x, y)
+
+
+def test_config_defaults_for_hidden_states_and_return_dict_and_module_names():
+    """transformers' common Flax conventions: config.output_hidden_states / config.return_dict apply when the
+    call does not pass them; FlaxNucleusXModule sits beside FlaxNucleusXModel; unknown options are errors."""
+    import nucleusx_jax.hf as hf
+
+    cfg = small_config(output_hidden_states=True, return_dict=False)
+    model = FlaxNucleusXModel(cfg, seed=0)
+    out = model(np.arange(1, 6)[None])
+    assert isinstance(out, tuple) and len(out) == 2  # (last_hidden_state, hidden_states): no cache asked for
+    assert len(out[1]) == cfg.decoder_layers + 1
+    assert model(np.arange(1, 6)[None], output_hidden_states=False, return_dict=True).hidden_states is None
+    assert FlaxNucleusXModel.module_class is hf.FlaxNucleusXModule
+    assert FlaxNucleusXForCausalLM.module_class is hf.FlaxNucleusXForCausalLMModule
+    with pytest.raises(TypeError, match="gradient_checkpoint"):
+        FlaxNucleusXForCausalLM(small_config(), gradient_checkpoint=True)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import nucleusx_jax  # noqa: F401  (registers the Auto classes)
-from nucleusx_jax import FlaxNucleusXForCausalLM, FlaxNucleusXForSequenceClassification, FlaxNucleusXModel
+from nucleusx_jax.hf import FlaxNucleusXForCausalLM, FlaxNucleusXForSequenceClassification, FlaxNucleusXModel
 from transformers import FlaxAutoModelForCausalLM
 
 from conftest import FIXTURE_NAMES, FIXTURES, load_cases, max_abs

@@ -19,9 +19,10 @@ import jax
 import numpy as np
 import pytest
 
-from nucleusx_jax import FlaxNucleusXForCausalLM
+from nucleusx_jax.hf import FlaxNucleusXForCausalLM
 from nucleusx_jax import sharding as shd
-from nucleusx_jax.train.checkpoint import CORRUPT_DIR, Checkpointer, restore_params
+from nucleusx_jax.runs import restore_params
+from nucleusx_jax.train.checkpoint import CORRUPT_DIR, Checkpointer
 from nucleusx_jax.train.config import load_config
 from nucleusx_jax.train.data import DATA_DIR
 from nucleusx_jax.train.lock import LOCK_FILE

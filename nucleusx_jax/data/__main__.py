@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 from ..cli import reports_user_errors
 from .prepare import HoldOut, PrepareOptions, prepare, verify
-from .sources import FORMATS
+from ..sources import FORMATS
 
 
 @reports_user_errors

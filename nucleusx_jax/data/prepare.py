@@ -1,6 +1,6 @@
 """Prepare a token store from text sources: streaming, parallel, deterministic and resumable.
 
-The main process reads the sources in order (:func:`~nucleusx_jax.data.sources.iter_source_documents`) and
+The main process reads the sources in order (:func:`~nucleusx_jax.sources.iter_source_documents`) and
 groups the documents into *units* of about ``unit_chars`` characters. ``workers`` processes tokenize the
 units (one thread each); the main process receives them back in unit order and appends them to the current
 shard's temporary file, which is renamed to ``shard-NNNNN.bin`` once it holds ``shard_tokens`` tokens. At
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..tensorio import atomic_write
 from ..tokenizer import Tokenizer, load_tokenizer
 from .reader import derive_key, mix64
-from .sources import FORMATS, iter_source_documents, source_size
+from ..sources import FORMATS, iter_source_documents, source_size
 from .store import DTYPES, INDEX_FILE, Shard, TokenStore, index_json, shard_name, token_dtype
 
 PROGRESS_FILE = "progress.json"

@@ -10,20 +10,18 @@ different model or optimizer (array shapes differ) is an error instead.
 import logging
 import os
 import shutil
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from ..configuration import NucleusXConfig
-from .config import CheckpointConfig, load_config
-from .step import TrainState, build_module
+from ..runs import CHECKPOINT_DIR
+from .config import CheckpointConfig
+from .step import TrainState
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_DIR, CORRUPT_DIR, CONFIG_FILE = "checkpoints", "checkpoints_corrupt", "config.yaml"
+CORRUPT_DIR, CONFIG_FILE = "checkpoints_corrupt", "config.yaml"
 
 
 def _restore_args(abstract: Any) -> Any:
@@ -117,24 +115,3 @@ class Checkpointer:
         """Wait for pending saves and release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def restore_params(run_dir: str, step: Optional[int] = None) -> Tuple[NucleusXConfig, Any]:
-    """The model config and float32 parameters of a run's checkpoint (default: the latest complete step),
-    read without the optimizer state, onto the first local device. For export and conversion."""
-    cfg = load_config(os.path.join(run_dir, CONFIG_FILE))
-    module = build_module(cfg)
-    ids = jax.ShapeDtypeStruct((1, cfg.data.seq_len), jnp.int32)
-    abstract = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids)["params"]))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)}
-    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        raise FileNotFoundError(f"no checkpoint step {step!r} in {run_dir}/{CHECKPOINT_DIR}: "
-                                f"available steps {list(manager.all_steps())}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        target, restore_args=_restore_args(target), partial_restore=True)))
-    manager.close()
-    return cfg.model_config(), restored["state"]["params"]

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Tuple
 from ..data.mixture import Mixture, Phase, name_key, validate_schedule
 from ..data.prepare import HoldOut, PrepareOptions, prepare
 from ..data.reader import Windows, derive_key
-from ..data.sources import FORMATS
+from ..sources import FORMATS
 from ..data.store import TokenStore
 from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
 

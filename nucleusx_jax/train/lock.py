@@ -17,6 +17,8 @@ import socket
 import time
 from typing import Callable, Optional
 
+from ..tensorio import process_start
+
 logger = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
 
@@ -25,26 +27,6 @@ class RunLockedError(RuntimeError):
     """Another run holds the run directory; the message names it (pid, host, start time)."""
 
     exit_status = 4  # train.py's exit status (see nucleusx_jax.cli)
-
-
-def process_start(pid: int) -> Optional[int]:
-    """When process ``pid`` started (clock ticks since boot, from ``/proc``), or None if there is no such
-    process. Without ``/proc``: 0 for any existing process. Tells a live holder from a reused pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (command)": state, ..., starttime (22nd)
-        return None if fields[0] in ("Z", "X") else int(fields[19])  # a zombie has exited
-    except FileNotFoundError:
-        return None
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # exists, owned by someone else
-        pass
-    return 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The training run: distributed setup, run directory, tokenizer and data, mesh, resume, the step loop with
 eval/logging/checkpoints/preemption, then export, plot, sample and summary.
 
-Run directory layout: ``config.yaml`` (resolved), ``tokenizer.model`` (when trained here), ``data/`` (token
-stores prepared from ``data.sources``),
+Run directory layout: ``config.yaml`` (resolved), ``config.json`` (the model config), ``tokenizer.model`` (when
+trained here), ``data/`` (token stores prepared from ``data.sources``),
 ``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``loss.png``, ``hf/`` (final model and
 tokenizer), ``torch/`` (optional PyTorch export), ``summary.json``, ``run.lock`` (the trainer running there,
 see :mod:`.lock`).
@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 
 from .. import sharding as shd
 from ..configuration import NucleusXConfig
+from ..convert import convert
+from ..model import NucleusX, save_flax_dir
 from ..tensorio import atomic_write
 from .checkpoint import CONFIG_FILE, Checkpointer
 from .config import Config
@@ -91,14 +93,11 @@ def prepare_tokenizer(cfg: Config, run_dir: str) -> Tokenizer:
 
 
 def greedy_sample(config: NucleusXConfig, host_params: Any, prompt: List[int], num_tokens: int) -> List[int]:
-    """Greedy continuation of ``prompt`` with :func:`nucleusx_jax.generate.generate` (the prompt in parallel
+    """Greedy continuation of ``prompt`` with :meth:`nucleusx_jax.NucleusX.generate` (the prompt in parallel
     mode, then recurrent steps on the retention state); stops at EOS."""
-    from ..generate import generate
-    from ..hf import FlaxNucleusXForCausalLM
-
-    model = FlaxNucleusXForCausalLM(config, _do_init=False)
-    out = generate(model, np.asarray([prompt], np.int32), max_new_tokens=num_tokens, params=host_params,
-                   eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    model = NucleusX(config, host_params)
+    out = model.generate(np.asarray([prompt], np.int32), max_new_tokens=num_tokens,
+                         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
     new = [int(t) for t in out[0, len(prompt):]]
     return new[: new.index(config.eos_token_id) + 1] if config.eos_token_id in new else new
 
@@ -111,15 +110,15 @@ def host_params(params: Any) -> Any:
 
 
 def export_hf(run_dir: str, config: NucleusXConfig, params: Any, tokenizer_file: Optional[str]) -> str:
-    """Write the model (``save_pretrained`` of :func:`host_params` ``params``) and, for SentencePiece, the
-    tokenizer into ``<run_dir>/hf`` (built in a temporary directory, then renamed). Process 0 writes."""
-    from ..hf import FlaxNucleusXForCausalLM
-
+    """Write the model (:func:`host_params` ``params`` as ``config.json`` + ``flax_model.msgpack``, the layout
+    of our and transformers' Flax model directories) and, for SentencePiece, the tokenizer (an HF
+    ``LlamaTokenizer`` directory) into ``<run_dir>/hf`` (built in a temporary directory, then renamed).
+    Needs no transformers. Process 0 writes."""
     final = os.path.join(run_dir, HF_DIR)
     if jax.process_index() == 0:
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        FlaxNucleusXForCausalLM(config, _do_init=False).save_pretrained(tmp, params=params)
+        save_flax_dir(tmp, config, params)
         if tokenizer_file is not None and tokenizer_file.endswith(".model"):
             save_hf_tokenizer(tokenizer_file, tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -243,6 +242,7 @@ def _run(cfg: Config) -> Dict[str, Any]:
     tokenizer_file = cfg.data.tokenizer or os.path.join(run_dir, TOKENIZER_FILE)
     if lead:
         atomic_write(os.path.join(run_dir, CONFIG_FILE), cfg.to_yaml())
+        cfg.model_config().save_pretrained(run_dir)  # config.json: what the checkpoints hold (nucleusx_jax.runs)
         print(f"resolved config (saved to {os.path.join(run_dir, CONFIG_FILE)}):\n{cfg.to_yaml()}", flush=True)
 
     mesh = shd.make_mesh(dataclasses.asdict(cfg.mesh))
@@ -363,8 +363,6 @@ def _run(cfg: Config) -> Dict[str, Any]:
         if cfg.checkpoint.export_hf or cfg.checkpoint.export_torch:
             summary["hf_dir"] = export_hf(run_dir, model_config, final_params, tokenizer_file)
         if cfg.checkpoint.export_torch and lead:
-            from ..convert import convert
-
             summary["torch_dir"] = os.path.join(run_dir, TORCH_DIR)
             convert(summary["hf_dir"], summary["torch_dir"], "torch", overwrite=True, progress=False)
         if lead and lg.plot:

@@ -1,0 +1,47 @@
+"""A training run directory as model consumers read it: ``config.json`` (the model config, written by the
+trainer when the run starts) and the trainer's orbax steps in ``checkpoints/<step>``, of which only the
+parameters are read. The trainer (:mod:`nucleusx_jax.train`) writes these; the converter reads them."""
+
+import os
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from .configuration import CONFIG_FILE, NucleusXConfig
+from .modeling import NucleusXForCausalLMModule
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def is_run_dir(path: str) -> bool:
+    """Whether ``path`` holds trainer checkpoints (``checkpoints/<step>``)."""
+    steps = os.path.join(path, CHECKPOINT_DIR)
+    return os.path.isdir(steps) and any(n.isdigit() for n in os.listdir(steps))
+
+
+def restore_params(run_dir: str, step: Optional[int] = None) -> Tuple[NucleusXConfig, Any]:
+    """The model config and float32 parameters of a run's checkpoint (default: the latest complete step),
+    read without the optimizer state, onto the first local device."""
+    config_file = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{run_dir} has no {CONFIG_FILE} (the model config the trainer writes when a run "
+                                "starts): not a training run directory")
+    config = NucleusXConfig.from_pretrained(config_file)
+    module = NucleusXForCausalLMModule(config)
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    abstract = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids)["params"]))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)}
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(f"no checkpoint step {step!r} in {run_dir}/{CHECKPOINT_DIR}: "
+                                f"available steps {list(manager.all_steps())}")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    manager.close()
+    return config, restored["state"]["params"]
