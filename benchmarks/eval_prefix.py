@@ -73,7 +73,7 @@ def main() -> None:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from nucleusx_jax import FlaxNucleusXForCausalLM, NucleusXConfig
+    from nucleusx_jax import NucleusX, NucleusXConfig
     from nucleusx_jax.eval import EvalOptions, NucleusXLM
     from nucleusx_jax.tokenizer import load_tokenizer, train_tokenizer
 
@@ -84,7 +84,7 @@ def main() -> None:
     cfg = NucleusXConfig(vocab_size=1024, decoder_embed_dim=256, decoder_value_embed_dim=512,
                          decoder_retention_heads=4, decoder_ffn_embed_dim=512, decoder_layers=4,
                          recurrent_chunk_size=64, initializer_factor=1.0)
-    model = FlaxNucleusXForCausalLM(cfg, seed=0)
+    model = NucleusX(cfg, seed=0)
     out = {"items": args.items, "batch_size": args.batch_size, "backend": jax.default_backend(),
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                     cwd=os.path.dirname(RESULTS)).stdout.strip(),

@@ -40,12 +40,12 @@ class _Ids:
 
 
 def _model():
-    from nucleusx_jax import FlaxNucleusXForCausalLM, NucleusXConfig
+    from nucleusx_jax import NucleusX, NucleusXConfig
 
     cfg = NucleusXConfig(vocab_size=VOCAB, decoder_embed_dim=256, decoder_value_embed_dim=512,
                          decoder_retention_heads=4, decoder_ffn_embed_dim=512, decoder_layers=4,
                          recurrent_chunk_size=64, initializer_factor=1.0)
-    return FlaxNucleusXForCausalLM(cfg, seed=0)
+    return NucleusX(cfg, seed=0)
 
 
 def _doc(length: int) -> np.ndarray:

@@ -19,7 +19,7 @@ pytest.importorskip("lm_eval")
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from nucleusx_jax import FlaxNucleusXForCausalLM, NucleusXConfig  # noqa: E402
+from nucleusx_jax import NucleusX, NucleusXConfig  # noqa: E402
 from nucleusx_jax import generate as gen  # noqa: E402
 from nucleusx_jax.convert import convert  # noqa: E402
 from nucleusx_jax.eval import NucleusXLM  # noqa: E402
@@ -47,7 +47,7 @@ def env(tmp_path_factory):
     cfg = NucleusXConfig(vocab_size=VOCAB, decoder_embed_dim=64, decoder_ffn_embed_dim=96, decoder_layers=2,
                          decoder_retention_heads=4, decoder_value_embed_dim=128, recurrent_chunk_size=16,
                          initializer_factor=1.0, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    model = FlaxNucleusXForCausalLM(cfg, seed=3)
+    model = NucleusX(cfg, seed=3)
     flax_dir, torch_dir, bare_dir = root / "flax", root / "torch", root / "bare"
     model.save_pretrained(flax_dir)
     shutil.copytree(flax_dir, bare_dir)

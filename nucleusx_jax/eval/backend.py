@@ -20,23 +20,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import generate, hf, retention
+from .. import decode, retention
+from ..configuration import ForwardMode
+from ..inputs import prompt_forward_mode
+from ..model import NucleusX, from_pretrained
+from ..modeling import RunOptions
 
 Array = jax.Array
 Cache = Tuple[retention.RetentionState, ...]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def load_model(pretrained: str, dtype: str) -> hf.FlaxNucleusXForCausalLM:
+def load_model(pretrained: str, dtype: str) -> NucleusX:
     """A causal LM from our (flax) or a PyTorch model directory, computing in ``dtype`` (a name in DTYPES)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
     if not os.path.isdir(pretrained):
         raise FileNotFoundError(f"pretrained={pretrained!r} is not a model directory")
-    model = hf.FlaxNucleusXForCausalLM.from_pretrained(pretrained, dtype=DTYPES[dtype])
-    if not isinstance(model, hf.FlaxNucleusXForCausalLM):
-        raise TypeError(f"{pretrained} holds a {type(model).__name__}, not a NucleusX causal LM")
-    return model
+    return from_pretrained(pretrained, dtype=DTYPES[dtype])
 
 
 def _target_scores(logits: Array, targets: Array) -> Tuple[Array, Array]:
@@ -49,24 +50,26 @@ def _target_scores(logits: Array, targets: Array) -> Tuple[Array, Array]:
 class Backend:
     """Compiled evaluation passes of one causal LM (``model.module``) with parameters ``params``."""
 
-    def __init__(self, model: hf.FlaxNucleusXForCausalLM, params: Any = None, *,
+    def __init__(self, model: NucleusX, params: Any = None, *,
                  prompt_chunkwise_threshold: Optional[int] = None):
         self.model = model
         self.config = model.config
         self.params = params if params is not None else model.params
         self.threshold = prompt_chunkwise_threshold
         self.module = model.module
+        self._recurrent = RunOptions.from_config(self.config, mode=ForwardMode.RECURRENT, return_state=True)
         self._prefix = jax.jit(self._prefix_fn, static_argnames=("mode", "chunk"))
         self._continuation = jax.jit(self._continuation_fn)
         self._window = jax.jit(self._window_fn, donate_argnames=("cache",))
 
     def _mode(self, length: int) -> Tuple[str, int]:
-        return hf.prompt_forward_mode(self.config, length, None, self.threshold)
+        return prompt_forward_mode(self.config, length, None, self.threshold)
 
     # ---------------------------------------------------------------------------------------- traced
     def _prefix_fn(self, params: Any, ids: Array, mask: Array, *, mode: str, chunk: int) -> Tuple[Array, Cache]:
         def run(module: Any) -> Tuple[Array, Cache]:
-            x, cache, _ = module.model(ids, mask, None, mode, chunk, True, False, True)
+            options = RunOptions.from_config(module.config, mode=mode, chunk_size=chunk, return_state=True)
+            x, cache, _ = module.model(ids, mask, options=options)
             return module.lm_logits(x[:, -1]), cache
 
         logits, cache = self.module.apply({"params": params}, method=run)
@@ -78,7 +81,7 @@ class Backend:
                       for s in cache)
         first = jnp.take(first_logp, rows, 0)  # [N, V]
         # The last continuation token is fed too (its prediction is unused): one shape, one compile per length.
-        logits, _, _ = self.module.apply({"params": params}, ids, mask, cache, "recurrent", 1, True, False, True)
+        logits, _, _ = self.module.apply({"params": params}, ids, mask, cache, options=self._recurrent)
         later_lp, later_greedy = _target_scores(logits[:, :-1], ids[:, 1:])
         first_lp = jnp.take_along_axis(first, ids[:, :1], axis=-1)
         first_greedy = jnp.argmax(first, axis=-1)[:, None] == ids[:, :1]
@@ -86,7 +89,7 @@ class Backend:
                 jnp.concatenate([first_greedy, later_greedy], axis=1))
 
     def _window_fn(self, params: Any, cache: Cache, ids: Array, mask: Array, targets: Array) -> Tuple[Array, Cache]:
-        logits, cache, _ = self.module.apply({"params": params}, ids, mask, cache, "recurrent", 1, True, False, True)
+        logits, cache, _ = self.module.apply({"params": params}, ids, mask, cache, options=self._recurrent)
         lp, _ = _target_scores(logits, targets)
         return jnp.sum(jnp.where(mask.astype(bool), lp, 0.0), axis=1), cache
 
@@ -126,16 +129,16 @@ class Backend:
                    - stats.alias_size_in_bytes)
 
     def generate(self, ids: np.ndarray, mask: np.ndarray, rows: np.ndarray, *, steps: int,
-                 options: generate.DecodeOptions, prng_key: Array) -> np.ndarray:
+                 options: decode.DecodeOptions, prng_key: Array) -> np.ndarray:
         """The prompts ``[B, T]`` (left-padded) once, then ``steps`` new tokens ``[N, steps]`` for each row
-        ``n`` continuing prompt ``rows[n]`` (the compiled loop of :mod:`nucleusx_jax.generate`)."""
-        state = generate.prefill(self.model, ids, mask, options=options, prng_key=prng_key, params=self.params,
+        ``n`` continuing prompt ``rows[n]`` (the compiled loop of :mod:`nucleusx_jax.decode`)."""
+        state = decode.prefill(self.model, ids, mask, options=options, prng_key=prng_key, params=self.params,
                                  prompt_chunkwise_threshold=self.threshold)
         take = jnp.asarray(rows, jnp.int32)
-        state = generate.DecodeState(
+        state = decode.DecodeState(
             token=state.token[take], logits=state.logits[take],
             cache=tuple(retention.RetentionState(s.kv[take], s.scale[take], s.seqlen) for s in state.cache),
             key=state.key, finished=state.finished[take])
-        tokens, _, _ = generate.compiled(self.model).loop(self.params, state, steps=steps, options=options,
+        tokens, _, _ = decode.compiled(self.model).loop(self.params, state, steps=steps, options=options,
                                                           output_logits=False)
         return np.asarray(tokens)

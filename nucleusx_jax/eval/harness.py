@@ -30,7 +30,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from tqdm.auto import tqdm
 
-from .. import generate
+from .. import decode
 from ..tokenizer import Tokenizer, load_tokenizer
 from .backend import Backend, load_model
 
@@ -282,7 +282,7 @@ class NucleusXLM(LM):
         return out
 
     # ---------------------------------------------------------------------------------------- generation
-    def _decode_options(self, kwargs: Dict[str, Any]) -> Tuple[generate.DecodeOptions, int, Tuple[str, ...]]:
+    def _decode_options(self, kwargs: Dict[str, Any]) -> Tuple[decode.DecodeOptions, int, Tuple[str, ...]]:
         unknown = sorted(set(kwargs) - set(GEN_KWARGS))
         if unknown:
             raise ValueError(f"unsupported generation argument(s) {', '.join(unknown)}; "
@@ -292,7 +292,7 @@ class NucleusXLM(LM):
         steps = kwargs.get("max_gen_toks", self.options.max_gen_toks)
         temperature = float(kwargs.get("temperature", 0.0))
         do_sample = bool(kwargs.get("do_sample", False)) and temperature > 0
-        options = generate.decode_options(
+        options = decode.decode_options(
             self.backend.model, do_sample=do_sample, temperature=temperature if do_sample else 1.0,
             top_k=int(kwargs.get("top_k", 0) or 0), top_p=float(kwargs.get("top_p", 1.0) or 1.0),
             eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id)

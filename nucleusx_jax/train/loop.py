@@ -206,10 +206,9 @@ def lm_eval_runner(cfg: Config, tokenizer: Tokenizer) -> Optional[Callable[[Any]
     if not le.tasks:
         raise ValueError(f"lm_eval.every={le.every} needs lm_eval.tasks, a list of lm-eval task names")
     from ..eval import EvalOptions, evaluate_tasks
-    from ..hf import FlaxNucleusXForCausalLM
 
     dtype = jnp.bfloat16 if cfg.train.dtype == "bfloat16" else jnp.float32
-    model = FlaxNucleusXForCausalLM(cfg.model_config(), dtype=dtype, _do_init=False)
+    model = NucleusX(cfg.model_config(), dtype=dtype, init=False)
     options = EvalOptions(batch_size=le.batch_size, max_length=le.max_length)
     return lambda params: evaluate_tasks(model, tokenizer, le.tasks, params=params, options=options,
                                          include_path=le.include_path, limit=le.limit, num_fewshot=le.num_fewshot)
