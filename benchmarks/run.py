@@ -48,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 from nucleusx_jax import kernels  # noqa: E402
 from nucleusx_jax import retention as ret  # noqa: E402
 from nucleusx_jax.configuration import NucleusXConfig  # noqa: E402
-from nucleusx_jax.modeling import NucleusXForCausalLMModule  # noqa: E402
+from nucleusx_jax.modeling import NucleusXForCausalLMModule, RunOptions  # noqa: E402
 from nucleusx_jax.train.step import training_flops_per_token  # noqa: E402
 
 MATMUL_N = 2048
@@ -198,7 +198,7 @@ def model_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfi
         ids = jax.random.randint(jax.random.PRNGKey(length), (1, length), 0, config.vocab_size)
         labels = jnp.concatenate([ids[:, 1:], jnp.full((1, 1), -100, ids.dtype)], axis=1)
         for mode in modes:
-            kw = dict(forward_mode=mode, chunk_size=min(chunk, length))
+            kw = dict(options=RunOptions.from_config(config, mode=mode, chunk_size=min(chunk, length)))
 
             def forward(p: Any, ids: jax.Array, kw: Dict[str, Any] = kw) -> jax.Array:
                 return module.apply({"params": p}, ids, **kw)[0]
@@ -226,9 +226,9 @@ def train_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfi
     rows = []
     for batch, length in shapes:
         cfg = parse_config({
-            "model": dict(BENCH_SMALL),
+            "model": dict(BENCH_SMALL, forward_mode="chunkwise", recurrent_chunk_size=min(chunk, length)),
             "data": {"seq_len": length},
-            "train": {"global_batch": batch, "forward_mode": "chunkwise", "chunk_size": min(chunk, length)},
+            "train": {"global_batch": batch},
             "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
         })
         mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])

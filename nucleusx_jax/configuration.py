@@ -1,13 +1,42 @@
 """``NucleusXConfig``: the reference's config (model_type ``nucleus_x``), with validation."""
 
-from typing import Any
+import enum
+from typing import Any, Union
 
 from transformers import PretrainedConfig
 
 from .activations import ACTIVATIONS
 
-FORWARD_MODES = ("parallel", "chunkwise", "recurrent")
-RETENTION_IMPLS = ("xla", "pallas")
+
+class _Choice(str, enum.Enum):
+    """A string enum whose :meth:`parse` names the bad value and the allowed ones."""
+
+    @classmethod
+    def parse(cls, value: Union[str, "_Choice"], name: str = "") -> "_Choice":
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise ValueError(f"{name or cls.__name__}={value!r} is invalid: must be one of {allowed}") from None
+
+
+class ForwardMode(_Choice):
+    """The three equivalent retention forms."""
+
+    PARALLEL = "parallel"
+    CHUNKWISE = "chunkwise"
+    RECURRENT = "recurrent"
+
+
+class RetentionImpl(_Choice):
+    """The chunkwise form's implementation: plain XLA, or the Pallas kernel."""
+
+    XLA = "xla"
+    PALLAS = "pallas"
+
+
+FORWARD_MODES = tuple(m.value for m in ForwardMode)
+RETENTION_IMPLS = tuple(m.value for m in RetentionImpl)
 
 
 class NucleusXConfig(PretrainedConfig):

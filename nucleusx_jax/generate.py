@@ -33,7 +33,8 @@ from transformers.generation import (
     FlaxTopPLogitsWarper,
 )
 
-from . import hf
+from . import hf, modeling
+from .configuration import ForwardMode
 from .retention import RetentionState
 
 Array = jax.Array
@@ -123,7 +124,6 @@ class _Compiled:
 
     def __init__(self, model: hf.FlaxNucleusXForCausalLM):
         self.module = model.module
-        self.step_traces = 0  # counts traces of the step (one per compiled shape and options)
         self.prefill = jax.jit(self._prefill, static_argnames=("mode", "chunk", "options"))
         self.step = jax.jit(self._step, static_argnames=("options",), donate_argnames=("state",))
         self.loop = jax.jit(self._loop, static_argnames=("steps", "options", "output_logits"),
@@ -134,7 +134,8 @@ class _Compiled:
         """The prompt ``[B, T]`` once; the LM head only on its last position. Chooses the first new token."""
 
         def run(module: Any) -> Tuple[Array, Cache]:
-            x, cache, _ = module.model(input_ids, mask, None, mode, chunk, True, False, True)
+            run = modeling.RunOptions.from_config(module.config, mode=mode, chunk_size=chunk, return_state=True)
+            x, cache, _ = module.model(input_ids, mask, options=run)
             return module.lm_logits(x[:, -1]), cache
 
         logits, cache = self.module.apply({"params": params}, method=run)
@@ -143,10 +144,9 @@ class _Compiled:
     def _step(self, params: Any, state: DecodeState, *, options: DecodeOptions) -> DecodeState:
         """One recurrent step on ``state.token``, then the next choice. The token is real (mask 1) in every row
         still running; a finished row only repeats the pad token, so its state is left as it is (mask 0)."""
-        self.step_traces += 1
         mask = (~state.finished)[:, None].astype(jnp.int32)
-        logits, cache, _ = self.module.apply(
-            {"params": params}, state.token[:, None], mask, state.cache, "recurrent", 1, True, False, True)
+        run = modeling.RunOptions.from_config(self.module.config, mode=ForwardMode.RECURRENT, return_state=True)
+        logits, cache, _ = self.module.apply({"params": params}, state.token[:, None], mask, state.cache, options=run)
         return options.advance(logits[:, 0], cache, state.key, state.finished)
 
     def _loop(self, params: Any, state: DecodeState, *, steps: int, options: DecodeOptions,

@@ -165,7 +165,6 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
         module = self.module_class(config=config, dtype=dtype, param_dtype=param_dtype,
                                    gradient_checkpointing=gradient_checkpointing)
         super().__init__(config, module, input_shape=input_shape, seed=seed, dtype=dtype, _do_init=_do_init)
-        self.trace_count = 0
         self._forward = jax.jit(self._apply, static_argnames=(
             "forward_mode", "chunk_size", "use_cache", "output_hidden_states", "train", "z_loss_coeff"))
 
@@ -202,12 +201,12 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
         train: bool,
         z_loss_coeff: float,
     ) -> Dict[str, Any]:
-        self.trace_count += 1  # runs only while tracing: counts compilations
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+        options = modeling.RunOptions(mode=forward_mode, chunk_size=chunk_size, impl=self.config.retention_impl,
+                                      return_state=use_cache, hidden_states=output_hidden_states,
+                                      deterministic=not train)
         out, cache, hidden = self.module.apply(
-            {"params": params}, input_ids, attention_mask, past_key_values, forward_mode, chunk_size, use_cache,
-            output_hidden_states, not train, rngs=rngs,
-        )
+            {"params": params}, input_ids, attention_mask, past_key_values, options=options, rngs=rngs)
         loss = None
         if labels is not None:
             loss = self._loss(out, labels, z_loss_coeff)

@@ -4,13 +4,18 @@ The modules are thin layers over :mod:`nucleusx_jax.retention`. Parameter names 
 state dict (``layers.3.retention.q_proj.weight`` is ``layers_3/retention/q_proj/kernel`` here), and every
 parameter carries logical axis names (``embed``, ``heads``, ``mlp``, ``vocab``, ``norm``) for sharding.
 
+How a call runs (forward form, chunk size, kernel, returned state, hidden states, dropout) travels as one
+frozen, hashable :class:`RunOptions`, keyword-only; its defaults come from the config.
+
 Shapes: B batch, T length, E ``decoder_embed_dim``, H heads, K key head dim, V value head dim.
 """
 
+import dataclasses
 import math
 from functools import partial
 from typing import Any, Optional, Sequence, Tuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,13 +24,54 @@ import numpy as np
 from . import kernels
 from . import retention as ret
 from .activations import ACTIVATIONS
-from .configuration import NucleusXConfig
+from .configuration import ForwardMode, NucleusXConfig, RetentionImpl
 
 Array = jax.Array
 Cache = Tuple[ret.RetentionState, ...]
 F32 = jnp.float32
 # logical names of the residual stream [B, T, E]; a no-op outside ``nn.logical_axis_rules`` (see sharding.py)
 ACTIVATION_AXES = ("batch", "length", "act_embed")
+
+
+@flax.struct.dataclass
+class RunOptions:
+    """How one call runs; frozen and hashable, with no array leaves (so ``jit`` and ``nn.remat`` treat it as
+    static). Build it with :meth:`from_config`: the config is the one source of every default.
+
+    ``mode``: the retention form; ``chunk_size``: the chunkwise form's chunk length; ``impl``: the chunkwise
+    kernel; ``return_state``: return each layer's recurrent state (the cache); ``hidden_states``: return every
+    layer's input and the final output; ``deterministic``: no dropout or drop path.
+    """
+
+    mode: ForwardMode = flax.struct.field(pytree_node=False)
+    chunk_size: int = flax.struct.field(pytree_node=False)
+    impl: RetentionImpl = flax.struct.field(pytree_node=False, default=RetentionImpl.XLA)
+    return_state: bool = flax.struct.field(pytree_node=False, default=False)
+    hidden_states: bool = flax.struct.field(pytree_node=False, default=False)
+    deterministic: bool = flax.struct.field(pytree_node=False, default=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", ForwardMode.parse(self.mode))
+        object.__setattr__(self, "impl", RetentionImpl.parse(self.impl))
+        chunk = self.chunk_size
+        if not isinstance(chunk, (int, np.integer)) or isinstance(chunk, bool) or chunk < 1:
+            raise ValueError(f"chunk_size={chunk!r} is invalid: must be an integer >= 1")
+        object.__setattr__(self, "chunk_size", int(chunk))
+        for name in ("return_state", "hidden_states", "deterministic"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be True or False")
+            object.__setattr__(self, name, bool(getattr(self, name)))
+
+    @classmethod
+    def from_config(cls, config: NucleusXConfig, **overrides: Any) -> "RunOptions":
+        """The config's ``forward_mode``, ``recurrent_chunk_size`` and ``retention_impl``, then ``overrides``
+        (field names of this class; an unknown name is a ``TypeError``)."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown run option(s) {unknown}; valid: "
+                            f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        base = dict(mode=config.forward_mode, chunk_size=config.recurrent_chunk_size, impl=config.retention_impl)
+        return cls(**{**base, **overrides})
 
 
 def _param_init(init: Any, axes: Sequence[str]) -> Any:
@@ -110,9 +156,8 @@ class MultiScaleRetention(nn.Module):
         positions: Array,
         mask: Optional[Array],
         state: Optional[ret.RetentionState],
-        mode: str,
-        chunk_size: int,
-        want_state: bool,
+        *,
+        options: RunOptions,
     ) -> Tuple[Array, Optional[ret.RetentionState]]:
         """x ``[B, T, E]``, positions ``[T]``, mask ``[B, T]`` -> ``([B, T, E], state or None)``."""
         cfg = self.config
@@ -132,24 +177,24 @@ class MultiScaleRetention(nn.Module):
         q, k = ret.rotate(q, positions, angle), ret.rotate(k, positions, angle)
 
         new_state = None
-        if mode == "recurrent":
+        if options.mode is ForwardMode.RECURRENT:
             if state is None:
                 state = ret.empty_state(batch, heads, kdim, vdim)
             out, new_state = ret.recurrent_retention(q, k, v, log_decay, state, mask)
         else:
-            if mode == "parallel":
+            if options.mode is ForwardMode.PARALLEL:
                 out = ret.parallel_retention(q, k, v, log_decay, mask)
-            elif cfg.retention_impl == "pallas":
-                out = kernels.chunkwise_retention(q, k, v, log_decay, chunk_size, mask)
+            elif options.impl is RetentionImpl.PALLAS:
+                out = kernels.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask)
             else:
-                out = ret.chunkwise_retention(q, k, v, log_decay, chunk_size, mask)
-            if want_state:
+                out = ret.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask)
+            if options.return_state:
                 new_state = ret.final_state(k, v, log_decay, mask)
         normed = RMSNorm(cfg.groupnorm_eps, use_weight=False, dtype=self.dtype, name="group_norm")(out)
         normed = normed.transpose(0, 2, 1, 3).reshape(batch, length, value)
         gated = (jax.nn.silu(g.astype(F32)) * normed.astype(F32)).astype(self.dtype)
         out = proj(embed, "out_proj", ("heads", "embed"))(gated)
-        return out, (new_state if want_state else None)
+        return out, (new_state if options.return_state else None)
 
 
 class GLU(nn.Module):
@@ -187,12 +232,12 @@ class DecoderLayer(nn.Module):
         positions: Array,
         mask: Optional[Array],
         state: Optional[ret.RetentionState],
-        mode: str,
-        chunk_size: int,
-        want_state: bool,
-        deterministic: bool,
+        *,
+        options: RunOptions,
     ) -> Tuple[Array, Optional[ret.RetentionState]]:
+        """x ``[B, T, E]``, positions ``[T]``, mask ``[B, T]`` -> ``([B, T, E], state or None)``."""
         cfg = self.config
+        deterministic = options.deterministic
         alpha = math.pow(2.0 * cfg.decoder_layers, 0.25) if cfg.deepnorm else 1.0
         rate = float(np.linspace(0, cfg.drop_path_rate, cfg.decoder_layers)[self.depth])
         drop_path = DropPath(rate)
@@ -204,7 +249,7 @@ class DecoderLayer(nn.Module):
         residual = x
         h = retention_norm(x) if pre else x
         h, new_state = MultiScaleRetention(cfg, self.dtype, self.param_dtype, name="retention")(
-            h, positions, mask, state, mode, chunk_size, want_state
+            h, positions, mask, state, options=options
         )
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         x = residual * alpha + drop_path(h, deterministic)
@@ -244,7 +289,7 @@ class NucleusXModule(nn.Module):
         layer_cls = DecoderLayer
         if self.gradient_checkpointing:
             policy = getattr(jax.checkpoint_policies, self.remat_policy) if self.remat_policy else None
-            layer_cls = nn.remat(DecoderLayer, static_argnums=(5, 6, 7, 8), policy=policy)
+            layer_cls = nn.remat(DecoderLayer, policy=policy)  # RunOptions has no array leaves: static
         self.layers = [
             layer_cls(cfg, i, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(cfg.decoder_layers)
         ]
@@ -256,19 +301,19 @@ class NucleusXModule(nn.Module):
         input_ids: Array,
         attention_mask: Optional[Array] = None,
         past_key_values: Optional[Cache] = None,
-        forward_mode: str = "parallel",
-        chunk_size: Optional[int] = None,
-        use_cache: bool = False,
-        output_hidden_states: bool = False,
-        deterministic: bool = True,
+        *,
+        options: Optional[RunOptions] = None,
     ) -> Tuple[Array, Optional[Cache], Optional[Tuple[Array, ...]]]:
-        """input_ids ``[B, T]`` -> (last hidden state ``[B, T, E]``, cache, hidden states).
+        """input_ids ``[B, T]``, attention_mask ``[B, T]`` (0 marks left padding), past_key_values (one state
+        per layer, recurrent form) -> (last hidden state ``[B, T, E]``, cache, hidden states).
 
-        ``hidden_states`` follows the reference: the embedding output, each layer's input after it, and
-        the final normalised output (L + 1 arrays).
+        ``options`` default to :meth:`RunOptions.from_config`. The cache is returned with
+        ``options.return_state``; the hidden states with ``options.hidden_states``, following the reference:
+        the embedding output, each layer's input after it, and the final normalised output (L + 1 arrays).
         """
         cfg = self.config
-        chunk_size = chunk_size or cfg.recurrent_chunk_size
+        options = options if options is not None else RunOptions.from_config(cfg)
+        deterministic = options.deterministic
         scale = 1.0 if cfg.no_scale_embedding else math.sqrt(cfg.decoder_embed_dim)
         x = self.embed_tokens(input_ids) * scale
         if self.rms_norm_embedding is not None:
@@ -279,18 +324,17 @@ class NucleusXModule(nn.Module):
         hidden = []
         cache = []
         for i, layer in enumerate(self.layers):
-            if output_hidden_states:
+            if options.hidden_states:
                 hidden.append(x)
             state = past_key_values[i] if past_key_values is not None else None
-            x, new_state = layer(x, positions, attention_mask, state, forward_mode, chunk_size, use_cache,
-                                 deterministic)
+            x, new_state = layer(x, positions, attention_mask, state, options=options)
             x = nn.with_logical_constraint(x, ACTIVATION_AXES)
             cache.append(new_state)
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        if output_hidden_states:
+        if options.hidden_states:
             hidden.append(x)
-        return x, (tuple(cache) if use_cache else None), (tuple(hidden) if output_hidden_states else None)
+        return x, (tuple(cache) if options.return_state else None), (tuple(hidden) if options.hidden_states else None)
 
     def attend(self, x: Array) -> Array:
         """Logits through the (tied) embedding matrix: ``[B, T, E] -> [B, T, vocab]`` (on ``[N, E]``, like
@@ -315,21 +359,24 @@ class NucleusXForCausalLMModule(nn.Module):
             self.lm_head = _dense(cfg.vocab_size, "lm_head", nn.initializers.normal(cfg.lm_head_initializer_range),
                                   ("embed", "vocab"), self.dtype, self.param_dtype)
 
-    def __call__(self, input_ids: Array, *args: Any, **kwargs: Any) -> Tuple[Array, Any, Any]:
+    def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+                 past_key_values: Optional[Cache] = None, *,
+                 options: Optional[RunOptions] = None) -> Tuple[Array, Any, Any]:
         """Same arguments as :class:`NucleusXModule`; returns (logits ``[B, T, vocab]``, cache, hidden)."""
-        x, cache, hidden = self.model(input_ids, *args, **kwargs)
+        x, cache, hidden = self.model(input_ids, attention_mask, past_key_values, options=options)
         return self.lm_logits(x), cache, hidden
 
     def lm_logits(self, x: Array) -> Array:
         """The LM head on hidden states: ``[..., E] -> [..., vocab]`` (the tied embedding when tied)."""
         return self.model.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
 
-    def next_token_loss(self, input_ids: Array, labels: Array, *args: Any, z_loss_coeff: float = 0.0,
-                        **kwargs: Any) -> Array:
+    def next_token_loss(self, input_ids: Array, labels: Array, attention_mask: Optional[Array] = None, *,
+                        options: Optional[RunOptions] = None, z_loss_coeff: Optional[float] = None) -> Array:
         """:func:`next_token_loss` of the logits of ``input_ids`` ``[B, T]`` against ``labels`` ``[B, T]``,
-        computed by :func:`lm_head_loss` (the ``[B, T, vocab]`` logits never exist whole). Other arguments
-        as :class:`NucleusXModule`."""
-        x, _, _ = self.model(input_ids, *args, **kwargs)
+        computed by :func:`lm_head_loss` (the ``[B, T, vocab]`` logits never exist whole). ``z_loss_coeff``
+        defaults to the config's; other arguments as :class:`NucleusXModule`."""
+        z_loss_coeff = self.config.z_loss_coeff if z_loss_coeff is None else z_loss_coeff
+        x, _, _ = self.model(input_ids, attention_mask, options=options)
         if self.is_initializing():  # create the head's parameters, as __call__ does
             self.lm_logits(x[:, :1])
         if self.config.tie_word_embeddings:
@@ -353,9 +400,11 @@ class NucleusXForSequenceClassificationModule(nn.Module):
         self.score = _dense(cfg.num_labels, "score", nn.initializers.normal(cfg.lm_head_initializer_range),
                             ("embed", None), self.dtype, self.param_dtype)
 
-    def __call__(self, input_ids: Array, *args: Any, **kwargs: Any) -> Tuple[Array, Any, Any]:
-        """Returns (pooled logits ``[B, num_labels]``, cache, hidden)."""
-        x, cache, hidden = self.model(input_ids, *args, **kwargs)
+    def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+                 past_key_values: Optional[Cache] = None, *,
+                 options: Optional[RunOptions] = None) -> Tuple[Array, Any, Any]:
+        """Same arguments as :class:`NucleusXModule`; returns (pooled logits ``[B, num_labels]``, cache, hidden)."""
+        x, cache, hidden = self.model(input_ids, attention_mask, past_key_values, options=options)
         logits = self.score(x)
         pad = self.config.pad_token_id
         if pad is None:

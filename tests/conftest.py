@@ -1,9 +1,11 @@
 """Shared test helpers: the reference fixtures and small random models."""
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Iterator, List
 
+import jax
 import numpy as np
 import pytest
 
@@ -26,3 +28,19 @@ def max_abs(a, b) -> float:
 @pytest.fixture(scope="session")
 def fixture_dirs() -> Dict[str, Path]:
     return {n: FIXTURES / n for n in FIXTURE_NAMES}
+
+
+@contextlib.contextmanager
+def count_traces() -> Iterator[List[str]]:
+    """Collects one entry per function jax traces for compilation inside the block (jax.monitoring events)."""
+    traces: List[str] = []
+
+    def listen(event: str, _seconds: float, **_: object) -> None:
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield traces
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)

@@ -15,7 +15,7 @@ import pytest
 from nucleusx_jax import retention as ret
 from nucleusx_jax.configuration import NucleusXConfig
 from nucleusx_jax.kernels import chunkwise_retention as pallas_chunkwise
-from nucleusx_jax.modeling import NucleusXForCausalLMModule, causal_lm_loss
+from nucleusx_jax.modeling import NucleusXForCausalLMModule, RunOptions, causal_lm_loss
 
 
 def _inputs(seed: int, batch: int, heads: int, length: int, kdim: int, vdim: int, pad_left: Optional[list],
@@ -125,7 +125,7 @@ def test_model_with_pallas_matches_xla():
         params = model.init(jax.random.PRNGKey(0), ids)["params"]
 
         def loss(p):
-            logits = model.apply({"params": p}, ids, mask, forward_mode="chunkwise")[0]
+            logits = model.apply({"params": p}, ids, mask, options=RunOptions.from_config(model.config, mode="chunkwise"))[0]
             return causal_lm_loss(logits, ids), logits
 
         results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(params))

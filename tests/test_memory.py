@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from nucleusx_jax import FlaxNucleusXForCausalLM, NucleusXConfig
+from nucleusx_jax.modeling import RunOptions
 
 T = 32768
 
@@ -19,7 +20,8 @@ def model():
 
 def compiled_bytes(model, mode: str, length: int) -> int:
     ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
-    fn = lambda p, x: model.module.apply({"params": p}, x, None, None, mode, 64)[0]  # noqa: E731
+    options = RunOptions.from_config(model.config, mode=mode, chunk_size=64)
+    fn = lambda p, x: model.module.apply({"params": p}, x, options=options)[0]  # noqa: E731
     stats = jax.jit(fn).lower(model.params, ids).compile().memory_analysis()
     return stats.temp_size_in_bytes + stats.output_size_in_bytes
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from nucleusx_jax import FlaxNucleusXForCausalLM, NucleusXConfig, retention
-from nucleusx_jax.modeling import lm_head_loss, next_token_loss
+from nucleusx_jax.modeling import RunOptions, lm_head_loss, next_token_loss
 
-from conftest import max_abs
+from conftest import count_traces, max_abs
 
 TOL = 1e-4
 parallel = jax.jit(retention.parallel_retention)
@@ -96,17 +96,21 @@ def test_every_mode_compiles_once_per_shape(model):
              dict(forward_mode="recurrent", use_cache=True)]
     for kw in calls:
         model(IDS, **kw)
-    before = model.trace_count
-    for kw in calls:
-        model(IDS, **kw)
-        model((IDS + 1) % 61, **kw)  # new values, same shapes
-    assert model.trace_count == before
+    with count_traces() as traces:
+        for kw in calls:
+            model(IDS, **kw)
+            model((IDS + 1) % 61, **kw)  # new values, same shapes
+    assert traces == []
     past = model(IDS[:, :5], forward_mode="recurrent", use_cache=True).past_key_values
-    model(IDS[:, 5:6], forward_mode="recurrent", past_key_values=past, use_cache=True)
-    before = model.trace_count
-    for t in range(6, 11):  # decoding: one compiled step reused for every token
-        past = model(IDS[:, t:t + 1], forward_mode="recurrent", past_key_values=past, use_cache=True).past_key_values
-    assert model.trace_count == before
+    past = model(IDS[:, 5:6], forward_mode="recurrent", past_key_values=past, use_cache=True).past_key_values
+    with count_traces() as traces:
+        for t in range(6, 11):  # decoding: one compiled step reused for every token
+            past = model(IDS[:, t:t + 1], forward_mode="recurrent", past_key_values=past,
+                         use_cache=True).past_key_values
+    assert traces == []
+    with count_traces() as traces:  # the counter sees a new shape
+        model(IDS[:, :7], forward_mode="parallel")
+    assert traces
 
 
 @pytest.mark.parametrize("block_tokens", [1, 5, 8, 4096])
@@ -147,14 +151,14 @@ def test_module_next_token_loss_and_gradients(model, tied):
         cfg = NucleusXConfig(**{**model.config.to_dict(), "tie_word_embeddings": True})
         m = FlaxNucleusXForCausalLM(cfg, seed=3)
     inputs, targets = IDS[:, :-1], IDS[:, 1:]
+    options = RunOptions.from_config(m.config, mode="chunkwise", chunk_size=4)
 
     def plain(p):
-        logits = m.module.apply({"params": p}, inputs, forward_mode="chunkwise", chunk_size=4)[0]
+        logits = m.module.apply({"params": p}, inputs, options=options)[0]
         return next_token_loss(logits, targets)
 
     def blocked(p):
-        return m.module.apply({"params": p}, inputs, targets, forward_mode="chunkwise", chunk_size=4,
-                              method="next_token_loss")
+        return m.module.apply({"params": p}, inputs, targets, options=options, method="next_token_loss")
 
     want, want_grads = jax.value_and_grad(plain)(m.params)
     got, got_grads = jax.jit(jax.value_and_grad(blocked))(m.params)

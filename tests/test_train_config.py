@@ -27,6 +27,9 @@ def test_unknown_key_lists_valid_keys():
         parse_config({"trainer": {}})
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['hidden'\] in section 'model'; valid keys: path, "):
         parse_config({"model": {"hidden": 3}})
+    # the forward form and chunk size live in the model config only; the old trainer keys say where they went
+    with pytest.raises(ValueError, match=r"train.chunk_size is now model.recurrent_chunk_size"):
+        parse_config({"train": {"chunk_size": 8}})
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -107,9 +110,11 @@ def test_fit_errors_name_the_numbers():
         check_fits(cfg, {"data": 2, "fsdp": 2, "tensor": 2})
     with pytest.raises(ValueError, match=r"decoder_retention_heads=4 must be divisible by mesh.tensor=8"):
         check_fits(_tiny("train.global_batch=8"), {"data": 1, "fsdp": 1, "tensor": 8})
-    with pytest.raises(ValueError, match=r"chunk_size=5 must divide data.seq_len=16"):
-        check_fits(_tiny("train.forward_mode=chunkwise", "train.chunk_size=5"), {"data": 1, "fsdp": 1, "tensor": 1})
-    check_fits(_tiny("train.forward_mode=chunkwise", "train.chunk_size=8", "train.global_batch=8",
+    with pytest.raises(ValueError, match=r"recurrent_chunk_size=5 must divide data.seq_len=16"):
+        check_fits(_tiny("model.forward_mode=chunkwise", "model.recurrent_chunk_size=5"), {"data": 1, "fsdp": 1, "tensor": 1})
+    with pytest.raises(ValueError, match=r"model.forward_mode='recurrent' is invalid for training"):
+        check_fits(_tiny("model.forward_mode=recurrent"), {"data": 1, "fsdp": 1, "tensor": 1})
+    check_fits(_tiny("model.forward_mode=chunkwise", "model.recurrent_chunk_size=8", "train.global_batch=8",
                      "train.grad_accum=2"), {"data": 2, "fsdp": 2, "tensor": 2})
     _, specs = state_specs(build_module(cfg), build_optimizer(cfg), 16)
     abstract, _ = state_specs(build_module(cfg), build_optimizer(cfg), 16)

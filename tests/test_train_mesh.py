@@ -50,7 +50,7 @@ for name in sys.argv[1].split(";"):
         ckpt.close()
         saved = jax.device_get(state.params)
 # the same model computed chunkwise with per-layer remat: the same losses
-out["chunkwise_remat"] = train((2, 2, 2), ["train.forward_mode=chunkwise", "train.chunk_size=8", "train.remat=dots"])[2]
+out["chunkwise_remat"] = train((2, 2, 2), ["model.forward_mode=chunkwise", "model.recurrent_chunk_size=8", "train.remat=dots"])[2]
 # bfloat16 compute keeps float32 master weights and optimizer state
 _, bf16_state, out["bf16"] = train((2, 2, 2), ["train.dtype=bfloat16"])
 out["bf16_state_dtypes"] = sorted({str(x.dtype) for x in jax.tree.leaves((bf16_state.params, bf16_state.opt_state))})

@@ -47,7 +47,10 @@ class ScheduleConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The run: length, batch, precision, forward form, eval cadence, failure policy."""
+    """The run: length, batch, precision, eval cadence, failure policy.
+
+    The forward form and chunk size are the model's: ``model.forward_mode`` (parallel or chunkwise) and
+    ``model.recurrent_chunk_size``, also written to the exported config.json."""
 
     run_dir: str = "runs/default"
     steps: int = 1000
@@ -55,8 +58,6 @@ class TrainConfig:
     grad_accum: int = 1  # microbatches per step (global_batch / grad_accum sequences each)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    forward_mode: Literal["parallel", "chunkwise"] = "parallel"
-    chunk_size: int = 512  # chunkwise only; must divide data.seq_len
     seed: int = 0  # parameter init and dropout
     eval_every: int = 100  # 0 disables periodic eval
     eval_batches: int = 4
@@ -107,6 +108,8 @@ SECTIONS: Dict[str, type] = {
     "logging": LoggingConfig,
 }
 MODEL_PATH_KEY = "path"
+# keys that moved: the forward form and chunk size have one home, the model config
+MOVED = {"train.forward_mode": "model.forward_mode", "train.chunk_size": "model.recurrent_chunk_size"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -202,8 +205,10 @@ def _section(name: str, cls: type, values: Any) -> Any:
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(fields))
+    moved = [f"{name}.{k} is now {MOVED[f'{name}.{k}']}" for k in unknown if f"{name}.{k}" in MOVED]
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in section '{name}'; valid keys: {', '.join(fields)}")
+        raise ValueError(f"unknown key(s) {unknown} in section '{name}'; valid keys: {', '.join(fields)}"
+                         + "".join(f" ({m})" for m in moved))
     return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()})
 
 

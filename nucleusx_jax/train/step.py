@@ -15,8 +15,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import sharding as shd
-from ..configuration import NucleusXConfig
-from ..modeling import NucleusXForCausalLMModule
+from ..configuration import ForwardMode, NucleusXConfig
+from ..modeling import NucleusXForCausalLMModule, RunOptions
 from .config import Config
 
 Array = jax.Array
@@ -155,9 +155,12 @@ def check_fits(cfg: Config, mesh_shape: Dict[str, int]) -> None:
     if model.decoder_retention_heads % tensor:
         raise ValueError(f"model.decoder_retention_heads={model.decoder_retention_heads} must be divisible by "
                          f"mesh.tensor={tensor}")
-    if t.forward_mode == "chunkwise" and cfg.data.seq_len % t.chunk_size:
-        raise ValueError(f"train.chunk_size={t.chunk_size} must divide data.seq_len={cfg.data.seq_len} "
-                         "for forward_mode=chunkwise")
+    if model.forward_mode == ForwardMode.RECURRENT:
+        raise ValueError("model.forward_mode='recurrent' is invalid for training: use parallel or chunkwise "
+                         "(the trainer runs the model config's forward form)")
+    if model.forward_mode == ForwardMode.CHUNKWISE and cfg.data.seq_len % model.recurrent_chunk_size:
+        raise ValueError(f"model.recurrent_chunk_size={model.recurrent_chunk_size} must divide "
+                         f"data.seq_len={cfg.data.seq_len} for model.forward_mode=chunkwise")
 
 
 def _on_mesh(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -186,13 +189,12 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     batch_sharding = NamedSharding(mesh, shd.batch_spec(2))
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES, None))
     replicated = NamedSharding(mesh, PartitionSpec())
-    z_loss = float(cfg.model_config().z_loss_coeff)
     num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
 
     def loss_fn(params: Any, tokens: Array, rng: Array, deterministic: bool) -> Array:
-        return module.apply({"params": params}, tokens[:, :-1], tokens[:, 1:], None, None, t.forward_mode,
-                            t.chunk_size, False, False, deterministic, z_loss_coeff=z_loss, rngs={"dropout": rng},
-                            method=NucleusXForCausalLMModule.next_token_loss)
+        options = RunOptions.from_config(module.config, deterministic=deterministic)
+        return module.apply({"params": params}, tokens[:, :-1], tokens[:, 1:], options=options,
+                            rngs={"dropout": rng}, method=NucleusXForCausalLMModule.next_token_loss)
 
     def init() -> TrainState:
         key = jax.random.PRNGKey(t.seed)
