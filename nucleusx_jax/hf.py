@@ -21,7 +21,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from transformers.modeling_flax_utils import FlaxPreTrainedModel
 from transformers.utils import ModelOutput
 
-from . import modeling, retention, weights
+from . import documents, modeling, retention, weights
 from .configuration import FORWARD_MODES, NucleusXConfig
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ def check_inputs(
     past_key_values: Any,
     labels: Any,
     head: str,
+    *,
+    segment_ids: Any = None,
 ) -> Optional[Cache]:
     """Validate a call's inputs on the host; returns ``past_key_values`` as :class:`RetentionState` tuples."""
     if forward_mode not in FORWARD_MODES:
@@ -92,6 +94,17 @@ def check_inputs(
     if attention_mask is not None and _shape(attention_mask) != ids.shape:
         raise ValueError(f"attention_mask has shape {_shape(attention_mask)} but input_ids has shape "
                          f"{ids.shape}; they must be equal")
+    if segment_ids is not None:
+        if isinstance(segment_ids, jax.core.Tracer):
+            if _shape(segment_ids) != ids.shape:
+                raise ValueError(f"segment_ids has shape {_shape(segment_ids)} but input_ids has shape {ids.shape}; "
+                                 "they must be equal")
+        else:
+            retention.check_segment_ids(np.asarray(segment_ids), ids.shape)
+            if attention_mask is not None and not isinstance(attention_mask, jax.core.Tracer) and (
+                    (np.asarray(attention_mask) != 0) != (np.asarray(segment_ids) != 0)).any():
+                raise ValueError("attention_mask and segment_ids disagree: padding must have attention_mask 0 and "
+                                 "segment id 0, every other token a non-zero segment id (or leave attention_mask out)")
     if labels is not None and head == "causal_lm" and _shape(labels) != ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {ids.shape}, got {_shape(labels)}")
     if labels is not None and head == "sequence_classification" and _shape(labels)[:1] != ids.shape[:1]:
@@ -119,10 +132,13 @@ def check_inputs(
                              "it comes from a different config or batch")
         if _shape(scale) not in ((batch, h, 1, 1), (1, h, 1, 1)):
             raise ValueError(f"past_key_values[{i}] scale has shape {_shape(scale)}, expected {(batch, h, 1, 1)}")
+        if _shape(seqlen) not in ((), (1,), (batch,)):
+            raise ValueError(f"past_key_values[{i}] seqlen has shape {_shape(seqlen)}, expected () or ({batch},) "
+                             "(a position per row, left by segment_ids): it comes from a different batch")
         states.append(retention.RetentionState(
             jnp.asarray(kv, jnp.float32),
             jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (batch, h, 1, 1)),
-            jnp.asarray(seqlen, jnp.int32).reshape(()),
+            jnp.asarray(seqlen, jnp.int32).reshape(() if _shape(seqlen) in ((), (1,)) else (batch,)),
         ))
     return tuple(states)
 
@@ -192,6 +208,7 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
         input_ids: jax.Array,
         attention_mask: Optional[jax.Array],
         past_key_values: Optional[Cache],
+        segment_ids: Optional[jax.Array],
         labels: Optional[jax.Array],
         dropout_rng: Optional[jax.Array],
         forward_mode: str,
@@ -206,8 +223,11 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
                                       return_state=use_cache, hidden_states=output_hidden_states,
                                       deterministic=not train)
         out, cache, hidden = self.module.apply(
-            {"params": params}, input_ids, attention_mask, past_key_values, options=options, rngs=rngs)
+            {"params": params}, input_ids, attention_mask, past_key_values, segment_ids, options=options, rngs=rngs)
         loss = None
+        if labels is not None and segment_ids is not None and self.head == "causal_lm":
+            # no document predicts the first token of the next one
+            labels = jnp.concatenate([labels[:, :1], documents.next_token_targets(labels, segment_ids)], axis=1)
         if labels is not None:
             loss = self._loss(out, labels, z_loss_coeff)
         return {"out": out, "cache": cache, "hidden": hidden, "loss": loss}
@@ -232,8 +252,14 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
         dropout_rng: Optional[jax.Array] = None,
         train: bool = False,
         return_dict: bool = True,
+        segment_ids: Any = None,
     ) -> Any:
-        """Run the model. Shapes: input_ids and attention_mask ``[B, T]`` (0 marks left padding).
+        """Run the model. Shapes: input_ids, attention_mask and segment_ids ``[B, T]`` (0 marks padding).
+
+        ``segment_ids`` (1, 2, ... per document, each one contiguous run; 0 = padding) keeps documents packed
+        in a row apart: each gets the numbers it gets alone, positions restarting at 0; the returned cache is
+        each row's last document (continue it in recurrent mode); with ``labels`` no document is asked to
+        predict the first token of the next. With ``past_key_values``, the first segment continues the cache.
 
         ``forward_mode``: ``parallel``, ``chunkwise`` (chunks of ``recurrent_chunk_size``) or ``recurrent``
         (T recurrent steps continuing from ``past_key_values``); default ``recurrent`` when ``past_key_values``
@@ -244,7 +270,8 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
             "recurrent" if past_key_values is not None else cfg.forward_mode)
         use_cache = use_cache if use_cache is not None else past_key_values is not None
         chunk = recurrent_chunk_size if recurrent_chunk_size is not None else cfg.recurrent_chunk_size
-        past = check_inputs(cfg, input_ids, attention_mask, mode, chunk, past_key_values, labels, self.head)
+        past = check_inputs(cfg, input_ids, attention_mask, mode, chunk, past_key_values, labels, self.head,
+                            segment_ids=segment_ids)
         if train and dropout_rng is None and (cfg.dropout > 0 or cfg.activation_dropout > 0 or cfg.drop_path_rate > 0):
             raise ValueError("train=True with dropout/drop_path in the config needs dropout_rng=jax.random.key(...)")
         result = self._forward(
@@ -252,6 +279,7 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
             jnp.asarray(input_ids, jnp.int32),
             None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32),
             past,
+            None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
             None if labels is None else jnp.asarray(labels),
             dropout_rng,
             forward_mode=mode,

@@ -88,8 +88,11 @@ def angle_table(key_head_dim: int) -> np.ndarray:
 
 
 def rotate(x: Array, positions: Array, angle: Array) -> Array:
-    """Rotate pairs ``(x[2i], x[2i+1])`` by ``positions * angle``: x ``[B, H, T, K]``, positions ``[T]``."""
-    theta = positions.astype(F32)[:, None] * angle[None, :]  # [T, K]
+    """Rotate pairs ``(x[2i], x[2i+1])`` by ``positions * angle``: x ``[B, H, T, K]``, positions ``[T]`` or
+    ``[B, T]``."""
+    theta = positions.astype(F32)[..., None] * angle  # [T, K] or [B, T, K]
+    if theta.ndim == 3:
+        theta = theta[:, None]  # [B, 1, T, K]
     sin, cos = jnp.sin(theta).astype(x.dtype), jnp.cos(theta).astype(x.dtype)
     pairs = x.reshape(*x.shape[:-1], -1, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)

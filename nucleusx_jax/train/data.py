@@ -37,7 +37,10 @@ class DataConfig:
     ``tokenizer`` is a SentencePiece ``*.model`` path or an HF tokenizer directory; ``""`` means: train a
     ``vocab_size`` tokenizer on ``sources`` into the run directory. ``eval_fraction`` of the documents
     (at least one when > 0) form the held-out split. ``add_bos`` puts BOS before every document (EOS always
-    follows it), so a generation prompt is ``[bos_id] + encode(text)``.
+    follows it), so a generation prompt is ``[bos_id] + encode(text)``. ``reset_at_document_boundaries``: the
+    documents packed in a window do not see each other (segment ids from the BOS/EOS boundaries, see
+    :mod:`nucleusx_jax.documents`), and no document predicts the next one's first token; false runs straight
+    across them.
     """
 
     sources: List[str] = dataclasses.field(default_factory=lambda: ["builtin:pydoc"])
@@ -50,6 +53,7 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     add_bos: bool = True
+    reset_at_document_boundaries: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.sources, (list, tuple)) or not self.sources:
@@ -73,7 +77,7 @@ class DataConfig:
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
             raise ValueError(f"data.eval_fraction must be a number in [0, 1), got {frac!r}")
         self.eval_fraction = float(frac)
-        for name in ("shuffle", "add_bos"):
+        for name in ("shuffle", "add_bos", "reset_at_document_boundaries"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
 

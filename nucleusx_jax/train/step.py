@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import sharding as shd
+from ..documents import document_segment_ids, next_token_targets
 from ..configuration import ForwardMode, NucleusXConfig
 from ..modeling import NucleusXForCausalLMModule, RunOptions
 from .config import Config
@@ -192,8 +193,14 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
 
     def loss_fn(params: Any, tokens: Array, rng: Array, deterministic: bool) -> Array:
+        """Mean next-token loss of the windows ``tokens`` ``[B, T + 1]``; with
+        ``data.reset_at_document_boundaries`` each document sees only itself and predicts only its own tokens."""
         options = RunOptions.from_config(module.config, deterministic=deterministic)
-        return module.apply({"params": params}, tokens[:, :-1], tokens[:, 1:], options=options,
+        targets, segments = tokens[:, 1:], None
+        if cfg.data.reset_at_document_boundaries:
+            segments = document_segment_ids(tokens, module.config.bos_token_id, module.config.eos_token_id)
+            targets, segments = next_token_targets(tokens, segments), segments[:, :-1]
+        return module.apply({"params": params}, tokens[:, :-1], targets, None, segments, options=options,
                             rngs={"dropout": rng}, method=NucleusXForCausalLMModule.next_token_loss)
 
     def init() -> TrainState:
