@@ -345,10 +345,12 @@ def chunkwise_retention(
         inner_scale = jnp.maximum(jnp.sum(jnp.abs(jax.lax.stop_gradient(qk)), -1, keepdims=True), 1.0)
         all_scale = jnp.maximum(inner_scale, cross_scale.transpose(1, 2, 0, 3, 4))
     else:
-        # the row sums of q k^T * D ride along as one more value column: the state of ``v = 1``
+        # the row sums of q k^T * D need the state of v = 1: z [K, 1], carried alongside
         chunk_z = jnp.sum(jax.lax.stop_gradient(kd).astype(F32), axis=3).transpose(2, 0, 1, 3)[..., None]
 
-        def step(state: Tuple[Array, Array], x: Tuple[Array, Array, Array]) -> Tuple[Tuple[Array, Array], Tuple[Array, Array]]:
+        Pair = Tuple[Array, Array]
+
+        def step(state: Pair, x: Tuple[Array, Array, Array]) -> Tuple[Pair, Pair]:
             decay = chunk_decay[None, :, None, None] * x[2]
             return (state[0] * decay + x[0], state[1] * decay + x[1]), state
 

@@ -256,3 +256,37 @@ def test_bad_segment_ids_raise_before_compiling(model):
         with pytest.raises(ValueError, match=r"different config or batch"):  # a cache of another row count
             model(ids[:2], segment_ids=seg[:2], forward_mode="recurrent", past_key_values=past)
     assert traces == []
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_trainer_loss_keeps_documents_apart(reset):
+    """The trainer's eval loss on a window of three packed documents: with the reset, the mean over every
+    in-document prediction of each document run alone (no document predicts the next one's BOS); without it,
+    the plain next-token loss of the whole window."""
+    from nucleusx_jax import sharding as shd
+    from nucleusx_jax.modeling import RunOptions, next_token_loss
+    from nucleusx_jax.train.config import load_config
+    from nucleusx_jax.train.step import make_trainer
+
+    cfg = load_config(None, ["model.vocab_size=32", "model.decoder_embed_dim=16", "model.decoder_value_embed_dim=16",
+                             "model.decoder_ffn_embed_dim=16", "model.decoder_layers=1",
+                             "model.decoder_retention_heads=2", "model.forward_mode=chunkwise",
+                             "model.recurrent_chunk_size=4", "model.z_loss_coeff=0", "model.bos_token_id=1",
+                             "model.eos_token_id=2", "data.seq_len=12", "train.global_batch=1",
+                             f"data.reset_at_document_boundaries={str(reset).lower()}"])
+    trainer = make_trainer(cfg, shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+    params = trainer.init_state().params
+    window = np.array([[5, 6, 7, 2, 1, 8, 9, 10, 11, 2, 1, 12, 13]], np.int32)
+    got = float(trainer.eval_step(params, jax.device_put(window, trainer.batch_sharding)))
+
+    def logits(ids, mode):
+        options = RunOptions.from_config(trainer.module.config, mode=mode)
+        return trainer.module.apply({"params": params}, jnp.asarray(ids)[None], options=options)[0][0]
+
+    if reset:  # chunkwise with segments normalises like parallel: documents alone in parallel
+        docs = [window[0, :4], window[0, 4:10], window[0, 10:]]
+        nll = [-jax.nn.log_softmax(logits(d[:-1], "parallel"))[np.arange(len(d) - 1), d[1:]] for d in docs]
+        want = float(jnp.mean(jnp.concatenate(nll)))
+    else:
+        want = float(next_token_loss(logits(window[0, :-1], "chunkwise")[None], jnp.asarray(window[:, 1:])))
+    assert abs(got - want) < 1e-5 * abs(want)

@@ -24,6 +24,14 @@ Layouts (``layout=``):
 * ``"tpu"`` (Mosaic): grid ``(B, H, V / block_v, N)`` with the chunk axis ``"arbitrary"`` (sequential) and
   the state in a VMEM scratch buffer; every block is one chunk, so VMEM use does not grow with T.
 
+With ``segment_ids`` (documents packed in a row) every kernel also reads each token's segment start relative
+to its chunk (``[C, 1]`` int32) and masks its tables: ``inner`` within a segment, the cross term only for rows
+whose segment began before the chunk, the state update only from the last row's segment (and the old state
+dropped when that segment begins in the chunk). The forward then also carries ``z = (k * value_decay)^T 1``
+(``[K, 1]``) and returns the row sums of ``q k^T * D`` instead of the two scales, from which XLA normalises
+every row as the parallel form does (:func:`nucleusx_jax.retention.segment_scale`); the backward is unchanged
+apart from the masks.
+
 On CPU the kernels run with ``interpret=True`` (the default there); both layouts are tested that way.
 Gradients flow to ``q``, ``k`` and ``v``; ``log_decay`` is a constant (the model's decays are fixed
 buffers), so it receives no gradient.
@@ -66,13 +74,14 @@ def _segment_tables(start: Optional[Array], inner: Array, qd: Array, vd: Array,
     chunk = inner.shape[0]
     inner = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1) >= start, inner, 0.0)
     qd = jnp.where(start < 0, qd, 0.0)
-    last = start[chunk - 1:, :]  # [1, 1]
+    last = jnp.max(start, axis=0, keepdims=True)  # [1, 1]: starts never decrease, so this is the last row's
     vd = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0) >= last, vd, 0.0)
     return inner, qd, vd, jnp.where(last < 0, cd, 0.0)
 
 
 def _forward_chunk(q: Array, k: Array, v: Array, inner: Array, qd: Array, vd: Array, cd: Array,
-                   carry: Tuple[Array, ...], start: Optional[Array] = None) -> Tuple[Tuple[Array, ...], Tuple[Array, ...]]:
+                   carry: Tuple[Array, ...], start: Optional[Array] = None
+                   ) -> Tuple[Tuple[Array, ...], Tuple[Array, ...]]:
     """One chunk: q, k ``[C, K]``, v ``[C, Vb]``, inner ``[C, C]``, qd, vd ``[C, 1]``, cd ``[1, 1]``, carry
     (state ``[K, Vb]`` f32,) -> ((raw ``[C, Vb]``, inner_scale ``[C, 1]``, cross_scale ``[C, 1]``), next carry).
     With segments (``start``) the carry also holds ``z`` ``[K, 1]`` (the state of ``v = 1``) and the outputs are
@@ -293,8 +302,9 @@ def chunkwise_retention(
     """Pallas version of :func:`nucleusx_jax.retention.chunkwise_retention` (same arguments and result).
 
     q, k ``[B, H, T, K]``, v ``[B, H, T, V]``, log_decay ``[H]``, mask and segment_ids ``[B, T]`` or None ->
-    ``[B, H, T, V]`` in v's dtype. ``layout`` is ``"gpu"`` or ``"tpu"`` (default: :func:`default_layout`); ``block_v`` divides V
-    (default: V, or 64 on the GPU layout when it divides V); ``interpret`` defaults to True on CPU.
+    ``[B, H, T, V]`` in v's dtype. ``layout`` is ``"gpu"`` or ``"tpu"`` (default: :func:`default_layout`);
+    ``block_v`` divides V (default: V, or 64 on the GPU layout when it divides V); ``interpret`` defaults to
+    True on CPU.
     """
     if layout is None:
         layout = default_layout()
