@@ -1,7 +1,8 @@
 """transformers ``FlaxPreTrainedModel`` wrappers: the public call signature, input checks, loading.
 
 ``model(input_ids, attention_mask=None, forward_mode=None, recurrent_chunk_size=None, past_key_values=None,
-use_cache=None, output_hidden_states=False, labels=None, params=None, dropout_rng=None, train=False)``
+use_cache=None, output_hidden_states=False, labels=None, params=None, dropout_rng=None, train=False,
+segment_ids=None)``
 validates its inputs outside jit (clear ``ValueError``), then runs one jit-compiled function, compiled once
 per input shape and option set. :class:`FlaxNucleusXForCausalLM` also carries the ``FlaxGenerationMixin``
 hooks (the prompt once, then one recurrent step per new token; see :mod:`nucleusx_jax.generate`).
