@@ -386,10 +386,11 @@ class NucleusXForCausalLMModule(nn.Module):
 
     def next_token_loss(self, input_ids: Array, labels: Array, attention_mask: Optional[Array] = None,
                         segment_ids: Optional[Array] = None, *, options: Optional[RunOptions] = None,
-                        z_loss_coeff: Optional[float] = None) -> Array:
+                        z_loss_coeff: Optional[float] = None, n_valid: Optional[Array] = None) -> Array:
         """:func:`next_token_loss` of the logits of ``input_ids`` ``[B, T]`` against ``labels`` ``[B, T]``,
         computed by :func:`lm_head_loss` (the ``[B, T, vocab]`` logits never exist whole). ``z_loss_coeff``
-        defaults to the config's; other arguments as :class:`NucleusXModule`."""
+        defaults to the config's; ``n_valid`` (see :func:`lm_head_loss`) to the count of valid labels; other
+        arguments as :class:`NucleusXModule`."""
         z_loss_coeff = self.config.z_loss_coeff if z_loss_coeff is None else z_loss_coeff
         x, _, _ = self.model(input_ids, attention_mask, segment_ids=segment_ids, options=options)
         if self.is_initializing():  # create the head's parameters, as __call__ does
@@ -398,7 +399,7 @@ class NucleusXForCausalLMModule(nn.Module):
             kernel = self.model.embed_tokens.embedding.T
         else:
             kernel = nn.meta.unbox(self.lm_head.variables["params"]["kernel"])
-        return lm_head_loss(x, kernel, labels, z_loss_coeff)
+        return lm_head_loss(x, kernel, labels, z_loss_coeff, 4096, n_valid)
 
 
 class NucleusXForSequenceClassificationModule(nn.Module):
@@ -482,7 +483,7 @@ def _head_block(h: Array, kernel: Array, labels: Array, real: Array, n_valid: Ar
 
 
 def _head_scan(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float, block_tokens: int,
-               want_grads: bool) -> Tuple[Array, Optional[Tuple[Array, Array]]]:
+               want_grads: bool, n_valid: Optional[Array]) -> Tuple[Array, Optional[Tuple[Array, Array]]]:
     """:func:`lm_head_loss` (and its gradients) as a ``lax.scan`` over blocks of positions."""
     batch, length, embed = hidden.shape
     block = max(1, min(length, block_tokens // batch))
@@ -490,7 +491,7 @@ def _head_scan(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float,
     pad = n * block - length
     real = jnp.pad(jnp.ones((batch, length), bool), ((0, 0), (0, pad)))
     labels = jnp.pad(labels, ((0, 0), (0, pad)), constant_values=-100)
-    n_valid = jnp.sum(labels != -100)
+    n_valid = jnp.sum(labels != -100) if n_valid is None else n_valid
     n_real = batch * length
 
     def blocks(x: Array) -> Array:  # [B, n * block, ...] -> [n, B * block, ...]
@@ -517,27 +518,30 @@ def _head_scan(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float,
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def lm_head_loss(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float = 0.0,
-                 block_tokens: int = 4096) -> Array:
+                 block_tokens: int = 4096, n_valid: Optional[Array] = None) -> Array:
     """``next_token_loss(hidden @ kernel, labels, z_loss_coeff)`` without the whole ``[B, T, vocab]`` logits.
 
     hidden ``[B, T, E]``, kernel ``[E, vocab]``, labels ``[B, T]`` (-100 ignored). Positions go in blocks of
     about ``block_tokens`` (``B x block`` rows); under differentiation each block computes its gradients in
     the forward pass (the loss is the end of the graph), so the backward pass only scales them: the logits are
     neither kept nor recomputed, and memory is ``block_tokens x vocab`` instead of ``B x T x vocab``.
+    ``n_valid`` (``[]``) replaces the count of valid labels that divides the cross-entropy sum: the trainer
+    passes its share of the whole batch's count, so that accumulated microbatches equal one big batch.
     """
-    return _head_scan(hidden, kernel, labels, z_loss_coeff, block_tokens, False)[0]
+    return _head_scan(hidden, kernel, labels, z_loss_coeff, block_tokens, False, n_valid)[0]
 
 
-def _lm_head_loss_fwd(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float,
-                      block_tokens: int) -> Tuple[Array, Tuple[Array, Array]]:
-    loss, grads = _head_scan(hidden, kernel, labels, z_loss_coeff, block_tokens, True)
+def _lm_head_loss_fwd(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float, block_tokens: int,
+                      n_valid: Optional[Array]) -> Tuple[Array, Tuple[Array, Array]]:
+    loss, grads = _head_scan(hidden, kernel, labels, z_loss_coeff, block_tokens, True, n_valid)
     return loss, grads
 
 
 def _lm_head_loss_bwd(z_loss_coeff: float, block_tokens: int, grads: Tuple[Array, Array],
-                      ct: Array) -> Tuple[Array, Array, None]:
+                      ct: Array) -> Tuple[Array, Array, None, None]:
     dh, dkernel = grads
-    return (ct * dh).astype(dh.dtype), (ct * dkernel).astype(dkernel.dtype), None  # labels: no cotangent
+    # labels and n_valid: no cotangent
+    return (ct * dh).astype(dh.dtype), (ct * dkernel).astype(dkernel.dtype), None, None
 
 
 lm_head_loss.defvjp(_lm_head_loss_fwd, _lm_head_loss_bwd)
