@@ -141,12 +141,12 @@ def run_batch(batch: int, prompts: List[int], new_tokens: int, repeats: int = 5,
         ids = jnp.asarray(np.random.default_rng(seed).integers(3, config.vocab_size, (batch, prompt)), jnp.int32)
         mode, chunk = prompt_forward_mode(config, prompt)
         start = time.perf_counter()
-        prefill = fns.prefill.lower(params, ids, None, key, mode=mode, chunk=chunk, options=options).compile()
+        prefill = fns.prefill.lower(params, ids, None, None, key, mode=mode, chunk=chunk, options=options).compile()
         compile_s = time.perf_counter() - start
         with RSSSampler() as rss:
             rss_before = rss.peak
             start = time.perf_counter()
-            states.append(jax.block_until_ready(prefill(params, ids, None, key)))
+            states.append(jax.block_until_ready(prefill(params, ids, None, None, key)))
             prefill_s = time.perf_counter() - start
         results.append({
             "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "prompt_mode": mode,

@@ -11,7 +11,7 @@
 * ``model``: the bench-small model (vocab 32000, embed 512, value 1024, heads 4, ffn 1024, layers 4), logits
   forward and loss forward+backward, parallel and chunkwise, batch 1, same lengths;
 * ``train``: the trainer's jit train step (AdamW; ``nucleusx_jax.train.step.make_trainer``), chunkwise, at
-  batch 4 x 512 and 1 x 8192;
+  batch 4 x 512 and 1 x 8192, without and with document resets (``segments``: packed documents kept apart);
 * ``decode``: batch-1 decode tokens/s measured by ``benchmarks/decode.py`` (a subprocess), when it exists.
 
 FLOPs follow :func:`nucleusx_jax.train.step.training_flops_per_token` (6 x params x tokens for training, every
@@ -217,33 +217,44 @@ def model_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfi
     return rows
 
 
-def train_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfig, shapes: Sequence[Sequence[int]], chunk: int) -> List[Row]:
-    """Tokens/s of the trainer's compiled train step (AdamW, chunkwise), one device."""
+def train_step_call(config: NucleusXConfig, batch: int, length: int, chunk: int,
+                    reset: bool) -> Tuple[Callable[[], Any], float]:
+    """(one call of the trainer's compiled train step on a fixed batch, its FLOPs): chunkwise, one device; with
+    ``reset`` (``data.reset_at_document_boundaries``) its windows hold documents of 1 to 400 tokens (EOS-ended)."""
     from nucleusx_jax import sharding as shd
     from nucleusx_jax.train.config import parse_config
     from nucleusx_jax.train.step import make_trainer
 
+    cfg = parse_config({
+        "model": dict(BENCH_SMALL, forward_mode="chunkwise", recurrent_chunk_size=min(chunk, length)),
+        "data": {"seq_len": length, "reset_at_document_boundaries": reset},
+        "train": {"global_batch": batch},
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+    })
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    trainer = make_trainer(cfg, mesh)
+    state = [trainer.init_state()]
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, length + 1), 3, config.vocab_size)
+    ends = jnp.cumsum(jax.random.randint(jax.random.PRNGKey(1), (batch, length), 1, 401), axis=1)
+    is_end = jnp.zeros((batch, length + 1), bool).at[jnp.arange(batch)[:, None], ends].set(True, mode="drop")
+    tokens = jax.device_put(jnp.where(is_end, cfg.model_config().eos_token_id, tokens), trainer.batch_sharding)
+
+    def step() -> Any:
+        state[0], metrics = trainer.train_step(state[0], tokens)
+        return state[0], metrics
+
+    return step, batch * length * training_flops_per_token(cfg.model_config(), trainer.num_params, length)
+
+
+def train_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfig, shapes: Sequence[Sequence[int]], chunk: int) -> List[Row]:
+    """Tokens/s of the trainer's compiled train step (AdamW, chunkwise), one device; each shape without and with
+    document resets (:func:`train_step_call`)."""
     rows = []
     for batch, length in shapes:
-        cfg = parse_config({
-            "model": dict(BENCH_SMALL, forward_mode="chunkwise", recurrent_chunk_size=min(chunk, length)),
-            "data": {"seq_len": length},
-            "train": {"global_batch": batch},
-            "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
-        })
-        mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-        trainer = make_trainer(cfg, mesh)
-        state = [trainer.init_state()]
-        tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, length + 1), 0, config.vocab_size)
-        tokens = jax.device_put(tokens, trainer.batch_sharding)
-
-        def step() -> Any:
-            state[0], metrics = trainer.train_step(state[0], tokens)
-            return state[0], metrics
-
-        flops = batch * length * training_flops_per_token(cfg.model_config(), trainer.num_params, length)
-        row = timer(Row("train", f"train step chunkwise {batch}x{length}", batch * length, flops), step)
-        rows.append(report(row))
+        for reset in (False, True):
+            step, flops = train_step_call(config, batch, length, chunk, reset)
+            name = f"train step chunkwise {batch}x{length}" + (" segments" if reset else "")
+            rows.append(report(timer(Row("train", name, batch * length, flops), step)))
     return rows
 
 

@@ -139,14 +139,18 @@ class _Compiled:
         self.loop = jax.jit(self._loop, static_argnames=("steps", "options", "output_logits"),
                             donate_argnames=("state",))
 
-    def _prefill(self, params: Any, input_ids: Array, mask: Optional[Array], key: Array, *, mode: str, chunk: int,
-                 options: DecodeOptions) -> DecodeState:
-        """The prompt ``[B, T]`` once; the LM head only on its last position. Chooses the first new token."""
+    def _prefill(self, params: Any, input_ids: Array, mask: Optional[Array], segment_ids: Optional[Array], key: Array,
+                 *, mode: str, chunk: int, options: DecodeOptions) -> DecodeState:
+        """The prompt ``[B, T]`` once; the LM head only on its last position (with segments: its last real token,
+        padding may follow it). Chooses the first new token."""
 
         def run(module: Any) -> Tuple[Array, Cache]:
             run = modeling.RunOptions.from_config(module.config, mode=mode, chunk_size=chunk, return_state=True)
-            x, cache, _ = module.model(input_ids, mask, options=run)
-            return module.lm_logits(x[:, -1]), cache
+            x, cache, _ = module.model(input_ids, mask, segment_ids=segment_ids, options=run)
+            if segment_ids is None:
+                return module.lm_logits(x[:, -1]), cache
+            last = jnp.max(jnp.where(segment_ids != 0, jnp.arange(x.shape[1]), 0), axis=1)  # the last real token
+            return module.lm_logits(x[jnp.arange(x.shape[0]), last]), cache
 
         logits, cache = self.module.apply({"params": params}, method=run)
         return options.advance(logits, cache, key, jnp.zeros(input_ids.shape[:1], bool))
@@ -208,23 +212,28 @@ def prefill(
     params: Any = None,
     recurrent_chunk_size: Optional[int] = None,
     prompt_chunkwise_threshold: Optional[int] = None,
+    segment_ids: Any = None,
 ) -> DecodeState:
     """Run the prompt ``[B, T]`` (left-padded rows: ``attention_mask`` 0 on the pads) once and choose the first
-    new token. Bad input (empty prompt, ids outside the vocabulary, a mask of another shape) raises ValueError."""
+    new token. With ``segment_ids`` ``[B, T]`` (documents packed in a row, 0 = padding) decoding continues each
+    row's last document as if it were the whole prompt. Bad input (empty prompt, ids outside the vocabulary, a
+    mask or segment ids of another shape, invalid segment ids) raises ValueError."""
     length = np.shape(input_ids)[-1] if np.ndim(input_ids) else 0
     mode, chunk = prompt_forward_mode(model.config, length, recurrent_chunk_size, prompt_chunkwise_threshold)
-    check_inputs(model.config, input_ids, attention_mask, mode, chunk, None, None, "causal_lm")
+    check_inputs(model.config, input_ids, attention_mask, mode, chunk, None, None, "causal_lm",
+                 segment_ids=segment_ids)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    segments = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
     key = prng_key if prng_key is not None else jax.random.PRNGKey(0)
     return compiled(model).prefill(params if params is not None else model.params, jnp.asarray(input_ids, jnp.int32),
-                                   mask, key, mode=mode, chunk=int(chunk), options=options)
+                                   mask, segments, key, mode=mode, chunk=int(chunk), options=options)
 
 
 def _start(
     model: Any, input_ids: Any, attention_mask: Any, max_new_tokens: Any, do_sample: bool,
     temperature: float, top_k: int, top_p: float, eos_token_id: Union[None, int, Sequence[int]],
     pad_token_id: Optional[int], prng_key: Optional[Array], params: Any, recurrent_chunk_size: Optional[int],
-    prompt_chunkwise_threshold: Optional[int],
+    prompt_chunkwise_threshold: Optional[int], segment_ids: Any,
 ) -> Tuple[int, DecodeOptions, DecodeState]:
     """What :func:`generate` and :func:`stream` share: check ``max_new_tokens``, resolve the decoding options
     and run the prompt. Returns ``(steps, options, state after the prompt)``."""
@@ -232,7 +241,8 @@ def _start(
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 1")
     options = decode_options(model, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
     state = prefill(model, input_ids, attention_mask, options=options, prng_key=prng_key, params=params,
-                    recurrent_chunk_size=recurrent_chunk_size, prompt_chunkwise_threshold=prompt_chunkwise_threshold)
+                    recurrent_chunk_size=recurrent_chunk_size, prompt_chunkwise_threshold=prompt_chunkwise_threshold,
+                    segment_ids=segment_ids)
     return int(max_new_tokens), options, state
 
 
@@ -253,13 +263,14 @@ def generate(
     recurrent_chunk_size: Optional[int] = None,
     prompt_chunkwise_threshold: Optional[int] = None,
     output_logits: bool = False,
+    segment_ids: Any = None,
 ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Prompt plus new tokens, ``[B, T + max_new_tokens]`` (pad after a row's EOS), like
     ``model.generate(...).sequences``; with ``output_logits`` also the logits of every choice
     ``[B, max_new_tokens, vocab]``. The new tokens come from one compiled loop of recurrent steps."""
     steps, options, state = _start(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
                                    top_p, eos_token_id, pad_token_id, prng_key, params, recurrent_chunk_size,
-                                   prompt_chunkwise_threshold)
+                                   prompt_chunkwise_threshold, segment_ids)
     tokens, logits, _ = compiled(model).loop(params if params is not None else model.params, state, steps=steps,
                                              options=options, output_logits=bool(output_logits))
     sequences = np.concatenate([np.asarray(input_ids, np.int32), np.asarray(tokens)], axis=1)
@@ -282,13 +293,14 @@ def stream(
     params: Any = None,
     recurrent_chunk_size: Optional[int] = None,
     prompt_chunkwise_threshold: Optional[int] = None,
+    segment_ids: Any = None,
 ) -> Iterator[np.ndarray]:
     """Yield the new tokens ``[B]`` one by one as they are produced (the same tokens as :func:`generate`),
     until ``max_new_tokens`` or every row has produced an EOS. The prompt runs (and bad input raises) at the
     call, before the first token is asked for; every later token is one call of the same compiled step."""
     steps, options, state = _start(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
                                    top_p, eos_token_id, pad_token_id, prng_key, params, recurrent_chunk_size,
-                                   prompt_chunkwise_threshold)
+                                   prompt_chunkwise_threshold, segment_ids)
     step: Callable[..., DecodeState] = compiled(model).step
     weights = params if params is not None else model.params
 

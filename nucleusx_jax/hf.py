@@ -150,13 +150,14 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
         dropout_rng: Optional[jax.Array] = None,
         train: bool = False,
         return_dict: Optional[bool] = None,
+        segment_ids: Any = None,
     ) -> Any:
-        """The core call (:meth:`nucleusx_jax.model.NucleusX.__call__`) with HF outputs.
-        ``output_hidden_states`` and ``return_dict`` default to the config's."""
+        """The core call (:meth:`nucleusx_jax.model.NucleusX.__call__`, including ``segment_ids`` for packed
+        documents) with HF outputs. ``output_hidden_states`` and ``return_dict`` default to the config's."""
         hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         out = self.core(input_ids, attention_mask, forward_mode, recurrent_chunk_size, past_key_values, use_cache,
                         labels, params if params is not None else self.params, output_hidden_states=bool(hidden),
-                        dropout_rng=dropout_rng, train=train)
+                        dropout_rng=dropout_rng, train=train, segment_ids=segment_ids)
         output = self._wrap(out)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 

@@ -27,6 +27,8 @@ def check_inputs(
     past_key_values: Any,
     labels: Any,
     head: str,
+    *,
+    segment_ids: Any = None,
 ) -> Optional[Cache]:
     """Validate a call's inputs on the host; returns ``past_key_values`` as :class:`RetentionState` tuples."""
     if forward_mode not in FORWARD_MODES:
@@ -49,6 +51,17 @@ def check_inputs(
     if attention_mask is not None and shape_of(attention_mask) != ids.shape:
         raise ValueError(f"attention_mask has shape {shape_of(attention_mask)} but input_ids has shape "
                          f"{ids.shape}; they must be equal")
+    if segment_ids is not None:
+        if isinstance(segment_ids, jax.core.Tracer):
+            if shape_of(segment_ids) != ids.shape:
+                raise ValueError(f"segment_ids has shape {shape_of(segment_ids)} but input_ids has shape {ids.shape}; "
+                                 "they must be equal")
+        else:
+            retention.check_segment_ids(np.asarray(segment_ids), ids.shape)
+            if attention_mask is not None and not isinstance(attention_mask, jax.core.Tracer) and (
+                    (np.asarray(attention_mask) != 0) != (np.asarray(segment_ids) != 0)).any():
+                raise ValueError("attention_mask and segment_ids disagree: padding must have attention_mask 0 and "
+                                 "segment id 0, every other token a non-zero segment id (or leave attention_mask out)")
     if labels is not None and head == "causal_lm" and shape_of(labels) != ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {ids.shape}, got {shape_of(labels)}")
     if labels is not None and head == "sequence_classification" and shape_of(labels)[:1] != ids.shape[:1]:
@@ -76,10 +89,13 @@ def check_inputs(
                              "it comes from a different config or batch")
         if shape_of(scale) not in ((batch, h, 1, 1), (1, h, 1, 1)):
             raise ValueError(f"past_key_values[{i}] scale has shape {shape_of(scale)}, expected {(batch, h, 1, 1)}")
+        if shape_of(seqlen) not in ((), (1,), (batch,)):
+            raise ValueError(f"past_key_values[{i}] seqlen has shape {shape_of(seqlen)}, expected () or ({batch},) "
+                             "(a position per row, left by segment_ids): it comes from a different batch")
         states.append(retention.RetentionState(
             jnp.asarray(kv, jnp.float32),
             jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (batch, h, 1, 1)),
-            jnp.asarray(seqlen, jnp.int32).reshape(()),
+            jnp.asarray(seqlen, jnp.int32).reshape(() if shape_of(seqlen) in ((), (1,)) else (batch,)),
         ))
     return tuple(states)
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from . import decode, modeling, weights
+from . import decode, documents, modeling, weights
 from .configuration import NucleusXConfig
 from .convert import parse_size
 from .inputs import HEADS, Cache, check_inputs
@@ -96,11 +96,14 @@ class NucleusX:
         return nn.meta.unbox(self.module.init({"params": params_rng, "dropout": dropout_rng}, ids)["params"])
 
     def _apply(self, params: Any, input_ids: jax.Array, attention_mask: Optional[jax.Array],
-               past_key_values: Optional[Cache], labels: Optional[jax.Array], dropout_rng: Optional[jax.Array], *,
-               options: modeling.RunOptions, with_loss: bool) -> Output:
+               past_key_values: Optional[Cache], segment_ids: Optional[jax.Array], labels: Optional[jax.Array],
+               dropout_rng: Optional[jax.Array], *, options: modeling.RunOptions, with_loss: bool) -> Output:
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
         out, cache, hidden = self.module.apply({"params": params}, input_ids, attention_mask, past_key_values,
-                                               options=options, rngs=rngs)
+                                               segment_ids, options=options, rngs=rngs)
+        if with_loss and segment_ids is not None and self.head == "causal_lm":
+            # no document predicts the first token of the next one
+            labels = jnp.concatenate([labels[:, :1], documents.next_token_targets(labels, segment_ids)], axis=1)
         loss = head_loss(self.head, self.config, out, labels) if with_loss else None
         if self.head == "base":
             return Output(None, cache, loss, hidden, out)
@@ -120,8 +123,14 @@ class NucleusX:
         output_hidden_states: bool = False,
         dropout_rng: Optional[jax.Array] = None,
         train: bool = False,
+        segment_ids: Any = None,
     ) -> Output:
-        """Run the model. input_ids and attention_mask ``[B, T]`` (0 marks left padding).
+        """Run the model. input_ids, attention_mask and segment_ids ``[B, T]`` (0 marks padding).
+
+        ``segment_ids`` (1, 2, ... per document, each one contiguous run; 0 = padding) keeps documents packed
+        in a row apart: each gets the numbers it gets alone, positions restarting at 0; the returned cache is
+        each row's last document (continue it in recurrent mode); with ``labels`` no document is asked to
+        predict the first token of the next. With ``past_key_values``, the first segment continues the cache.
 
         ``forward_mode``: ``parallel``, ``chunkwise`` (chunks of ``recurrent_chunk_size``) or ``recurrent``
         (T recurrent steps continuing from ``past_key_values``); default ``recurrent`` when ``past_key_values``
@@ -133,7 +142,8 @@ class NucleusX:
             "recurrent" if past_key_values is not None else cfg.forward_mode)
         use_cache = use_cache if use_cache is not None else past_key_values is not None
         chunk = recurrent_chunk_size if recurrent_chunk_size is not None else cfg.recurrent_chunk_size
-        past = check_inputs(cfg, input_ids, attention_mask, mode, chunk, past_key_values, labels, self.head)
+        past = check_inputs(cfg, input_ids, attention_mask, mode, chunk, past_key_values, labels, self.head,
+                            segment_ids=segment_ids)
         if train and dropout_rng is None and (cfg.dropout > 0 or cfg.activation_dropout > 0 or cfg.drop_path_rate > 0):
             raise ValueError("train=True with dropout/drop_path in the config needs dropout_rng=jax.random.key(...)")
         params = params if params is not None else self.params
@@ -144,7 +154,8 @@ class NucleusX:
         return self._forward(
             params, jnp.asarray(input_ids, jnp.int32),
             None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32),
-            past, None if labels is None else jnp.asarray(labels), dropout_rng,
+            past, None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
+            None if labels is None else jnp.asarray(labels), dropout_rng,
             options=options, with_loss=labels is not None)
 
     def generate(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Any:

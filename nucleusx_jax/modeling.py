@@ -170,10 +170,12 @@ class MultiScaleRetention(nn.Module):
         positions: Array,
         mask: Optional[Array],
         state: Optional[ret.RetentionState],
+        segment_ids: Optional[Array],
         *,
         options: RunOptions,
     ) -> Tuple[Array, Optional[ret.RetentionState]]:
-        """x ``[B, T, E]``, positions ``[T]``, mask ``[B, T]`` -> ``([B, T, E], state or None)``."""
+        """x ``[B, T, E]``, positions ``[T]`` or ``[B, T]``, mask and segment_ids ``[B, T]`` ->
+        ``([B, T, E], state or None)``."""
         cfg = self.config
         heads, kdim, vdim = cfg.decoder_retention_heads, cfg.key_head_dim, cfg.value_head_dim
         embed, value = cfg.decoder_embed_dim, cfg.decoder_value_embed_dim
@@ -196,16 +198,16 @@ class MultiScaleRetention(nn.Module):
         if options.mode is ForwardMode.RECURRENT:
             if state is None:
                 state = ret.empty_state(batch, heads, kdim, vdim)
-            out, new_state = ret.recurrent_retention(q, k, v, log_decay, state, mask)
+            out, new_state = ret.recurrent_retention(q, k, v, log_decay, state, mask, segment_ids)
         else:
             if options.mode is ForwardMode.PARALLEL:
-                out = ret.parallel_retention(q, k, v, log_decay, mask)
+                out = ret.parallel_retention(q, k, v, log_decay, mask, segment_ids)
             elif options.impl is RetentionImpl.PALLAS:
-                out = kernels.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask)
+                out = kernels.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask, segment_ids)
             else:
-                out = ret.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask)
+                out = ret.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask, segment_ids)
             if options.return_state:
-                new_state = ret.final_state(k, v, log_decay, mask)
+                new_state = ret.final_state(k, v, log_decay, mask, segment_ids)
         normed = RMSNorm(cfg.groupnorm_eps, use_weight=False, dtype=self.dtype, name="group_norm")(out)
         normed = normed.transpose(0, 2, 1, 3).reshape(batch, length, value)
         gated = (jax.nn.silu(g.astype(F32)) * normed.astype(F32)).astype(self.dtype)
@@ -249,10 +251,12 @@ class DecoderLayer(nn.Module):
         positions: Array,
         mask: Optional[Array],
         state: Optional[ret.RetentionState],
+        segment_ids: Optional[Array],
         *,
         options: RunOptions,
     ) -> Tuple[Array, Optional[ret.RetentionState]]:
-        """x ``[B, T, E]``, positions ``[T]``, mask ``[B, T]`` -> ``([B, T, E], state or None)``."""
+        """x ``[B, T, E]``, positions ``[T]`` or ``[B, T]``, mask and segment_ids ``[B, T]`` ->
+        ``([B, T, E], state or None)``."""
         cfg = self.config
         deterministic = options.deterministic
         alpha = math.pow(2.0 * cfg.decoder_layers, 0.25) if cfg.deepnorm else 1.0
@@ -266,7 +270,7 @@ class DecoderLayer(nn.Module):
         residual = x
         h = retention_norm(x) if pre else x
         h, new_state = MultiScaleRetention(cfg, self.dtype, self.param_dtype, name="retention")(
-            h, positions, mask, state, options=options
+            h, positions, mask, state, segment_ids, options=options
         )
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         x = residual * alpha + drop_path(h, deterministic)
@@ -318,11 +322,16 @@ class NucleusXModule(nn.Module):
         input_ids: Array,
         attention_mask: Optional[Array] = None,
         past_key_values: Optional[Cache] = None,
+        segment_ids: Optional[Array] = None,
         *,
         options: Optional[RunOptions] = None,
     ) -> Tuple[Array, Optional[Cache], Optional[Tuple[Array, ...]]]:
         """input_ids ``[B, T]``, attention_mask ``[B, T]`` (0 marks left padding), past_key_values (one state
-        per layer, recurrent form) -> (last hidden state ``[B, T, E]``, cache, hidden states).
+        per layer, recurrent form), segment_ids ``[B, T]`` (documents packed in a row, 0 = padding; see
+        :mod:`nucleusx_jax.retention`) -> (last hidden state ``[B, T, E]``, cache, hidden states).
+
+        With segment_ids, rotation positions restart at 0 in each document (the first continues the cache's
+        position) and the cache returned is that of each row's last document.
 
         ``options`` default to :meth:`RunOptions.from_config`. The cache is returned with
         ``options.return_state``; the hidden states with ``options.hidden_states``, following the reference:
@@ -337,14 +346,19 @@ class NucleusXModule(nn.Module):
             x = self.rms_norm_embedding(x)
         x = nn.with_logical_constraint(self.embed_dropout(x, deterministic=deterministic), ACTIVATION_AXES)
         offset = past_key_values[0].seqlen if past_key_values is not None else 0
-        positions = offset + jnp.arange(input_ids.shape[1])
+        if segment_ids is not None:
+            positions = ret.segment_positions(segment_ids, offset, attention_mask)[0]  # [B, T]
+        elif jnp.ndim(offset):  # a cache left by segments holds a position per row: [B, T]
+            positions = offset[:, None] + jnp.arange(input_ids.shape[1])
+        else:  # [T]
+            positions = offset + jnp.arange(input_ids.shape[1])
         hidden = []
         cache = []
         for i, layer in enumerate(self.layers):
             if options.hidden_states:
                 hidden.append(x)
             state = past_key_values[i] if past_key_values is not None else None
-            x, new_state = layer(x, positions, attention_mask, state, options=options)
+            x, new_state = layer(x, positions, attention_mask, state, segment_ids, options=options)
             x = nn.with_logical_constraint(x, ACTIVATION_AXES)
             cache.append(new_state)
         if self.rms_norm is not None:
@@ -377,30 +391,32 @@ class NucleusXForCausalLMModule(nn.Module):
                                   ("embed", "vocab"), self.dtype, self.param_dtype)
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
-                 past_key_values: Optional[Cache] = None, *,
+                 past_key_values: Optional[Cache] = None, segment_ids: Optional[Array] = None, *,
                  options: Optional[RunOptions] = None) -> Tuple[Array, Any, Any]:
         """Same arguments as :class:`NucleusXModule`; returns (logits ``[B, T, vocab]``, cache, hidden)."""
-        x, cache, hidden = self.model(input_ids, attention_mask, past_key_values, options=options)
+        x, cache, hidden = self.model(input_ids, attention_mask, past_key_values, segment_ids, options=options)
         return self.lm_logits(x), cache, hidden
 
     def lm_logits(self, x: Array) -> Array:
         """The LM head on hidden states: ``[..., E] -> [..., vocab]`` (the tied embedding when tied)."""
         return self.model.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
 
-    def next_token_loss(self, input_ids: Array, labels: Array, attention_mask: Optional[Array] = None, *,
-                        options: Optional[RunOptions] = None, z_loss_coeff: Optional[float] = None) -> Array:
+    def next_token_loss(self, input_ids: Array, labels: Array, attention_mask: Optional[Array] = None,
+                        segment_ids: Optional[Array] = None, *, options: Optional[RunOptions] = None,
+                        z_loss_coeff: Optional[float] = None, n_valid: Optional[Array] = None) -> Array:
         """:func:`next_token_loss` of the logits of ``input_ids`` ``[B, T]`` against ``labels`` ``[B, T]``,
         computed by :func:`lm_head_loss` (the ``[B, T, vocab]`` logits never exist whole). ``z_loss_coeff``
-        defaults to the config's; other arguments as :class:`NucleusXModule`."""
+        defaults to the config's; ``n_valid`` (see :func:`lm_head_loss`) to the count of valid labels; other
+        arguments as :class:`NucleusXModule`."""
         z_loss_coeff = self.config.z_loss_coeff if z_loss_coeff is None else z_loss_coeff
-        x, _, _ = self.model(input_ids, attention_mask, options=options)
+        x, _, _ = self.model(input_ids, attention_mask, segment_ids=segment_ids, options=options)
         if self.is_initializing():  # create the head's parameters, as __call__ does
             self.lm_logits(x[:, :1])
         if self.config.tie_word_embeddings:
             kernel = self.model.embed_tokens.embedding.T
         else:
             kernel = nn.meta.unbox(self.lm_head.variables["params"]["kernel"])
-        return lm_head_loss(x, kernel, labels, z_loss_coeff)
+        return lm_head_loss(x, kernel, labels, z_loss_coeff, 4096, n_valid)
 
 
 class NucleusXForSequenceClassificationModule(nn.Module):
@@ -420,10 +436,10 @@ class NucleusXForSequenceClassificationModule(nn.Module):
                             ("embed", None), self.dtype, self.param_dtype)
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
-                 past_key_values: Optional[Cache] = None, *,
+                 past_key_values: Optional[Cache] = None, segment_ids: Optional[Array] = None, *,
                  options: Optional[RunOptions] = None) -> Tuple[Array, Any, Any]:
         """Same arguments as :class:`NucleusXModule`; returns (pooled logits ``[B, num_labels]``, cache, hidden)."""
-        x, cache, hidden = self.model(input_ids, attention_mask, past_key_values, options=options)
+        x, cache, hidden = self.model(input_ids, attention_mask, past_key_values, segment_ids, options=options)
         logits = self.score(x)
         pad = self.config.pad_token_id
         if pad is None:
@@ -486,7 +502,7 @@ def _head_block(h: Array, kernel: Array, labels: Array, real: Array, n_valid: Ar
 
 
 def _head_scan(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float, block_tokens: int,
-               want_grads: bool) -> Tuple[Array, Optional[Tuple[Array, Array]]]:
+               want_grads: bool, n_valid: Optional[Array]) -> Tuple[Array, Optional[Tuple[Array, Array]]]:
     """:func:`lm_head_loss` (and its gradients) as a ``lax.scan`` over blocks of positions."""
     batch, length, embed = hidden.shape
     block = max(1, min(length, block_tokens // batch))
@@ -494,7 +510,7 @@ def _head_scan(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float,
     pad = n * block - length
     real = jnp.pad(jnp.ones((batch, length), bool), ((0, 0), (0, pad)))
     labels = jnp.pad(labels, ((0, 0), (0, pad)), constant_values=-100)
-    n_valid = jnp.sum(labels != -100)
+    n_valid = jnp.sum(labels != -100) if n_valid is None else n_valid
     n_real = batch * length
 
     def blocks(x: Array) -> Array:  # [B, n * block, ...] -> [n, B * block, ...]
@@ -521,27 +537,30 @@ def _head_scan(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float,
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def lm_head_loss(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float = 0.0,
-                 block_tokens: int = 4096) -> Array:
+                 block_tokens: int = 4096, n_valid: Optional[Array] = None) -> Array:
     """``next_token_loss(hidden @ kernel, labels, z_loss_coeff)`` without the whole ``[B, T, vocab]`` logits.
 
     hidden ``[B, T, E]``, kernel ``[E, vocab]``, labels ``[B, T]`` (-100 ignored). Positions go in blocks of
     about ``block_tokens`` (``B x block`` rows); under differentiation each block computes its gradients in
     the forward pass (the loss is the end of the graph), so the backward pass only scales them: the logits are
     neither kept nor recomputed, and memory is ``block_tokens x vocab`` instead of ``B x T x vocab``.
+    ``n_valid`` (``[]``) replaces the count of valid labels that divides the cross-entropy sum: the trainer
+    passes its share of the whole batch's count, so that accumulated microbatches equal one big batch.
     """
-    return _head_scan(hidden, kernel, labels, z_loss_coeff, block_tokens, False)[0]
+    return _head_scan(hidden, kernel, labels, z_loss_coeff, block_tokens, False, n_valid)[0]
 
 
-def _lm_head_loss_fwd(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float,
-                      block_tokens: int) -> Tuple[Array, Tuple[Array, Array]]:
-    loss, grads = _head_scan(hidden, kernel, labels, z_loss_coeff, block_tokens, True)
+def _lm_head_loss_fwd(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float, block_tokens: int,
+                      n_valid: Optional[Array]) -> Tuple[Array, Tuple[Array, Array]]:
+    loss, grads = _head_scan(hidden, kernel, labels, z_loss_coeff, block_tokens, True, n_valid)
     return loss, grads
 
 
 def _lm_head_loss_bwd(z_loss_coeff: float, block_tokens: int, grads: Tuple[Array, Array],
-                      ct: Array) -> Tuple[Array, Array, None]:
+                      ct: Array) -> Tuple[Array, Array, None, None]:
     dh, dkernel = grads
-    return (ct * dh).astype(dh.dtype), (ct * dkernel).astype(dkernel.dtype), None  # labels: no cotangent
+    # labels and n_valid: no cotangent
+    return (ct * dh).astype(dh.dtype), (ct * dkernel).astype(dkernel.dtype), None, None
 
 
 lm_head_loss.defvjp(_lm_head_loss_fwd, _lm_head_loss_bwd)

@@ -17,6 +17,17 @@ The recurrent state is a :class:`RetentionState`, laid out like the reference's 
 * ``seqlen``: ``[]`` int32, tokens processed including padding (the next token's position).
 
 All three forms hand over the same state, so decoding can continue after any of them.
+
+Documents (``segment_ids`` ``[B, T]`` int, 0 for padding; a segment is one contiguous run of equal non-zero
+ids and an id never reappears later in its row, see :func:`check_segment_ids`): token ``i`` sees token ``j``
+only inside its own segment. Every form then gives a document the numbers it gets alone: the parallel decay
+mask is zero across segments and its row sums count the own segment only; the recurrent state resets where a
+segment starts; the chunkwise form masks inside chunks, resets the carried state where a segment starts, and
+normalises each row as the parallel form does (``max(|row sum|, 1)`` with ``sqrt`` of the segment-local
+decay sum), so its result does not depend on where chunk boundaries fall. Rotation positions restart at 0
+(:func:`segment_positions`) and the state handed on is that of the row's last segment, with ``seqlen`` per row
+``[B]`` (the next position in that segment). With a cache, a call's first segment continues the cached
+document and every later segment starts a new one.
 """
 
 from typing import NamedTuple, Optional, Tuple
@@ -77,8 +88,11 @@ def angle_table(key_head_dim: int) -> np.ndarray:
 
 
 def rotate(x: Array, positions: Array, angle: Array) -> Array:
-    """Rotate pairs ``(x[2i], x[2i+1])`` by ``positions * angle``: x ``[B, H, T, K]``, positions ``[T]``."""
-    theta = positions.astype(F32)[:, None] * angle[None, :]  # [T, K]
+    """Rotate pairs ``(x[2i], x[2i+1])`` by ``positions * angle``: x ``[B, H, T, K]``, positions ``[T]`` or
+    ``[B, T]``."""
+    theta = positions.astype(F32)[..., None] * angle  # [T, K] or [B, T, K]
+    if theta.ndim == 3:
+        theta = theta[:, None]  # [B, 1, T, K]
     sin, cos = jnp.sin(theta).astype(x.dtype), jnp.cos(theta).astype(x.dtype)
     pairs = x.reshape(*x.shape[:-1], -1, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
@@ -95,6 +109,65 @@ def _matmul(spec: str, a: Array, b: Array) -> Array:
     return jnp.einsum(spec, a, b, preferred_element_type=F32)
 
 
+# ------------------------------------------------------------------------------------------- segments
+def check_segment_ids(segment_ids: np.ndarray, shape: Tuple[int, int]) -> None:
+    """Host-side check of ``segment_ids`` for inputs of ``shape`` ``[B, T]``: integers, the same shape, no
+    negative ids, and every non-zero id one contiguous run in its row. Raises ``ValueError`` naming the fault."""
+    seg = np.asarray(segment_ids)
+    if seg.shape != tuple(shape):
+        raise ValueError(f"segment_ids has shape {seg.shape} but input_ids has shape {tuple(shape)}; "
+                         "they must be equal")
+    if not np.issubdtype(seg.dtype, np.integer):
+        raise ValueError(f"segment_ids must hold integers (0 = padding, 1, 2, ... documents), got dtype {seg.dtype}")
+    if (seg < 0).any():
+        raise ValueError(f"segment_ids must be >= 0 (0 = padding), got {sorted(set(seg[seg < 0].tolist()))[:10]}")
+    for row, ids in enumerate(seg):
+        starts = ids[np.flatnonzero(np.diff(ids, prepend=-1))]  # the id of every run, in order
+        runs = starts[starts != 0]
+        if len(np.unique(runs)) != len(runs):
+            again = next(int(x) for i, x in enumerate(runs) if x in runs[:i])
+            raise ValueError(f"segment_ids row {row}: id {again} reappears after another segment; a segment must "
+                             "be one contiguous run of equal ids")
+
+
+def segment_starts(segment_ids: Array) -> Array:
+    """``[B, T]`` -> ``[B, T]`` int32: the index of the first token of each token's run of equal ids."""
+    length = segment_ids.shape[1]
+    new = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return jax.lax.cummax(jnp.where(new, jnp.arange(length, dtype=jnp.int32)[None], 0), axis=1)
+
+
+def _segment_layout(segment_ids: Array, mask: Optional[Array]) -> Tuple[Array, Array, Array]:
+    """(starts ``[B, T]``, real ``[B, T]`` bool, in the row's first segment ``[B, T]`` bool)."""
+    starts = segment_starts(segment_ids)
+    real = segment_ids != 0
+    if mask is not None:
+        real = real & mask.astype(bool)
+    first = jnp.take_along_axis(starts, jnp.argmax(real, axis=1)[:, None], axis=1)  # [B, 1]
+    return starts, real, real & (starts == first)
+
+
+def segment_positions(segment_ids: Array, offset: Array, mask: Optional[Array] = None) -> Tuple[Array, Array]:
+    """Rotation positions ``[B, T]`` int32 restarting at 0 where a segment starts, and the next position ``[B]``.
+
+    The row's first segment continues from ``offset`` (``[]`` or ``[B]``, a cache's ``seqlen``); the next
+    position is that of the row's last real token plus one (``offset`` for a row without real tokens).
+    """
+    starts, real, first = _segment_layout(segment_ids, mask)
+    offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), segment_ids.shape[:1])
+    pos = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None] - starts + jnp.where(first, offset[:, None], 0)
+    last = jnp.max(jnp.where(real, jnp.arange(segment_ids.shape[1])[None], -1), axis=1)  # [B]
+    after = jnp.take_along_axis(pos, jnp.maximum(last, 0)[:, None], axis=1)[:, 0] + 1
+    return pos, jnp.where(last >= 0, after, offset)
+
+
+def real_tokens(mask: Optional[Array], segment_ids: Optional[Array]) -> Optional[Array]:
+    """Real tokens ``[B, T]`` bool (non-zero segment and mask 1), or None when neither is given."""
+    if segment_ids is None:
+        return None if mask is None else mask.astype(bool)
+    return (segment_ids != 0) if mask is None else (segment_ids != 0) & mask.astype(bool)
+
+
 # ------------------------------------------------------------------------------------------- the state
 def empty_state(batch: int, num_heads: int, key_dim: int, value_dim: int) -> RetentionState:
     """The state before any token: zeros, position 0."""
@@ -105,47 +178,59 @@ def empty_state(batch: int, num_heads: int, key_dim: int, value_dim: int) -> Ret
     )
 
 
-def final_state(k: Array, v: Array, log_decay: Array, mask: Optional[Array]) -> RetentionState:
+def final_state(k: Array, v: Array, log_decay: Array, mask: Optional[Array],
+                segment_ids: Optional[Array] = None) -> RetentionState:
     """The state a whole-sequence pass leaves behind, equal to running :func:`recurrent_step` over it.
 
     k ``[B, H, T, K]``, v ``[B, H, T, V]``. Token ``t`` is weighted by ``gamma**(L - t)`` with ``L`` the last
-    real position of its row; padding weighs nothing.
+    real position of its row; padding weighs nothing. With ``segment_ids`` ``[B, T]`` only the segment of
+    ``L`` counts, and ``seqlen`` ``[B]`` is the next position in it (:func:`segment_positions`).
     """
     batch, _, length, _ = k.shape
     pos = jnp.arange(length)
-    if mask is None:
+    real = real_tokens(mask, segment_ids)
+    if real is None:
         real = jnp.ones((batch, length), bool)
-    else:
-        real = mask.astype(bool)
     last = jnp.max(jnp.where(real, pos[None, :], -1), axis=-1)  # [B]
+    seqlen = jnp.asarray(length, jnp.int32)
+    if segment_ids is not None:
+        starts = segment_starts(segment_ids)
+        real = real & (starts == jnp.take_along_axis(starts, jnp.maximum(last, 0)[:, None], axis=1))
+        seqlen = segment_positions(segment_ids, 0, mask)[1]
     w = _powers(last[:, None] - pos[None, :], log_decay)  # [H, B, T]
     w = jnp.where(real[None], w, 0.0).transpose(1, 0, 2)  # [B, H, T]
     scale = jnp.sum(w, axis=-1)[..., None, None]  # [B, H, 1, 1]
     w = w / jnp.sqrt(jnp.maximum(scale[..., 0], 1e-30))
     kv = _matmul("bhtv,bhtk->bhvk", v * w[..., None].astype(v.dtype), k)
-    return RetentionState(kv=kv, scale=scale, seqlen=jnp.asarray(length, jnp.int32))
+    return RetentionState(kv=kv, scale=scale, seqlen=seqlen)
 
 
 # ------------------------------------------------------------------------------------------- parallel
-def parallel_decay_mask(log_decay: Array, length: int, mask: Optional[Array]) -> Array:
-    """Normalised decay matrix ``[B or 1, H, T, T]``: ``gamma**(i-j)`` for ``j <= i`` (times ``mask[j]``),
-    each row divided by the square root of its sum; all-zero rows stay zero."""
+def parallel_decay_mask(log_decay: Array, length: int, mask: Optional[Array],
+                        segment_ids: Optional[Array] = None) -> Array:
+    """Normalised decay matrix ``[B or 1, H, T, T]``: ``gamma**(i-j)`` for ``j <= i`` (times ``mask[j]``; with
+    ``segment_ids`` only for ``j`` in the segment of ``i``), each row divided by the square root of its sum;
+    all-zero rows stay zero."""
     pos = jnp.arange(length)
     d = _powers(pos[:, None] - pos[None, :], log_decay)[None]  # [1, H, T, T]
-    if mask is not None:
-        d = d * mask.astype(F32)[:, None, None, :]
+    if segment_ids is not None:
+        d = d * (pos[None, None, :] >= segment_starts(segment_ids)[:, :, None])[:, None].astype(F32)
+    real = real_tokens(mask, segment_ids)
+    if real is not None:
+        d = d * real.astype(F32)[:, None, None, :]
     row = jnp.sum(d, axis=-1, keepdims=True)
     return jnp.where(row > 0, d / jnp.sqrt(jnp.where(row > 0, row, 1.0)), 0.0)
 
 
 def parallel_retention(
-    q: Array, k: Array, v: Array, log_decay: Array, mask: Optional[Array] = None
+    q: Array, k: Array, v: Array, log_decay: Array, mask: Optional[Array] = None,
+    segment_ids: Optional[Array] = None,
 ) -> Array:
     """Parallel form: ``(q k^T * D) v`` with rows divided by ``max(|row sum|, 1)``. Returns ``[B, H, T, V]``.
 
     Materialises ``[B, H, T, T]``; use :func:`chunkwise_retention` for long sequences.
     """
-    d = parallel_decay_mask(log_decay, q.shape[2], mask)
+    d = parallel_decay_mask(log_decay, q.shape[2], mask, segment_ids)
     r = _matmul("bhik,bhjk->bhij", q, k) * d
     denom = jnp.maximum(jnp.abs(jnp.sum(jax.lax.stop_gradient(r), axis=-1, keepdims=True)), 1.0)
     r = r / denom
@@ -171,20 +256,55 @@ def chunk_tables(log_decay: Array, chunk_size: int) -> Tuple[Array, Array, Array
     return inner, query_decay, value_decay, chunk_decay
 
 
+class ChunkSegments(NamedTuple):
+    """Segments in the chunk grid of the chunkwise forms (T padded to N * C; see :func:`chunk_segments`)."""
+
+    local_start: Array  # [B, N * C] int32: start of the token's segment minus the start of its chunk
+    factor: Array  # [B, H, N * C] float32: sqrt(S_{i+1} / S_{p+1}), i the index in the chunk, p in the segment
+
+
+def chunk_segments(segment_ids: Array, log_decay: Array, chunk_size: int) -> ChunkSegments:
+    """:class:`ChunkSegments` of ``segment_ids`` ``[B, T]`` for chunks of C tokens (``S_m = sum_{l<m} gamma**l``).
+
+    Within chunk ``n``, token ``i`` sees ``j`` when ``j >= local_start[i]``; it reads the carried state when
+    ``local_start[i] < 0``. The state carried on holds only the segment of the chunk's last token. The
+    internal padding at the end is a segment of its own.
+    """
+    batch, length = segment_ids.shape
+    padded = -(-length // chunk_size) * chunk_size
+    ids = jnp.pad(segment_ids, ((0, 0), (0, padded - length)), constant_values=-1)
+    pos = jnp.arange(padded, dtype=jnp.int32)
+    starts = segment_starts(ids)
+    sums = jnp.cumsum(_powers(jnp.arange(max(padded, chunk_size)), log_decay), axis=-1)  # [H, T'] S_1 .. S_T'
+    factor = jnp.sqrt(sums[:, None, pos % chunk_size] / sums[:, pos[None] - starts])  # [H, B, T']
+    return ChunkSegments(starts - pos // chunk_size * chunk_size, factor.transpose(1, 0, 2))
+
+
+def segment_scale(row_sum: Array, factor: Array) -> Array:
+    """The chunkwise forms' divisor with segments: ``max(|row_sum| * factor, 1) / factor`` (same shapes).
+
+    ``row_sum`` is the chunk-normalised row sum of ``q k^T * D``; dividing by the result normalises each row
+    as :func:`parallel_retention` does (see :func:`chunk_segments`)."""
+    return jnp.maximum(jnp.abs(row_sum) * factor, 1.0) / factor
+
+
 def chunkwise_retention(
-    q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, mask: Optional[Array] = None
+    q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, mask: Optional[Array] = None,
+    segment_ids: Optional[Array] = None,
 ) -> Array:
     """Chunkwise form: exact attention inside chunks of C tokens, a ``lax.scan`` carrying the state across.
 
     Any T (the last chunk is padded internally). Padding tokens (``mask == 0``) contribute nothing.
-    Memory is linear in T: nothing of size ``T x T`` is built. Returns ``[B, H, T, V]``.
+    Memory is linear in T: nothing of size ``T x T`` is built. Returns ``[B, H, T, V]``. With
+    ``segment_ids`` ``[B, T]`` the result equals :func:`parallel_retention`'s (see the module docstring).
     """
     batch, heads, length, kdim = q.shape
     vdim = v.shape[-1]
     c = chunk_size
     n = -(-length // c)
-    if mask is not None:
-        keep = mask.astype(k.dtype)[:, None, :, None]
+    real = real_tokens(mask, segment_ids)
+    if real is not None:
+        keep = real.astype(k.dtype)[:, None, :, None]
         k, v = k * keep, v * keep
     pad = n * c - length
 
@@ -194,38 +314,74 @@ def chunkwise_retention(
 
     qc, kc, vc = chunks(q), chunks(k), chunks(v)
     inner_mask, query_decay, value_decay, chunk_decay = chunk_tables(log_decay, c)
+    query_decay = jnp.broadcast_to(query_decay[:, None], (heads, n, c))  # [H, N, C]
+    value_decay = jnp.broadcast_to(value_decay[:, None], (heads, n, c))
+    carried = jnp.ones((n, batch, 1, 1, 1), F32)  # whether chunk n's state goes on to chunk n + 1
+    inner_mask = inner_mask[:, None]  # [H, 1, C, C]
+    if segment_ids is not None:
+        segs = chunk_segments(segment_ids, log_decay, c)
+        local = segs.local_start.reshape(batch, 1, n, c)
+        idx = jnp.arange(c)
+        inner_mask = inner_mask * (idx >= local[..., None]).astype(F32)  # [B, H, N, C, C]
+        query_decay = query_decay * (local < 0).astype(F32)  # [B, H, N, C]
+        last = local[..., -1:]  # [B, 1, N, 1]
+        value_decay = value_decay * (idx >= last).astype(F32)
+        carried = (last < 0).astype(F32).transpose(2, 0, 1, 3)[..., None]  # [N, B, 1, 1, 1]
 
-    qk = _matmul("bhnik,bhnjk->bhnij", qc, kc) * inner_mask[:, None]
-    inner_scale = jnp.maximum(jnp.sum(jnp.abs(jax.lax.stop_gradient(qk)), -1, keepdims=True), 1.0)
+    qk = _matmul("bhnik,bhnjk->bhnij", qc, kc) * inner_mask
     inner_out = _matmul("bhnij,bhnjv->bhniv", qk.astype(vc.dtype), vc)
-    chunk_kv = _matmul("bhnck,bhncv->nbhkv", kc * value_decay[:, None, :, None].astype(kc.dtype), vc)
+    kd = kc * value_decay[..., None].astype(kc.dtype)
+    chunk_kv = _matmul("bhnck,bhncv->nbhkv", kd, vc)
+    qd = qc * query_decay[..., None].astype(qc.dtype)
 
-    def step(state: Array, kv_n: Array) -> Tuple[Array, Tuple[Array, Array]]:
-        scale = jnp.max(jnp.sum(jnp.abs(jax.lax.stop_gradient(state)), axis=-2), axis=-1)
-        scale = jnp.maximum(scale, 1.0)[..., None, None]  # [B, H, 1, 1]
-        return state * chunk_decay[None, :, None, None] + kv_n, (state, scale)
+    if segment_ids is None:
+        def step(state: Array, x: Tuple[Array, Array]) -> Tuple[Array, Tuple[Array, Array]]:
+            scale = jnp.max(jnp.sum(jnp.abs(jax.lax.stop_gradient(state)), axis=-2), axis=-1)
+            scale = jnp.maximum(scale, 1.0)[..., None, None]  # [B, H, 1, 1]
+            return state * chunk_decay[None, :, None, None] + x[0], (state, scale)
 
-    init = jnp.zeros((batch, heads, kdim, vdim), F32)
-    _, (before, cross_scale) = jax.lax.scan(step, init, chunk_kv)  # [N, B, H, K, V], [N, B, H, 1, 1]
-    cross_out = _matmul("bhnik,nbhkv->bhniv", qc * query_decay[:, None, :, None].astype(qc.dtype), before)
-    all_scale = jnp.maximum(inner_scale, cross_scale.transpose(1, 2, 0, 3, 4))
+        init = jnp.zeros((batch, heads, kdim, vdim), F32)
+        _, (before, cross_scale) = jax.lax.scan(step, init, (chunk_kv, carried))  # [N, B, H, K, V], [N, B, H, 1, 1]
+        inner_scale = jnp.maximum(jnp.sum(jnp.abs(jax.lax.stop_gradient(qk)), -1, keepdims=True), 1.0)
+        all_scale = jnp.maximum(inner_scale, cross_scale.transpose(1, 2, 0, 3, 4))
+    else:
+        # the row sums of q k^T * D need the state of v = 1: z [K, 1], carried alongside
+        chunk_z = jnp.sum(jax.lax.stop_gradient(kd).astype(F32), axis=3).transpose(2, 0, 1, 3)[..., None]
+
+        Pair = Tuple[Array, Array]
+
+        def step(state: Pair, x: Tuple[Array, Array, Array]) -> Tuple[Pair, Pair]:
+            decay = chunk_decay[None, :, None, None] * x[2]
+            return (state[0] * decay + x[0], state[1] * decay + x[1]), state
+
+        init = (jnp.zeros((batch, heads, kdim, vdim), F32), jnp.zeros((batch, heads, kdim, 1), F32))
+        _, (before, z) = jax.lax.scan(step, init, (chunk_kv, chunk_z, carried))
+        row_sum = jnp.sum(jax.lax.stop_gradient(qk), -1) + _matmul(
+            "bhnik,nbhkv->bhniv", jax.lax.stop_gradient(qd), z)[..., 0]
+        all_scale = segment_scale(row_sum, segs.factor.reshape(batch, heads, n, c))[..., None]
+    cross_out = _matmul("bhnik,nbhkv->bhniv", qd, before)
     out = (inner_out + cross_out) / all_scale
     return out.reshape(batch, heads, n * c, vdim)[:, :, :length].astype(v.dtype)
 
 
 # ------------------------------------------------------------------------------------------ recurrent
 def recurrent_step(
-    q: Array, k: Array, v: Array, log_decay: Array, state: RetentionState, mask: Optional[Array] = None
+    q: Array, k: Array, v: Array, log_decay: Array, state: RetentionState, mask: Optional[Array] = None,
+    reset: Optional[Array] = None,
 ) -> Tuple[Array, RetentionState]:
     """One token: q, k ``[B, H, K]``, v ``[B, H, V]``, mask ``[B]``. Returns ``([B, H, V], new state)``.
 
     ``scale <- scale * gamma + 1`` and ``kv <- kv * sqrt(old/new scale) * gamma + v k^T / sqrt(new scale)``;
-    a padding token (mask 0) leaves the state unchanged except for its position.
+    a padding token (mask 0) leaves the state unchanged except for its position. Where ``reset`` ``[B]`` is
+    True the token starts a new document: it sees an empty state.
     """
     gamma = jnp.exp(log_decay)[None, :, None, None]
     q, k, v = q.astype(F32), k.astype(F32), v.astype(F32)
     real_rows = jnp.ones(q.shape[:1], bool) if mask is None else mask.astype(bool)
     real = real_rows[:, None, None, None]
+    if reset is not None:
+        fresh = reset[:, None, None, None]
+        state = state._replace(kv=jnp.where(fresh, 0.0, state.kv), scale=jnp.where(fresh, 0.0, state.scale))
 
     def update(k: Array, v: Array) -> Tuple[Array, Array]:
         scale = jnp.where(real, state.scale * gamma + 1.0, state.scale)
@@ -243,17 +399,29 @@ def recurrent_step(
 
 
 def recurrent_retention(
-    q: Array, k: Array, v: Array, log_decay: Array, state: RetentionState, mask: Optional[Array] = None
+    q: Array, k: Array, v: Array, log_decay: Array, state: RetentionState, mask: Optional[Array] = None,
+    segment_ids: Optional[Array] = None,
 ) -> Tuple[Array, RetentionState]:
-    """T recurrent steps in one ``lax.scan``, starting from ``state``. Returns ``([B, H, T, V], state)``."""
-    xs = (q.transpose(2, 0, 1, 3), k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3))
-    if mask is None:
-        mask = jnp.ones((q.shape[0], q.shape[2]), jnp.int32)
+    """T recurrent steps in one ``lax.scan``, starting from ``state``. Returns ``([B, H, T, V], state)``.
 
-    def step(s: RetentionState, x: Tuple[Array, Array, Array, Array]) -> Tuple[RetentionState, Array]:
-        qt, kt, vt, mt = x
-        out, s = recurrent_step(qt, kt, vt, log_decay, s, mt)
+    With ``segment_ids`` ``[B, T]`` the state resets where a segment starts, except the row's first segment,
+    which continues ``state``; the returned ``seqlen`` is per row ``[B]`` (:func:`segment_positions`).
+    """
+    xs = (q.transpose(2, 0, 1, 3), k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3))
+    real = real_tokens(mask, segment_ids)
+    mask = jnp.ones((q.shape[0], q.shape[2]), jnp.int32) if real is None else real.astype(jnp.int32)
+    if segment_ids is None:
+        resets = None
+    else:
+        starts, real, first = _segment_layout(segment_ids, mask)
+        resets = (real & ~first & (starts == jnp.arange(q.shape[2])[None])).T
+
+    def step(s: RetentionState, x: Tuple[Array, ...]) -> Tuple[RetentionState, Array]:
+        qt, kt, vt, mt, rt = x
+        out, s = recurrent_step(qt, kt, vt, log_decay, s, mt, rt)
         return s, out
 
-    state, out = jax.lax.scan(step, state, xs + (mask.T,))
-    return out.transpose(1, 2, 0, 3).astype(v.dtype), state
+    new_state, out = jax.lax.scan(step, state, xs + (mask.T, resets))
+    if segment_ids is not None:
+        new_state = new_state._replace(seqlen=segment_positions(segment_ids, state.seqlen, mask)[1])
+    return out.transpose(1, 2, 0, 3).astype(v.dtype), new_state

@@ -39,6 +39,9 @@ class DataConfig:
     ``mixture_schedule`` a list of ``{from_step, weights: {name: weight}}`` that change the weights from a
     step on. ``eval_sets`` is a list of ``{name, store | sources}``, each logged as loss and bits per byte.
     ``workers`` tokenizer processes prepare sources on the fly (0: in the training process).
+    ``reset_at_document_boundaries``: the documents packed in a window do not see each other (segment ids from
+    the BOS/EOS boundaries, see :mod:`nucleusx_jax.documents`), and no document predicts the next one's first
+    token; false runs straight across them.
     """
 
     sources: List[str] = dataclasses.field(default_factory=lambda: ["builtin:pydoc"])
@@ -56,6 +59,7 @@ class DataConfig:
     mixture_schedule: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     eval_sets: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     workers: int = 0
+    reset_at_document_boundaries: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.sources, (list, tuple)) or not self.sources:
@@ -79,7 +83,7 @@ class DataConfig:
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
             raise ValueError(f"data.eval_fraction must be a number in [0, 1), got {frac!r}")
         self.eval_fraction = float(frac)
-        for name in ("shuffle", "add_bos"):
+        for name in ("shuffle", "add_bos", "reset_at_document_boundaries"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
         if self.store and self.mixture:

@@ -5,7 +5,7 @@ Batches are ``[B, T + 1]`` int32 token rows (``Mixture.rows``): inputs ``[:, :-1
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import sharding as shd
+from ..documents import document_segment_ids, next_token_targets
 from ..configuration import ForwardMode, NucleusXConfig
 from ..modeling import NucleusXForCausalLMModule, RunOptions
 from .config import Config
@@ -191,9 +192,22 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     replicated = NamedSharding(mesh, PartitionSpec())
     num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
 
-    def loss_fn(params: Any, tokens: Array, rng: Array, deterministic: bool) -> Array:
+    def split(tokens: Array) -> Tuple[Array, Array, Array]:
+        """Windows ``[B, T + 1]`` -> (inputs, targets, segment ids), each ``[B, T]``: with
+        ``data.reset_at_document_boundaries`` each document sees only itself and predicts only its own tokens
+        (no segments: all ones)."""
+        if not cfg.data.reset_at_document_boundaries:
+            return tokens[:, :-1], tokens[:, 1:], jnp.ones_like(tokens[:, :-1])
+        segments = document_segment_ids(tokens, module.config.bos_token_id, module.config.eos_token_id)
+        return tokens[:, :-1], next_token_targets(tokens, segments), segments[:, :-1]
+
+    def loss_fn(params: Any, parts: Tuple[Array, Array, Array], rng: Array, deterministic: bool,
+                n_valid: Optional[Array] = None) -> Array:
+        """Next-token loss of ``split`` windows (the cross-entropy divided by ``n_valid``, default its count)."""
+        inputs, targets, segments = parts
         options = RunOptions.from_config(module.config, deterministic=deterministic)
-        return module.apply({"params": params}, tokens[:, :-1], tokens[:, 1:], options=options,
+        segments = segments if cfg.data.reset_at_document_boundaries else None
+        return module.apply({"params": params}, inputs, targets, None, segments, options=options, n_valid=n_valid,
                             rngs={"dropout": rng}, method=NucleusXForCausalLMModule.next_token_loss)
 
     def init() -> TrainState:
@@ -206,12 +220,15 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
         """batch ``[B, T + 1]`` -> (new state, metrics). Microbatch ``i`` takes rows ``i::grad_accum`` so each
         device keeps its own rows; a non-finite loss or gradient leaves params and optimizer untouched."""
         step_rng = jax.random.fold_in(state.rng, state.step)
-        micro = batch.reshape(-1, t.grad_accum, batch.shape[1]).transpose(1, 0, 2)
-        micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
+        parts = split(batch)
+        # each microbatch divides its cross-entropy sum by its share of the whole batch's count of targets
+        share = jnp.maximum(jnp.sum(parts[1] != -100), 1) / t.grad_accum
+        micro = tuple(jax.lax.with_sharding_constraint(
+            x.reshape(-1, t.grad_accum, x.shape[1]).transpose(1, 0, 2), micro_sharding) for x in parts)
         grad_fn = jax.value_and_grad(loss_fn)
 
-        def accumulate(carry: Tuple[Array, Any], xs: Tuple[Array, Array]) -> Tuple[Tuple[Array, Any], None]:
-            loss, grads = grad_fn(state.params, xs[0], jax.random.fold_in(step_rng, xs[1]), False)
+        def accumulate(carry: Tuple[Array, Any], xs: Tuple[Any, Array]) -> Tuple[Tuple[Array, Any], None]:
+            loss, grads = grad_fn(state.params, xs[0], jax.random.fold_in(step_rng, xs[1]), False, share)
             return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -230,7 +247,7 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
 
     def eval_step(params: Any, batch: Array) -> Array:
         """Mean next-token loss of ``batch`` ``[B, T + 1]`` (no dropout)."""
-        return loss_fn(params, batch, jax.random.PRNGKey(0), True)
+        return loss_fn(params, split(batch), jax.random.PRNGKey(0), True)
 
     metric_shardings = {"loss": replicated, "grad_norm": replicated, "lr": replicated, "finite": replicated}
     return Trainer(
