@@ -114,7 +114,7 @@ class MultiScaleRetention(nn.Module):
         chunk_size: int,
         want_state: bool,
     ) -> Tuple[Array, Optional[ret.RetentionState]]:
-        """x ``[B, T, E]``, positions ``[T]``, mask ``[B, T]`` -> ``([B, T, E], state or None)``."""
+        """x ``[B, T, E]``, positions ``[T]`` or ``[B, T]``, mask ``[B, T]`` -> ``([B, T, E], state or None)``."""
         cfg = self.config
         heads, kdim, vdim = cfg.decoder_retention_heads, cfg.key_head_dim, cfg.value_head_dim
         embed, value = cfg.decoder_embed_dim, cfg.decoder_value_embed_dim
@@ -274,8 +274,9 @@ class NucleusXModule(nn.Module):
         if self.rms_norm_embedding is not None:
             x = self.rms_norm_embedding(x)
         x = nn.with_logical_constraint(self.embed_dropout(x, deterministic=deterministic), ACTIVATION_AXES)
-        offset = past_key_values[0].seqlen if past_key_values is not None else 0
-        positions = offset + jnp.arange(input_ids.shape[1])
+        # the state's position: [] shared by the rows, or [B] one per row (positions [T] or [B, T])
+        offset = past_key_values[0].seqlen if past_key_values is not None else jnp.zeros((), jnp.int32)
+        positions = offset[..., None] + jnp.arange(input_ids.shape[1])
         hidden = []
         cache = []
         for i, layer in enumerate(self.layers):

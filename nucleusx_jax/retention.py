@@ -14,7 +14,8 @@ The recurrent state is a :class:`RetentionState`, laid out like the reference's 
 * ``kv``: ``[B, H, V, K]`` float32, ``sum_t w_t v_t k_t^T / sqrt(scale)`` with ``w_t = gamma**(L - t)`` over
   the real tokens ``t`` and ``L`` the last real position;
 * ``scale``: ``[B, H, 1, 1]`` float32, ``sum_t w_t`` (``sum_{i<n} gamma**i`` for ``n`` real tokens);
-* ``seqlen``: ``[]`` int32, tokens processed including padding (the next token's position).
+* ``seqlen``: ``[]`` int32, tokens processed including padding (the next token's position); or ``[B]``, one
+  position per row (rows at different positions, e.g. the slots of a serving batch).
 
 All three forms hand over the same state, so decoding can continue after any of them.
 """
@@ -34,7 +35,7 @@ class RetentionState(NamedTuple):
 
     kv: Array  # [B, H, V, K] float32
     scale: Array  # [B, H, 1, 1] float32
-    seqlen: Array  # [] int32
+    seqlen: Array  # [] or [B] int32
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -77,8 +78,11 @@ def angle_table(key_head_dim: int) -> np.ndarray:
 
 
 def rotate(x: Array, positions: Array, angle: Array) -> Array:
-    """Rotate pairs ``(x[2i], x[2i+1])`` by ``positions * angle``: x ``[B, H, T, K]``, positions ``[T]``."""
-    theta = positions.astype(F32)[:, None] * angle[None, :]  # [T, K]
+    """Rotate pairs ``(x[2i], x[2i+1])`` by ``positions * angle``: x ``[B, H, T, K]``, positions ``[T]`` (shared
+    by the rows) or ``[B, T]`` (one per row)."""
+    theta = positions.astype(F32)[..., None] * angle  # [T, K] or [B, T, K]
+    if theta.ndim == 3:
+        theta = theta[:, None]  # [B, 1, T, K]: the same for every head
     sin, cos = jnp.sin(theta).astype(x.dtype), jnp.cos(theta).astype(x.dtype)
     pairs = x.reshape(*x.shape[:-1], -1, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
