@@ -31,6 +31,7 @@ from ..tokenizer import HFTokenizer, Tokenizer
 from .engine import Engine, Event, QueueFull, RequestError, SamplingParams
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+DISCONNECT_POLL_S = 0.25  # how often a running request checks that its client is still there
 
 
 class APIError(Exception):
@@ -185,8 +186,6 @@ class Server:
         if body.model != self.model_name:
             raise APIError(400, f"model={body.model!r} is not served here; this server serves "
                                 f"{self.model_name!r}", "model", code="model_not_found")
-        if not 1 <= body.n <= self.engine.max_batch:
-            raise RequestError("n", f"n={body.n} is invalid: must be in [1, {self.engine.max_batch}]")
         return SamplingParams(
             max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -217,6 +216,8 @@ class Server:
         """Submit the ``n`` choices; returns them and an iterator of ``(choice, new text, engine event)`` until
         all end.
         Leaving the iterator early (or the client going away) cancels what still runs."""
+        if not 1 <= body.n <= self.engine.max_batch:
+            raise RequestError("n", f"n={body.n} is invalid: must be in [1, {self.engine.max_batch}]")
         seed = body.seed if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "little")
         params = [self._params(body, max_tokens, logprobs, i, seed) for i in range(body.n)]
         stops = self._stops(body)
@@ -235,13 +236,16 @@ class Server:
             raise
 
         async def events() -> AsyncIterator[Tuple[Choice, str, Event]]:
+            checked = time.monotonic()
             try:
                 while any(c.finish_reason is None for c in choices):
-                    try:
-                        i, event = await asyncio.wait_for(queue.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
-                        if not body.stream and await request.is_disconnected():
+                    if time.monotonic() - checked > DISCONNECT_POLL_S:
+                        if await request.is_disconnected():
                             return
+                        checked = time.monotonic()
+                    try:
+                        i, event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
+                    except asyncio.TimeoutError:
                         continue
                     piece = choices[i].on(event)
                     if choices[i].finish_reason is not None:

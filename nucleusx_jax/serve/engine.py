@@ -272,6 +272,8 @@ class Engine:
                                              f"{self.max_new_tokens} allowed")
         request = Request(prompt, params, on_event)
         with self._wake:
+            if len(self._waiting) >= self.max_queue:  # requests cancelled while waiting leave the queue first
+                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled.is_set())
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting, the most allowed "
                                 f"(--max-queue {self.max_queue}); retry later")
@@ -311,7 +313,7 @@ class Engine:
         with self._wake:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for request in waiting:
-            request.on_event(Event(finish_reason="cancelled"))
+            self._emit(request, Event(finish_reason="cancelled"))
 
     def _free_cancelled(self) -> None:
         for i, request in enumerate(self._running):
@@ -326,7 +328,7 @@ class Engine:
                     return
                 request = self._waiting.popleft()
             if request.cancelled.is_set():
-                request.on_event(Event(finish_reason="cancelled"))
+                self._emit(request, Event(finish_reason="cancelled"))
                 continue
             slot = self._running.index(None)
             try:
@@ -334,7 +336,7 @@ class Engine:
                                           np.int32(request.prompt[-1]))
             except Exception as e:  # noqa: BLE001 - only this request fails
                 logger.exception("prefill failed")
-                request.on_event(Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                self._emit(request, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
                 continue
             p = request.params
             values = dict(active=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
@@ -356,7 +358,8 @@ class Engine:
         return self.prefill(self.backend.params, ids, mask, mode=mode, chunk=chunk), np.int32(len(prefix))
 
     def _dispatch(self) -> StepOut:
-        self._slots, out = self.step(self.backend.params, self._slots, self._rows)
+        rows = Rows(*(np.array(a) for a in self._rows))  # a copy: the host arrays change between steps
+        self._slots, out = self.step(self.backend.params, self._slots, rows)
         return out
 
     def _deliver(self, out: StepOut) -> None:
@@ -373,9 +376,18 @@ class Engine:
                 continue
             k = request.params.logprobs
             top = tuple(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist()))
-            request.on_event(Event(token=token, logprob=float(out.logprob[i]), top=top))
+            self._emit(request, Event(token=token, logprob=float(out.logprob[i]), top=top))
             if request.generated >= request.params.max_tokens:
                 self._finish(i, Event(finish_reason="length"))
+
+    @staticmethod
+    def _emit(request: Request, event: Event) -> None:
+        """Hand ``event`` to the request; a callback that fails (its client is gone) cancels only its request."""
+        try:
+            request.on_event(event)
+        except Exception:  # noqa: BLE001 - one request's receiver must not stop the others
+            logger.exception("a request's event callback failed; cancelling the request")
+            request.cancel()
 
     def _finish(self, slot: int, event: Event) -> None:
         request = self._running[slot]
@@ -383,4 +395,4 @@ class Engine:
         self._rows.active[slot] = False
         self._rows.want_top[slot] = False
         request.done = True
-        request.on_event(event)
+        self._emit(request, event)
