@@ -222,6 +222,10 @@ class Server:
         params = [self._params(body, max_tokens, logprobs, i, seed) for i in range(body.n)]
         stops = self._stops(body)
         self.engine.check_prompt(prompt, param)
+        beyond = [t for t in prompt if t >= self.tokenizer.vocab_size]
+        if beyond:
+            raise RequestError(param, f"{param} holds token ids the tokenizer cannot decode (vocab_size="
+                                      f"{self.tokenizer.vocab_size}): {beyond[:10]}")
         loop = asyncio.get_running_loop()
         queue: "asyncio.Queue[Tuple[int, Event]]" = asyncio.Queue()
         choices = [Choice(i, TextTracker(self.tokenizer, prompt[-4:], stops), self.tokenizer) for i in range(body.n)]

@@ -11,7 +11,8 @@ background thread repeats:
    state), then each slot's next token is sampled with its own request's settings; the step is compiled once,
    whatever requests come and go;
 3. **deliver**: each running request gets its token through its callback; a request that produced a stop token,
-   reached ``max_tokens`` or was cancelled frees its slot at once.
+   reached ``max_tokens`` or was cancelled frees its slot at once. Delivery of a step's tokens overlaps the
+   next step's computation.
 
 Sampling is per row: greedy (``temperature == 0``) or temperature, top-k then top-p (generation's order), drawn
 with the key ``fold_in(fold_in(fold_in(PRNGKey(seed_lo), seed_hi), choice), n)`` for the request's ``n``-th
@@ -291,19 +292,26 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- the thread
     def _run(self) -> None:
+        """The loop. Steps are pipelined: step ``k + 1`` is dispatched before the tokens of step ``k`` are
+        delivered, so the host's work overlaps the device's; a slot's token from a step dispatched after its
+        request ended is dropped (each step remembers which request owned each slot)."""
+        pending: Optional[Tuple[StepOut, List[Optional[Request]]]] = None
         while True:
             with self._wake:
-                while not self._stop and not self._waiting and not any(self._running):
+                while not self._stop and not self._waiting and not any(self._running) and pending is None:
                     self._wake.wait()
                 if self._stop:
                     break
             try:
                 self._free_cancelled()
                 self._admit()
-                if any(self._running):
-                    self._deliver(jax.device_get(self._dispatch()))
+                launched = (self._dispatch(), list(self._running)) if any(self._running) else None
+                if pending is not None:
+                    self._deliver(jax.device_get(pending[0]), pending[1])
+                pending = launched
             except Exception as e:  # noqa: BLE001 - the server must keep serving; every affected request is told
                 logger.exception("engine step failed")
+                pending = None
                 for i, request in enumerate(self._running):
                     if request is not None:
                         self._finish(i, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
@@ -362,9 +370,10 @@ class Engine:
         self._slots, out = self.step(self.backend.params, self._slots, rows)
         return out
 
-    def _deliver(self, out: StepOut) -> None:
-        for i, request in enumerate(self._running):
-            if request is None:
+    def _deliver(self, out: StepOut, owners: Sequence[Optional[Request]]) -> None:
+        """Hand each slot's token of a step to the request that owned the slot then, if it still runs."""
+        for i, request in enumerate(owners):
+            if request is None or request.done:
                 continue
             if request.cancelled.is_set():
                 self._finish(i, Event(finish_reason="cancelled"))
