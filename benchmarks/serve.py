@@ -18,7 +18,8 @@ every client gets exactly ``--new-tokens`` tokens). Per concurrency level, after
   tok/s, best of 3), run before the server starts; the ratio is decode tok/s over it (target >= 0.8 at 8 and 32).
 
 ``--memory-requests N``: then N sequential requests (alternating streaming and not, prompts of 4-60 tokens,
-16 new tokens) after 50 warm-up requests; the server's RSS before and after (target: growth <= 50 MB).
+8 new tokens) after 50 warm-up requests, on a server with 32 slots; the server's RSS before and after (target:
+growth <= 50 MB).
 
 Results are printed and written to ``benchmarks/results/serve.json``.
 """
@@ -122,7 +123,7 @@ def memory_run(url: str, pid: int, requests: int) -> Dict[str, float]:
 
     def request(i: int, client: Any) -> None:
         prompt = rng.integers(3, BENCH_SMALL["vocab_size"], int(rng.integers(4, 61))).tolist()
-        body = {"model": "bench", "prompt": prompt, "max_tokens": 16, "ignore_eos": True, "stream": bool(i % 2)}
+        body = {"model": "bench", "prompt": prompt, "max_tokens": 8, "ignore_eos": True, "stream": bool(i % 2)}
         r = client.post(url + "/v1/completions", json=body)
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text}")

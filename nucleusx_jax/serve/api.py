@@ -227,7 +227,7 @@ class Server:
             raise RequestError(param, f"{param} holds token ids the tokenizer cannot decode (vocab_size="
                                       f"{self.tokenizer.vocab_size}): {beyond[:10]}")
         loop = asyncio.get_running_loop()
-        queue: "asyncio.Queue[Tuple[int, Event]]" = asyncio.Queue()
+        queue: "asyncio.Queue[Optional[Tuple[int, Event]]]" = asyncio.Queue()
         choices = [Choice(i, TextTracker(self.tokenizer, prompt[-4:], stops), self.tokenizer) for i in range(body.n)]
         submitted = []
         try:
@@ -239,23 +239,26 @@ class Server:
                 r.cancel()
             raise
 
+        async def watch() -> None:
+            """Tell the event stream when the client has gone away."""
+            while not await request.is_disconnected():
+                await asyncio.sleep(DISCONNECT_POLL_S)
+            queue.put_nowait(None)
+
         async def events() -> AsyncIterator[Tuple[Choice, str, Event]]:
-            checked = time.monotonic()
+            watcher = asyncio.ensure_future(watch())
             try:
                 while any(c.finish_reason is None for c in choices):
-                    if time.monotonic() - checked > DISCONNECT_POLL_S:
-                        if await request.is_disconnected():
-                            return
-                        checked = time.monotonic()
-                    try:
-                        i, event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
-                    except asyncio.TimeoutError:
-                        continue
+                    item = await queue.get()
+                    if item is None:  # the client disconnected
+                        return
+                    i, event = item
                     piece = choices[i].on(event)
                     if choices[i].finish_reason is not None:
                         submitted[i].cancel()  # a stop string: the engine frees the slot before its next step
                     yield choices[i], piece, event
             finally:
+                watcher.cancel()
                 for r in submitted:
                     r.cancel()
 
