@@ -15,7 +15,7 @@ every client gets exactly ``--new-tokens`` tokens). Per concurrency level, after
 * **decode tok/s**: the tokens after each client's first / (last token of any client - first token of any
   client): the decoding rate while the clients share the step (best round);
 * **offline**: ``benchmarks/decode.py``'s compiled ``generate`` loop at the same batch and prompt (its decode
-  tok/s, best of 3), run before the server starts; the ratio is decode tok/s over it (target >= 0.8 at 8 and 32).
+  tok/s, best of 3), run just before that level's server starts; the ratio is decode tok/s over it (target >= 0.8 at 8 and 32).
 
 ``--memory-requests N``: then N sequential requests (alternating streaming and not, prompts of 4-60 tokens,
 8 new tokens) after 50 warm-up requests, on a server with 32 slots; the server's RSS before and after (target:
@@ -179,18 +179,18 @@ def main(argv: Any = None) -> Dict[str, Any]:
     p.add_argument("--output", default=RESULTS)
     args = p.parse_args(argv)
 
-    offline = {c: run_batch(c, [PROMPT], args.new_tokens, repeats=3)[0]["decode_tok_s"] for c in args.clients}
     results: Dict[str, Any] = {"config": BENCH_SMALL, "prompt": PROMPT, "new_tokens": args.new_tokens,
                                "cpu_count": os.cpu_count(), "command": " ".join(["python"] + sys.argv), "rows": []}
     with tempfile.TemporaryDirectory() as model_dir:
         make_model_dir(model_dir)
         for clients in args.clients:
             max_batch = args.max_batch or clients
+            offline = run_batch(clients, [PROMPT], args.new_tokens, repeats=3)[0]["decode_tok_s"]  # just before
             with running_server(model_dir, max_batch) as (url, _):
                 asyncio.run(round_of(url, clients, args.new_tokens, seed=0))  # warm-up (compiles the prefill)
                 rounds = [asyncio.run(round_of(url, clients, args.new_tokens, seed=1 + i)) for i in range(args.rounds)]
             row = {"clients": clients, "max_batch": max_batch, **figures(rounds),
-                   "offline_decode_tok_s": offline[clients]}
+                   "offline_decode_tok_s": offline}
             row["decode_over_offline"] = row["decode_tok_s"] / row["offline_decode_tok_s"]
             results["rows"].append(row)
             print(json.dumps(row), flush=True)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..tokenizer import HFTokenizer, Tokenizer
 from .engine import Engine, Event, QueueFull, RequestError, SamplingParams
 
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (chat: the server's --max-tokens-limit)
 DISCONNECT_POLL_S = 0.25  # how often a running request checks that its client is still there
 
 
@@ -310,6 +310,8 @@ class Server:
             raise RequestError("max_completion_tokens", "give max_tokens or max_completion_tokens, not both")
         prompt = self.chat_prompt(body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:  # as OpenAI's chat: until the end of the turn, here at most the server's limit
+            max_tokens = self.engine.max_new_tokens
         choices, events = await self.run(request, prompt, body, max_tokens, 0, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 

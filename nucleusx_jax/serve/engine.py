@@ -7,9 +7,9 @@ background thread repeats:
 1. **admit**: while a slot is free and requests wait, run a waiting prompt's tokens but the last once
    (:meth:`Backend.prefill`, the prompt right-padded to a power-of-two length so that few shapes compile;
    chunkwise for long prompts) and write its state, position and last token into the free slot;
-2. **step**: one compiled recurrent step for all ``S`` slots at once (inactive slots are masked and keep their
-   state), then each slot's next token is sampled with its own request's settings; the step is compiled once,
-   whatever requests come and go;
+2. **step**: one compiled call of ``steps_per_call`` recurrent steps for all ``S`` slots at once (inactive
+   slots are masked and keep their state), each slot's next token sampled after each step with its own
+   request's settings; the call is compiled once, whatever requests come and go;
 3. **deliver**: each running request gets its token through its callback; a request that produced a stop token,
    reached ``max_tokens`` or was cancelled frees its slot at once. Delivery of a step's tokens overlaps the
    next step's computation.
@@ -195,18 +195,23 @@ class Engine:
     """Continuous batching over ``max_batch`` slots (see the module docstring).
 
     ``max_queue``: how many requests may wait for a slot (past it :meth:`submit` raises :class:`QueueFull`);
-    ``max_prompt_tokens`` and ``max_new_tokens``: the largest prompt and ``max_tokens`` accepted.
+    ``max_prompt_tokens`` and ``max_new_tokens``: the largest prompt and ``max_tokens`` accepted;
+    ``steps_per_call``: decode steps per compiled call (more: less host overhead per token, but new requests
+    join and finished ones leave only between calls, and up to ``steps_per_call - 1`` steps of a finished
+    request are wasted).
     """
 
     def __init__(self, backend: Backend, *, max_batch: int = 32, max_queue: int = 128,
-                 max_prompt_tokens: int = 4096, max_new_tokens: int = 4096):
+                 max_prompt_tokens: int = 4096, max_new_tokens: int = 4096, steps_per_call: int = 4):
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
-                            ("max_prompt_tokens", max_prompt_tokens), ("max_new_tokens", max_new_tokens)):
+                            ("max_prompt_tokens", max_prompt_tokens), ("max_new_tokens", max_new_tokens),
+                            ("steps_per_call", steps_per_call)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1")
         self.backend = backend
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
+        self.steps_per_call = steps_per_call
         self.vocab_size = backend.config.vocab_size
         self.step = jax.jit(self._step, donate_argnames=("slots",))
         self.insert = jax.jit(self._insert, donate_argnames=("slots",))
@@ -224,15 +229,20 @@ class Engine:
 
     # -------------------------------------------------------------------------------- compiled functions
     def _step(self, params: Any, slots: Slots, rows: Rows) -> Tuple[Slots, StepOut]:
-        logits, cache = self.backend.decode(params, slots.token, rows.active, slots.cache)
-        token = sample(logits, rows, slots.count)
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
-        chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
-        top_lp, top_ids = jax.lax.cond(
-            jnp.any(rows.want_top), lambda: tuple(jax.lax.top_k(logprobs, MAX_LOGPROBS)),
-            lambda: (jnp.zeros((self.max_batch, MAX_LOGPROBS), jnp.float32),
-                     jnp.zeros((self.max_batch, MAX_LOGPROBS), jnp.int32)))
-        return Slots(token, slots.count + 1, cache), StepOut(token, chosen, top_ids, top_lp)
+        """``steps_per_call`` decode steps of every slot in one ``lax.scan``; outputs ``[steps_per_call, S]``."""
+
+        def one(slots: Slots, _: None) -> Tuple[Slots, StepOut]:
+            logits, cache = self.backend.decode(params, slots.token, rows.active, slots.cache)
+            token = sample(logits, rows, slots.count)
+            logprobs = jax.nn.log_softmax(logits, axis=-1)
+            chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+            top_lp, top_ids = jax.lax.cond(
+                jnp.any(rows.want_top), lambda: tuple(jax.lax.top_k(logprobs, MAX_LOGPROBS)),
+                lambda: (jnp.zeros((self.max_batch, MAX_LOGPROBS), jnp.float32),
+                         jnp.zeros((self.max_batch, MAX_LOGPROBS), jnp.int32)))
+            return Slots(token, slots.count + 1, cache), StepOut(token, chosen, top_ids, top_lp)
+
+        return jax.lax.scan(one, slots, None, length=self.steps_per_call)
 
     @staticmethod
     def _insert(slots: Slots, slot: Array, state: Cache, position: Array, token: Array) -> Slots:
@@ -371,23 +381,25 @@ class Engine:
         return out
 
     def _deliver(self, out: StepOut, owners: Sequence[Optional[Request]]) -> None:
-        """Hand each slot's token of a step to the request that owned the slot then, if it still runs."""
-        for i, request in enumerate(owners):
-            if request is None or request.done:
-                continue
-            if request.cancelled.is_set():
-                self._finish(i, Event(finish_reason="cancelled"))
-                continue
-            token = int(out.token[i])
-            request.generated += 1
-            if token in request.params.stop_token_ids:
-                self._finish(i, Event(finish_reason="stop"))
-                continue
-            k = request.params.logprobs
-            top = tuple(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist()))
-            self._emit(request, Event(token=token, logprob=float(out.logprob[i]), top=top))
-            if request.generated >= request.params.max_tokens:
-                self._finish(i, Event(finish_reason="length"))
+        """Hand each slot's tokens of a call, in order, to the request that owned the slot then, while it runs
+        (the tokens after its end are dropped)."""
+        for step in range(self.steps_per_call):
+            for i, request in enumerate(owners):
+                if request is None or request.done:
+                    continue
+                if request.cancelled.is_set():
+                    self._finish(i, Event(finish_reason="cancelled"))
+                    continue
+                token = int(out.token[step, i])
+                request.generated += 1
+                if token in request.params.stop_token_ids:
+                    self._finish(i, Event(finish_reason="stop"))
+                    continue
+                k = request.params.logprobs
+                top = tuple(zip(out.top_ids[step, i, :k].tolist(), out.top_logprobs[step, i, :k].tolist()))
+                self._emit(request, Event(token=token, logprob=float(out.logprob[step, i]), top=top))
+                if request.generated >= request.params.max_tokens:
+                    self._finish(i, Event(finish_reason="length"))
 
     @staticmethod
     def _emit(request: Request, event: Event) -> None:
