@@ -7,15 +7,17 @@
 bench-small (the config of benchmarks/decode.py), random weights, float32, saved to a temporary directory with
 a 32000-piece SentencePiece tokenizer; the server runs as ``python -m nucleusx_jax.serve`` in its own process,
 one per concurrency level with ``--max-batch`` = the number of clients (the offline batch size; ``--max-batch
-N`` serves every level from N slots). Each client streams a completion of a 16-token prompt (token ids, greedy, EOS ignored, so
-every client gets exactly ``--new-tokens`` tokens). Per concurrency level, after a warm-up round:
+N`` serves every level from N slots). Each client streams a completion of a 16-token prompt (token ids,
+greedy, EOS ignored, so every client gets exactly ``--new-tokens`` tokens). Per concurrency level, after a
+warm-up round:
 
 * **TTFT**: time from sending the request to its first token (p50, p99 over the clients of ``--rounds`` rounds);
 * **aggregate tok/s**: all tokens / (last token of any client - first request sent);
 * **decode tok/s**: the tokens after each client's first / (last token of any client - first token of any
   client): the decoding rate while the clients share the step (best round);
 * **offline**: ``benchmarks/decode.py``'s compiled ``generate`` loop at the same batch and prompt (its decode
-  tok/s, best of 3), run just before that level's server starts; the ratio is decode tok/s over it (target >= 0.8 at 8 and 32).
+  tok/s, best of 3), run just before that level's server starts; the ratio is decode tok/s over it (target
+  >= 0.8 at 8 and 32).
 
 ``--memory-requests N``: then N sequential requests (alternating streaming and not, prompts of 4-60 tokens,
 8 new tokens) after 50 warm-up requests, on a server with 32 slots; the server's RSS before and after (target:

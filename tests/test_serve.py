@@ -55,7 +55,8 @@ def served(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("served"))
     train_tokenizer(["builtin:pydoc"], os.path.join(d, "tokenizer"), VOCAB, max_sentences=3000)
     with open(FIXTURE) as f:
-        cfg = {k: v for k, v in json.load(f).items() if k not in ("architectures", "transformers_version", "model_type")}
+        cfg = {k: v for k, v in json.load(f).items()
+               if k not in ("architectures", "transformers_version", "model_type")}
     cfg["vocab_size"] = VOCAB
     model = FlaxNucleusXForCausalLM(NucleusXConfig(**cfg), seed=3)
     model.save_pretrained(d)
