@@ -1,0 +1,419 @@
+"""Continuous batching on the fixed-size recurrent state, with no HTTP in it.
+
+The engine holds ``max_batch`` *slots*: row ``i`` of one batched state (per layer ``kv`` ``[S, H, V, K]``,
+``scale`` ``[S, H, 1, 1]``, ``seqlen`` ``[S]``) is the whole history of the request running in slot ``i``. A
+background thread repeats:
+
+1. **admit**: while a slot is free and requests wait, run a waiting prompt's tokens but the last once
+   (:meth:`Backend.prefill`, the prompt right-padded to a power-of-two length so that few shapes compile;
+   chunkwise for long prompts) and write its state, position and last token into the free slot;
+2. **step**: one compiled call of ``steps_per_call`` recurrent steps for all ``S`` slots at once (inactive
+   slots are masked and keep their state), each slot's next token sampled after each step with its own
+   request's settings; the call is compiled once, whatever requests come and go;
+3. **deliver**: each running request gets its token through its callback; a request that produced a stop token,
+   reached ``max_tokens`` or was cancelled frees its slot at once. Delivery of a step's tokens overlaps the
+   next step's computation.
+
+Sampling is per row: greedy (``temperature == 0``) or temperature, top-k then top-p (generation's order), drawn
+with the key ``fold_in(fold_in(fold_in(PRNGKey(seed_lo), seed_hi), choice), n)`` for the request's ``n``-th
+token: a seeded request gets the same tokens whatever runs beside it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+from typing import Any, Callable, Deque, List, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .backend import Backend, Cache
+
+Array = jax.Array
+logger = logging.getLogger(__name__)
+MAX_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's limit for completions)
+MIN_PREFILL_BUCKET = 16
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; ``param`` names the offending field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFull(RuntimeError):
+    """The bounded queue of waiting requests is full."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request's tokens are chosen and when it ends.
+
+    ``temperature`` 0 is greedy; else temperature, ``top_k`` (0: off), ``top_p`` (1: off). ``seed`` (an integer
+    in ``[0, 2**64)``) fixes the draws; ``choice`` tells apart the ``n`` completions of one seeded request.
+    ``logprobs``: how many top alternatives to report per token (0-5). The request ends after ``max_tokens``
+    tokens or at one of ``stop_token_ids`` (not delivered as a token).
+    """
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    choice: int = 0
+    logprobs: int = 0
+    stop_token_ids: Tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        def is_int(x: Any) -> bool:
+            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+        def is_num(x: Any) -> bool:
+            return (is_int(x) or isinstance(x, float)) and np.isfinite(x)
+
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            raise RequestError("max_tokens", f"max_tokens={self.max_tokens!r} is invalid: must be an integer >= 1")
+        if not is_num(self.temperature) or self.temperature < 0:
+            raise RequestError("temperature", f"temperature={self.temperature!r} is invalid: must be a number >= 0")
+        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
+            raise RequestError("top_p", f"top_p={self.top_p!r} is invalid: must be in (0, 1]")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise RequestError("top_k", f"top_k={self.top_k!r} is invalid: must be an integer >= 0 (0: off)")
+        if not is_int(self.seed) or not 0 <= self.seed < 2**64:
+            raise RequestError("seed", f"seed={self.seed!r} is invalid: must be an integer in [0, 2**64)")
+        if not is_int(self.choice) or self.choice < 0:
+            raise RequestError("n", f"choice={self.choice!r} is invalid: must be an integer >= 0")
+        if not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestError("logprobs", f"logprobs={self.logprobs!r} is invalid: must be an integer in "
+                                           f"[0, {MAX_LOGPROBS}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What a request receives: a token (``token``, its ``logprob`` under the model, and the ``top`` alternatives
+    as ``(token, logprob)`` pairs), or the end (``finish_reason``: ``stop``, ``length``, ``cancelled`` or
+    ``error``, with ``error`` its message)."""
+
+    token: Optional[int] = None
+    logprob: Optional[float] = None
+    top: Tuple[Tuple[int, float], ...] = ()
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+
+class Request:
+    """A submitted request. ``on_event`` is called from the engine's thread; :meth:`cancel` may be called from
+    any thread (the slot is freed before the next step)."""
+
+    def __init__(self, prompt: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None]):
+        self.prompt = [int(t) for t in prompt]
+        self.params = params
+        self.on_event = on_event
+        self.generated = 0
+        self.cancelled = threading.Event()
+        self.done = False
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Slots(NamedTuple):
+    """The device side of the slots: ``token`` ``[S]`` (each slot's next input), ``count`` ``[S]`` (tokens the
+    slot's request has produced: the index of its next draw) and the states."""
+
+    token: Array
+    count: Array
+    cache: Cache
+
+
+class Rows(NamedTuple):
+    """Per-slot settings, sent with every step (all ``[S]``): whether the slot runs, greedy / sampling
+    settings, key material and whether top logprobs are wanted."""
+
+    active: Array  # bool
+    temperature: Array  # float32, 0: greedy
+    top_k: Array  # int32, 0: off
+    top_p: Array  # float32, 1: off
+    seed_lo: Array  # uint32
+    seed_hi: Array  # uint32
+    choice: Array  # uint32
+    want_top: Array  # bool
+
+
+class StepOut(NamedTuple):
+    """One step's results (``[S]`` each, ``[S, MAX_LOGPROBS]`` for the top alternatives)."""
+
+    token: Array
+    logprob: Array
+    top_ids: Array
+    top_logprobs: Array
+
+
+def sample(logits: Array, rows: Rows, count: Array) -> Array:
+    """Next tokens ``[S]`` int32 from logits ``[S, vocab]`` float32: per row greedy, or temperature, top-k and
+    top-p then a draw keyed by the row's seed, choice and ``count`` (its token index)."""
+    greedy = rows.temperature == 0
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled() -> Array:
+        scaled = logits / jnp.where(greedy, 1.0, rows.temperature)[:, None]
+
+        def filtered() -> Array:
+            ordered = -jnp.sort(-scaled, axis=-1)  # descending
+            kth = jnp.take_along_axis(ordered, jnp.clip(rows.top_k - 1, 0, logits.shape[-1] - 1)[:, None], -1)
+            kth = jnp.where(rows.top_k[:, None] > 0, kth, -jnp.inf)
+            ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
+            probs = jax.nn.softmax(ordered, axis=-1)
+            keep = jnp.cumsum(probs, axis=-1) - probs < rows.top_p[:, None]  # the smallest set reaching top_p
+            pth = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+            return jnp.where(scaled >= jnp.maximum(kth, pth), scaled, -jnp.inf)
+
+        masked = jax.lax.cond(jnp.any((rows.top_k > 0) | (rows.top_p < 1)), filtered, lambda: scaled)
+
+        def draw(lo: Array, hi: Array, choice: Array, n: Array, row: Array) -> Array:
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(lo), hi), choice), n)
+            return jax.random.categorical(key, row)
+
+        drawn = jax.vmap(draw)(rows.seed_lo, rows.seed_hi, rows.choice, count, masked).astype(jnp.int32)
+        return jnp.where(greedy, argmax, drawn)
+
+    return jax.lax.cond(jnp.all(greedy | ~rows.active), lambda: argmax, sampled)
+
+
+def prefill_bucket(length: int) -> int:
+    """The padded length a prefix of ``length`` tokens runs at: a power of two >= 16."""
+    return max(MIN_PREFILL_BUCKET, 1 << max(0, length - 1).bit_length())
+
+
+class Engine:
+    """Continuous batching over ``max_batch`` slots (see the module docstring).
+
+    ``max_queue``: how many requests may wait for a slot (past it :meth:`submit` raises :class:`QueueFull`);
+    ``max_prompt_tokens`` and ``max_new_tokens``: the largest prompt and ``max_tokens`` accepted;
+    ``steps_per_call``: decode steps per compiled call (more: less host overhead per token, but new requests
+    join and finished ones leave only between calls, and up to ``steps_per_call - 1`` steps of a finished
+    request are wasted).
+    """
+
+    def __init__(self, backend: Backend, *, max_batch: int = 32, max_queue: int = 128,
+                 max_prompt_tokens: int = 4096, max_new_tokens: int = 4096, steps_per_call: int = 4):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
+                            ("max_prompt_tokens", max_prompt_tokens), ("max_new_tokens", max_new_tokens),
+                            ("steps_per_call", steps_per_call)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1")
+        self.backend = backend
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
+        self.steps_per_call = steps_per_call
+        self.vocab_size = backend.config.vocab_size
+        self.step = jax.jit(self._step, donate_argnames=("slots",))
+        self.insert = jax.jit(self._insert, donate_argnames=("slots",))
+        self.prefill = jax.jit(backend.prefill, static_argnames=("mode", "chunk"))
+        self._slots = Slots(jnp.zeros((max_batch,), jnp.int32), jnp.zeros((max_batch,), jnp.int32),
+                            backend.empty_cache(max_batch))
+        self._rows = Rows(np.zeros(max_batch, bool), np.zeros(max_batch, np.float32), np.zeros(max_batch, np.int32),
+                          np.ones(max_batch, np.float32), np.zeros(max_batch, np.uint32),
+                          np.zeros(max_batch, np.uint32), np.zeros(max_batch, np.uint32), np.zeros(max_batch, bool))
+        self._running: List[Optional[Request]] = [None] * max_batch
+        self._waiting: Deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="nucleusx-serve-engine", daemon=True)
+
+    # -------------------------------------------------------------------------------- compiled functions
+    def _step(self, params: Any, slots: Slots, rows: Rows) -> Tuple[Slots, StepOut]:
+        """``steps_per_call`` decode steps of every slot in one ``lax.scan``; outputs ``[steps_per_call, S]``."""
+
+        def one(slots: Slots, _: None) -> Tuple[Slots, StepOut]:
+            logits, cache = self.backend.decode(params, slots.token, rows.active, slots.cache)
+            token = sample(logits, rows, slots.count)
+            logprobs = jax.nn.log_softmax(logits, axis=-1)
+            chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+            top_lp, top_ids = jax.lax.cond(
+                jnp.any(rows.want_top), lambda: tuple(jax.lax.top_k(logprobs, MAX_LOGPROBS)),
+                lambda: (jnp.zeros((self.max_batch, MAX_LOGPROBS), jnp.float32),
+                         jnp.zeros((self.max_batch, MAX_LOGPROBS), jnp.int32)))
+            return Slots(token, slots.count + 1, cache), StepOut(token, chosen, top_ids, top_lp)
+
+        return jax.lax.scan(one, slots, None, length=self.steps_per_call)
+
+    @staticmethod
+    def _insert(slots: Slots, slot: Array, state: Cache, position: Array, token: Array) -> Slots:
+        """Slot ``slot`` takes a prompt's state (batch 1), its position and its next input token."""
+        cache = tuple(s._replace(kv=s.kv.at[slot].set(p.kv[0]), scale=s.scale.at[slot].set(p.scale[0]),
+                                 seqlen=s.seqlen.at[slot].set(position)) for s, p in zip(slots.cache, state))
+        return Slots(slots.token.at[slot].set(token), slots.count.at[slot].set(0), cache)
+
+    # ------------------------------------------------------------------------------------ public API
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the thread; waiting and running requests end with ``cancelled``."""
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join()
+
+    def check_prompt(self, prompt: Sequence[int], param: str = "prompt") -> None:
+        """Raise :class:`RequestError` for an empty or too long prompt, or ids outside the vocabulary."""
+        if len(prompt) == 0:
+            raise RequestError(param, f"{param} is empty: give at least one token")
+        if len(prompt) > self.max_prompt_tokens:
+            raise RequestError(param, f"{param} has {len(prompt)} tokens, more than the {self.max_prompt_tokens} "
+                                      "allowed")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(param, f"{param} holds token ids outside [0, {self.vocab_size}): {bad[:10]}")
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None]) -> Request:
+        """Queue a request; its events go to ``on_event`` (from the engine's thread). Raises
+        :class:`RequestError` for a bad prompt or ``max_tokens``, :class:`QueueFull` past the queue bound."""
+        self.check_prompt(prompt)
+        if params.max_tokens > self.max_new_tokens:
+            raise RequestError("max_tokens", f"max_tokens={params.max_tokens} is more than the "
+                                             f"{self.max_new_tokens} allowed")
+        request = Request(prompt, params, on_event)
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:  # requests cancelled while waiting leave the queue first
+                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled.is_set())
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting, the most allowed "
+                                f"(--max-queue {self.max_queue}); retry later")
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def running(self) -> int:
+        """How many slots are in use."""
+        return sum(r is not None for r in self._running)
+
+    def waiting(self) -> int:
+        """How many requests wait for a slot."""
+        return len(self._waiting)
+
+    # ----------------------------------------------------------------------------------- the thread
+    def _run(self) -> None:
+        """The loop. Steps are pipelined: step ``k + 1`` is dispatched before the tokens of step ``k`` are
+        delivered, so the host's work overlaps the device's; a slot's token from a step dispatched after its
+        request ended is dropped (each step remembers which request owned each slot)."""
+        pending: Optional[Tuple[StepOut, List[Optional[Request]]]] = None
+        while True:
+            with self._wake:
+                while not self._stop and not self._waiting and not any(self._running) and pending is None:
+                    self._wake.wait()
+                if self._stop:
+                    break
+            try:
+                self._free_cancelled()
+                self._admit()
+                launched = (self._dispatch(), list(self._running)) if any(self._running) else None
+                if pending is not None:
+                    self._deliver(jax.device_get(pending[0]), pending[1])
+                pending = launched
+            except Exception as e:  # noqa: BLE001 - the server must keep serving; every affected request is told
+                logger.exception("engine step failed")
+                pending = None
+                for i, request in enumerate(self._running):
+                    if request is not None:
+                        self._finish(i, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
+        for i, request in enumerate(self._running):
+            if request is not None:
+                self._finish(i, Event(finish_reason="cancelled"))
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for request in waiting:
+            self._emit(request, Event(finish_reason="cancelled"))
+
+    def _free_cancelled(self) -> None:
+        for i, request in enumerate(self._running):
+            if request is not None and request.cancelled.is_set():
+                self._finish(i, Event(finish_reason="cancelled"))
+
+    def _admit(self) -> None:
+        """Fill free slots with waiting requests (cancelled ones are dropped)."""
+        while None in self._running:
+            with self._wake:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            if request.cancelled.is_set():
+                self._emit(request, Event(finish_reason="cancelled"))
+                continue
+            slot = self._running.index(None)
+            try:
+                self._slots = self.insert(self._slots, np.int32(slot), *self._prefill(request.prompt[:-1]),
+                                          np.int32(request.prompt[-1]))
+            except Exception as e:  # noqa: BLE001 - only this request fails
+                logger.exception("prefill failed")
+                self._emit(request, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                continue
+            p = request.params
+            values = dict(active=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                          seed_lo=p.seed & 0xFFFFFFFF, seed_hi=p.seed >> 32, choice=p.choice,
+                          want_top=p.logprobs > 0)
+            for name, value in values.items():
+                getattr(self._rows, name)[slot] = value
+            self._running[slot] = request
+
+    def _prefill(self, prefix: Sequence[int]) -> Tuple[Cache, np.int32]:
+        """The state after ``prefix`` (batch 1) and its length."""
+        if not prefix:
+            return self.backend.empty_cache(1), np.int32(0)
+        bucket = prefill_bucket(len(prefix))
+        ids = np.zeros((1, bucket), np.int32)
+        ids[0, :len(prefix)] = prefix
+        mask = (np.arange(bucket) < len(prefix)).astype(np.int32)[None]
+        mode, chunk = self.backend.prompt_form(bucket)
+        return self.prefill(self.backend.params, ids, mask, mode=mode, chunk=chunk), np.int32(len(prefix))
+
+    def _dispatch(self) -> StepOut:
+        rows = Rows(*(np.array(a) for a in self._rows))  # a copy: the host arrays change between steps
+        self._slots, out = self.step(self.backend.params, self._slots, rows)
+        return out
+
+    def _deliver(self, out: StepOut, owners: Sequence[Optional[Request]]) -> None:
+        """Hand each slot's tokens of a call, in order, to the request that owned the slot then, while it runs
+        (the tokens after its end are dropped)."""
+        for step in range(self.steps_per_call):
+            for i, request in enumerate(owners):
+                if request is None or request.done:
+                    continue
+                if request.cancelled.is_set():
+                    self._finish(i, Event(finish_reason="cancelled"))
+                    continue
+                token = int(out.token[step, i])
+                request.generated += 1
+                if token in request.params.stop_token_ids:
+                    self._finish(i, Event(finish_reason="stop"))
+                    continue
+                k = request.params.logprobs
+                top = tuple(zip(out.top_ids[step, i, :k].tolist(), out.top_logprobs[step, i, :k].tolist()))
+                self._emit(request, Event(token=token, logprob=float(out.logprob[step, i]), top=top))
+                if request.generated >= request.params.max_tokens:
+                    self._finish(i, Event(finish_reason="length"))
+
+    @staticmethod
+    def _emit(request: Request, event: Event) -> None:
+        """Hand ``event`` to the request; a callback that fails (its client is gone) cancels only its request."""
+        try:
+            request.on_event(event)
+        except Exception:  # noqa: BLE001 - one request's receiver must not stop the others
+            logger.exception("a request's event callback failed; cancelling the request")
+            request.cancel()
+
+    def _finish(self, slot: int, event: Event) -> None:
+        request = self._running[slot]
+        self._running[slot] = None
+        self._rows.active[slot] = False
+        self._rows.want_top[slot] = False
+        request.done = True
+        self._emit(request, event)
