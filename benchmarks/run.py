@@ -120,18 +120,26 @@ class Timer:
     def __call__(self, row: Row, fn: Callable[[], Any]) -> Row:
         """Compile and warm up ``fn`` with one call, then add ``repeats`` (matmul, fn) timing pairs to ``row``
         (at most ``LONG_RUN_REPEATS`` when the warm-up call took over ``LONG_RUN_S`` seconds)."""
+        return self.alternating([(row, fn)])[0]
+
+    def alternating(self, rows: Sequence[Tuple[Row, Callable[[], Any]]]) -> List[Row]:
+        """Like :meth:`__call__` for several rows whose timed calls alternate (a, b, a, b, ...): rows to be
+        compared with each other then see the same state of the machine."""
         jax.block_until_ready(self.matmul())
-        try:
-            warm = self.seconds(fn)
-        except jax.errors.JaxRuntimeError as e:  # only running out of memory turns into a skipped row
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            row.skipped = f"out of memory ({str(e).splitlines()[0][:120]})"
-            return row
-        for _ in range(self.repeats if warm < LONG_RUN_S else min(self.repeats, LONG_RUN_REPEATS)):
-            row.peak_times.append(min(self.seconds(self.matmul) for _ in range(PEAK_TRIES)))
-            row.times.append(self.seconds(fn))
-        return row
+        live, slowest = [], 0.0
+        for row, fn in rows:
+            try:
+                slowest = max(slowest, self.seconds(fn))
+                live.append((row, fn))
+            except jax.errors.JaxRuntimeError as e:  # only running out of memory turns into a skipped row
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                row.skipped = f"out of memory ({str(e).splitlines()[0][:120]})"
+        for _ in range(self.repeats if slowest < LONG_RUN_S else min(self.repeats, LONG_RUN_REPEATS)):
+            for row, fn in live:
+                row.peak_times.append(min(self.seconds(self.matmul) for _ in range(PEAK_TRIES)))
+                row.times.append(self.seconds(fn))
+        return [row for row, _ in rows]
 
 
 def retention_flops(config: NucleusXConfig, batch: int, length: int, backward: bool) -> float:
@@ -248,13 +256,15 @@ def train_step_call(config: NucleusXConfig, batch: int, length: int, chunk: int,
 
 def train_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfig, shapes: Sequence[Sequence[int]], chunk: int) -> List[Row]:
     """Tokens/s of the trainer's compiled train step (AdamW, chunkwise), one device; each shape without and with
-    document resets (:func:`train_step_call`)."""
+    document resets (:func:`train_step_call`), their timed calls alternating so the two compare fairly."""
     rows = []
     for batch, length in shapes:
+        pair = []
         for reset in (False, True):
             step, flops = train_step_call(config, batch, length, chunk, reset)
             name = f"train step chunkwise {batch}x{length}" + (" segments" if reset else "")
-            rows.append(report(timer(Row("train", name, batch * length, flops), step)))
+            pair.append((Row("train", name, batch * length, flops), step))
+        rows.extend(report(row) for row in timer.alternating(pair))
     return rows
 
 
