@@ -20,7 +20,7 @@ import json
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -292,16 +292,9 @@ class Server:
                     yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream")
-        async with aclosing(events):
-            async for _ in events:
-                pass
-        body_choices = []
-        for c in choices:
-            item = {"index": c.index, "text": echo + c.tracker.text, "finish_reason": c.finish_reason,
-                    "logprobs": c.logprobs_json(len(echo)) if body.logprobs is not None else None}
-            if body.return_token_ids:
-                item["token_ids"] = c.tracker.ids
-            body_choices.append(item)
+        body_choices = await self._finish(events, choices, body, lambda c: {
+            "index": c.index, "text": echo + c.tracker.text, "finish_reason": c.finish_reason,
+            "logprobs": c.logprobs_json(len(echo)) if body.logprobs is not None else None})
         return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                 "choices": body_choices, "usage": self._usage(prompt, choices)}
 
@@ -332,18 +325,27 @@ class Server:
                     yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream")
+        body_choices = await self._finish(events, choices, body, lambda c: {
+            "index": c.index, "message": {"role": "assistant", "content": c.tracker.text},
+            "finish_reason": c.finish_reason, "logprobs": None})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": body_choices, "usage": self._usage(prompt, choices)}
+
+    @staticmethod
+    async def _finish(events: Any, choices: Sequence[Choice], body: Any,
+                      item: Callable[[Choice], Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """A non-streamed response's choices: wait for every event, then ``item(choice)`` for each (plus its
+        ``token_ids`` when the request asks for them)."""
         async with aclosing(events):
             async for _ in events:
                 pass
-        body_choices = []
+        out = []
         for c in choices:
-            item = {"index": c.index, "message": {"role": "assistant", "content": c.tracker.text},
-                    "finish_reason": c.finish_reason, "logprobs": None}
+            entry = item(c)
             if body.return_token_ids:
-                item["token_ids"] = c.tracker.ids
-            body_choices.append(item)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": body_choices, "usage": self._usage(prompt, choices)}
+                entry["token_ids"] = c.tracker.ids
+            out.append(entry)
+        return out
 
     @staticmethod
     def _usage(prompt: Sequence[int], choices: Sequence[Choice]) -> Dict[str, int]:
