@@ -239,10 +239,8 @@ class FlaxNucleusXForCausalLM(FlaxNucleusXPreTrainedModel):
         if length > 1:
             return {"attention_mask": attention_mask, "forward_mode": mode, "recurrent_chunk_size": chunk,
                     "use_cache": True}
-        cfg = self.core.config
-        state = retention.empty_state(batch, cfg.decoder_retention_heads, cfg.key_head_dim, cfg.value_head_dim)
         mask = jnp.ones((batch, 1), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        return {"attention_mask": mask, "past_key_values": (state,) * cfg.decoder_layers}
+        return {"attention_mask": mask, "past_key_values": modeling.empty_cache(self.core.config, batch)}
 
     def update_inputs_for_generation(self, model_outputs: Any, model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
         """``FlaxGenerationMixin`` hook: the next call is one recurrent step on the state just returned; the

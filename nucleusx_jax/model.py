@@ -30,6 +30,7 @@ from .tensorio import FORMATS, CheckpointReader, CheckpointWriter, TensorInfo
 
 logger = logging.getLogger(__name__)
 FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 MODULES = {"base": modeling.NucleusXModule, "causal_lm": modeling.NucleusXForCausalLMModule,
            "sequence_classification": modeling.NucleusXForSequenceClassificationModule}
 
@@ -267,6 +268,13 @@ def from_pretrained(path: Union[str, os.PathLike], dtype: Any = None, *, head: s
                        directory)
         model.params = fill_missing(model.params, model.init_params(jax.random.PRNGKey(0)))
     return model
+
+
+def compute_dtype(name: str) -> Any:
+    """The compute dtype called ``name`` (a key of ``COMPUTE_DTYPES``); anything else is a ValueError."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype={name!r} is invalid: must be one of {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
 
 
 def fill_missing(params: Any, random_params: Any) -> dict:

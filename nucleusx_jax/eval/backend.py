@@ -23,21 +23,19 @@ import numpy as np
 from .. import decode, retention
 from ..configuration import ForwardMode
 from ..inputs import prompt_forward_mode
-from ..model import NucleusX, from_pretrained
-from ..modeling import RunOptions
+from ..model import NucleusX, compute_dtype, from_pretrained
+from ..modeling import RunOptions, empty_cache
 
 Array = jax.Array
 Cache = Tuple[retention.RetentionState, ...]
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def load_model(pretrained: str, dtype: str) -> NucleusX:
-    """A causal LM from our (flax) or a PyTorch model directory, computing in ``dtype`` (a name in DTYPES)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
+    """A causal LM from our (flax) or a PyTorch model directory, computing in ``dtype`` (a name in ``model.COMPUTE_DTYPES``)."""
+    compute = compute_dtype(dtype)
     if not os.path.isdir(pretrained):
         raise FileNotFoundError(f"pretrained={pretrained!r} is not a model directory")
-    return from_pretrained(pretrained, dtype=DTYPES[dtype])
+    return from_pretrained(pretrained, dtype=compute)
 
 
 def _target_scores(logits: Array, targets: Array) -> Tuple[Array, Array]:
@@ -109,9 +107,7 @@ class Backend:
 
     def empty_cache(self, batch: int) -> Cache:
         """The state before any token, for ``batch`` rows."""
-        cfg = self.config
-        return tuple(retention.empty_state(batch, cfg.decoder_retention_heads, cfg.key_head_dim, cfg.value_head_dim)
-                     for _ in range(cfg.decoder_layers))
+        return empty_cache(self.config, batch)
 
     def window(self, cache: Cache, ids: np.ndarray, mask: np.ndarray,
                targets: np.ndarray) -> Tuple[np.ndarray, Cache]:

@@ -21,12 +21,11 @@ import jax.numpy as jnp
 from .. import retention
 from ..configuration import ForwardMode, NucleusXConfig
 from ..inputs import prompt_forward_mode
-from ..model import from_pretrained
-from ..modeling import RunOptions
+from ..model import compute_dtype, from_pretrained
+from ..modeling import RunOptions, empty_cache
 
 Array = jax.Array
 Cache = Tuple[retention.RetentionState, ...]
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,17 +62,14 @@ class Backend:
 
     def empty_cache(self, slots: int) -> Cache:
         """Zero states for ``slots`` rows, each at position 0 (``seqlen`` ``[slots]``)."""
-        cfg = self.config
-        return tuple(retention.empty_state(slots, cfg.decoder_retention_heads, cfg.key_head_dim, cfg.value_head_dim)
-                     ._replace(seqlen=jnp.zeros((slots,), jnp.int32)) for _ in range(cfg.decoder_layers))
+        return tuple(s._replace(seqlen=jnp.zeros((slots,), jnp.int32)) for s in empty_cache(self.config, slots))
 
 
 def load_backend(model_dir: str, *, dtype: Optional[str] = None) -> Backend:
     """The causal LM in ``model_dir`` (flax or PyTorch weights); ``dtype`` (float32, bfloat16, float16) is the
     computation dtype, default float32."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is invalid: must be one of {', '.join(DTYPES)}")
+    compute = compute_dtype(dtype or "float32")
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
-    model = from_pretrained(model_dir, dtype=DTYPES[dtype or "float32"])
+    model = from_pretrained(model_dir, dtype=compute)
     return Backend(model.config, model.module, model.params)

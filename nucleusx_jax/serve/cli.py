@@ -11,7 +11,8 @@ import uvicorn
 
 from ..tokenizer import load_tokenizer
 from .api import create_app
-from .backend import DTYPES, load_backend
+from ..model import COMPUTE_DTYPES
+from .backend import load_backend
 from .engine import Engine
 
 
@@ -27,7 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens accepted")
     p.add_argument("--steps-per-call", type=int, default=4,
                    help="decode steps per compiled call (requests join and leave between calls)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="computation dtype")
+    p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="float32", help="computation dtype")
     p.add_argument("--served-model-name", help="the model id clients use (default: MODEL_DIR's base name)")
     p.add_argument("--switch-interval", type=float, default=5e-4,
                    help="Python's thread switch interval in s (default 0.5 ms, Python's own is 5 ms): the engine "
