@@ -30,7 +30,7 @@ decay sum), so its result does not depend on where chunk boundaries fall. Rotati
 document and every later segment starts a new one.
 """
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -263,6 +263,14 @@ class ChunkSegments(NamedTuple):
     factor: Array  # [B, H, N * C] float32: sqrt(S_{i+1} / S_{p+1}), i the index in the chunk, p in the segment
 
 
+def decay_sums(count: Array, log_decay: Array) -> Array:
+    """``S_m = sum_{l<m} gamma**l`` for ``count`` ``m >= 1`` (any shape), with a leading H axis: the closed
+    form ``(1 - gamma**m) / (1 - gamma)`` (``m`` where ``gamma`` is 1)."""
+    ld = log_decay.reshape((-1,) + (1,) * count.ndim)
+    m = count.astype(F32)
+    return jnp.where(ld == 0, m, jnp.expm1(m * ld) / jnp.where(ld == 0, 1.0, jnp.expm1(ld)))
+
+
 def chunk_segments(segment_ids: Array, log_decay: Array, chunk_size: int) -> ChunkSegments:
     """:class:`ChunkSegments` of ``segment_ids`` ``[B, T]`` for chunks of C tokens (``S_m = sum_{l<m} gamma**l``).
 
@@ -270,13 +278,21 @@ def chunk_segments(segment_ids: Array, log_decay: Array, chunk_size: int) -> Chu
     ``local_start[i] < 0``. The state carried on holds only the segment of the chunk's last token. The
     internal padding at the end is a segment of its own.
     """
-    batch, length = segment_ids.shape
-    padded = -(-length // chunk_size) * chunk_size
-    ids = jnp.pad(segment_ids, ((0, 0), (0, padded - length)), constant_values=-1)
-    pos = jnp.arange(padded, dtype=jnp.int32)
-    starts = segment_starts(ids)
-    sums = jnp.cumsum(_powers(jnp.arange(max(padded, chunk_size)), log_decay), axis=-1)  # [H, T'] S_1 .. S_T'
-    factor = jnp.sqrt(sums[:, None, pos % chunk_size] / sums[:, pos[None] - starts])  # [H, B, T']
+    return segments_from_starts(_padded_starts(segment_ids, chunk_size), log_decay, chunk_size)
+
+
+def _padded_starts(segment_ids: Array, chunk_size: int) -> Array:
+    """:func:`segment_starts` of ``segment_ids`` ``[B, T]`` padded to whole chunks with a segment of its own."""
+    pad = -segment_ids.shape[1] % chunk_size
+    return segment_starts(jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1))
+
+
+def segments_from_starts(starts: Array, log_decay: Array, chunk_size: int) -> ChunkSegments:
+    """:class:`ChunkSegments` from the start of every token's segment, ``starts`` ``[B, N * C]`` int32, counted
+    from the first token given (negative: the segment began before it, in an earlier slice of the sequence)."""
+    pos = jnp.arange(starts.shape[1], dtype=jnp.int32)
+    factor = jnp.sqrt(decay_sums(pos % chunk_size + 1, log_decay)[:, None]
+                      / decay_sums(pos[None] - starts + 1, log_decay))  # [H, B, N * C]
     return ChunkSegments(starts - pos // chunk_size * chunk_size, factor.transpose(1, 0, 2))
 
 
@@ -286,6 +302,105 @@ def segment_scale(row_sum: Array, factor: Array) -> Array:
     ``row_sum`` is the chunk-normalised row sum of ``q k^T * D``; dividing by the result normalises each row
     as :func:`parallel_retention` does (see :func:`chunk_segments`)."""
     return jnp.maximum(jnp.abs(row_sum) * factor, 1.0) / factor
+
+
+class ChunkTerms(NamedTuple):
+    """What the chunkwise form computes per chunk before the state is carried (N chunks of C tokens)."""
+
+    qk: Array  # [B, H, N, C, C] float32: masked, decayed q k^T inside each chunk
+    inner_out: Array  # [B, H, N, C, V] float32: the chunk's own contribution
+    qd: Array  # [B, H, N, C, K]: queries scaled to read the state entering their chunk
+    chunk_kv: Array  # [N, B, H, K, V] float32: what each chunk adds to the state
+    chunk_z: Optional[Array]  # [N, B, H, K, 1] float32 with segments: the same for v = 1 (for the row sums)
+    carried: Array  # [N, B, 1, 1, 1] float32: 1 where the state entering chunk n goes on past it
+    factor: Optional[Array]  # [B, H, N, C] float32 with segments (:class:`ChunkSegments`)
+
+
+class ChunkStates(NamedTuple):
+    """States entering each chunk (``kv`` ``[N, B, H, K, V]``, ``z`` ``[N, B, H, K, 1]`` or None) or, without
+    the N axis, the state a run of chunks hands on."""
+
+    kv: Array
+    z: Optional[Array]
+
+
+def chunk_terms(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, real: Optional[Array],
+                starts: Optional[Array]) -> ChunkTerms:
+    """:class:`ChunkTerms` of q, k ``[B, H, T, K]``, v ``[B, H, T, V]`` (T padded to N * C inside), ``real``
+    ``[B, T]`` bool or None, and with segments ``starts`` ``[B, N * C]`` (see :func:`segments_from_starts`)."""
+    batch, heads, length, _ = q.shape
+    c = chunk_size
+    n = -(-length // c)
+    if real is not None:
+        keep = real.astype(k.dtype)[:, None, :, None]
+        k, v = k * keep, v * keep
+
+    def chunks(x: Array) -> Array:  # [B, H, T, D] -> [B, H, N, C, D]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, n * c - length), (0, 0)))
+        return x.reshape(batch, heads, n, c, x.shape[-1])
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    inner_mask, query_decay, value_decay, _ = chunk_tables(log_decay, c)
+    query_decay = jnp.broadcast_to(query_decay[:, None], (heads, n, c))  # [H, N, C]
+    value_decay = jnp.broadcast_to(value_decay[:, None], (heads, n, c))
+    carried = jnp.ones((n, batch, 1, 1, 1), F32)
+    inner_mask = inner_mask[:, None]  # [H, 1, C, C]
+    factor = None
+    if starts is not None:
+        segs = segments_from_starts(starts, log_decay, c)
+        local = segs.local_start.reshape(batch, 1, n, c)
+        idx = jnp.arange(c)
+        inner_mask = inner_mask * (idx >= local[..., None]).astype(F32)  # [B, H, N, C, C]
+        query_decay = query_decay * (local < 0).astype(F32)  # [B, H, N, C]
+        last = local[..., -1:]  # [B, 1, N, 1]
+        value_decay = value_decay * (idx >= last).astype(F32)
+        carried = (last < 0).astype(F32).transpose(2, 0, 1, 3)[..., None]  # [N, B, 1, 1, 1]
+        factor = segs.factor.reshape(batch, heads, n, c)
+
+    qk = _matmul("bhnik,bhnjk->bhnij", qc, kc) * inner_mask
+    inner_out = _matmul("bhnij,bhnjv->bhniv", qk.astype(vc.dtype), vc)
+    kd = kc * value_decay[..., None].astype(kc.dtype)
+    chunk_kv = _matmul("bhnck,bhncv->nbhkv", kd, vc)
+    # with segments the row sums of q k^T * D need the state of v = 1: z [K, 1], carried alongside
+    chunk_z = None if starts is None else jnp.sum(
+        jax.lax.stop_gradient(kd).astype(F32), axis=3).transpose(2, 0, 1, 3)[..., None]
+    qd = qc * query_decay[..., None].astype(qc.dtype)
+    return ChunkTerms(qk, inner_out, qd, chunk_kv, chunk_z, carried, factor)
+
+
+def chunk_states(terms: ChunkTerms, log_decay: Array, chunk_size: int) -> Tuple[ChunkStates, ChunkStates]:
+    """A ``lax.scan`` over the chunks from an empty state: (the state entering each chunk, the state after the
+    last)."""
+    chunk_decay = jnp.exp(log_decay * chunk_size)[None, :, None, None]  # [1, H, 1, 1]
+
+    def step(state: ChunkStates, x: Tuple[Array, Optional[Array], Array]) -> Tuple[ChunkStates, ChunkStates]:
+        decay = chunk_decay * x[2]
+        return ChunkStates(state.kv * decay + x[0], None if x[1] is None else state.z * decay + x[1]), state
+
+    _, batch, heads, kdim, vdim = terms.chunk_kv.shape
+    init = ChunkStates(jnp.zeros((batch, heads, kdim, vdim), F32),
+                       None if terms.chunk_z is None else jnp.zeros((batch, heads, kdim, 1), F32))
+    final, before = jax.lax.scan(step, init, (terms.chunk_kv, terms.chunk_z, terms.carried))
+    return before, final
+
+
+def chunk_output(terms: ChunkTerms, before: ChunkStates, length: int, dtype: Any) -> Array:
+    """The chunkwise form's output ``[B, H, T, V]`` from its terms and the state entering each chunk, with the
+    reference's normalisation (the larger of the inner and the state's row scale; with segments the parallel
+    form's row sums, :func:`segment_scale`)."""
+    batch, heads, n, c, vdim = terms.inner_out.shape
+    qk = jax.lax.stop_gradient(terms.qk)
+    if terms.factor is None:
+        cross_scale = jnp.max(jnp.sum(jnp.abs(jax.lax.stop_gradient(before.kv)), axis=-2), axis=-1)  # [N, B, H]
+        cross_scale = jnp.maximum(cross_scale, 1.0).transpose(1, 2, 0)[..., None, None]  # [B, H, N, 1, 1]
+        inner_scale = jnp.maximum(jnp.sum(jnp.abs(qk), -1, keepdims=True), 1.0)
+        all_scale = jnp.maximum(inner_scale, cross_scale)
+    else:
+        row_sum = jnp.sum(qk, -1) + _matmul("bhnik,nbhkv->bhniv", jax.lax.stop_gradient(terms.qd), before.z)[..., 0]
+        all_scale = segment_scale(row_sum, terms.factor)[..., None]
+    cross_out = _matmul("bhnik,nbhkv->bhniv", terms.qd, before.kv)
+    out = (terms.inner_out + cross_out) / all_scale
+    return out.reshape(batch, heads, n * c, vdim)[:, :, :length].astype(dtype)
 
 
 def chunkwise_retention(
@@ -298,70 +413,9 @@ def chunkwise_retention(
     Memory is linear in T: nothing of size ``T x T`` is built. Returns ``[B, H, T, V]``. With
     ``segment_ids`` ``[B, T]`` the result equals :func:`parallel_retention`'s (see the module docstring).
     """
-    batch, heads, length, kdim = q.shape
-    vdim = v.shape[-1]
-    c = chunk_size
-    n = -(-length // c)
-    real = real_tokens(mask, segment_ids)
-    if real is not None:
-        keep = real.astype(k.dtype)[:, None, :, None]
-        k, v = k * keep, v * keep
-    pad = n * c - length
-
-    def chunks(x: Array) -> Array:  # [B, H, T, D] -> [B, H, N, C, D]
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
-        return x.reshape(batch, heads, n, c, x.shape[-1])
-
-    qc, kc, vc = chunks(q), chunks(k), chunks(v)
-    inner_mask, query_decay, value_decay, chunk_decay = chunk_tables(log_decay, c)
-    query_decay = jnp.broadcast_to(query_decay[:, None], (heads, n, c))  # [H, N, C]
-    value_decay = jnp.broadcast_to(value_decay[:, None], (heads, n, c))
-    carried = jnp.ones((n, batch, 1, 1, 1), F32)  # whether chunk n's state goes on to chunk n + 1
-    inner_mask = inner_mask[:, None]  # [H, 1, C, C]
-    if segment_ids is not None:
-        segs = chunk_segments(segment_ids, log_decay, c)
-        local = segs.local_start.reshape(batch, 1, n, c)
-        idx = jnp.arange(c)
-        inner_mask = inner_mask * (idx >= local[..., None]).astype(F32)  # [B, H, N, C, C]
-        query_decay = query_decay * (local < 0).astype(F32)  # [B, H, N, C]
-        last = local[..., -1:]  # [B, 1, N, 1]
-        value_decay = value_decay * (idx >= last).astype(F32)
-        carried = (last < 0).astype(F32).transpose(2, 0, 1, 3)[..., None]  # [N, B, 1, 1, 1]
-
-    qk = _matmul("bhnik,bhnjk->bhnij", qc, kc) * inner_mask
-    inner_out = _matmul("bhnij,bhnjv->bhniv", qk.astype(vc.dtype), vc)
-    kd = kc * value_decay[..., None].astype(kc.dtype)
-    chunk_kv = _matmul("bhnck,bhncv->nbhkv", kd, vc)
-    qd = qc * query_decay[..., None].astype(qc.dtype)
-
-    if segment_ids is None:
-        def step(state: Array, x: Tuple[Array, Array]) -> Tuple[Array, Tuple[Array, Array]]:
-            scale = jnp.max(jnp.sum(jnp.abs(jax.lax.stop_gradient(state)), axis=-2), axis=-1)
-            scale = jnp.maximum(scale, 1.0)[..., None, None]  # [B, H, 1, 1]
-            return state * chunk_decay[None, :, None, None] + x[0], (state, scale)
-
-        init = jnp.zeros((batch, heads, kdim, vdim), F32)
-        _, (before, cross_scale) = jax.lax.scan(step, init, (chunk_kv, carried))  # [N, B, H, K, V], [N, B, H, 1, 1]
-        inner_scale = jnp.maximum(jnp.sum(jnp.abs(jax.lax.stop_gradient(qk)), -1, keepdims=True), 1.0)
-        all_scale = jnp.maximum(inner_scale, cross_scale.transpose(1, 2, 0, 3, 4))
-    else:
-        # the row sums of q k^T * D need the state of v = 1: z [K, 1], carried alongside
-        chunk_z = jnp.sum(jax.lax.stop_gradient(kd).astype(F32), axis=3).transpose(2, 0, 1, 3)[..., None]
-
-        Pair = Tuple[Array, Array]
-
-        def step(state: Pair, x: Tuple[Array, Array, Array]) -> Tuple[Pair, Pair]:
-            decay = chunk_decay[None, :, None, None] * x[2]
-            return (state[0] * decay + x[0], state[1] * decay + x[1]), state
-
-        init = (jnp.zeros((batch, heads, kdim, vdim), F32), jnp.zeros((batch, heads, kdim, 1), F32))
-        _, (before, z) = jax.lax.scan(step, init, (chunk_kv, chunk_z, carried))
-        row_sum = jnp.sum(jax.lax.stop_gradient(qk), -1) + _matmul(
-            "bhnik,nbhkv->bhniv", jax.lax.stop_gradient(qd), z)[..., 0]
-        all_scale = segment_scale(row_sum, segs.factor.reshape(batch, heads, n, c))[..., None]
-    cross_out = _matmul("bhnik,nbhkv->bhniv", qd, before)
-    out = (inner_out + cross_out) / all_scale
-    return out.reshape(batch, heads, n * c, vdim)[:, :, :length].astype(v.dtype)
+    starts = None if segment_ids is None else _padded_starts(segment_ids, chunk_size)
+    terms = chunk_terms(q, k, v, log_decay, chunk_size, real_tokens(mask, segment_ids), starts)
+    return chunk_output(terms, chunk_states(terms, log_decay, chunk_size)[0], q.shape[2], v.dtype)
 
 
 # ------------------------------------------------------------------------------------------ recurrent
