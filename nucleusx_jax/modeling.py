@@ -23,6 +23,7 @@ import numpy as np
 
 from . import kernels
 from . import retention as ret
+from . import sequence_parallel
 from .activations import ACTIVATIONS
 from .configuration import ForwardMode, NucleusXConfig, RetentionImpl
 
@@ -209,6 +210,9 @@ class MultiScaleRetention(nn.Module):
         else:
             if options.mode is ForwardMode.PARALLEL:
                 out = ret.parallel_retention(q, k, v, log_decay, mask, segment_ids)
+            elif sequence_parallel.sequence_size() > 1:  # T split over the mesh's `sequence` axis
+                out = sequence_parallel.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask,
+                                                            segment_ids, impl=options.impl)
             elif options.impl is RetentionImpl.PALLAS:
                 out = kernels.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask, segment_ids)
             else:
@@ -510,7 +514,8 @@ def _head_block(h: Array, kernel: Array, labels: Array, real: Array, n_valid: Ar
 
 def _head_scan(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float, block_tokens: int,
                want_grads: bool, n_valid: Optional[Array]) -> Tuple[Array, Optional[Tuple[Array, Array]]]:
-    """:func:`lm_head_loss` (and its gradients) as a ``lax.scan`` over blocks of positions."""
+    """:func:`lm_head_loss` (and its gradients) as a ``lax.scan`` over blocks of positions. Block ``j`` holds the
+    positions ``j mod n``: each device of a mesh splitting T (``sequence``) computes its share of every block."""
     batch, length, embed = hidden.shape
     block = max(1, min(length, block_tokens // batch))
     n = -(-length // block)
@@ -520,8 +525,8 @@ def _head_scan(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float,
     n_valid = jnp.sum(labels != -100) if n_valid is None else n_valid
     n_real = batch * length
 
-    def blocks(x: Array) -> Array:  # [B, n * block, ...] -> [n, B * block, ...]
-        x = x.reshape(batch, n, block, *x.shape[2:]).swapaxes(0, 1)
+    def blocks(x: Array) -> Array:  # [B, block * n, ...] -> [n, B * block, ...]: step j takes positions j mod n
+        x = jnp.moveaxis(x.reshape(batch, block, n, *x.shape[2:]), 2, 0)
         return x.reshape(n, batch * block, *x.shape[3:])
 
     xs = (blocks(jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))), blocks(labels), blocks(real))
@@ -538,7 +543,7 @@ def _head_scan(hidden: Array, kernel: Array, labels: Array, z_loss_coeff: float,
     if not want_grads:
         return carry, None
     loss, dkernel = carry
-    dh = dh.reshape(n, batch, block, embed).swapaxes(0, 1).reshape(batch, n * block, embed)[:, :length]
+    dh = jnp.moveaxis(dh.reshape(n, batch, block, embed), 0, 2).reshape(batch, n * block, embed)[:, :length]
     return loss, (dh.astype(hidden.dtype), dkernel.astype(kernel.dtype))
 
 

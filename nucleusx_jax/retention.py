@@ -377,9 +377,8 @@ def chunk_states(terms: ChunkTerms, log_decay: Array, chunk_size: int) -> Tuple[
         decay = chunk_decay * x[2]
         return ChunkStates(state.kv * decay + x[0], None if x[1] is None else state.z * decay + x[1]), state
 
-    _, batch, heads, kdim, vdim = terms.chunk_kv.shape
-    init = ChunkStates(jnp.zeros((batch, heads, kdim, vdim), F32),
-                       None if terms.chunk_z is None else jnp.zeros((batch, heads, kdim, 1), F32))
+    init = ChunkStates(jnp.zeros_like(terms.chunk_kv[0]),  # like the terms, also inside shard_map
+                       None if terms.chunk_z is None else jnp.zeros_like(terms.chunk_z[0]))
     final, before = jax.lax.scan(step, init, (terms.chunk_kv, terms.chunk_z, terms.carried))
     return before, final
 

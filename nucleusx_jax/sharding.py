@@ -1,19 +1,23 @@
-"""Device mesh and sharding rules: logical axis names of the parameters -> mesh axes ``data``, ``fsdp``, ``tensor``.
+"""Device mesh and sharding rules: logical axis names -> mesh axes ``data``, ``fsdp``, ``tensor``, ``sequence``.
 
 Parameters carry logical names (``nn.with_logical_partitioning`` in :mod:`nucleusx_jax.modeling`):
 
-===========  =====================  ===========================================================
-logical      mesh axis              what it shards
-===========  =====================  ===========================================================
-``batch``    (``data``, ``fsdp``)   the rows of every batch
-``embed``    ``fsdp``               the model width of every matrix (FSDP / ZeRO-3)
-``heads``    ``tensor``             q/k/v/g columns and out_proj rows (Megatron tensor parallelism)
-``mlp``      ``tensor``             fc1/gate columns and fc2 rows
-``vocab``    ``tensor``             the embedding table and the LM head over the vocabulary
-``norm``     replicated             norm weights
-``length``,  replicated             the residual stream ``[B, T, E]`` is constrained to
-``act_embed``                       (``batch``, ``length``, ``act_embed``): sharded by rows only
-===========  =====================  ===========================================================
+=============  =====================  ================================================================
+logical        mesh axis              what it shards
+=============  =====================  ================================================================
+``batch``      (``data``, ``fsdp``)   the rows of every batch
+``embed``      ``fsdp``               the model width of every matrix (FSDP / ZeRO-3)
+``heads``      ``tensor``             q/k/v/g columns and out_proj rows (Megatron tensor parallelism)
+``mlp``        ``tensor``             fc1/gate columns and fc2 rows
+``vocab``      ``tensor``             the embedding table and the LM head over the vocabulary
+``norm``       replicated             norm weights
+``length``     ``sequence``           the positions of the residual stream ``[B, T, E]``, constrained to
+                                      (``batch``, ``length``, ``act_embed``): sequence parallelism
+``act_embed``  replicated             the width of the residual stream
+=============  =====================  ================================================================
+
+Along ``sequence`` every device holds a contiguous slice of each row; retention passes its state across the
+slices (:mod:`nucleusx_jax.sequence_parallel`), every other part of the model works token by token.
 
 The optimizer state mirrors the parameters, so it is sharded the same way.
 """
@@ -25,7 +29,8 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES: Tuple[str, ...] = ("data", "fsdp", "tensor")
+SEQUENCE_AXIS = "sequence"
+MESH_AXES: Tuple[str, ...] = ("data", "fsdp", "tensor", SEQUENCE_AXIS)
 BATCH_AXES: Tuple[str, ...] = ("data", "fsdp")
 LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
@@ -34,14 +39,14 @@ LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
-    ("length", None),
+    ("length", SEQUENCE_AXIS),
     ("act_embed", None),
 )
 AnyMesh = Union[Mesh, AbstractMesh]
 
 
 def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> Dict[str, int]:
-    """Sizes of ``data``, ``fsdp``, ``tensor`` from ``shape`` (at most one ``-1``, which takes the rest).
+    """Sizes of every axis of ``MESH_AXES`` from ``shape`` (missing axes: 1; at most one ``-1``, which takes the rest).
 
     Raises ``ValueError`` naming the sizes when they do not multiply to ``num_devices``.
     """
@@ -68,7 +73,7 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> Dict[str, 
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[Any] = None) -> Mesh:
-    """A ``Mesh`` over ``devices`` (default all) with axes ``data, fsdp, tensor`` in Auto mode."""
+    """A ``Mesh`` over ``devices`` (default all) with the axes ``MESH_AXES`` in Auto mode."""
     devices = list(jax.devices() if devices is None else devices)
     resolved = resolve_mesh_shape(sizes, len(devices))
     shape = tuple(resolved[a] for a in MESH_AXES)
@@ -95,6 +100,11 @@ def named_shardings(mesh: AnyMesh, specs: Any) -> Any:
 def batch_spec(ndim: int = 2) -> PartitionSpec:
     """Rows over (``data``, ``fsdp``), everything else replicated."""
     return PartitionSpec(BATCH_AXES, *([None] * (ndim - 1)))
+
+
+def token_spec() -> PartitionSpec:
+    """Token arrays ``[B, T]``: rows over (``data``, ``fsdp``), positions over ``sequence``."""
+    return PartitionSpec(BATCH_AXES, SEQUENCE_AXIS)
 
 
 def check_divisible(shapes: Any, specs: Any, mesh_shape: Mapping[str, int]) -> None:

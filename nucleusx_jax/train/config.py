@@ -134,14 +134,17 @@ class TrainConfig(_Bounded):
 
 @dataclasses.dataclass
 class MeshConfig(_Bounded):
-    """Device mesh sizes; one axis may be -1 (all remaining devices)."""
+    """Device mesh sizes; one axis may be -1 (all remaining devices). ``sequence`` splits every sequence along
+    T over its devices (docs/sequence_parallel.md)."""
 
     SECTION: ClassVar[str] = "mesh"
-    BOUNDS: ClassVar[Mapping[str, Bound]] = dict.fromkeys(("data", "fsdp", "tensor"), Bound(low=1, also=(-1,)))
+    BOUNDS: ClassVar[Mapping[str, Bound]] = dict.fromkeys(("data", "fsdp", "tensor", "sequence"),
+                                                          Bound(low=1, also=(-1,)))
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    sequence: int = 1
 
 
 @dataclasses.dataclass

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .. import sequence_parallel
 from .. import sharding as shd
 from ..documents import document_segment_ids, next_token_targets
-from ..configuration import ForwardMode, NucleusXConfig
+from ..configuration import ForwardMode, NucleusXConfig, RetentionImpl
 from ..modeling import NucleusXForCausalLMModule, RunOptions
 from .config import Config
 
@@ -162,6 +163,13 @@ def check_fits(cfg: Config, mesh_shape: Dict[str, int]) -> None:
     if model.forward_mode == ForwardMode.CHUNKWISE and cfg.data.seq_len % model.recurrent_chunk_size:
         raise ValueError(f"model.recurrent_chunk_size={model.recurrent_chunk_size} must divide "
                          f"data.seq_len={cfg.data.seq_len} for model.forward_mode=chunkwise")
+    sequence = mesh_shape.get(shd.SEQUENCE_AXIS, 1)
+    if sequence > 1:
+        if model.forward_mode != ForwardMode.CHUNKWISE or model.retention_impl != RetentionImpl.XLA:
+            raise ValueError(f"mesh.sequence={sequence} needs model.forward_mode=chunkwise and model.retention_impl="
+                             f"xla (got {ForwardMode.parse(model.forward_mode).value} and "
+                             f"{RetentionImpl.parse(model.retention_impl).value})")
+        sequence_parallel.check_split(cfg.data.seq_len, model.recurrent_chunk_size, sequence, name="data.seq_len")
 
 
 def _on_mesh(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -188,18 +196,21 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, state_shardings)
     batch_sharding = NamedSharding(mesh, shd.batch_spec(2))
-    micro_sharding = NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES, None))
+    token_sharding = NamedSharding(mesh, shd.token_spec())
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, *shd.token_spec()))
     replicated = NamedSharding(mesh, PartitionSpec())
     num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
 
     def split(tokens: Array) -> Tuple[Array, Array, Array]:
-        """Windows ``[B, T + 1]`` -> (inputs, targets, segment ids), each ``[B, T]``: with
-        ``data.reset_at_document_boundaries`` each document sees only itself and predicts only its own tokens
-        (no segments: all ones)."""
+        """Windows ``[B, T + 1]`` (rows over ``data`` x ``fsdp``) -> (inputs, targets, segment ids), each
+        ``[B, T]`` and also split along T over ``sequence``: with ``data.reset_at_document_boundaries`` each
+        document sees only itself and predicts only its own tokens (no segments: all ones)."""
         if not cfg.data.reset_at_document_boundaries:
-            return tokens[:, :-1], tokens[:, 1:], jnp.ones_like(tokens[:, :-1])
-        segments = document_segment_ids(tokens, module.config.bos_token_id, module.config.eos_token_id)
-        return tokens[:, :-1], next_token_targets(tokens, segments), segments[:, :-1]
+            parts = tokens[:, :-1], tokens[:, 1:], jnp.ones_like(tokens[:, :-1])
+        else:
+            segments = document_segment_ids(tokens, module.config.bos_token_id, module.config.eos_token_id)
+            parts = tokens[:, :-1], next_token_targets(tokens, segments), segments[:, :-1]
+        return tuple(jax.lax.with_sharding_constraint(x, token_sharding) for x in parts)
 
     def loss_fn(params: Any, parts: Tuple[Array, Array, Array], rng: Array, deterministic: bool,
                 n_valid: Optional[Array] = None) -> Array:

@@ -1,0 +1,102 @@
+"""Sequence parallelism for retention: one sequence split along T over the mesh axis ``sequence``, exact.
+
+The model stays a program on global arrays; under a mesh whose ``sequence`` axis has D > 1 devices, the residual
+stream is sharded along T (:mod:`nucleusx_jax.sharding`), so every token-wise part runs on the device holding
+the token. Retention is the one part that reads earlier tokens: :func:`chunkwise_retention` runs the chunkwise
+form under ``jax.shard_map`` over ``sequence``, each device on its contiguous slice of ``T / D`` tokens:
+
+1. the slice's chunk terms and its states from an empty start (:func:`nucleusx_jax.retention.chunk_states`):
+   the state it hands on, and how much of an incoming state gets through it (``gamma**(T / D)``, or 0 where a
+   document starts inside it);
+2. one ``all_gather`` of these fixed-size states ``[B, H, K, V]`` (with segments also ``[B, H, K, 1]``) and
+   factors ``[B, H]``: the bytes moved do not depend on T;
+3. each device combines the states of the slices before it into its incoming state, adds it (decayed by the
+   positions between) to the state entering each of its chunks, and finishes its output with the reference's
+   state-dependent normalisation, which so sees the same state as on one device.
+
+The result equals :func:`nucleusx_jax.retention.chunkwise_retention` (the same chunk grid: T must be a multiple
+of D x chunk size). Document segments use the global start of every token's segment; padding (``mask``) is per
+token. Gradients flow back through the ``all_gather`` (its transpose is a reduce-scatter).
+"""
+
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from . import retention as ret
+from .configuration import RetentionImpl
+from .sharding import SEQUENCE_AXIS
+
+Array = jax.Array
+F32 = jnp.float32
+
+
+def sequence_size() -> int:
+    """Devices along ``sequence`` in the mesh in context (``jax.set_mesh``); 1 without such a mesh."""
+    return dict(jax.sharding.get_abstract_mesh().shape).get(SEQUENCE_AXIS, 1)
+
+
+def check_split(length: int, chunk_size: int, parts: int, *, name: str = "T") -> None:
+    """Raise ``ValueError`` naming the numbers unless ``length`` (called ``name``) splits into ``parts`` slices
+    of whole chunks of ``chunk_size``."""
+    if length % (parts * chunk_size):
+        raise ValueError(f"{name}={length} does not split over mesh.sequence={parts} in whole chunks of "
+                         f"{chunk_size}: it must be a multiple of {parts} x {chunk_size} = {parts * chunk_size}")
+
+
+def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int,
+                        mask: Optional[Array] = None, segment_ids: Optional[Array] = None, *,
+                        impl: RetentionImpl = RetentionImpl.XLA) -> Array:
+    """:func:`nucleusx_jax.retention.chunkwise_retention` with T split over ``sequence`` (module docstring).
+
+    Global arrays, under the mesh in context: q, k ``[B, H, T, K]``, v ``[B, H, T, V]``, mask and
+    segment_ids ``[B, T]`` -> ``[B, H, T, V]``. Raises ``ValueError`` (at trace time) when T is not a multiple
+    of ``sequence`` x ``chunk_size``, or for ``impl`` other than XLA (the Pallas kernel has no state input).
+    """
+    if RetentionImpl.parse(impl) is not RetentionImpl.XLA:
+        raise ValueError(f"retention_impl={RetentionImpl.parse(impl).value!r} has no sequence-parallel form: "
+                         f"use retention_impl='xla' with mesh.sequence={sequence_size()}")
+    check_split(q.shape[2], chunk_size, sequence_size())
+    real = ret.real_tokens(mask, segment_ids)
+    starts = None if segment_ids is None else ret.segment_starts(segment_ids)
+    heads = PartitionSpec(None, None, SEQUENCE_AXIS, None)
+    tokens = PartitionSpec(None, SEQUENCE_AXIS)
+    local = jax.shard_map(partial(_slice_retention, chunk_size=chunk_size), axis_names={SEQUENCE_AXIS},
+                          in_specs=(heads, heads, heads, PartitionSpec(), tokens, tokens), out_specs=heads)
+    return local(q, k, v, log_decay, real, starts)
+
+
+def _slice_retention(q: Array, k: Array, v: Array, log_decay: Array, real: Optional[Array],
+                     starts: Optional[Array], *, chunk_size: int) -> Array:
+    """One device's slice (``T / D`` tokens, N chunks) inside ``shard_map``; ``starts`` are global positions."""
+    index = jax.lax.axis_index(SEQUENCE_AXIS)
+    length = q.shape[2]
+    if starts is not None:
+        starts = starts - index * length  # negative: the segment began on an earlier device
+    terms = ret.chunk_terms(q, k, v, log_decay, chunk_size, real, starts)
+    before, final = ret.chunk_states(terms, log_decay, chunk_size)
+    # an incoming state reaches chunk n decayed by gamma**(n C), and not at all past a segment start
+    n = terms.carried.shape[0]
+    kept = jnp.cumprod(terms.carried, axis=0)  # [N, B, 1, 1, 1]
+    decay = jnp.exp(log_decay[None, :, None, None] * chunk_size * jnp.arange(n + 1, dtype=F32)[:, None, None, None])
+    reach = decay[:n, None] * jnp.concatenate([jnp.ones_like(kept[:1]), kept[:-1]])  # [N, B, H, 1, 1]
+    through = decay[n] * kept[-1]  # [B, H, 1, 1]: what of the incoming state leaves the slice
+    incoming = _incoming(final, through, index)
+    before = jax.tree.map(lambda b, s: b + reach * s, before, incoming)
+    return ret.chunk_output(terms, before, length, v.dtype)
+
+
+def _incoming(final: ret.ChunkStates, through: Array, index: Array) -> ret.ChunkStates:
+    """The state entering slice ``index``: the slices before it, each state decayed through the slices after
+    it, from one ``all_gather`` of every slice's ``final`` state and ``through`` factor."""
+    states, factors = jax.lax.all_gather((final, through), SEQUENCE_AXIS)  # leading axis D
+
+    def step(state: ret.ChunkStates, x: tuple) -> tuple:
+        nxt = jax.tree.map(lambda s, f: s * x[1] + f, state, x[0])
+        return nxt, state
+
+    _, entering = jax.lax.scan(step, jax.tree.map(jnp.zeros_like, final), (states, factors))
+    return jax.tree.map(lambda s: s[index], entering)

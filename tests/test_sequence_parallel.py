@@ -1,0 +1,133 @@
+"""Sequence parallelism on 8 simulated CPU devices: meshes splitting T over ``sequence`` give the 1-device logits,
+loss, gradients (with left padding and document segments) and training losses; a length that does not split is
+refused before compiling, with the numbers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nucleusx_jax import sequence_parallel
+from nucleusx_jax.train.config import load_config
+from nucleusx_jax.train.step import check_fits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESHES = ["1,1,1,8", "2,1,1,4", "1,2,2,2", "2,2,1,2"]  # data, fsdp, tensor, sequence
+BASE = ["model.vocab_size=64", "model.decoder_embed_dim=32", "model.decoder_value_embed_dim=64",
+        "model.decoder_ffn_embed_dim=48", "model.decoder_layers=2", "model.decoder_retention_heads=4",
+        "model.forward_mode=chunkwise", "model.recurrent_chunk_size=4", "model.dropout=0.1",
+        "model.drop_path_rate=0.1", "model.z_loss_coeff=0.001", "data.seq_len=64", "train.global_batch=4",
+        "optimizer.learning_rate=0.01", "schedule.warmup_steps=2", "train.steps=5"]
+
+WORKER = r"""
+import json, sys
+import flax.linen as nn
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding
+from nucleusx_jax import sharding as shd
+from nucleusx_jax.modeling import NucleusXForCausalLMModule, RunOptions
+from nucleusx_jax.train.config import load_config
+from nucleusx_jax.train.step import make_trainer
+
+base = json.loads(sys.argv[2])
+B, T = 4, 64
+rng = np.random.default_rng(0)
+# training windows counting up from a random start mod 64: BOS (1) and EOS (2) cut documents across slices
+tokens = ((rng.integers(0, 64, (5, B, 1)) + np.arange(T + 1)) % 64).astype(np.int32)
+ids = rng.integers(3, 64, (B, T)).astype(np.int32)
+mask = np.ones((B, T), np.int32)
+mask[1, :13] = 0  # left padding over the first slices
+segments = np.ones((B, T), np.int32)
+segments[0, 5:30] = 2; segments[0, 30:] = 3  # documents crossing slice boundaries
+segments[1, :13] = 0; segments[1, 40:] = 4  # padding, then a document starting at a slice boundary
+segments[2, 17:] = 5
+labels = np.where(segments > 0, np.roll(ids, -1, 1), -100).astype(np.int32)
+devices = jax.devices()
+assert len(devices) == 8, devices
+
+def run(shape, extra=(), n_devices=8):
+    cfg = load_config(None, base + list(extra))
+    mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices[:n_devices])
+    trainer = make_trainer(cfg, mesh)
+    state = trainer.init_state()
+    tok = NamedSharding(mesh, shd.token_spec())
+    module, options = trainer.module, RunOptions.from_config(trainer.module.config)
+
+    def model(params, ids, mask, segments, labels):
+        logits = module.apply({"params": params}, ids, mask, None, segments, options=options)[0]
+        loss_fn = lambda p: module.apply({"params": p}, ids, labels, mask, segments, options=options,
+                                         method=NucleusXForCausalLMModule.next_token_loss)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        return logits, loss, grads
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES):
+        put = lambda x: jax.device_put(x, tok)
+        logits, loss, grads = jax.jit(model)(state.params, put(ids), put(mask), put(segments), put(labels))
+        try:  # a length that does not split over the devices: refused while tracing, before compiling
+            jax.jit(model).trace(state.params, *(x[:, :60] for x in (ids, mask, segments, labels)))
+            refusal = None
+        except ValueError as err:
+            refusal = str(err)
+    losses = []
+    for step in range(5):
+        state, metrics = trainer.train_step(state, jax.device_put(tokens[step], trainer.batch_sharding))
+        losses.append(float(metrics["loss"]))
+    return dict(logits=np.asarray(logits), loss=float(loss), grads=jax.device_get(grads), losses=losses,
+                refusal=refusal)
+
+one = run((1, 1, 1, 1), n_devices=1)
+out = {"one_losses": one["losses"]}
+for name in sys.argv[1].split(";"):
+    extra = ["train.remat=dots"] if name == "1,2,2,2" else []  # with per-layer remat too
+    got = run(tuple(int(x) for x in name.split(",")), extra)
+    out[name] = dict(
+        logits=float(np.max(np.abs(got["logits"] - one["logits"]))), loss=abs(got["loss"] - one["loss"]),
+        grads=max(float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+                  for a, b in zip(jax.tree.leaves(got["grads"]), jax.tree.leaves(one["grads"]))),
+        losses=got["losses"], refusal=got["refusal"])
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+    proc = subprocess.run([sys.executable, "-c", WORKER, ";".join(MESHES), json.dumps(BASE)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][0]
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sequence_mesh_matches_one_device(results, mesh):
+    """Logits and loss within 1e-5, gradients within 1e-4 relative (left padding, segments across slices),
+    five training steps within 1e-5 (documents, dropout and drop path on)."""
+    got = results[mesh]
+    assert got["logits"] < 1e-5 and got["loss"] < 1e-5
+    assert got["grads"] < 1e-4
+    one = np.array(results["one_losses"])
+    assert one[-1] < one[0]  # it trains
+    np.testing.assert_allclose(got["losses"], one, atol=1e-5, rtol=0)
+    sequence = int(mesh.split(",")[-1])
+    assert got["refusal"] == (f"T=60 does not split over mesh.sequence={sequence} in whole chunks of 4: it must be "
+                              f"a multiple of {sequence} x 4 = {4 * sequence}")
+
+
+def test_trainer_refuses_unsplittable_configs():
+    cfg = load_config(None, BASE + ["data.seq_len=48"])
+    with pytest.raises(ValueError, match=r"data.seq_len=48 does not split over mesh.sequence=8 in whole chunks of 4: "
+                                         r"it must be a multiple of 8 x 4 = 32"):
+        check_fits(cfg, {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 8})
+    check_fits(cfg, {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 4})  # 48 = 3 x 4 x 4
+    parallel = load_config(None, BASE + ["model.forward_mode=parallel"])
+    with pytest.raises(ValueError, match=r"mesh.sequence=2 needs model.forward_mode=chunkwise and "
+                                         r"model.retention_impl=xla \(got parallel and xla\)"):
+        check_fits(parallel, {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 2})
+    with pytest.raises(ValueError, match=r"retention_impl='pallas' has no sequence-parallel form"):
+        sequence_parallel.chunkwise_retention(None, None, None, None, 4, impl="pallas")
