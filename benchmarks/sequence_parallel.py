@@ -1,7 +1,7 @@
 """Sequence parallelism, compile only: XLA's memory plan per device and the bytes its collectives move.
 
 ``python benchmarks/sequence_parallel.py`` builds the bench-small model's next-token loss forward+backward
-(chunkwise, chunk 256, batch 1, the parameters replicated) on meshes that split T over ``sequence`` = 1, 2, 4, 8
+(chunkwise, chunk 256, batch 1, the parameters replicated; ``--segments``: with document ids) on meshes that split T over ``sequence`` = 1, 2, 4, 8
 simulated CPU devices, compiles it (nothing runs) and reports:
 
 * the memory XLA plans per device (arguments + outputs + temporaries, ``memory_analysis()``) at
@@ -62,8 +62,9 @@ def _prod(dims: str) -> int:
     return out
 
 
-def compile_loss(sequence: int, length: int, chunk: int) -> Any:
-    """The compiled forward+backward of the bench-small loss at batch 1 x ``length`` on ``sequence`` devices."""
+def compile_loss(sequence: int, length: int, chunk: int, segments: bool = False) -> Any:
+    """The compiled forward+backward of the bench-small loss at batch 1 x ``length`` on ``sequence`` devices;
+    with ``segments`` it also takes document segment ids."""
     config = NucleusXConfig(**BENCH_SMALL, forward_mode="chunkwise", recurrent_chunk_size=chunk)
     module = NucleusXForCausalLMModule(config)
     mesh = shd.make_mesh({"sequence": sequence}, jax.devices()[:sequence])
@@ -73,11 +74,12 @@ def compile_loss(sequence: int, length: int, chunk: int) -> Any:
     tokens = jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=NamedSharding(mesh, shd.token_spec()))
     options = RunOptions.from_config(config)
 
-    def loss(p: Any, ids: jax.Array, labels: jax.Array) -> jax.Array:
-        return module.apply({"params": p}, ids, labels, options=options, method=NucleusXForCausalLMModule.next_token_loss)
+    def loss(p: Any, ids: jax.Array, labels: jax.Array, segment_ids: Any = None) -> jax.Array:
+        return module.apply({"params": p}, ids, labels, None, segment_ids, options=options,
+                            method=NucleusXForCausalLMModule.next_token_loss)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES):
-        return jax.jit(jax.grad(loss)).lower(params, tokens, tokens).compile()
+        return jax.jit(jax.grad(loss)).lower(params, tokens, tokens, *([tokens] if segments else [])).compile()
 
 
 def plan_bytes(compiled: Any) -> int:
@@ -86,12 +88,12 @@ def plan_bytes(compiled: Any) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
 
 
-def measure(sequence: int, lengths: Tuple[int, int], chunk: int, budget: float) -> Dict[str, Any]:
+def measure(sequence: int, lengths: Tuple[int, int], chunk: int, budget: float, segments: bool) -> Dict[str, Any]:
     """Plans and collective bytes at ``lengths``, and the longest length fitting ``budget`` bytes."""
     row: Dict[str, Any] = {"sequence": sequence}
     plans = {}
     for length in lengths:
-        compiled = compile_loss(sequence, length, chunk)
+        compiled = compile_loss(sequence, length, chunk, segments)
         plans[length] = plan_bytes(compiled)
         row[f"plan_gib_T{length}"] = plans[length] / GIB
         row[f"collective_bytes_T{length}"] = collective_bytes(compiled.as_text())
@@ -100,7 +102,7 @@ def measure(sequence: int, lengths: Tuple[int, int], chunk: int, budget: float) 
     step = 1024 * sequence
     longest = int((budget - (m0 - per_token * t0)) / per_token) // step * step
     while longest > 0:
-        need = plan_bytes(compile_loss(sequence, longest, chunk))
+        need = plan_bytes(compile_loss(sequence, longest, chunk, segments))
         if need <= budget:
             break
         longest -= step  # the fit was optimistic
@@ -114,11 +116,12 @@ def main(argv: Sequence[str] = None) -> None:
     p.add_argument("--lengths", default="8192,65536", help="the two lengths compiled on every mesh")
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--budget-gib", type=float, default=12.0)
+    p.add_argument("--segments", action="store_true", help="with document segment ids")
     args = p.parse_args(argv)
     lengths = tuple(int(x) for x in args.lengths.split(","))
     rows = []
     for sequence in (int(x) for x in args.sequence.split(",")):
-        rows.append(measure(sequence, lengths, args.chunk, args.budget_gib * GIB))
+        rows.append(measure(sequence, lengths, args.chunk, args.budget_gib * GIB, args.segments))
         print(json.dumps(rows[-1]), flush=True)
     base = {r["sequence"]: r for r in rows}.get(1)
     print(f"\n| sequence | plan T={lengths[0]} (GiB) | plan T={lengths[1]} (GiB) | vs 1 device | "

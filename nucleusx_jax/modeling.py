@@ -358,7 +358,8 @@ class NucleusXModule(nn.Module):
         x = nn.with_logical_constraint(self.embed_dropout(x, deterministic=deterministic), ACTIVATION_AXES)
         offset = past_key_values[0].seqlen if past_key_values is not None else 0
         if segment_ids is not None:
-            positions = ret.segment_positions(segment_ids, offset, attention_mask)[0]  # [B, T]
+            starts = sequence_parallel.segment_starts(segment_ids)
+            positions = ret.segment_positions(segment_ids, offset, attention_mask, starts)[0]  # [B, T]
         elif jnp.ndim(offset):  # a cache left by segments holds a position per row: [B, T]
             positions = offset[:, None] + jnp.arange(input_ids.shape[1])
         else:  # [T]

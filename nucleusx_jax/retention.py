@@ -137,9 +137,10 @@ def segment_starts(segment_ids: Array) -> Array:
     return jax.lax.cummax(jnp.where(new, jnp.arange(length, dtype=jnp.int32)[None], 0), axis=1)
 
 
-def _segment_layout(segment_ids: Array, mask: Optional[Array]) -> Tuple[Array, Array, Array]:
+def _segment_layout(segment_ids: Array, mask: Optional[Array],
+                    starts: Optional[Array] = None) -> Tuple[Array, Array, Array]:
     """(starts ``[B, T]``, real ``[B, T]`` bool, in the row's first segment ``[B, T]`` bool)."""
-    starts = segment_starts(segment_ids)
+    starts = segment_starts(segment_ids) if starts is None else starts
     real = segment_ids != 0
     if mask is not None:
         real = real & mask.astype(bool)
@@ -147,13 +148,15 @@ def _segment_layout(segment_ids: Array, mask: Optional[Array]) -> Tuple[Array, A
     return starts, real, real & (starts == first)
 
 
-def segment_positions(segment_ids: Array, offset: Array, mask: Optional[Array] = None) -> Tuple[Array, Array]:
+def segment_positions(segment_ids: Array, offset: Array, mask: Optional[Array] = None,
+                      starts: Optional[Array] = None) -> Tuple[Array, Array]:
     """Rotation positions ``[B, T]`` int32 restarting at 0 where a segment starts, and the next position ``[B]``.
 
     The row's first segment continues from ``offset`` (``[]`` or ``[B]``, a cache's ``seqlen``); the next
     position is that of the row's last real token plus one (``offset`` for a row without real tokens).
+    ``starts``: :func:`segment_starts` of ``segment_ids`` when already known.
     """
-    starts, real, first = _segment_layout(segment_ids, mask)
+    starts, real, first = _segment_layout(segment_ids, mask, starts)
     offset = jnp.broadcast_to(jnp.asarray(offset, jnp.int32), segment_ids.shape[:1])
     pos = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None] - starts + jnp.where(first, offset[:, None], 0)
     last = jnp.max(jnp.where(real, jnp.arange(segment_ids.shape[1])[None], -1), axis=1)  # [B]

@@ -15,8 +15,8 @@ form under ``jax.shard_map`` over ``sequence``, each device on its contiguous sl
    state-dependent normalisation, which so sees the same state as on one device.
 
 The result equals :func:`nucleusx_jax.retention.chunkwise_retention` (the same chunk grid: T must be a multiple
-of D x chunk size). Document segments use the global start of every token's segment; padding (``mask``) is per
-token. Gradients flow back through the ``all_gather`` (its transpose is a reduce-scatter).
+of D x chunk size). Document segments use the global start of every token's segment (:func:`segment_starts`,
+which also gives the model its rotation positions); padding (``mask``) is per token. Gradients flow back through the ``all_gather`` (its transpose is a reduce-scatter).
 """
 
 from functools import partial
@@ -61,21 +61,54 @@ def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, chunk_si
                          f"use retention_impl='xla' with mesh.sequence={sequence_size()}")
     check_split(q.shape[2], chunk_size, sequence_size())
     real = ret.real_tokens(mask, segment_ids)
-    starts = None if segment_ids is None else ret.segment_starts(segment_ids)
     heads = PartitionSpec(None, None, SEQUENCE_AXIS, None)
     tokens = PartitionSpec(None, SEQUENCE_AXIS)
     local = jax.shard_map(partial(_slice_retention, chunk_size=chunk_size), axis_names={SEQUENCE_AXIS},
                           in_specs=(heads, heads, heads, PartitionSpec(), tokens, tokens), out_specs=heads)
-    return local(q, k, v, log_decay, real, starts)
+    return local(q, k, v, log_decay, real, segment_ids)
+
+
+def segment_starts(segment_ids: Array) -> Array:
+    """:func:`nucleusx_jax.retention.segment_starts` of ``segment_ids`` ``[B, T]``; with T split over
+    ``sequence`` each device finds its own, from one ``all_gather`` of ``[B]`` ints per device, instead of XLA
+    gathering the whole ``[B, T]`` (the same numbers; when T is no multiple of the axis, XLA's way)."""
+    parts = sequence_size()
+    if parts == 1 or segment_ids.shape[1] % parts:
+        return ret.segment_starts(segment_ids)
+    tokens = PartitionSpec(None, SEQUENCE_AXIS)
+    return jax.shard_map(_slice_starts, axis_names={SEQUENCE_AXIS}, in_specs=tokens, out_specs=tokens)(segment_ids)
+
+
+def _slice_starts(segment_ids: Array) -> Array:
+    """One device's slice ``[B, L]`` of :func:`segment_starts` (global positions) inside ``shard_map``."""
+    index = jax.lax.axis_index(SEQUENCE_AXIS)
+    length = segment_ids.shape[1]
+    starts = ret.segment_starts(segment_ids) + index * length  # the slice's first run as if it began here
+    first, last = segment_ids[:, 0], segment_ids[:, -1]
+    firsts, lasts, last_starts = jax.lax.all_gather((first, last, starts[:, -1]), SEQUENCE_AXIS)  # [D, B]
+    slices = jnp.arange(firsts.shape[0])
+
+    def step(carry: tuple, x: tuple) -> tuple:
+        """carry: (id, start) of the run at the end of the slices so far; slice e joins it when its first id
+        equals that id, and passes it on when it is one run."""
+        prev_id, prev_start = carry
+        f, l, s, e = x
+        joined = (f == prev_id) & (e > 0)
+        return (l, jnp.where(joined & (s == e * length), prev_start, s)), carry
+
+    _, (prev_ids, prev_starts) = jax.lax.scan(step, (lasts[0], last_starts[0]), (firsts, lasts, last_starts, slices))
+    joined = (first == prev_ids[index]) & (index > 0)
+    return jnp.where(joined[:, None] & (starts == index * length), prev_starts[index][:, None], starts)
 
 
 def _slice_retention(q: Array, k: Array, v: Array, log_decay: Array, real: Optional[Array],
-                     starts: Optional[Array], *, chunk_size: int) -> Array:
-    """One device's slice (``T / D`` tokens, N chunks) inside ``shard_map``; ``starts`` are global positions."""
+                     segment_ids: Optional[Array], *, chunk_size: int) -> Array:
+    """One device's slice (``T / D`` tokens, N chunks) inside ``shard_map``."""
     index = jax.lax.axis_index(SEQUENCE_AXIS)
     length = q.shape[2]
-    if starts is not None:
-        starts = starts - index * length  # negative: the segment began on an earlier device
+    starts = None
+    if segment_ids is not None:  # negative: the segment began on an earlier device
+        starts = _slice_starts(segment_ids) - index * length
     terms = ret.chunk_terms(q, k, v, log_decay, chunk_size, real, starts)
     before, final = ret.chunk_states(terms, log_decay, chunk_size)
     # an incoming state reaches chunk n decayed by gamma**(n C), and not at all past a segment start

@@ -27,7 +27,7 @@ import json, sys
 import flax.linen as nn
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding
-from nucleusx_jax import sharding as shd
+from nucleusx_jax import retention as ret, sequence_parallel, sharding as shd
 from nucleusx_jax.modeling import NucleusXForCausalLMModule, RunOptions
 from nucleusx_jax.train.config import load_config
 from nucleusx_jax.train.step import make_trainer
@@ -80,6 +80,11 @@ def run(shape, extra=(), n_devices=8):
 
 one = run((1, 1, 1, 1), n_devices=1)
 out = {"one_losses": one["losses"]}
+# segment starts from the slices: runs within, across and over whole slices, padding runs, alternating ids
+ids_ = np.array([[1] * 20 + [2] * 3 + [0] * 30 + [3] * 11, [5] * 64, [1, 2] * 32, [0] * 8 + [4] * 56], np.int32)
+with jax.set_mesh(shd.make_mesh({"data": 2, "sequence": 4})):
+    got = jax.jit(sequence_parallel.segment_starts)(jnp.asarray(ids_))
+out["starts_equal"] = bool((np.asarray(got) == np.asarray(ret.segment_starts(jnp.asarray(ids_)))).all())
 for name in sys.argv[1].split(";"):
     extra = ["train.remat=dots"] if name == "1,2,2,2" else []  # with per-layer remat too
     got = run(tuple(int(x) for x in name.split(",")), extra)
@@ -117,6 +122,11 @@ def test_sequence_mesh_matches_one_device(results, mesh):
     sequence = int(mesh.split(",")[-1])
     assert got["refusal"] == (f"T=60 does not split over mesh.sequence={sequence} in whole chunks of 4: it must be "
                               f"a multiple of {sequence} x 4 = {4 * sequence}")
+
+
+@pytest.mark.slow
+def test_segment_starts_from_slices(results):
+    assert results["starts_equal"]
 
 
 def test_trainer_refuses_unsplittable_configs():

@@ -68,8 +68,11 @@ def test_overrides_and_model_path(tmp_path):
 
 
 def test_mesh_shape_resolution():
-    assert shd.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert shd.resolve_mesh_shape({"data": 1, "fsdp": -1}, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert shd.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2,
+                                                                                "sequence": 1}
+    assert shd.resolve_mesh_shape({"data": 1, "fsdp": -1}, 8) == {"data": 1, "fsdp": 8, "tensor": 1, "sequence": 1}
+    assert shd.resolve_mesh_shape({"data": 2, "sequence": -1}, 8) == {"data": 2, "fsdp": 1, "tensor": 1,
+                                                                       "sequence": 4}
     with pytest.raises(ValueError, match=r"fixed axes multiply to 3, which does not divide the 8 devices"):
         shd.resolve_mesh_shape({"data": -1, "fsdp": 3}, 8)
     with pytest.raises(ValueError, match=r"has 4 devices but 8 are available"):
