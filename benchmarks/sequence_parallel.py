@@ -62,10 +62,9 @@ def _prod(dims: str) -> int:
     return out
 
 
-def compile_loss(sequence: int, length: int, chunk: int, segments: bool = False) -> Any:
-    """The compiled forward+backward of the bench-small loss at batch 1 x ``length`` on ``sequence`` devices;
-    with ``segments`` it also takes document segment ids."""
-    config = NucleusXConfig(**BENCH_SMALL, forward_mode="chunkwise", recurrent_chunk_size=chunk)
+def compile_loss(config: NucleusXConfig, sequence: int, length: int, segments: bool = False) -> Any:
+    """The compiled forward+backward of ``config``'s next-token loss at batch 1 x ``length`` on ``sequence``
+    devices (the parameters replicated); with ``segments`` it also takes document segment ids."""
     module = NucleusXForCausalLMModule(config)
     mesh = shd.make_mesh({"sequence": sequence}, jax.devices()[:sequence])
     params = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))))
@@ -91,9 +90,10 @@ def plan_bytes(compiled: Any) -> int:
 def measure(sequence: int, lengths: Tuple[int, int], chunk: int, budget: float, segments: bool) -> Dict[str, Any]:
     """Plans and collective bytes at ``lengths``, and the longest length fitting ``budget`` bytes."""
     row: Dict[str, Any] = {"sequence": sequence}
+    config = NucleusXConfig(**BENCH_SMALL, forward_mode="chunkwise", recurrent_chunk_size=chunk)
     plans = {}
     for length in lengths:
-        compiled = compile_loss(sequence, length, chunk, segments)
+        compiled = compile_loss(config, sequence, length, segments)
         plans[length] = plan_bytes(compiled)
         row[f"plan_gib_T{length}"] = plans[length] / GIB
         row[f"collective_bytes_T{length}"] = collective_bytes(compiled.as_text())
@@ -102,7 +102,7 @@ def measure(sequence: int, lengths: Tuple[int, int], chunk: int, budget: float, 
     step = 1024 * sequence
     longest = int((budget - (m0 - per_token * t0)) / per_token) // step * step
     while longest > 0:
-        need = plan_bytes(compile_loss(sequence, longest, chunk, segments))
+        need = plan_bytes(compile_loss(config, sequence, longest, segments))
         if need <= budget:
             break
         longest -= step  # the fit was optimistic

@@ -93,6 +93,11 @@ for name in sys.argv[1].split(";"):
         grads=max(float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
                   for a, b in zip(jax.tree.leaves(got["grads"]), jax.tree.leaves(one["grads"]))),
         losses=got["losses"], refusal=got["refusal"])
+# the bytes the collectives of the loss's forward+backward move do not grow with T (segments and padding on)
+from benchmarks.sequence_parallel import collective_bytes, compile_loss
+model = load_config(None, base).model_config()
+out["collective_bytes"] = [collective_bytes(compile_loss(model, 8, length, segments=True).as_text())
+                           for length in (64, 256)]
 print("RESULT" + json.dumps(out))
 """
 
@@ -127,6 +132,21 @@ def test_sequence_mesh_matches_one_device(results, mesh):
 @pytest.mark.slow
 def test_segment_starts_from_slices(results):
     assert results["starts_equal"]
+
+
+@pytest.mark.slow
+def test_communication_does_not_grow_with_length(results):
+    short, long = results["collective_bytes"]
+    assert short == long and short["all-gather"] > 0  # the states' all_gather is there, at the same size
+
+
+def test_collective_bytes_counts_results():
+    from benchmarks.sequence_parallel import collective_bytes
+    hlo = ("%ag = f32[8,1,4,128,256]{4,3,2,1,0} all-gather(f32[1,1,4,128,256]{4,3,2,1,0} %x), dimensions={0}\n"
+           "%ar = (f32[512,32000]{1,0}, s32[]) all-reduce(%a, %b), to_apply=%add\n"
+           "%ags = (bf16[4]{0}, bf16[32]{0}) all-gather-start(bf16[4]{0} %y), dimensions={0}\n"
+           "%agd = bf16[32]{0} all-gather-done(%ags)\n%m = f32[9]{0} multiply(%p, %q)\n")
+    assert collective_bytes(hlo) == {"all-gather": 8 * 4 * 128 * 256 * 4 + 32 * 2, "all-reduce": 512 * 32000 * 4 + 4}
 
 
 def test_trainer_refuses_unsplittable_configs():

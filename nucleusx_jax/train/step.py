@@ -209,6 +209,9 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
             parts = tokens[:, :-1], tokens[:, 1:], jnp.ones_like(tokens[:, :-1])
         else:
             segments = document_segment_ids(tokens, module.config.bos_token_id, module.config.eos_token_id)
+            # on the whole windows every device holds: XLA would split the cumulative sum over `sequence` and
+            # gather [B, T] ids back
+            segments = jax.lax.with_sharding_constraint(segments, batch_sharding)
             parts = tokens[:, :-1], next_token_targets(tokens, segments), segments[:, :-1]
         return tuple(jax.lax.with_sharding_constraint(x, token_sharding) for x in parts)
 
