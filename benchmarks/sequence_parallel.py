@@ -1,8 +1,8 @@
 """Sequence parallelism, compile only: XLA's memory plan per device and the bytes its collectives move.
 
 ``python benchmarks/sequence_parallel.py`` builds the bench-small model's next-token loss forward+backward
-(chunkwise, chunk 256, batch 1, the parameters replicated; ``--segments``: with document ids) on meshes that split T over ``sequence`` = 1, 2, 4, 8
-simulated CPU devices, compiles it (nothing runs) and reports:
+(chunkwise, chunk 256, batch 1, the parameters replicated; ``--segments``: with document ids) on meshes that
+split T over ``sequence`` = 1, 2, 4, 8 simulated CPU devices, compiles it (nothing runs) and reports:
 
 * the memory XLA plans per device (arguments + outputs + temporaries, ``memory_analysis()``) at
   T = 8192 and 65536, and the longest T (a multiple of 1024) whose plan fits ``--budget-gib``: fitted

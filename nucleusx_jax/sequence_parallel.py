@@ -16,7 +16,8 @@ form under ``jax.shard_map`` over ``sequence``, each device on its contiguous sl
 
 The result equals :func:`nucleusx_jax.retention.chunkwise_retention` (the same chunk grid: T must be a multiple
 of D x chunk size). Document segments use the global start of every token's segment (:func:`segment_starts`,
-which also gives the model its rotation positions); padding (``mask``) is per token. Gradients flow back through the ``all_gather`` (its transpose is a reduce-scatter).
+which also gives the model its rotation positions); padding (``mask``) is per token. Gradients flow back
+through the ``all_gather`` (its transpose is a reduce-scatter).
 """
 
 from functools import partial

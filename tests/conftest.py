@@ -1,9 +1,12 @@
 """Shared test helpers: the reference fixtures and small random models."""
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import jax
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_NAMES = ("nucleus_x_tiny", "nucleus_x_tiny_large_weights")
 
@@ -44,3 +48,15 @@ def count_traces() -> Iterator[List[str]]:
         yield traces
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def run_on_8_devices(worker: str, *args: str) -> Any:
+    """Run the Python source ``worker`` with ``args`` in a subprocess on 8 simulated CPU devices (backend
+    optimisation level 0 halves its compile time) and return the JSON it printed after ``RESULT``."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+    proc = subprocess.run([sys.executable, "-c", worker, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][0]
+    return json.loads(line[len("RESULT"):])

@@ -3,18 +3,15 @@ loss, gradients (with left padding and document segments) and training losses; a
 refused before compiling, with the numbers."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import run_on_8_devices
 
 from nucleusx_jax import sequence_parallel
 from nucleusx_jax.train.config import load_config
 from nucleusx_jax.train.step import check_fits
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ["1,1,1,8", "2,1,1,4", "1,2,2,2", "2,2,1,2"]  # data, fsdp, tensor, sequence
 BASE = ["model.vocab_size=64", "model.decoder_embed_dim=32", "model.decoder_value_embed_dim=64",
         "model.decoder_ffn_embed_dim=48", "model.decoder_layers=2", "model.decoder_retention_heads=4",
@@ -104,13 +101,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
-    proc = subprocess.run([sys.executable, "-c", WORKER, ";".join(MESHES), json.dumps(BASE)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][0]
-    return json.loads(line[len("RESULT"):])
+    return run_on_8_devices(WORKER, ";".join(MESHES), json.dumps(BASE))
 
 
 @pytest.mark.slow

@@ -2,15 +2,10 @@
 remat); bfloat16 compute keeps float32 state; gradient accumulation matches one big batch; a checkpoint
 written on one mesh restores onto another."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from conftest import run_on_8_devices
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ["8,1,1", "2,4,1", "2,2,2", "1,2,4"]
 
 WORKER = r"""
@@ -71,14 +66,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    # backend optimisation level 0 halves the compile time of the 8 programs; all runs share it
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
-    proc = subprocess.run([sys.executable, "-c", WORKER, ";".join(MESHES), str(tmp_path_factory.mktemp("ckpt"))],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][0]
-    return json.loads(line[len("RESULT"):])
+    return run_on_8_devices(WORKER, ";".join(MESHES), str(tmp_path_factory.mktemp("ckpt")))
 
 
 @pytest.mark.slow
