@@ -236,7 +236,8 @@ _KINDS = {
 }
 _FORWARD_SEGMENTS = (("v", "row"), ("state", "z"))  # outputs and carries of the forward with segments
 _TABLES = ("inner", "col", "col", "cd")
-KERNELS = tuple(_KINDS)  # the forward, then the two backward sweeps (dkv runs from the last chunk to the first)
+KERNELS = tuple(_KINDS)  # the forward, then the two backward sweeps
+_REVERSED = "dkv"  # the kernel that walks from the last chunk to the first
 
 
 def _block(kind: str, geo: Geometry, batch: int, heads: int, rows: int, length: int,
@@ -285,7 +286,7 @@ def launches(geo: Geometry, *, batch: int, heads: int, kernel: str, segments: bo
     if segments:
         seq = ("start",) + seq
         outs, carries = _FORWARD_SEGMENTS if kernel == "forward" else (outs, carries)
-    reverse, n_v, n_chunks = kernel == "dkv", geo.value_dim // geo.block_v, geo.n_chunks
+    reverse, n_v, n_chunks = kernel == _REVERSED, geo.value_dim // geo.block_v, geo.n_chunks
     cp, length = geo.block_rows, n_chunks * geo.block_rows
     blocks = functools.partial(_block, geo=geo, batch=batch, heads=heads)
     tables = [blocks(kd, rows=cp, length=length, row=lambda n: 0) for kd in _TABLES]
@@ -362,10 +363,9 @@ def _sweep(chunk_fn: Callable, geo: Geometry, kernel: str, arrays: Sequence[Arra
         seq_refs, table_refs, carry_in = refs[:n_seq], refs[n_seq:n_in], refs[n_in:n_in + n_carry]
         out_refs, carry_out = refs[n_in + n_carry:n_in + n_carry + n_out], refs[n_in + n_carry + n_out:]
         tables = [r[...] for r in table_refs]
-        reverse = kernel == "dkv"
 
         def body(i: Array, carry: Tuple[Array, ...]) -> Tuple[Array, ...]:
-            n = n_chunks - 1 - i if reverse else i
+            n = n_chunks - 1 - i if kernel == _REVERSED else i
             return step(seq_refs, tables, out_refs, pl.ds(pl.multiple_of(n * chunk, chunk), chunk), carry)
 
         carry = jax.lax.fori_loop(0, n_chunks, body, tuple(r[...] for r in carry_in))
@@ -378,7 +378,7 @@ def _sweep(chunk_fn: Callable, geo: Geometry, kernel: str, arrays: Sequence[Arra
         res = call(launch, functools.partial(gpu_kernel, launch.chunks), None, *arrays, *carry)
         pieces.append(res[:n_out])
         carry = tuple(res[n_out:])
-    if kernel == "dkv":
+    if kernel == _REVERSED:
         pieces.reverse()
     return tuple(p[0] if len(p) == 1 else jnp.concatenate(p, axis=-2) for p in zip(*pieces))
 
