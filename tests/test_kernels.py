@@ -227,6 +227,37 @@ def test_every_config_launches_legal_blocks(layout):
             assert_legal(layout, length, kdim, vdim, chunk)
 
 
+# The custom call each layout's kernels lower to, on the platform it is built for.
+LOWERING = {"gpu": ("cuda", "__gpu$xla.gpu.triton"), "tpu": ("tpu", "tpu_custom_call")}
+
+
+@pytest.mark.parametrize("layout", cw.LAYOUTS)
+def test_every_config_lowers_for_triton_and_mosaic(layout):
+    """The kernels' forward and backward (bf16, as trained) for every config's head shapes, lowered, not run,
+    by Pallas' Triton (layout gpu, platform cuda) or Mosaic TPU front end on this CPU-only machine. Those
+    lowerings enforce the rules themselves: Mosaic rejects blocks off the 8 x 128 tiling, Triton loads and
+    stores of sizes that are not powers of two. One custom call per launch."""
+    platform, call = LOWERING[layout]
+    for kdim, vdim, chunk in sorted({d[1:] for d in _config_dims()}):
+        for length in (1, 7, 512, 4096):
+            segments = length in (7, 4096)
+            log_decay = jnp.asarray(ret.log_decay_table(2, use_lm_decay=False))
+
+            def grads(q, k, v, seg):
+                def loss(q, k, v):
+                    out = pallas_chunkwise(q, k, v, log_decay, chunk, None, seg if segments else None, layout=layout,
+                                           interpret=False)
+                    return jnp.sum(out.astype(jnp.float32))
+                return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+            qk = jax.ShapeDtypeStruct((1, 2, length, kdim), jnp.bfloat16)
+            args = (qk, qk, jax.ShapeDtypeStruct((1, 2, length, vdim), jnp.bfloat16),
+                    jax.ShapeDtypeStruct((1, length), jnp.int32))
+            text = jax.jit(grads).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+            launches = 1 if layout == "tpu" else len(cw.gpu_pieces(-(-length // chunk)))
+            assert text.count(call) == len(cw.KERNELS) * launches, (kdim, vdim, chunk, length)
+
+
 @settings(max_examples=60, deadline=None)
 @given(layout=st.sampled_from(cw.LAYOUTS), length=st.integers(1, 20000), kdim=st.integers(1, 600),
        vdim=st.integers(1, 1200), chunk=st.integers(1, 1100))

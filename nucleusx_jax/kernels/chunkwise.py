@@ -17,7 +17,8 @@ is a forward sweep for ``dq`` (recomputing ``S_n``) and a reverse sweep for ``dk
 
 Layouts (``layout=``):
 
-* ``"gpu"`` (Triton): grid ``(B, H, Vp / block_v)``; each program walks the chunks in a ``fori_loop``, reading
+* ``"gpu"`` (Triton, asked for with ``triton.CompilerParams``: jax's default Pallas GPU backend is Mosaic GPU):
+  grid ``(B, H, Vp / block_v)``; each program walks the chunks in a ``fori_loop``, reading
   ``[Cp, Kp]`` and ``[Cp, block_v]`` tiles, the state in registers. Splitting V (as fla does) keeps the state
   tile ``[Kp, block_v]`` small; ``cross_scale`` is a max over V, so each V-block returns its partial max and
   ``dq``/``dk`` their partial sums, reduced in XLA. A sequence block holds at most ``GPU_MAX_CHUNKS`` (8)
@@ -38,7 +39,8 @@ Hardware rules and padding. Interpret mode checks none of these; the compilers d
 
 The 7B value head of 432 runs as 448 (GPU, 7 blocks of 64) or 512 (TPU); 2.7B's 428 likewise; K = 256 and
 C = 512 of the shipped configs need no padding. :func:`geometry` picks the sizes and :func:`launches` lists
-every ``pallas_call`` with its grid and block shapes (pure, tested without a GPU or TPU). The padding is
+every ``pallas_call`` with its grid and block shapes (pure, tested without a GPU or TPU); the tests also
+lower the kernels for ``cuda`` (Triton) and ``tpu`` (Mosaic) on CPU, which applies both rules. The padding is
 exact: q, k and v get zero columns (q k^T, the state's real entries and the sums of ``|.|`` behind both
 scales do not change; the extra state columns are zero, so the max over V behind ``cross_scale`` does not
 either); each chunk gets ``Cp - C`` zero rows after its C real ones with zero table rows and columns, and the
@@ -65,6 +67,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 from .. import retention as ret
 
@@ -332,7 +335,7 @@ def _sweep(chunk_fn: Callable, geo: Geometry, kernel: str, arrays: Sequence[Arra
             r[rows, :] = o.astype(r.dtype)
         return carry
 
-    def call(launch: Launch, kernel_fn: Callable, params: Optional[pltpu.CompilerParams], *operands: Array):
+    def call(launch: Launch, kernel_fn: Callable, params: pl.CompilerParams, *operands: Array):
         spec = lambda b: pl.BlockSpec(b.block, b.index_map)  # noqa: E731
         return pl.pallas_call(
             kernel_fn, grid=launch.grid, in_specs=[spec(b) for b in launch.inputs],
@@ -375,7 +378,7 @@ def _sweep(chunk_fn: Callable, geo: Geometry, kernel: str, arrays: Sequence[Arra
     carry = tuple(jnp.zeros(b.shape, F32) for b in plan[0].inputs[n_in:])
     pieces = []
     for launch in plan:
-        res = call(launch, functools.partial(gpu_kernel, launch.chunks), None, *arrays, *carry)
+        res = call(launch, functools.partial(gpu_kernel, launch.chunks), pltriton.CompilerParams(), *arrays, *carry)
         pieces.append(res[:n_out])
         carry = tuple(res[n_out:])
     if kernel == _REVERSED:
