@@ -114,6 +114,16 @@ def test_no_gradient_to_log_decay_and_bad_arguments():
         pallas_chunkwise(q, k, v, log_decay, 4, layout="tpu", block_v=64)
     with pytest.raises(ValueError, match="chunk_size=0"):
         pallas_chunkwise(q, k, v, log_decay, 0)
+    with pytest.raises(ValueError, match="tile=24 is invalid for layout 'gpu' with chunk_size=4: must be a power of "
+                                         "two >= 16 and at most 16"):
+        pallas_chunkwise(q, k, v, log_decay, 4, layout="gpu", tile=24)
+    with pytest.raises(ValueError, match="tile=32 is invalid for layout 'gpu'.*at most 16"):
+        pallas_chunkwise(q, k, v, log_decay, 4, layout="gpu", tile=32)
+    with pytest.raises(ValueError, match="tile=16 is invalid for layout 'tpu': its kernels take whole chunks"):
+        pallas_chunkwise(q, k, v, log_decay, 4, layout="tpu", tile=16)
+    with pytest.raises(ValueError, match="kernel='fwd' is invalid: must be one of forward, dq, dkv"):
+        cw.working_set(cw.geometry("gpu", length=8, key_dim=4, value_dim=4, chunk_size=4), kernel="fwd",
+                       segments=False, itemsize=4)
 
 
 def test_config_switch_validates():
@@ -177,7 +187,10 @@ def assert_legal(layout: str, length: int, kdim: int, vdim: int, chunk: int) -> 
     assert geo.chunk == chunk and geo.n_chunks == n and cp >= chunk and geo.key_dim >= kdim
     assert geo.value_dim >= vdim and geo.value_dim % geo.block_v == 0
     if layout == "gpu":
-        assert all(_pow2(d) and d >= 16 for d in (cp, geo.key_dim, geo.block_v)), geo
+        assert all(_pow2(d) and d >= 16 for d in (cp, geo.key_dim, geo.block_v, geo.tile)), geo
+        assert cp % geo.tile == 0 and geo.key_dim * geo.block_v * 4 <= max(cw.GPU_STATE_BYTES, geo.key_dim * 64), geo
+    else:
+        assert geo.tile == cp, geo
     bound = cp if layout == "tpu" else cw.GPU_MAX_CHUNKS * cp
     for kernel in cw.KERNELS:
         for segments in (False, True):
@@ -302,3 +315,53 @@ def test_padded_shapes_match_xla(layout, seed, length, kdim, vdim, chunk, pad_le
     for name, g, ref_g in zip("qkv", grads, ref_grads):
         assert g.shape == ref_g.shape, name
         np.testing.assert_allclose(g, ref_g, atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
+
+
+# (seed, T, K, V, C, tile, left padding, segments): GPU chunks of 2 and 4 row tiles (C = 48 padded to 64 rows),
+# documents and left padding crossing tile and chunk boundaries.
+TILED = [
+    (10, 70, 16, 24, 32, 16, [0, 5], False),
+    (11, 75, 8, 40, 48, 16, [3, 0], True),
+]
+
+
+@pytest.mark.parametrize("seed,length,kdim,vdim,chunk,tile,pad_left,segments", TILED)
+def test_tiled_gpu_kernels_match_xla(seed, length, kdim, vdim, chunk, tile, pad_left, segments):
+    """The GPU kernels with several row tiles per chunk (interpret mode): values and gradients equal the XLA
+    form and the untiled GPU run (one tile per chunk)."""
+    q, k, v, log_decay, mask = _inputs(seed, len(pad_left), 2, length, kdim, vdim, pad_left, jnp.float32)
+    geo = cw.geometry("gpu", length=length, key_dim=kdim, value_dim=vdim, chunk_size=chunk, tile=tile)
+    assert geo.block_rows // geo.tile >= 2 and geo.n_chunks >= 2
+    seg = None
+    if segments:
+        ids = np.repeat([1, 2, 3, 4], [20, 1, 30, length - 51])[None].repeat(len(pad_left), 0)
+        seg = jnp.asarray(ids * np.asarray(mask), jnp.int32)
+    ref_out, ref_grads = _value_and_grads(lambda q, k, v: ret.chunkwise_retention(q, k, v, log_decay, chunk, mask, seg),
+                                          q, k, v, seed)
+    for t in (tile, geo.block_rows):
+        out, grads = _value_and_grads(
+            lambda q, k, v: pallas_chunkwise(q, k, v, log_decay, chunk, mask, seg, layout="gpu", tile=t), q, k, v, seed)
+        np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
+        for name, g, ref_g in zip("qkv", grads, ref_grads):
+            np.testing.assert_allclose(g, ref_g, atol=5e-5, rtol=5e-5, err_msg=f"d{name} tile={t}")
+
+
+def test_gpu_working_set_fits_shared_memory():
+    """Every config's GPU kernels (forward, dq, dkv, with and without segments; bf16 and float32 inputs) at
+    T = 512 and 4096 hold at most GPU_WORKING_SET_BUDGET (160 KiB, under H100/H200's 227 KiB of shared memory
+    per block) per program by :func:`working_set`, which does not grow with C; one tile per chunk (the layout
+    before tiling) would not fit at C = 512."""
+    assert cw.GPU_WORKING_SET_BUDGET == 160 * 1024
+    for _, kdim, vdim, chunk in _config_dims():
+        for length in (512, 4096):
+            geo = cw.geometry("gpu", length=length, key_dim=kdim, value_dim=vdim, chunk_size=chunk)
+            wider = geo._replace(chunk=4 * chunk, block_rows=4 * geo.block_rows)
+            for kernel in cw.KERNELS:
+                for segments in (False, True):
+                    for itemsize in (2, 4):
+                        size = cw.working_set(geo, kernel=kernel, segments=segments, itemsize=itemsize)
+                        assert 0 < size <= cw.GPU_WORKING_SET_BUDGET, (kdim, vdim, chunk, kernel, segments, itemsize)
+                        assert cw.working_set(wider, kernel=kernel, segments=segments, itemsize=itemsize) == size
+    untiled = cw.geometry("gpu", length=512, key_dim=256, value_dim=432, chunk_size=512, tile=512)
+    # q k^T, the decay table and P's cast alone: 2.5 MiB
+    assert cw.working_set(untiled, kernel="forward", segments=False, itemsize=2) > 512 * 512 * 10

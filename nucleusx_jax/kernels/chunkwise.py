@@ -61,7 +61,7 @@ buffers), so it receives no gradient.
 """
 
 import functools
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -88,73 +88,173 @@ def _decayed(x: Array, decay: Array) -> Array:
     return (x * decay.astype(x.dtype)).astype(F32)
 
 
-def _segment_tables(start: Optional[Array], inner: Array, qd: Array, vd: Array,
-                    cd: Array) -> Tuple[Array, Array, Array, Array]:
-    """The chunk's tables with segments (``start`` ``[C, 1]`` int32, :class:`retention.ChunkSegments`'
-    ``local_start``): ``inner`` only inside a segment, ``qd`` only for rows whose segment began before the chunk,
-    ``vd`` only for the segment of the last row, ``cd`` zero when that segment begins in the chunk."""
-    if start is None:
-        return inner, qd, vd, cd
-    chunk = inner.shape[0]
-    inner = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1) >= start, inner, 0.0)
-    qd = jnp.where(start < 0, qd, 0.0)
-    last = jnp.max(start, axis=0, keepdims=True)  # [1, 1]: starts never decrease, so this is the last row's
-    vd = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0) >= last, vd, 0.0)
-    return inner, qd, vd, jnp.where(last < 0, cd, 0.0)
+def _span(first: Union[int, Array], size: int) -> pl.Slice:
+    """``size`` rows from ``first`` (a multiple of ``size``)."""
+    return pl.ds(first if isinstance(first, int) else pl.multiple_of(first, size), size)
 
 
-def _forward_chunk(q: Array, k: Array, v: Array, inner: Array, qd: Array, vd: Array, cd: Array,
-                   carry: Tuple[Array, ...], start: Optional[Array] = None
-                   ) -> Tuple[Tuple[Array, ...], Tuple[Array, ...]]:
-    """One chunk: q, k ``[C, K]``, v ``[C, Vb]``, inner ``[C, C]``, qd, vd ``[C, 1]``, cd ``[1, 1]``, carry
-    (state ``[K, Vb]`` f32,) -> ((raw ``[C, Vb]``, inner_scale ``[C, 1]``, cross_scale ``[C, 1]``), next carry).
-    With segments (``start``) the carry also holds ``z`` ``[1, K]`` (the state of ``v = 1``) and the outputs are
-    (raw, row sum ``[C, 1]`` of ``q k^T * D``)."""
-    inner, qd, vd, cd = _segment_tables(start, inner, qd, vd, cd)
-    state = carry[0]
-    p = _dot(q, k, (1, 1)) * inner
-    qq, kk = _decayed(q, qd), _decayed(k, vd)
-    raw = _dot(p.astype(v.dtype), v) + _dot(qq, state)
-    new_state = state * cd + _dot(kk.astype(v.dtype), v, (0, 0))
-    if start is not None:  # z [1, K]: sums, not matmuls of width 1 (which Triton's dot does not take)
-        z = carry[1]
-        row_sum = jnp.sum(p, axis=1, keepdims=True) + jnp.sum(qq * z, axis=1, keepdims=True)
-        return (raw, row_sum), (new_state, z * cd + jnp.sum(kk, axis=0, keepdims=True))
-    inner_scale = jnp.maximum(jnp.sum(jnp.abs(p), axis=1, keepdims=True), 1.0)
+def _tile_loop(lo: Union[int, Array], hi: Union[int, Array], body: Callable, carry: Any) -> Any:
+    """``carry = body(t, carry)`` for ``t`` in ``[lo, hi)``: straight-line code when that is one static step (a
+    chunk of one tile, as on TPU), else a ``fori_loop``."""
+    if isinstance(lo, int) and isinstance(hi, int) and hi - lo == 1:
+        return body(lo, carry)
+    return jax.lax.fori_loop(lo, hi, body, carry)
+
+
+class _Chunk(NamedTuple):
+    """One chunk as a kernel program sees it: its sequence refs (``[rows, .]``, the chunk's rows from ``base``),
+    its output refs, the table refs (inner ``[Cp, Cp]``, qd, vd ``[Cp, 1]``, cd ``[1, 1]``), the segment starts
+    (``[rows, 1]`` int32, :class:`retention.ChunkSegments`' ``local_start``) or None, and its row tiles of
+    ``tile`` rows. Its methods load tile ``i`` (rows ``i * tile`` to ``(i + 1) * tile`` of the chunk) and mask the
+    tables with the segments: ``inner`` only inside a segment, ``qd`` only for rows whose segment began before
+    the chunk, ``vd`` only for the segment of the last row, ``cd`` zero when that segment begins in the chunk."""
+
+    seq: Tuple[Any, ...]
+    outs: Tuple[Any, ...]
+    tables: Tuple[Any, Any, Any, Any]
+    start: Optional[Any]
+    base: Union[int, Array]
+    tile: int
+    tiles: int
+
+    def rows(self, ref: Any, i: Union[int, Array]) -> Array:
+        return ref[_span(self.base + i * self.tile, self.tile), :]
+
+    def store(self, ref: Any, i: Union[int, Array], value: Array) -> None:
+        ref[_span(self.base + i * self.tile, self.tile), :] = value.astype(ref.dtype)
+
+    def _last(self) -> Array:  # [1, 1]: the start of the chunk's last row's segment
+        return self.start[pl.ds(self.base + self.tiles * self.tile - 1, 1), :]
+
+    def inner(self, i: Union[int, Array], j: Union[int, Array]) -> Array:
+        """The ``[tile, tile]`` block (row tile i, column tile j) of the decay table."""
+        table = self.tables[0][_span(i * self.tile, self.tile), _span(j * self.tile, self.tile)]
+        if self.start is None:
+            return table
+        column = j * self.tile + jax.lax.broadcasted_iota(jnp.int32, (1, self.tile), 1)
+        return jnp.where(column >= self.rows(self.start, i), table, 0.0)
+
+    def query_decay(self, i: Union[int, Array]) -> Array:
+        qd = self.tables[1][_span(i * self.tile, self.tile), :]
+        return qd if self.start is None else jnp.where(self.rows(self.start, i) < 0, qd, 0.0)
+
+    def value_decay(self, j: Union[int, Array]) -> Array:
+        vd = self.tables[2][_span(j * self.tile, self.tile), :]
+        if self.start is None:
+            return vd
+        row = j * self.tile + jax.lax.broadcasted_iota(jnp.int32, (self.tile, 1), 0)
+        return jnp.where(row >= self._last(), vd, 0.0)
+
+    def chunk_decay(self) -> Array:
+        cd = self.tables[3][...]
+        return cd if self.start is None else jnp.where(self._last() < 0, cd, 0.0)
+
+
+def _carry_on(ch: _Chunk, carry: Tuple[Array, ...], left: Any, decay: Callable, right: Any) -> Tuple[Array, ...]:
+    """``carry * cd + sum_t decay(left_t)^T right_t`` over the row tiles (the state ``[K, Vb]`` from k and v, or
+    the reverse sweep's dL/dS from q and dout); with a second carry ``z`` ``[1, K]`` also ``z * cd + sum_t
+    decay(left_t)^T 1`` (column sums, not matmuls of width 1, which Triton's dot does not take)."""
+    cd = ch.chunk_decay()
+
+    def tile(t: Union[int, Array], carry: Tuple[Array, ...]) -> Tuple[Array, ...]:
+        x, y = _decayed(ch.rows(left, t), decay(t)), ch.rows(right, t)
+        return (carry[0] + _dot(x.astype(y.dtype), y, (0, 0)),) + tuple(
+            z + jnp.sum(x, axis=0, keepdims=True) for z in carry[1:])
+
+    return _tile_loop(0, ch.tiles, tile, tuple(c * cd for c in carry))
+
+
+def _forward_chunk(ch: _Chunk, carry: Tuple[Array, ...]) -> Tuple[Array, ...]:
+    """One chunk of the forward: q, k ``[C, K]`` and v ``[C, Vb]`` -> raw ``[C, Vb]`` and inner_scale,
+    cross_scale ``[C, 1]`` (with segments: the row sum ``[C, 1]`` of ``q k^T * D``); carry (state ``[K, Vb]``
+    f32,), with segments also ``z`` ``[1, K]`` (the state of ``v = 1``). Row tile i sums over column tiles
+    ``j <= i``: ``P_ij = (q_i k_j^T) * inner_ij``, ``P_ij v_j`` and the row sums of ``|P_ij|`` (of ``P_ij``)."""
+    q, k, v = ch.seq
+    state, segments = carry[0], ch.start is not None
     cross = jnp.max(jnp.sum(jnp.abs(state), axis=0, keepdims=True), axis=1, keepdims=True)  # [1, 1]
-    cross_scale = jnp.broadcast_to(jnp.maximum(cross, 1.0), inner_scale.shape)
-    return (raw, inner_scale, cross_scale), (new_state,)
+
+    def row_tile(i: Union[int, Array], unused: Tuple) -> Tuple:
+        qi = ch.rows(q, i)
+
+        def column_tile(j: Union[int, Array], acc: Tuple[Array, Array]) -> Tuple[Array, Array]:
+            p, vj = _dot(qi, ch.rows(k, j), (1, 1)) * ch.inner(i, j), ch.rows(v, j)
+            return acc[0] + _dot(p.astype(vj.dtype), vj), acc[1] + jnp.sum(
+                p if segments else jnp.abs(p), axis=1, keepdims=True)
+
+        raw, row = _tile_loop(0, i + 1, column_tile, (jnp.zeros((ch.tile, state.shape[1]), F32),
+                                                      jnp.zeros((ch.tile, 1), F32)))
+        qq = _decayed(qi, ch.query_decay(i))
+        ch.store(ch.outs[0], i, raw + _dot(qq, state))
+        if segments:
+            ch.store(ch.outs[1], i, row + jnp.sum(qq * carry[1], axis=1, keepdims=True))
+        else:
+            ch.store(ch.outs[1], i, jnp.maximum(row, 1.0))
+            ch.store(ch.outs[2], i, jnp.broadcast_to(jnp.maximum(cross, 1.0), row.shape))
+        return unused
+
+    _tile_loop(0, ch.tiles, row_tile, ())
+    return _carry_on(ch, carry, k, ch.value_decay, v)
 
 
-def _dq_chunk(dout: Array, k: Array, v: Array, inner: Array, qd: Array, vd: Array, cd: Array,
-              carry: Tuple[Array], start: Optional[Array] = None) -> Tuple[Tuple[Array], Tuple[Array]]:
-    """Forward sweep of the backward: dout ``[C, Vb]`` f32 (already divided by all_scale) -> partial dq."""
-    inner, qd, vd, cd = _segment_tables(start, inner, qd, vd, cd)
+def _dq_chunk(ch: _Chunk, carry: Tuple[Array]) -> Tuple[Array]:
+    """Forward sweep of the backward: dout ``[C, Vb]`` f32 (already divided by all_scale), k, v -> partial dq
+    ``[C, K]``, row tile i summing ``((dout_i v_j^T) * inner_ij) k_j`` over ``j <= i``; carry as the forward's."""
+    dout, k, v = ch.seq
     state = carry[0]
-    dp = _dot(dout.astype(v.dtype), v, (1, 1)) * inner
-    dq = _dot(dp.astype(k.dtype), k) + _dot(dout, state, (1, 1)) * qd
-    new_state = state * cd + _dot(_decayed(k, vd).astype(v.dtype), v, (0, 0))
-    return (dq,), (new_state,)
+
+    def row_tile(i: Union[int, Array], unused: Tuple) -> Tuple:
+        di = ch.rows(dout, i)
+
+        def column_tile(j: Union[int, Array], acc: Array) -> Array:
+            vj, kj = ch.rows(v, j), ch.rows(k, j)
+            dp = _dot(di.astype(vj.dtype), vj, (1, 1)) * ch.inner(i, j)
+            return acc + _dot(dp.astype(kj.dtype), kj)
+
+        dq = _tile_loop(0, i + 1, column_tile, jnp.zeros((ch.tile, state.shape[0]), F32))
+        ch.store(ch.outs[0], i, dq + _dot(di, state, (1, 1)) * ch.query_decay(i))
+        return unused
+
+    _tile_loop(0, ch.tiles, row_tile, ())
+    return _carry_on(ch, carry, k, ch.value_decay, v)
 
 
-def _dkv_chunk(q: Array, k: Array, v: Array, dout: Array, inner: Array, qd: Array, vd: Array, cd: Array,
-               carry: Tuple[Array], start: Optional[Array] = None) -> Tuple[Tuple[Array, Array], Tuple[Array]]:
-    """Reverse sweep of the backward; the carry ``[K, Vb]`` is dL/dS_{n+1} -> (partial dk, dv), dL/dS_n."""
-    inner, qd, vd, cd = _segment_tables(start, inner, qd, vd, cd)
+def _dkv_chunk(ch: _Chunk, carry: Tuple[Array]) -> Tuple[Array]:
+    """Reverse sweep of the backward: q, k, v, dout -> partial dk ``[C, K]``, dv ``[C, Vb]``, column tile j
+    summing over row tiles ``i >= j``; the carry ``[K, Vb]`` is dL/dS_{n+1}, returned as dL/dS_n."""
+    q, k, v, dout = ch.seq
     grad = carry[0]
-    p = _dot(q, k, (1, 1)) * inner
-    dv = _dot(p.astype(v.dtype), dout.astype(v.dtype), (0, 0)) + _dot(_decayed(k, vd), grad)
-    dp = _dot(dout.astype(v.dtype), v, (1, 1)) * inner
-    dk = _dot(dp.astype(q.dtype), q, (0, 0)) + _dot(v.astype(F32), grad, (1, 1)) * vd
-    new_grad = grad * cd + _dot(_decayed(q, qd), dout, (0, 0))
-    return (dk, dv), (new_grad,)
+
+    def column_tile(j: Union[int, Array], unused: Tuple) -> Tuple:
+        kj, vj = ch.rows(k, j), ch.rows(v, j)
+
+        def row_tile(i: Union[int, Array], acc: Tuple[Array, Array]) -> Tuple[Array, Array]:
+            qi, di, inner = ch.rows(q, i), ch.rows(dout, i), ch.inner(i, j)
+            p = _dot(qi, kj, (1, 1)) * inner
+            dp = _dot(di.astype(vj.dtype), vj, (1, 1)) * inner
+            return (acc[0] + _dot(dp.astype(qi.dtype), qi, (0, 0)),
+                    acc[1] + _dot(p.astype(vj.dtype), di.astype(vj.dtype), (0, 0)))
+
+        dk, dv = _tile_loop(j, ch.tiles, row_tile, (jnp.zeros((ch.tile, grad.shape[0]), F32),
+                                                    jnp.zeros((ch.tile, grad.shape[1]), F32)))
+        vd = ch.value_decay(j)
+        ch.store(ch.outs[0], j, dk + _dot(vj.astype(F32), grad, (1, 1)) * vd)
+        ch.store(ch.outs[1], j, dv + _dot(_decayed(kj, vd), grad))
+        return unused
+
+    _tile_loop(0, ch.tiles, column_tile, ())
+    return _carry_on(ch, carry, q, ch.query_decay, dout)
 
 
 # ----------------------------------------------------------------------------- what the kernels see
 # Hardware rules for the blocks (the module docstring explains them). GPU_MIN_DIM: tl.dot wants every matmul
-# dimension >= 16; GPU_BLOCK_V: the default V-block; GPU_MAX_CHUNKS: chunks of a sequence in one GPU block.
-GPU_MIN_DIM, GPU_BLOCK_V, GPU_MAX_CHUNKS = 16, 64, 8
+# dimension >= 16; GPU_MAX_CHUNKS: chunks of a sequence in one GPU block. GPU_TILE: the default row tile of the
+# GPU kernels' intra-chunk work; GPU_STATE_BYTES: the default block_v is the largest power of two <= GPU_BLOCK_V
+# whose float32 state tile [Kp, block_v] takes at most this many bytes (and at least GPU_MIN_DIM).
+GPU_MIN_DIM, GPU_BLOCK_V, GPU_MAX_CHUNKS, GPU_TILE, GPU_STATE_BYTES = 16, 64, 8, 16, 32 * 1024
 TPU_SUBLANE, TPU_LANE = 8, 128
+# What :func:`working_set` is held to on GPU (tested for every config): H100 and H200 give a thread block at
+# most 227 KiB of shared memory (and 256 KiB of registers per SM); this leaves room for Triton's own staging.
+GPU_WORKING_SET_BUDGET = 160 * 1024
 
 
 def _next_pow2(n: int) -> int:
@@ -168,8 +268,9 @@ def _round_up(n: int, multiple: int) -> int:
 class Geometry(NamedTuple):
     """The padded problem the kernels run on (hashable: a static argument).
 
-    A chunk of ``chunk`` tokens occupies ``block_rows`` rows (zero rows after the real ones); q and k are
-    zero-padded to ``key_dim`` columns and v to ``value_dim``, split into blocks of ``block_v``."""
+    A chunk of ``chunk`` tokens occupies ``block_rows`` rows (zero rows after the real ones), worked on in row
+    tiles of ``tile`` rows; q and k are zero-padded to ``key_dim`` columns and v to ``value_dim``, split into
+    blocks of ``block_v``."""
 
     layout: str
     chunk: int  # C, the model's chunk size (it sets the decay tables)
@@ -178,32 +279,45 @@ class Geometry(NamedTuple):
     value_dim: int  # Vp >= V, a multiple of block_v
     block_v: int
     n_chunks: int  # N = ceil(T / C)
+    tile: int  # rows of a tile of the intra-chunk work, dividing Cp (TPU: Cp)
 
 
 def geometry(layout: str, *, length: int, key_dim: int, value_dim: int, chunk_size: int,
-             block_v: Optional[int] = None) -> Geometry:
+             block_v: Optional[int] = None, tile: Optional[int] = None) -> Geometry:
     """The legal padded :class:`Geometry` for q, k ``[., ., length, key_dim]``, v ``[., ., length, value_dim]``.
 
-    ``"gpu"`` (Triton): Cp, Kp and block_v powers of two >= 16 (block_v default 64, at most the padded V);
-    ``"tpu"`` (Mosaic): Cp a multiple of 8, Kp and block_v multiples of 128 (block_v default: all of Vp)."""
+    ``"gpu"`` (Triton): Cp, Kp, block_v and tile powers of two >= 16 (block_v default: at most 64, at most the
+    padded V, its float32 state tile ``[Kp, block_v]`` at most 32 KiB; tile default 16, at most Cp);
+    ``"tpu"`` (Mosaic): Cp a multiple of 8, Kp and block_v multiples of 128 (block_v default: all of Vp), one
+    tile per chunk (``tile`` must be None)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is invalid: must be one of {', '.join(LAYOUTS)}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} is invalid: must be an integer >= 1")
     if layout == "gpu":
         rows, kdim = _next_pow2(max(chunk_size, GPU_MIN_DIM)), _next_pow2(max(key_dim, GPU_MIN_DIM))
-        default_v = min(GPU_BLOCK_V, _next_pow2(max(value_dim, GPU_MIN_DIM)))
+        state_v = max(GPU_MIN_DIM, _next_pow2(GPU_STATE_BYTES // (4 * kdim) + 1) // 2)
+        default_v = min(GPU_BLOCK_V, state_v, _next_pow2(max(value_dim, GPU_MIN_DIM)))
         legal, rule = (lambda b: b >= GPU_MIN_DIM and b == _next_pow2(b)), f"a power of two >= {GPU_MIN_DIM}"
+        if tile is None:
+            tile = min(GPU_TILE, rows)
+        if not isinstance(tile, int) or tile < 1 or not legal(tile) or tile > rows:
+            raise ValueError(f"tile={tile!r} is invalid for layout 'gpu' with chunk_size={chunk_size}: must be "
+                             f"{rule} and at most {rows}")
     else:
         rows, kdim = _round_up(chunk_size, TPU_SUBLANE), _round_up(key_dim, TPU_LANE)
         default_v = _round_up(value_dim, TPU_LANE)
         legal, rule = (lambda b: b % TPU_LANE == 0), f"a multiple of {TPU_LANE}"
+        if tile is not None:
+            raise ValueError(f"tile={tile!r} is invalid for layout 'tpu': its kernels take whole chunks "
+                             "(tile=None)")
+        tile = rows
     if block_v is None:
         block_v = default_v
     if not isinstance(block_v, int) or block_v < 1 or not legal(block_v):
         raise ValueError(f"block_v={block_v!r} is invalid for layout {layout!r}: must be {rule}")
     return Geometry(layout, chunk_size, rows, kdim, _round_up(value_dim, block_v), block_v,
-                    -(-length // chunk_size))
+                    -(-length // chunk_size), tile)
 
 
 class Block(NamedTuple):
@@ -311,10 +425,49 @@ def launches(geo: Geometry, *, batch: int, heads: int, kernel: str, segments: bo
     return tuple(result)
 
 
+def working_set(geo: Geometry, *, kernel: str, segments: bool, itemsize: int) -> int:
+    """Estimated bytes one program of ``kernel`` (one of :data:`KERNELS`) holds on chip at its peak, for inputs
+    of ``itemsize`` bytes (2: bf16, 4: float32): the most, over the steps of the chunk functions, of the sum of
+    the carried state and every loaded tile and intermediate live in that step, each counted whole (Triton
+    keeps them in registers, staging dot operands in shared memory). Pure; it depends on the tile, Kp and
+    block_v, not on C or T (TPU: the tile is the chunk, so it grows with C; VMEM holds it)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is invalid: must be one of {', '.join(KERNELS)}")
+    c, kd, vb, x, f = geo.tile, geo.key_dim, geo.block_v, itemsize, 4
+    z = segments and kernel == "forward"
+    carry = kd * vb * f + z * kd * f
+    seg = segments * (c * 4 + c * c * f)  # the starts' tile and the masked table tile
+    q_tile, v_tile, square = c * kd, c * vb, c * c
+    steps = {  # the live tiles in bytes: carry first, then loaded tiles, then intermediates
+        "forward": (
+            # column tile j of row tile i: q_i, k_j, v_j, inner, P (f32 and cast), the P v and row-sum accumulators
+            [carry, seg, 2 * q_tile * x, v_tile * x, 2 * square * f, square * x, 2 * v_tile * f, c * f],
+            # cross term of row tile i: q_i, q_i * qd (and with segments its product with z), accumulator, product
+            [carry, seg, q_tile * x, (1 + z) * q_tile * f, 2 * v_tile * f, c * f]),
+        "dq": (
+            # column tile j: dout_i (f32 and cast), v_j, k_j, inner, dP (f32 and cast), the dq accumulator, product
+            [carry, seg, v_tile * (f + 2 * x), q_tile * x, 2 * square * f, square * x, 2 * q_tile * f],
+            # cross term: dout_i, accumulator, product
+            [carry, seg, v_tile * f, 2 * q_tile * f]),
+        "dkv": (
+            # row tile i of column tile j: k_j, v_j, q_i, dout_i (f32 and cast), inner, P and dP (f32 and cast),
+            # the dk and dv accumulators, a product
+            [carry, seg, 2 * q_tile * x, v_tile * (2 * x + f), 3 * square * f, 2 * square * x,
+             2 * q_tile * f, v_tile * f],
+            # cross terms of column tile j: k_j, v_j (and in f32), k_j * vd, accumulators, a product
+            [carry, seg, q_tile * x, v_tile * (x + f), 3 * q_tile * f, v_tile * f]),
+    }[kernel]
+    # the state update (the carry and its new value): a row tile of the left operand (k, or q for dkv), times
+    # the decay (f32) and cast, and of the right one (v, or dout in f32 for dkv)
+    left, right = (q_tile * (x + 2 * f), v_tile * f) if kernel == _REVERSED else (q_tile * (2 * x + f), v_tile * x)
+    update = [2 * carry, segments * c * 4, left, right]
+    return max(sum(step) for step in steps + (update,))
+
+
 def _sweep(chunk_fn: Callable, geo: Geometry, kernel: str, arrays: Sequence[Array], interpret: bool,
            segments: bool) -> Tuple[Array, ...]:
-    """Run ``chunk_fn(*chunk_inputs, carry, start=...) -> (chunk_outputs, carry)`` over all chunks of every
-    (b, h, V-block), launching what :func:`launches` describes.
+    """Run ``chunk_fn(chunk, carry) -> carry`` (``chunk`` a :class:`_Chunk`; it writes the chunk's outputs)
+    over all chunks of every (b, h, V-block), launching what :func:`launches` describes.
 
     ``arrays``: the operands of :func:`launches`' inputs in order, without the carries (segment starts first
     with ``segments``, the tables last). The carry starts at zero; the outputs are float32, ``[., Tp, .]``.
@@ -324,16 +477,10 @@ def _sweep(chunk_fn: Callable, geo: Geometry, kernel: str, arrays: Sequence[Arra
     n_in, n_carry = len(arrays), len(plan[0].inputs) - len(arrays)
     n_out = len(plan[0].outputs) - n_carry
     n_seq = n_in - len(_TABLES)
-    chunk = geo.block_rows
 
-    def step(seq_refs: Sequence, table_vals: Sequence[Array], out_refs: Sequence, rows: slice,
-             carry: Tuple[Array, ...]) -> Tuple[Array, ...]:
-        seq = [r[rows, :] for r in seq_refs]
-        seg = seq.pop(0) if segments else None
-        outs, carry = chunk_fn(*seq, *table_vals, carry, start=seg)
-        for r, o in zip(out_refs, outs):
-            r[rows, :] = o.astype(r.dtype)
-        return carry
+    def chunk(refs: Sequence, outs: Sequence, base: Union[int, Array]) -> _Chunk:
+        return _Chunk(tuple(refs[segments:n_seq]), tuple(outs), tuple(refs[n_seq:n_in]),
+                      refs[0] if segments else None, base, geo.tile, geo.block_rows // geo.tile)
 
     def call(launch: Launch, kernel_fn: Callable, params: pl.CompilerParams, *operands: Array):
         spec = lambda b: pl.BlockSpec(b.block, b.index_map)  # noqa: E731
@@ -346,7 +493,6 @@ def _sweep(chunk_fn: Callable, geo: Geometry, kernel: str, arrays: Sequence[Arra
 
     if geo.layout == "tpu":
         def tpu_kernel(*refs: Sequence) -> None:
-            seq_refs, table_refs = refs[:n_seq], refs[n_seq:n_in]
             out_refs, carry_refs = refs[n_in:n_in + n_out], refs[n_in + n_out:]
 
             @pl.when(pl.program_id(3) == 0)
@@ -354,8 +500,7 @@ def _sweep(chunk_fn: Callable, geo: Geometry, kernel: str, arrays: Sequence[Arra
                 for r in carry_refs:
                     r[...] = jnp.zeros(r.shape, F32)
 
-            carry = step(seq_refs, [r[...] for r in table_refs], out_refs, slice(None),
-                         tuple(r[...] for r in carry_refs))
+            carry = chunk_fn(chunk(refs, out_refs, 0), tuple(r[...] for r in carry_refs))
             for r, c in zip(carry_refs, carry):
                 r[...] = c
 
@@ -363,13 +508,12 @@ def _sweep(chunk_fn: Callable, geo: Geometry, kernel: str, arrays: Sequence[Arra
         return tuple(call(plan[0], tpu_kernel, params, *arrays))
 
     def gpu_kernel(n_chunks: int, *refs: Sequence) -> None:
-        seq_refs, table_refs, carry_in = refs[:n_seq], refs[n_seq:n_in], refs[n_in:n_in + n_carry]
+        carry_in = refs[n_in:n_in + n_carry]
         out_refs, carry_out = refs[n_in + n_carry:n_in + n_carry + n_out], refs[n_in + n_carry + n_out:]
-        tables = [r[...] for r in table_refs]
 
         def body(i: Array, carry: Tuple[Array, ...]) -> Tuple[Array, ...]:
             n = n_chunks - 1 - i if kernel == _REVERSED else i
-            return step(seq_refs, tables, out_refs, pl.ds(pl.multiple_of(n * chunk, chunk), chunk), carry)
+            return chunk_fn(chunk(refs, out_refs, n * geo.block_rows), carry)
 
         carry = jax.lax.fori_loop(0, n_chunks, body, tuple(r[...] for r in carry_in))
         for r, c in zip(carry_out, carry):
@@ -459,20 +603,20 @@ def default_layout() -> str:
 def chunkwise_retention(
     q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, mask: Optional[Array] = None,
     segment_ids: Optional[Array] = None, *, layout: Optional[str] = None, block_v: Optional[int] = None,
-    interpret: Optional[bool] = None,
+    tile: Optional[int] = None, interpret: Optional[bool] = None,
 ) -> Array:
     """Pallas version of :func:`nucleusx_jax.retention.chunkwise_retention` (same arguments and result).
 
     q, k ``[B, H, T, K]``, v ``[B, H, T, V]``, log_decay ``[H]``, mask and segment_ids ``[B, T]`` or None ->
     ``[B, H, T, V]`` in v's dtype. ``layout`` is ``"gpu"`` or ``"tpu"`` (default: :func:`default_layout`);
-    ``block_v``: see :func:`geometry`; ``interpret`` defaults to True on CPU. Any K, V, C and T: the inputs
+    ``block_v`` and ``tile``: see :func:`geometry`; ``interpret`` defaults to True on CPU. Any K, V, C and T: the inputs
     are padded to the legal :func:`geometry` and the result cut back.
     """
     if layout is None:
         layout = default_layout()
     length, vdim = q.shape[2], v.shape[-1]
     geo = geometry(layout, length=length, key_dim=q.shape[-1], value_dim=vdim, chunk_size=chunk_size,
-                   block_v=block_v)
+                   block_v=block_v, tile=tile)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     real = ret.real_tokens(mask, segment_ids)
