@@ -18,26 +18,38 @@ is a forward sweep for ``dq`` (recomputing ``S_n``) and a reverse sweep for ``dk
 Layouts (``layout=``):
 
 * ``"gpu"`` (Triton, asked for with ``triton.CompilerParams``: jax's default Pallas GPU backend is Mosaic GPU):
-  grid ``(B, H, Vp / block_v)``; each program walks the chunks in a ``fori_loop``, reading
-  ``[Cp, Kp]`` and ``[Cp, block_v]`` tiles, the state in registers. Splitting V (as fla does) keeps the state
-  tile ``[Kp, block_v]`` small; ``cross_scale`` is a max over V, so each V-block returns its partial max and
+  grid ``(B, H, Vp / block_v)``; each program walks the chunks in a ``fori_loop``, the state in registers.
+  Splitting V (as fla does) keeps the state tile ``[Kp, block_v]`` small (default: at most 32 KiB in float32,
+  so ``block_v`` 32 at K = 256); ``cross_scale`` is a max over V, so each V-block returns its partial max and
   ``dq``/``dk`` their partial sums, reduced in XLA. A sequence block holds at most ``GPU_MAX_CHUNKS`` (8)
   chunks: the chunks are cut into power-of-two pieces (:func:`gpu_pieces`, e.g. 11 = 8 + 2 + 1), one launch
   per piece, the state (and ``z``) handed from launch to launch as a ``[B, H, Kp, Vp]`` operand.
+  Inside a chunk the work is tiled as in flash attention, in row tiles of ``tile`` rows (default 16): the
+  forward's row tile i loops over the column tiles ``j <= i`` (the decay mask is lower triangular),
+  accumulating ``P_ij v_j`` and the row sums of ``|P_ij|`` behind ``inner_scale`` (with segments: of
+  ``P_ij``), then adds its cross term; dq likewise; the reverse sweep's column tile j loops over the row
+  tiles ``i >= j`` for ``dk_j, dv_j``; the state update sums one ``[tile, Kp]^T [tile, block_v]`` product per
+  tile. The decay mask's row normalisation needs no pass over the row: it is in the precomputed table, whose
+  ``[tile, tile]`` blocks the kernels load. So a program holds a few ``[tile, Kp]``, ``[tile, block_v]`` and
+  ``[tile, tile]`` tiles and the state, whatever C is: :func:`working_set` estimates it (at most
+  ``GPU_WORKING_SET_BUDGET``, 160 KiB, for every shipped config; H100/H200 shared memory is 227 KiB per block).
 * ``"tpu"`` (Mosaic): grid ``(B, H, Vp / block_v, N)`` with the chunk axis ``"arbitrary"`` (sequential) and
   the state in a VMEM scratch buffer; every sequence block is one chunk, so VMEM use does not grow with T.
+  A chunk is one tile (the same code, straight-line): ``[Cp, Cp]`` float32 arrays (1 MiB at C = 512) fit VMEM.
 
 Hardware rules and padding. Interpret mode checks none of these; the compilers do:
 
 * Triton: every dimension of every block (and of every value a kernel loads) a power of two, and ``tl.dot``
   wants each matmul dimension >= 16. So ``Cp = next_pow2(max(C, 16))``, ``Kp = next_pow2(max(K, 16))``,
-  ``block_v`` a power of two >= 16 (default 64, smaller for small V), ``Vp`` V rounded up to ``block_v``,
-  sequence blocks ``Cp * 2**i`` rows (i <= 3). The width-1 row sums with segments are reductions, not dots.
+  ``block_v`` and ``tile`` powers of two >= 16 (block_v at most 64, smaller for small V or large K), ``Vp`` V
+  rounded up to ``block_v``, sequence blocks ``Cp * 2**i`` rows (i <= 3), loaded in tiles of ``[tile, .]``,
+  the tables in ``[tile, tile]`` and ``[tile, 1]`` blocks. The width-1 row sums with segments are reductions,
+  not dots.
 * Mosaic: the last two dims of every block multiples of 8 and 128, or equal to the array's. So ``Cp`` is C
   rounded up to 8, ``Kp`` and ``Vp`` are K and V rounded up to 128 (lane-aligned matmuls), ``block_v`` a
   multiple of 128 dividing Vp (default: all of it); the tables' blocks are their whole arrays.
 
-The 7B value head of 432 runs as 448 (GPU, 7 blocks of 64) or 512 (TPU); 2.7B's 428 likewise; K = 256 and
+The 7B value head of 432 runs as 448 (GPU, 14 blocks of 32) or 512 (TPU); 2.7B's 428 likewise; K = 256 and
 C = 512 of the shipped configs need no padding. :func:`geometry` picks the sizes and :func:`launches` lists
 every ``pallas_call`` with its grid and block shapes (pure, tested without a GPU or TPU); the tests also
 lower the kernels for ``cuda`` (Triton) and ``tpu`` (Mosaic) on CPU, which applies both rules. The padding is
@@ -48,9 +60,10 @@ tables keep C's decays; the result and the gradients are cut back, so padding ro
 zero cotangent.
 
 With ``segment_ids`` (documents packed in a row) every kernel also reads each token's segment start relative
-to its chunk (``[Cp, 1]`` int32; padding rows repeat the last real row's) and masks its tables: ``inner``
-within a segment, the cross term only for rows whose segment began before the chunk, the state update only
-from the last row's segment (and the old state dropped when that segment begins in the chunk). The forward
+to its chunk (``[Cp, 1]`` int32; padding rows repeat the last real row's, so the chunk's last row holds the
+start of the segment carried on) and masks its tables: ``inner`` within a segment, the cross term only for
+rows whose segment began before the chunk, the state update only from the last row's segment (and the old
+state dropped when that segment begins in the chunk). The forward
 then also carries ``z = (k * value_decay)^T 1`` (``[1, K]``, a column sum) and returns the row sums of
 ``q k^T * D`` instead of the two scales, from which XLA normalises every row as the parallel form does
 (:func:`nucleusx_jax.retention.segment_scale`); the backward is unchanged apart from the masks.
@@ -171,7 +184,8 @@ def _forward_chunk(ch: _Chunk, carry: Tuple[Array, ...]) -> Tuple[Array, ...]:
     ``j <= i``: ``P_ij = (q_i k_j^T) * inner_ij``, ``P_ij v_j`` and the row sums of ``|P_ij|`` (of ``P_ij``)."""
     q, k, v = ch.seq
     state, segments = carry[0], ch.start is not None
-    cross = jnp.max(jnp.sum(jnp.abs(state), axis=0, keepdims=True), axis=1, keepdims=True)  # [1, 1]
+    if not segments:
+        cross = jnp.max(jnp.sum(jnp.abs(state), axis=0, keepdims=True), axis=1, keepdims=True)  # [1, 1]
 
     def row_tile(i: Union[int, Array], unused: Tuple) -> Tuple:
         qi = ch.rows(q, i)
