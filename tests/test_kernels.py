@@ -79,11 +79,11 @@ def test_float32_values_and_gradients(seed, batch, heads, length, kdim, vdim, ch
         np.testing.assert_allclose(g, ref_g, atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("layout", ["tpu", "gpu"])
-def test_bfloat16_close_to_float32_truth(layout):
+@pytest.mark.parametrize("layout,chunk,tile", [("tpu", 8, None), ("gpu", 8, None), ("gpu", 32, 16)])
+def test_bfloat16_close_to_float32_truth(layout, chunk, tile):
     """bf16 inputs: the kernel's error against the float32 result is no worse than the pure-JAX bf16 path's
-    (float32 state, float32 accumulation in both), for values and gradients."""
-    seed, chunk, shape = 5, 8, (2, 2, 19, 16, 16)
+    (float32 state, float32 accumulation in both), for values and gradients; also with two GPU row tiles."""
+    seed, shape = 5, (2, 2, 19, 16, 16)
     q32, k32, v32, log_decay, mask = _inputs(seed, *shape, [0, 4], jnp.float32)
     q, k, v = (x.astype(jnp.bfloat16) for x in (q32, k32, v32))
     up = lambda *xs: [x.astype(jnp.float32) for x in xs]  # noqa: E731
@@ -91,8 +91,8 @@ def test_bfloat16_close_to_float32_truth(layout):
                                           *up(q, k, v), seed)
     xla, xla_grads = _value_and_grads(lambda q, k, v: ret.chunkwise_retention(q, k, v, log_decay, chunk, mask),
                                       q, k, v, seed)
-    out, grads = _value_and_grads(lambda q, k, v: pallas_chunkwise(q, k, v, log_decay, chunk, mask, layout=layout),
-                                  q, k, v, seed)
+    out, grads = _value_and_grads(
+        lambda q, k, v: pallas_chunkwise(q, k, v, log_decay, chunk, mask, layout=layout, tile=tile), q, k, v, seed)
     assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
     err = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))  # noqa: E731
     assert err(out, truth) <= 1.5 * err(xla, truth) + 1e-3
