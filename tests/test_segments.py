@@ -84,7 +84,7 @@ FORMS = {
     **{f"chunkwise{c}": functools.partial(lambda c, q, k, v, d, m, s: ret.chunkwise_retention(q, k, v, d, c, m, s), c)
        for c in (1, 5, 8, 32)},
     **{f"pallas-{layout}{c}": functools.partial(
-        lambda c, layout, q, k, v, d, m, s: pallas_chunkwise(q, k, v, d, c, m, s, layout=layout, block_v=4), c, layout)
+        lambda c, layout, q, k, v, d, m, s: pallas_chunkwise(q, k, v, d, c, m, s, layout=layout), c, layout)
        for c, layout in ((4, "tpu"), (5, "gpu"))},
 }
 

@@ -67,6 +67,31 @@ def test_overrides_and_model_path(tmp_path):
         load_config(None, ["model.decoder_embed_dim=30", "model.decoder_retention_heads=4"])
 
 
+def test_profile_steps_and_wandb_settings(tmp_path):
+    cfg = load_config(None, ["train.steps=20", "logging.profile_steps=[5, 8]", "logging.wandb.project=nx",
+                             "logging.wandb.name=tiny"])
+    assert cfg.logging.profile_steps == [5, 8]
+    assert (cfg.logging.wandb.project, cfg.logging.wandb.name) == ("nx", "tiny")
+    again = tmp_path / "resolved.yaml"
+    again.write_text(cfg.to_yaml())
+    assert load_config(str(again)).to_dict() == cfg.to_dict()
+    assert load_config(None).logging.wandb is None and load_config(None).logging.profile_steps is None
+    for raw, message in [
+        ({"logging": {"profile_steps": [8, 5]}}, r"logging.profile_steps=\[8, 5\] is invalid: .*0 <= start < stop"),
+        ({"logging": {"profile_steps": [3]}}, r"logging.profile_steps=\[3\] is invalid"),
+        ({"logging": {"profile_steps": [-1, 2]}}, r"logging.profile_steps=\[-1, 2\] is invalid"),
+        ({"logging": {"profile_steps": "5:8"}}, r"logging.profile_steps: expected list of int or null, got str"),
+        ({"train": {"steps": 10}, "logging": {"profile_steps": [5, 11]}},
+         r"logging.profile_steps=\[5, 11\] is out of range: stop must be <= train.steps=10"),
+        ({"logging": {"wandb": {"name": "x"}}}, r"logging.wandb.project is required"),
+        ({"logging": {"wandb": {"project": "p", "team": "x"}}},
+         r"unknown key\(s\) \['team'\] in section 'logging.wandb'; valid keys: project, name"),
+        ({"logging": {"wandb": "p"}}, r"logging.wandb: expected WandbConfig or null, got str 'p'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_config(raw)
+
+
 def test_mesh_shape_resolution():
     assert shd.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2,
                                                                                 "sequence": 1}

@@ -135,6 +135,50 @@ def test_export_and_restore_params(reference):
     np.testing.assert_array_equal(torch_weights["lm_head.weight"], np.asarray(params["lm_head"]["kernel"]).T)
 
 
+def test_profile_and_wandb_offline(reference, tokenizer, tmp_path, monkeypatch):
+    """``logging.profile_steps: [2, 4]`` writes one jax.profiler trace (an ``.xplane.pb`` for TensorBoard's
+    profile plugin and xprof) holding exactly steps 3 and 4; ``logging.wandb`` (offline) logs the losses of
+    metrics.jsonl, read back from the run's ``.wandb`` file with wandb's own reader; the losses equal the
+    reference run's."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = fresh_run_dir(reference, tmp_path)
+    steps = 6
+    run(load_config(TINY, overrides(tokenizer, run_dir, f"train.steps={steps}", "train.eval_every=0",
+                                    "checkpoint.every=0", "checkpoint.export_hf=false", "logging.sample_tokens=0",
+                                    "logging.plot=false", "logging.profile_steps=[2, 4]",
+                                    "logging.wandb.project=nucleusx-test", "logging.wandb.name=tiny")))
+    traces = glob.glob(os.path.join(run_dir, "profile", "plugins", "profile", "*", "*.xplane.pb"))
+    assert len(traces) == 1
+    profile = jax.profiler.ProfileData.from_file(traces[0])
+    traced = sorted(dict(event.stats)["step_num"] for plane in profile.planes for line in plane.lines
+                    for event in line.events if event.name == "train")
+    assert traced == [3, 4]
+
+    losses = train_losses(run_dir)
+    assert list(losses) == list(range(1, steps + 1))
+    assert losses == pytest.approx({s: loss for s, loss in train_losses(reference[0]).items() if s <= steps}, rel=1e-6)
+    (log,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    dump = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", log], capture_output=True,
+                          text=True, check=True, timeout=120).stdout
+    records = [json.loads(line) for line in dump.splitlines() if line.startswith("{")]
+    history = {r["history"]["step"]["num"]: r["history"]["item"] for r in records if r["type"] == "history"}
+    assert {step: item["train/loss"] for step, item in history.items()} == losses
+    assert all(item["train/lr"] > 0 and item["train/tokens_per_s"] > 0 for item in history.values())
+    (header,) = [r["run"] for r in records if r["type"] == "run"]
+    assert (header["project"], header["display_name"]) == ("nucleusx-test", "tiny")
+    assert header["config"]["update"]["train"]["steps"] == steps
+
+
+def test_missing_wandb_names_the_extra(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    cfg = load_config(TINY, overrides(tokenizer, str(tmp_path / "run"), "logging.wandb.project=p"))
+    with pytest.raises(ValueError, match=r"logging.wandb is set but the wandb package is not installed: "
+                                         r"pip install 'nucleusx-jax\[wandb\]'"):
+        run(cfg)
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
 def test_corrupted_latest_checkpoint_is_skipped(reference, tmp_path, caplog):
     run_dir, _ = reference
     copy = tmp_path / "run"

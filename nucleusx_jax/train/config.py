@@ -163,8 +163,21 @@ class CheckpointConfig(_Bounded):
 
 
 @dataclasses.dataclass
+class WandbConfig:
+    """Weights & Biases tracking of the metrics (the ``wandb`` extra), from process 0: ``project`` and an
+    optional run ``name``. ``WANDB_MODE=offline`` and the other ``WANDB_*`` variables apply as usual."""
+
+    project: str = ""
+    name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not self.project:
+            raise ConfigError("logging.wandb.project is required: the W&B project to log to")
+
+
+@dataclasses.dataclass
 class LoggingConfig(_Bounded):
-    """Progress bar, metrics.jsonl, TensorBoard, loss plot, the final sample."""
+    """Progress bar, metrics.jsonl, TensorBoard, loss plot, the final sample, a profile, W&B."""
 
     SECTION: ClassVar[str] = "logging"
     BOUNDS: ClassVar[Mapping[str, Bound]] = {"every": POSITIVE_COUNT, "peak_tflops_per_device": POSITIVE,
@@ -177,6 +190,16 @@ class LoggingConfig(_Bounded):
     peak_tflops_per_device: Optional[float] = None  # for MFU; default: a table by device kind
     sample_prompt: str = "def "
     sample_tokens: int = 48  # 0: no sample at the end
+    # [start, stop]: a jax.profiler trace of steps start + 1 .. stop (metrics' numbering) in <run_dir>/profile
+    profile_steps: Optional[List[int]] = None
+    wandb: Optional[WandbConfig] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        p = self.profile_steps
+        if p is not None and not (len(p) == 2 and 0 <= p[0] < p[1]):
+            raise ConfigError(f"logging.profile_steps={p!r} is invalid: expected [start, stop] with "
+                              "0 <= start < stop (the steps after start up to stop are traced)")
 
 
 @dataclasses.dataclass
@@ -280,6 +303,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         for arg in typing.get_args(tp):
             if arg is type(None) and value is None:
                 return None
+            if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
+                return _section(where, arg, value)  # its own errors name the bad key
             if arg is not type(None):
                 try:
                     return _coerce(value, arg, where)
@@ -290,6 +315,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (list, tuple)):
             return [_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
         ok = False
+    elif dataclasses.is_dataclass(tp):
+        return _section(where, tp, value)
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
@@ -371,7 +398,16 @@ def set_override(raw: Dict[str, Any], assignment: str) -> None:
     if not isinstance(raw.get(section), dict):
         raw[section] = {} if raw.get(section) is None else ({MODEL_PATH_KEY: raw[section]}
                                                             if isinstance(raw[section], str) else raw[section])
-    raw[section][key] = _yaml_load(value, f"--set {assignment!r}") if value != "" else ""
+    *parents, key = key.split(".")
+    node = raw[section]
+    for parent in parents:  # a nested key: logging.wandb.project=...
+        child = node.get(parent)
+        if child is None:
+            child = node[parent] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {section}.{parent} is {child!r}, not a mapping")
+        node = child
+    node[key] = _yaml_load(value, f"--set {assignment!r}") if value != "" else ""
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
@@ -383,6 +419,9 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; valid sections: {', '.join(valid)}")
     sections = {name: _section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+    profile, steps = sections["logging"].profile_steps, sections["train"].steps
+    if profile is not None and profile[1] > steps:
+        raise ConfigError(f"logging.profile_steps={profile!r} is out of range: stop must be <= train.steps={steps}")
     return Config(model=resolve_model(raw.get("model") or {}), **sections)
 
 

@@ -3,7 +3,8 @@ eval/logging/checkpoints/preemption, then export, plot, sample and summary.
 
 Run directory layout: ``config.yaml`` (resolved), ``config.json`` (the model config), ``tokenizer.model`` (when
 trained here), ``data/`` (token stores prepared from ``data.sources``),
-``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``loss.png``, ``hf/`` (final model and
+``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``profile/`` (``logging.profile_steps``),
+``wandb/`` (``logging.wandb``), ``loss.png``, ``hf/`` (final model and
 tokenizer), ``torch/`` (optional PyTorch export), ``summary.json``, ``run.lock`` (the trainer running there,
 see :mod:`.lock`).
 """
@@ -35,7 +36,7 @@ from .config import Config
 from ..data.mixture import Mixture
 from .data import EvalSet, open_run_data, prepare_run_stores
 from .lock import RunLock, RunLockedError
-from .metrics import MetricsWriter, peak_tflops, plot_losses
+from .metrics import PROFILE_DIR, MetricsWriter, import_wandb, peak_tflops, plot_losses
 from .step import Trainer, make_trainer, training_flops_per_token
 from ..tokenizer import Tokenizer, load_tokenizer, save_hf_tokenizer, train_tokenizer
 
@@ -235,6 +236,8 @@ def _run(cfg: Config) -> Dict[str, Any]:
     """:func:`run` once the run directory is locked."""
     t, lg = cfg.train, cfg.logging
     lead = jax.process_index() == 0
+    if lead and lg.wandb is not None:
+        import_wandb()  # a missing extra fails now, not after the data and the compile
     run_dir = os.path.abspath(t.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     tokenizer = prepare_tokenizer(cfg, run_dir)
@@ -271,13 +274,13 @@ def _run(cfg: Config) -> Dict[str, Any]:
               + (f"resuming from step {resumed_from}" if resumed_from is not None else "starting from scratch"),
               flush=True)
 
-    writer = MetricsWriter(run_dir, lg.tensorboard) if lead else None
+    writer = MetricsWriter(run_dir, lg.tensorboard, lg.wandb, cfg.to_dict()) if lead else None
     preemption = _Preemption()
     bar = tqdm(total=t.steps, initial=start, disable=not (lead and lg.progress), desc="train", dynamic_ncols=True)
     first_loss = last_loss = None
     eval_losses: List[float] = []
     last_eval: Dict[str, float] = {}
-    window_start, window_tokens, preempted = time.perf_counter(), 0, False
+    window_start, window_tokens, preempted, tracing = time.perf_counter(), 0, False, False
     start_time = time.perf_counter()
     if eval_sets and start == 0:
         last_eval = _evaluate_all(trainer, state.params, eval_sets, t.eval_batches)
@@ -286,9 +289,16 @@ def _run(cfg: Config) -> Dict[str, Any]:
             writer.write(0, "eval", last_eval)
     try:
         for step in range(start, t.steps):
-            state, metrics = trainer.train_step(state, _global_batch(trainer, train_data, step))
-            m = jax.device_get(metrics)
             done = step + 1
+            if lg.profile_steps is not None and lg.profile_steps[0] <= step < lg.profile_steps[1] and not tracing:
+                jax.profiler.start_trace(os.path.join(run_dir, PROFILE_DIR))
+                tracing = True
+            with jax.profiler.StepTraceAnnotation("train", step_num=done):
+                state, metrics = trainer.train_step(state, _global_batch(trainer, train_data, step))
+                m = jax.device_get(metrics)
+            if tracing and done == lg.profile_steps[1]:
+                jax.profiler.stop_trace()
+                tracing = False
             loss = float(m["loss"])
             if not bool(m["finite"]):
                 message = (f"non-finite training loss or gradient at step {done} (loss {loss}, grad norm "
@@ -344,6 +354,8 @@ def _run(cfg: Config) -> Dict[str, Any]:
         if not preempted:
             checkpointer.save(state)
     finally:
+        if tracing:
+            jax.profiler.stop_trace()
         bar.close()
         preemption.restore()
         checkpointer.close()

@@ -1,14 +1,19 @@
-"""Run observability: ``metrics.jsonl``, TensorBoard event files, the loss plot ``loss.png``, peak FLOP/s.
+"""Run observability: ``metrics.jsonl``, TensorBoard event files, optional Weights & Biases, the loss plot
+``loss.png``, peak FLOP/s, and the directory of profiler traces.
 
 Every record is one JSON line ``{"step": s, "split": "train"|"eval", ...}``. A resumed run appends; when a
-step appears twice (steps redone after a crash), the later record wins in :func:`read_metrics`.
+step appears twice (steps redone after a crash), the later record wins in :func:`read_metrics`. TensorBoard
+and W&B get the numeric values as ``<split>/<key>`` at that step.
 """
 
 import json
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
-METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tensorboard"
+from .config import ConfigError, WandbConfig
+
+METRICS_FILE, PLOT_FILE, TB_DIR, PROFILE_DIR = "metrics.jsonl", "loss.png", "tensorboard", "profile"
+WANDB_INSTALL = "pip install 'nucleusx-jax[wandb]'"
 
 # Dense bf16 peak FLOP/s per chip, by substrings of jax's device_kind (lower case).
 PEAK_TFLOPS = (("v5p", 459.0), ("v5 lite", 197.0), ("v5e", 197.0), ("v6", 918.0), ("v4", 275.0), ("v3", 123.0),
@@ -23,10 +28,23 @@ def peak_tflops(device_kind: str, override: Optional[float] = None) -> Optional[
     return next((value for key, value in PEAK_TFLOPS if key in kind), None)
 
 
-class MetricsWriter:
-    """Appends records to ``<run_dir>/metrics.jsonl`` and, optionally, TensorBoard scalars."""
+def import_wandb() -> Any:
+    """The ``wandb`` module, or a :class:`ConfigError` saying which extra to install."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(f"logging.wandb is set but the wandb package is not installed: {WANDB_INSTALL} "
+                          "(or remove logging.wandb)") from None
+    return wandb
 
-    def __init__(self, run_dir: str, tensorboard: bool):
+
+class MetricsWriter:
+    """Appends records to ``<run_dir>/metrics.jsonl`` and, optionally, TensorBoard scalars and a W&B run
+    (``wandb``: project and name; ``config``: the resolved run config it records; its files go to
+    ``<run_dir>/wandb``). Only process 0 should make one."""
+
+    def __init__(self, run_dir: str, tensorboard: bool, wandb: Optional[WandbConfig] = None,
+                 config: Optional[Mapping[str, Any]] = None):
         self.path = os.path.join(run_dir, METRICS_FILE)
         self.file = open(self.path, "a")
         self.tb = None
@@ -34,22 +52,31 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(run_dir, TB_DIR))
+        self.wandb_run = None
+        if wandb is not None:
+            self.wandb_run = import_wandb().init(project=wandb.project, name=wandb.name, dir=run_dir,
+                                                 config=dict(config or {}))
 
     def write(self, step: int, split: str, values: Mapping[str, Any]) -> None:
         """One record; non-numeric values go to the JSON line only."""
         record = {"step": step, "split": split, **values}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        scalars = {f"{split}/{key}": value for key, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"{split}/{key}", value, step)
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=step)
 
     def close(self) -> None:
-        """Flush and close the files."""
+        """Flush and close the files; finish the W&B run."""
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def read_metrics(run_dir: str, split: str) -> List[Dict[str, Any]]:
