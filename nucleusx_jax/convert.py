@@ -167,12 +167,13 @@ class _ParamsReader:
 def _open_training_run(src: str, step: Optional[int]) -> Tuple[NucleusXConfig, _ParamsReader]:
     """The model config and float32 parameters of a trainer run (``step`` or the latest complete one).
 
-    orbax restores the whole parameter tree, so this source holds the parameters in memory."""
+    orbax restores the whole parameter tree, so this source holds the parameters in memory, one tensor per
+    layer whichever layout the run trained in."""
     try:
         config, params = runs.restore_params(src, step)
     except FileNotFoundError as e:
         raise CheckpointError(str(e)) from e
-    return config, _ParamsReader(params, src)
+    return config, _ParamsReader(weights.unstack_layers(params), src)
 
 
 def _check_dtypes(index: Dict[str, TensorInfo]) -> None:

@@ -11,6 +11,8 @@ logical      mesh axis              what it shards
 ``mlp``      ``tensor``             fc1/gate columns and fc2 rows
 ``vocab``    ``tensor``             the embedding table and the LM head over the vocabulary
 ``norm``     replicated             norm weights
+``layers``   replicated             the leading depth axis of ``scan_layers`` parameters (each device holds
+                                    every layer's share of the other axes)
 ``length``,  replicated             the residual stream ``[B, T, E]`` is constrained to
 ``act_embed``                       (``batch``, ``length``, ``act_embed``): sharded by rows only
 ===========  =====================  ===========================================================
@@ -34,6 +36,7 @@ LOGICAL_AXIS_RULES: Tuple[Tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    ("layers", None),
     ("length", None),
     ("act_embed", None),
 )
