@@ -163,11 +163,11 @@ def test_trainer_run_with_scan_layers_restores_and_exports(tmp_path):
     run_dir = str(tmp_path / "run")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    def train(steps):
+    def train(steps, scan="true"):
         return run(load_config(os.path.join(root, "configs", "tiny.yaml"), [
             f"train.run_dir={run_dir}", f"data.tokenizer={tokenizer}", "data.vocab_size=512", "model.vocab_size=512",
             "model.decoder_embed_dim=32", "model.decoder_value_embed_dim=64", "model.decoder_ffn_embed_dim=64",
-            "model.decoder_layers=3", "model.scan_layers=true", "data.seq_len=32", "train.global_batch=4",
+            "model.decoder_layers=3", f"model.scan_layers={scan}", "data.seq_len=32", "train.global_batch=4",
             "mesh.data=1", "train.remat=full", f"train.steps={steps}", "train.eval_every=0", "checkpoint.every=2",
             "checkpoint.export_torch=true", "logging.sample_tokens=3", "logging.progress=false",
             "logging.tensorboard=false", "logging.plot=false"]))
@@ -185,3 +185,6 @@ def test_trainer_run_with_scan_layers_restores_and_exports(tmp_path):
     torch_weights = load_file(os.path.join(run_dir, "torch", "model.safetensors"))
     np.testing.assert_array_equal(torch_weights["model.layers.2.ffn.fc1.weight"],
                                   np.asarray(unstacked["model"]["layers_2"]["ffn"]["fc1"]["kernel"]).T)
+    # resuming in the other layout is refused, naming the setting
+    with pytest.raises(ValueError, match="trained with model.scan_layers=true, this run has false"):
+        train(4, scan="false")
