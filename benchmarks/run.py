@@ -279,7 +279,10 @@ def train_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfi
 def compile_rows(report: Callable[[Row], Row], depths: Sequence[int], repeats: int) -> List[Row]:
     """Seconds to compile the trainer's train step (:func:`train_step_call`, 2 x 128 tokens, ``COMPILE_SMALL``)
     at each depth, per-layer and scanned: a fresh step's first call minus its second call, ``repeats`` times
-    (each time rebuilt, so nothing is cached). The scanned rows' note gives the ratio to the shallowest."""
+    (each time rebuilt, so nothing is cached), after one untimed warm-up (the first compile of a process pays
+    one-off costs). The scanned rows' note gives the ratio to the shallowest."""
+    warm_up, _ = train_step_call(NucleusXConfig(**COMPILE_SMALL, decoder_layers=depths[0]), 2, 128, 64, False)
+    jax.block_until_ready(warm_up())
     rows: List[Row] = []
     for scan in (False, True):
         shallowest = None
@@ -331,7 +334,8 @@ class Reporter:
         if row.skipped:
             print(f"  {row.name}: skipped ({row.skipped})", flush=True)
         else:
-            print(f"  {row.name}: {row.median * 1e3:.1f} ms, {row.fraction or 0:.1%} of peak", flush=True)
+            print(f"  {row.name}: {row.median * 1e3:.1f} ms" + (f", {row.fraction:.1%} of peak" if row.flops else ""),
+                  flush=True)
         self.rows.append(row)
         self.save()
         return row
