@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 
 from nucleusx_jax import convert, weights
 from nucleusx_jax.model import NucleusX, from_pretrained
+from nucleusx_jax.tensorio import CheckpointReader
 
 from conftest import FIXTURE_NAMES, FIXTURES, load_cases, max_abs
 
@@ -112,11 +113,22 @@ def test_stack_and_unstack_are_inverse():
         weights.stack_layers(params)
 
 
+def assert_converts_to_the_reference(src, dst):
+    """``src`` converted to PyTorch is the tiny fixture's state dict, bit for bit."""
+    convert.convert(str(src), str(dst), to="torch", progress=False)
+    exported, original = load_file(str(dst / "model.safetensors")), load_file(str(TINY / "model.safetensors"))
+    assert exported.keys() == original.keys()
+    for key in original:
+        np.testing.assert_array_equal(exported[key], original[key], err_msg=key)
+
+
 def test_files_hold_one_tensor_per_layer_and_load_in_either_layout(tmp_path):
     scanned = from_pretrained(TINY, scan_layers=True)
     scanned.save_pretrained(tmp_path / "flax")
     with open(tmp_path / "flax" / "config.json") as f:
         assert json.load(f)["scan_layers"] is True
+    with CheckpointReader(str(tmp_path / "flax" / "flax_model.msgpack")) as reader:
+        assert "model/layers_1/ffn/fc1/kernel" in reader.index and not any("/layers/" in n for n in reader.index)
     again = from_pretrained(tmp_path / "flax")
     assert again.config.scan_layers
     assert_trees_close(again.params, scanned.params, 0)
@@ -124,18 +136,14 @@ def test_files_hold_one_tensor_per_layer_and_load_in_either_layout(tmp_path):
     plain = from_pretrained(tmp_path / "flax", scan_layers=False)
     assert "layers_1" in plain.params["model"]
     assert_trees_close(plain.params, scanned.params, 0)
-    # back to PyTorch: the reference's weights, bit for bit
-    convert.convert(str(tmp_path / "flax"), str(tmp_path / "torch"), to="torch", progress=False)
-    exported, original = load_file(str(tmp_path / "torch" / "model.safetensors")), load_file(str(TINY / "model.safetensors"))
-    assert exported.keys() == original.keys()
-    for key in original:
-        np.testing.assert_array_equal(exported[key], original[key], err_msg=key)
-    # a stacked flax file (what transformers' save_pretrained writes for a scanned model) loads too
+    assert_converts_to_the_reference(tmp_path / "flax", tmp_path / "torch")
+    # a stacked flax file (what transformers' save_pretrained writes for a scanned model) loads and converts too
     (tmp_path / "stacked").mkdir()
     (tmp_path / "stacked" / "flax_model.msgpack").write_bytes(
         flax.serialization.msgpack_serialize(jax.device_get(scanned.params)))
     scanned.config.replace(scan_layers=False).save_pretrained(tmp_path / "stacked")
     assert_trees_close(from_pretrained(tmp_path / "stacked").params, plain.params, 0)
+    assert_converts_to_the_reference(tmp_path / "stacked", tmp_path / "torch2")
 
 
 def test_hf_adapter_saves_and_loads_scanned(tmp_path):
