@@ -12,7 +12,9 @@
   forward and loss forward+backward, parallel and chunkwise, batch 1, same lengths;
 * ``train``: the trainer's jit train step (AdamW; ``nucleusx_jax.train.step.make_trainer``), chunkwise, at
   batch 4 x 512 and 1 x 8192, without and with document resets (``segments``: packed documents kept apart);
-* ``decode``: batch-1 decode tokens/s measured by ``benchmarks/decode.py`` (a subprocess), when it exists.
+* ``decode``: batch-1 decode tokens/s measured by ``benchmarks/decode.py`` (a subprocess), when it exists;
+* ``compile``: compile time of the trainer's train step against depth (``COMPILE_SMALL`` widths, 4 and 32
+  layers), per-layer and with ``scan_layers``: the first call of a freshly built step minus a later call.
 
 FLOPs follow :func:`nucleusx_jax.train.step.training_flops_per_token` (6 x params x tokens for training, every
 weight but the input embedding table, plus retention counted like causal attention); a forward pass is a third
@@ -59,7 +61,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH_SMALL = dict(vocab_size=32000, decoder_embed_dim=512, decoder_value_embed_dim=1024, decoder_retention_heads=4,
                    decoder_ffn_embed_dim=1024, decoder_layers=4)
 LENGTHS = (512, 2048, 8192, 32768)
-GROUPS = ("op", "model", "train", "decode")
+GROUPS = ("op", "model", "train", "decode", "compile")
+# small widths, so that compiling (not running) dominates the first call of the train step
+COMPILE_SMALL = dict(vocab_size=512, decoder_embed_dim=64, decoder_value_embed_dim=128, decoder_retention_heads=2,
+                     decoder_ffn_embed_dim=128)
+COMPILE_DEPTHS = (4, 32)
 
 
 @dataclasses.dataclass
@@ -227,14 +233,16 @@ def model_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfi
 
 def train_step_call(config: NucleusXConfig, batch: int, length: int, chunk: int,
                     reset: bool) -> Tuple[Callable[[], Any], float]:
-    """(one call of the trainer's compiled train step on a fixed batch, its FLOPs): chunkwise, one device; with
-    ``reset`` (``data.reset_at_document_boundaries``) its windows hold documents of 1 to 400 tokens (EOS-ended)."""
+    """(one call of the trainer's train step on a fixed batch, its FLOPs): chunkwise, one device, the model
+    ``config``'s fields; compiled at the first call. With ``reset`` (``data.reset_at_document_boundaries``)
+    its windows hold documents of 1 to 400 tokens (EOS-ended)."""
     from nucleusx_jax import sharding as shd
     from nucleusx_jax.train.config import parse_config
     from nucleusx_jax.train.step import make_trainer
 
+    model = {k: v for k, v in config.to_dict().items() if k in ("scan_layers", *BENCH_SMALL)}
     cfg = parse_config({
-        "model": dict(BENCH_SMALL, forward_mode="chunkwise", recurrent_chunk_size=min(chunk, length)),
+        "model": dict(model, forward_mode="chunkwise", recurrent_chunk_size=min(chunk, length)),
         "data": {"seq_len": length, "reset_at_document_boundaries": reset},
         "train": {"global_batch": batch},
         "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
@@ -265,6 +273,31 @@ def train_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfi
             name = f"train step chunkwise {batch}x{length}" + (" segments" if reset else "")
             pair.append((Row("train", name, batch * length, flops), step))
         rows.extend(report(row) for row in timer.alternating(pair))
+    return rows
+
+
+def compile_rows(report: Callable[[Row], Row], depths: Sequence[int], repeats: int) -> List[Row]:
+    """Seconds to compile the trainer's train step (:func:`train_step_call`, 2 x 128 tokens, ``COMPILE_SMALL``)
+    at each depth, per-layer and scanned: a fresh step's first call minus its second call, ``repeats`` times
+    (each time rebuilt, so nothing is cached), after one untimed warm-up (the first compile of a process pays
+    one-off costs). The scanned rows' note gives the ratio to the shallowest."""
+    warm_up, _ = train_step_call(NucleusXConfig(**COMPILE_SMALL, decoder_layers=depths[0]), 2, 128, 64, False)
+    jax.block_until_ready(warm_up())
+    rows: List[Row] = []
+    for scan in (False, True):
+        shallowest = None
+        for depth in depths:
+            row = Row("compile", f"compile train step {depth} layers " + ("scanned" if scan else "per-layer"), 1, 0.0)
+            config = NucleusXConfig(**COMPILE_SMALL, decoder_layers=depth, scan_layers=scan)
+            for _ in range(repeats):
+                step, _ = train_step_call(config, 2, 128, 64, False)
+                first = Timer.seconds(step)
+                row.times.append(first - Timer.seconds(step))
+            if shallowest is None:
+                shallowest = row
+            else:
+                row.note = f"x{row.median / shallowest.median:.2f} the {depths[0]}-layer time"
+            rows.append(report(row))
     return rows
 
 
@@ -301,7 +334,8 @@ class Reporter:
         if row.skipped:
             print(f"  {row.name}: skipped ({row.skipped})", flush=True)
         else:
-            print(f"  {row.name}: {row.median * 1e3:.1f} ms, {row.fraction or 0:.1%} of peak", flush=True)
+            print(f"  {row.name}: {row.median * 1e3:.1f} ms" + (f", {row.fraction:.1%} of peak" if row.flops else ""),
+                  flush=True)
         self.rows.append(row)
         self.save()
         return row
@@ -323,7 +357,7 @@ def format_table(rows: Sequence[Row]) -> str:
         frac = f"{r.fraction:7.1%}" if r.flops else f"{'':>7}"
         gf = f"{r.flops / m / 1e9:8.1f}" if r.flops else f"{'':>8}"
         span = f"({min(r.times) * 1e3:.1f}-{max(r.times) * 1e3:.1f})"
-        per = f"{'':>9} {'':>10}" if r.group == "peak" else f"{m / r.tokens * 1e6:9.2f} {r.tokens / m:10.0f}"
+        per = f"{'':>9} {'':>10}" if r.group in ("peak", "compile") else f"{m / r.tokens * 1e6:9.2f} {r.tokens / m:10.0f}"
         lines.append(f"{r.name:<40} {m * 1e3:11.1f} {span:>17} {per} {gf} {frac} {r.note}".rstrip())
     return "\n".join(lines)
 
@@ -347,6 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     p.add_argument("--chunk", type=int, default=256, help="chunk size of the chunkwise form")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per row (after a warm-up run)")
     p.add_argument("--memory-gb", type=float, default=12.0, help="skip rows estimated to need more memory")
+    p.add_argument("--depths", default=",".join(map(str, COMPILE_DEPTHS)), help="layer counts of the compile rows")
     p.add_argument("--name", default=None, help="results file name (default: backend and UTC time)")
     args = p.parse_args(argv)
     groups = [g for g in args.groups.split(",") if g]
@@ -375,6 +410,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
         train_rows(timer, report, config, [(4, 512), (1, 8192)], args.chunk)
     if "decode" in groups:
         decode_rows(report)
+    if "compile" in groups:
+        compile_rows(report, [int(x) for x in args.depths.split(",") if x], min(args.repeats, LONG_RUN_REPEATS))
     rows = list(report.rows)
     peak_row = timer(Row("peak", f"matmul {MATMUL_N}^3 fp32 (the peak)", 1, MATMUL_FLOPS), timer.matmul)
     peak_row.peak_times = peak_row.times = [t for r in rows + [peak_row] for t in r.peak_times]

@@ -74,7 +74,10 @@ RETENTION_IMPLS = tuple(m.value for m in RetentionImpl)
 class NucleusXConfig:
     """Configuration of a NucleusX model; fields, defaults and ``attribute_map`` equal the PyTorch reference's.
 
-    The defaults describe NucleusX-7B. ``deepnorm=True`` switches the layers to post-norm
+    The defaults describe NucleusX-7B. Two fields are ours, not the reference's (which keeps them as plain
+    attributes): ``retention_impl`` (the chunkwise kernel) and ``scan_layers`` (run the decoder layers under
+    ``nn.scan``, parameters stacked on a leading ``layers`` axis; files on disk always hold one tensor per
+    layer, see :mod:`nucleusx_jax.weights`). ``deepnorm=True`` switches the layers to post-norm
     (``decoder_normalize_before=False``) exactly as the reference does. Invalid values raise ``ValueError``
     naming the field, the value and what is allowed; a keyword that is neither a field nor one of
     transformers' generic config keys (:data:`GENERIC_KEYS`) raises ``TypeError``.
@@ -114,6 +117,7 @@ class NucleusXConfig:
         groupnorm_eps: float = 1e-6,
         tie_word_embeddings: bool = False,
         retention_impl: str = "xla",
+        scan_layers: bool = False,
         **generic: Any,
     ):
         unknown = sorted(set(generic) - GENERIC_KEYS)
@@ -153,6 +157,7 @@ class NucleusXConfig:
         self.groupnorm_eps = groupnorm_eps
         self.z_loss_coeff = z_loss_coeff
         self.retention_impl = retention_impl
+        self.scan_layers = scan_layers
         self.bos_token_id = bos_token_id
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
@@ -283,6 +288,8 @@ class NucleusXConfig:
             raise bad("forward_mode", f"must be one of {', '.join(FORWARD_MODES)}")
         if self.retention_impl not in RETENTION_IMPLS:
             raise bad("retention_impl", f"must be one of {', '.join(RETENTION_IMPLS)}")
+        if not isinstance(self.scan_layers, bool):
+            raise bad("scan_layers", "must be true or false")
         if self.activation_fn not in ACTIVATIONS:
             raise bad("activation_fn", f"must be one of {', '.join(sorted(ACTIVATIONS))}")
         chunk = self.recurrent_chunk_size

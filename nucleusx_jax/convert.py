@@ -17,7 +17,9 @@ left by a killed conversion on this host is removed at the next start; one from 
 may not be ``src``, contain it or be a symlink into it; an existing ``dst`` inside ``src`` is not replaced.
 
 Memory: one source tensor and its converted copy at a time (``.bin`` output holds one shard, as
-``torch.save`` needs the whole shard); see ``benchmarks/convert_memory.py``.
+``torch.save`` needs the whole shard; a training run, or a flax file in the scanned layout, is read whole);
+see ``benchmarks/convert_memory.py``. Files written always hold one tensor per layer (``scan_layers``: see
+:mod:`nucleusx_jax.weights`).
 """
 
 import argparse
@@ -34,7 +36,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import ml_dtypes
 import numpy as np
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm.auto import tqdm
 
 from . import runs, weights
@@ -167,12 +169,23 @@ class _ParamsReader:
 def _open_training_run(src: str, step: Optional[int]) -> Tuple[NucleusXConfig, _ParamsReader]:
     """The model config and float32 parameters of a trainer run (``step`` or the latest complete one).
 
-    orbax restores the whole parameter tree, so this source holds the parameters in memory."""
+    orbax restores the whole parameter tree, so this source holds the parameters in memory, one tensor per
+    layer whichever layout the run trained in."""
     try:
         config, params = runs.restore_params(src, step)
     except FileNotFoundError as e:
         raise CheckpointError(str(e)) from e
-    return config, _ParamsReader(params, src)
+    return config, _ParamsReader(weights.unstack_layers(params), src)
+
+
+def _per_layer(reader: CheckpointReader, src: str) -> Union[CheckpointReader, _ParamsReader]:
+    """``reader``; or, for a flax file in the scanned layout (stacked ``layers`` tensors, which transformers'
+    ``save_pretrained`` writes for a scanned model), its tensors in memory, one per layer."""
+    if not any(weights.LAYERS in name.split("/") for name in reader.index):
+        return reader
+    with reader:
+        params = unflatten_dict({tuple(name.split("/")): reader.read(name) for name in reader.index})
+    return _ParamsReader(weights.unstack_layers(params), src)
 
 
 def _check_dtypes(index: Dict[str, TensorInfo]) -> None:
@@ -346,7 +359,7 @@ def convert(
     if source is None:
         config, reader = _open_training_run(src, step)
     else:
-        config, reader = _load_config(src), CheckpointReader(source)
+        config, reader = _load_config(src), _per_layer(CheckpointReader(source), src)
     with reader:
         if to == "flax":
             items, fmt = _plan_to_flax(reader, config, target), FORMATS["msgpack"]

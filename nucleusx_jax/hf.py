@@ -32,7 +32,7 @@ from transformers.utils import ModelOutput
 
 from . import configuration, modeling, retention, weights
 from .inputs import check_inputs, prompt_forward_mode, shape_of
-from .model import NucleusX, fill_missing, load_params
+from .model import NucleusX, fill_missing, find_flax_weights, load_params
 
 logger = logging.getLogger(__name__)
 Cache = Tuple[retention.RetentionState, ...]
@@ -164,16 +164,20 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
         """HF ``from_pretrained``; PyTorch NucleusX directories (``from_pt=True``, or a directory holding only
-        PyTorch weights) load through the core's :func:`nucleusx_jax.model.load_params`, tied embeddings
-        included."""
+        PyTorch weights) and every local directory of a ``scan_layers`` config (whose files hold one tensor per
+        layer, or a stacked layout saved by this class) load through the core's
+        :func:`nucleusx_jax.model.load_params`, tied embeddings included."""
         path = os.fspath(pretrained_model_name_or_path)
         from_pt = kwargs.get("from_pt", False)
         is_dir = os.path.isdir(path)
-        has_flax = is_dir and any(os.path.isfile(os.path.join(path, n))
-                                  for n in ("flax_model.msgpack", "flax_model.msgpack.index.json"))
-        if not is_dir or not (from_pt or not has_flax):
+        has_flax = is_dir and find_flax_weights(path) is not None
+        config = kwargs.get("config")
+        if config is None and is_dir and os.path.isfile(os.path.join(path, configuration.CONFIG_FILE)):
+            config = configuration.NucleusXConfig.from_pretrained(path)
+        scan = kwargs.get("scan_layers", getattr(config, "scan_layers", False))
+        if not is_dir or not (from_pt or not has_flax or scan):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        if weights.find_torch_weights(path) is None:
+        if not has_flax and weights.find_torch_weights(path) is None:
             raise FileNotFoundError(f"{path} holds no PyTorch weights: expected one of {', '.join(weights.TORCH_FILES)}")
         kwargs.pop("from_pt", None)
         config = kwargs.pop("config", None)
@@ -186,7 +190,7 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
         if config is None:
             config, kwargs = cls.config_class.from_pretrained(path, return_unused_kwargs=True, **kwargs)
         model = cls(config, *model_args, dtype=dtype, _do_init=False, **kwargs)
-        params, head_missing = load_params(path, model.core.config, cls.head, from_pt=True)
+        params, head_missing = load_params(path, model.core.config, cls.head, from_pt=from_pt or not has_flax)
         if head_missing:
             logger.warning("%s: %s not in %s; initialised randomly (train them before use)",
                            cls.__name__, head_missing, path)

@@ -170,8 +170,9 @@ class NucleusX:
     def save_pretrained(self, directory: Union[str, os.PathLike], params: Any = None,
                         max_shard_size: Union[int, str] = "5GB") -> str:
         """Write ``config.json`` and ``flax_model.msgpack`` (sharded above ``max_shard_size``, with an index) into
-        ``directory``: the layout transformers' Flax models save and load. Written into a temporary directory
-        first; each file then replaces its old version by rename. Returns the directory."""
+        ``directory``: the layout transformers' Flax models save and load, one tensor per layer whatever
+        ``config.scan_layers`` (see :mod:`nucleusx_jax.weights`). Written into a temporary directory first; each
+        file then replaces its old version by rename. Returns the directory."""
         params = jax.device_get(params if params is not None else self.params)
         return save_flax_dir(directory, self.config, params, max_shard_size)
 
@@ -181,7 +182,7 @@ def save_flax_dir(directory: Union[str, os.PathLike], config: NucleusXConfig, pa
     """``config.json`` plus the params as (sharded) ``flax_model.msgpack`` in ``directory``; see
     :meth:`NucleusX.save_pretrained`."""
     directory = os.path.abspath(os.fspath(directory))
-    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(dict(params)).items()}
+    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(weights.unstack_layers(params)).items()}
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
@@ -227,12 +228,13 @@ def load_params(directory: str, config: NucleusXConfig, head: str, *, from_pt: b
 
 
 def _flax_as_torch_tensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
-    """Stream a flax weights file as ``(PyTorch key, array in PyTorch layout)``, one tensor at a time."""
+    """Stream a flax weights file (either layer layout) as ``(PyTorch key, array in PyTorch layout)``, one
+    tensor (or stacked layer tensor) at a time."""
     with CheckpointReader(path) as reader:
         for name in reader.index:
-            key, transpose = weights.flax_path_to_torch(tuple(name.split("/")))
-            value = reader.read(name)
-            yield key, (value.T if transpose else value)
+            for path, value in weights.unstack_leaf(tuple(name.split("/")), reader.read(name)):
+                key, transpose = weights.flax_path_to_torch(path)
+                yield key, (value.T if transpose else value)
 
 
 def resolve(path: Union[str, os.PathLike]) -> str:

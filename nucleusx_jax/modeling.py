@@ -1,8 +1,10 @@
 """Flax linen modules of NucleusX: norms, multi-scale retention, GLU, decoder layer, model and heads.
 
 The modules are thin layers over :mod:`nucleusx_jax.retention`. Parameter names mirror the PyTorch
-state dict (``layers.3.retention.q_proj.weight`` is ``layers_3/retention/q_proj/kernel`` here), and every
-parameter carries logical axis names (``embed``, ``heads``, ``mlp``, ``vocab``, ``norm``) for sharding.
+state dict (``layers.3.retention.q_proj.weight`` is ``layers_3/retention/q_proj/kernel`` here; with the config's
+``scan_layers`` the layers run under ``nn.scan`` and that is row 3 of ``layers/retention/q_proj/kernel``
+``[L, E, E]``), and every parameter carries logical axis names (``layers``, ``embed``, ``heads``, ``mlp``,
+``vocab``, ``norm``) for sharding.
 
 How a call runs (forward form, chunk size, kernel, returned state, hidden states, dropout) travels as one
 frozen, hashable :class:`RunOptions`, keyword-only; its defaults come from the config.
@@ -32,6 +34,9 @@ Cache = Tuple[ret.RetentionState, ...]
 F32 = jnp.float32
 # logical names of the residual stream [B, T, E]; a no-op outside ``nn.logical_axis_rules`` (see sharding.py)
 ACTIVATION_AXES = ("batch", "length", "act_embed")
+# the decoder layers' name: ``layers_<i>`` each, or with ``scan_layers`` one ``layers`` whose parameters are
+# stacked on a leading axis of that logical name (see :mod:`nucleusx_jax.weights` for the conversions)
+LAYERS = "layers"
 
 
 @flax.struct.dataclass
@@ -134,15 +139,14 @@ class RMSNorm(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: zero a whole sample's branch with probability ``rate``, rescale the rest."""
-
-    rate: float
+    """Stochastic depth: zero a whole sample's branch with probability ``rate`` (a float or ``[]`` array, so
+    a scanned layer stack can pass each layer's), rescale the rest."""
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        if deterministic or self.rate == 0.0:
+    def __call__(self, x: Array, rate: Any, deterministic: bool) -> Array:
+        if deterministic:
             return x
-        keep = 1.0 - self.rate
+        keep = 1.0 - rate
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
         return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
 
@@ -247,11 +251,17 @@ class GLU(nn.Module):
         return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
 
 
+def drop_path_rates(config: NucleusXConfig) -> np.ndarray:
+    """Each layer's stochastic-depth rate ``[L]``: 0 rising linearly to ``drop_path_rate`` (the reference's)."""
+    return np.linspace(0, config.drop_path_rate, config.decoder_layers)
+
+
 class DecoderLayer(nn.Module):
-    """Retention block then GLU block, each residual (``residual * alpha + x``), pre- or post-norm."""
+    """Retention block then GLU block, each residual (``residual * alpha + x``), pre- or post-norm.
+
+    What differs between layers is passed in (``drop_path_rate``), so one layer can be scanned over depth."""
 
     config: NucleusXConfig
-    depth: int
     dtype: Any = F32
     param_dtype: Any = F32
 
@@ -263,16 +273,17 @@ class DecoderLayer(nn.Module):
         mask: Optional[Array],
         state: Optional[ret.RetentionState],
         segment_ids: Optional[Array],
+        drop_path_rate: Any,
         *,
         options: RunOptions,
     ) -> Tuple[Array, Optional[ret.RetentionState]]:
-        """x ``[B, T, E]``, positions ``[T]`` or ``[B, T]``, mask and segment_ids ``[B, T]`` ->
-        ``([B, T, E], state or None)``."""
+        """x ``[B, T, E]``, positions ``[T]`` or ``[B, T]``, mask and segment_ids ``[B, T]``, this layer's
+        ``drop_path_rate`` (float or ``[]``) -> ``([B, T, E], state or None)``."""
         cfg = self.config
         deterministic = options.deterministic
         alpha = math.pow(2.0 * cfg.decoder_layers, 0.25) if cfg.deepnorm else 1.0
-        rate = float(np.linspace(0, cfg.drop_path_rate, cfg.decoder_layers)[self.depth])
-        drop_path = DropPath(rate)
+        no_drop_path = deterministic or cfg.drop_path_rate == 0.0
+        drop_path = partial(DropPath(), rate=drop_path_rate, deterministic=no_drop_path)
         norm_kw = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         pre = cfg.decoder_normalize_before
         retention_norm = RMSNorm(name="retention_rms_norm", **norm_kw)
@@ -284,14 +295,14 @@ class DecoderLayer(nn.Module):
             h, positions, mask, state, segment_ids, options=options
         )
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
-        x = residual * alpha + drop_path(h, deterministic)
+        x = residual * alpha + drop_path(h)
         if not pre:
             x = retention_norm(x)
 
         residual = x
         h = final_norm(x) if pre else x
         h = GLU(cfg, self.dtype, self.param_dtype, name="ffn")(h, deterministic)
-        x = residual * alpha + drop_path(h, deterministic)
+        x = residual * alpha + drop_path(h)
         if not pre:
             x = final_norm(x)
         return x.astype(self.dtype), new_state
@@ -302,6 +313,8 @@ class NucleusXModule(nn.Module):
 
     ``gradient_checkpointing`` rematerialises each layer in the backward pass; ``remat_policy`` names a
     ``jax.checkpoint_policies`` member deciding what is saved (None: nothing, recompute the whole layer).
+    With ``config.scan_layers`` the layers are one ``nn.scan`` (compile time independent of depth), remat
+    applying inside it per layer; the cache and hidden states are per-layer tuples either way.
     """
 
     config: NucleusXConfig
@@ -321,10 +334,14 @@ class NucleusXModule(nn.Module):
         layer_cls = DecoderLayer
         if self.gradient_checkpointing:
             policy = getattr(jax.checkpoint_policies, self.remat_policy) if self.remat_policy else None
-            layer_cls = nn.remat(DecoderLayer, policy=policy)  # RunOptions has no array leaves: static
-        self.layers = [
-            layer_cls(cfg, i, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(cfg.decoder_layers)
-        ]
+            # RunOptions has no array leaves: static. Under scan the loop already keeps XLA from merging the
+            # recomputation into the forward pass, so CSE prevention is not needed there.
+            layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:  # one layer whose parameters have a leading [L] axis, named "layers"
+            self.layers = layer_cls(cfg, self.dtype, self.param_dtype, name=LAYERS)
+        else:
+            self.layers = [layer_cls(cfg, self.dtype, self.param_dtype, name=f"{LAYERS}_{i}")
+                           for i in range(cfg.decoder_layers)]
         self.rms_norm = RMSNorm(**norm_kw) if cfg.decoder_normalize_before else None
         self.embed_dropout = nn.Dropout(cfg.dropout)
 
@@ -364,20 +381,32 @@ class NucleusXModule(nn.Module):
             positions = offset[:, None] + jnp.arange(input_ids.shape[1])
         else:  # [T]
             positions = offset + jnp.arange(input_ids.shape[1])
-        hidden = []
-        cache = []
-        for i, layer in enumerate(self.layers):
-            if options.hidden_states:
-                hidden.append(x)
-            state = past_key_values[i] if past_key_values is not None else None
-            x, new_state = layer(x, positions, attention_mask, state, segment_ids, options=options)
-            x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-            cache.append(new_state)
+
+        def step(layer: nn.Module, x: Array, per_layer: Tuple[Any, Any]) -> Tuple[Array, Tuple[Any, Any]]:
+            """One layer: x ``[B, T, E]``, (its state or None, its drop-path rate) -> (output, (new state or
+            None, its input x when hidden states are wanted))."""
+            state, rate = per_layer
+            y, new_state = layer(x, positions, attention_mask, state, segment_ids, rate, options=options)
+            return nn.with_logical_constraint(y, ACTIVATION_AXES), (new_state, x if options.hidden_states else None)
+
+        rates = drop_path_rates(cfg)
+        if cfg.scan_layers:
+            past = None if past_key_values is None else jax.tree.map(lambda *s: jnp.stack(s), *past_key_values)
+            scan = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                           length=cfg.decoder_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
+            x, stacked = scan(self.layers, x, (past, jnp.asarray(rates, F32)))
+            per_layer = [jax.tree.map(lambda a: a[i], stacked) for i in range(cfg.decoder_layers)]
+        else:
+            per_layer = []
+            for i, layer in enumerate(self.layers):
+                state = past_key_values[i] if past_key_values is not None else None
+                x, out = step(layer, x, (state, float(rates[i])))
+                per_layer.append(out)
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        if options.hidden_states:
-            hidden.append(x)
-        return x, (tuple(cache) if options.return_state else None), (tuple(hidden) if options.hidden_states else None)
+        cache = tuple(out[0] for out in per_layer) if options.return_state else None
+        hidden = tuple(out[1] for out in per_layer) + (x,) if options.hidden_states else None
+        return x, cache, hidden
 
     def attend(self, x: Array) -> Array:
         """Logits through the (tied) embedding matrix: ``[B, T, E] -> [B, T, vocab]`` (on ``[N, E]``, like

@@ -24,7 +24,8 @@ def is_run_dir(path: str) -> bool:
 
 def restore_params(run_dir: str, step: Optional[int] = None) -> Tuple[NucleusXConfig, Any]:
     """The model config and float32 parameters of a run's checkpoint (default: the latest complete step),
-    read without the optimizer state, onto the first local device."""
+    read without the optimizer state, onto the first local device. The parameters are in the layout the run
+    trained in (``config.scan_layers``); :func:`nucleusx_jax.weights.to_layout` gives the other."""
     config_file = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{run_dir} has no {CONFIG_FILE} (the model config the trainer writes when a run "

@@ -8,6 +8,11 @@ PyTorch key                                  flax path                          
 ``lm_head.weight`` / ``score.weight``        ``lm_head/kernel`` / ``score/kernel``     transposed
 ``model.rel_pos.{angle,decay}``              (buffers: checked against the config, regenerated on export)
 
+Layer layouts: files (ours and PyTorch's) always hold one tensor per layer. With the config's ``scan_layers``
+the flax model keeps each layer parameter as one array ``model/layers/<...>`` with a leading ``[L]`` axis
+(row ``i`` is ``layers_i``); :func:`stack_layers` and :func:`unstack_layers` convert at the edges (loading,
+saving, exporting, converting), :func:`to_layout` picks the one a config needs.
+
 Tied embeddings: with ``tie_word_embeddings`` the flax model has no ``lm_head``; a ``lm_head.weight`` in
 the checkpoint must then equal the embedding.
 
@@ -17,16 +22,20 @@ A bare ``NucleusXModel`` checkpoint has the same keys without ``model.`` (flax p
 import logging
 import os
 import re
-from typing import Callable, Collection, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Tuple
 
+import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import retention
 from .configuration import NucleusXConfig
+from .modeling import LAYERS
 from .tensorio import CheckpointError, CheckpointReader  # noqa: F401  (CheckpointError is re-exported)
 
 logger = logging.getLogger(__name__)
 Path = Tuple[str, ...]
+LAYER_NAME = re.compile(rf"^{LAYERS}_(\d+)$")
 BUFFERS = ("model.rel_pos.angle", "model.rel_pos.decay")
 HEAD_KEYS = {"causal_lm": ("lm_head.weight",), "sequence_classification": ("score.weight",), "base": ()}
 
@@ -50,6 +59,48 @@ def flax_path_to_torch(path: Path) -> Tuple[str, bool]:
     *module, leaf = path
     key = ".".join(re.sub(r"^layers_(\d+)$", r"layers.\1", m) for m in module) + ".weight"
     return key, leaf == "kernel"
+
+
+def unstack_leaf(path: Path, value: Any) -> List[Tuple[Path, Any]]:
+    """One parameter in per-layer form: a stacked ``(..., "layers", ...)`` ``[L, ...]`` becomes ``L`` pairs
+    ``((..., "layers_<i>", ...), value[i])``; any other parameter is returned as it is."""
+    if LAYERS not in path:
+        return [(path, value)]
+    at = path.index(LAYERS)
+    return [(path[:at] + (f"{LAYERS}_{i}",) + path[at + 1:], value[i]) for i in range(value.shape[0])]
+
+
+def unstack_layers(params: Mapping) -> dict:
+    """A parameter tree with the layers in per-layer form (``layers_<i>`` subtrees): the scanned layout's
+    stacked ``layers`` leaves ``[L, ...]`` are split; a per-layer tree comes back as it is. Numpy or jax
+    leaves; slices are views where the array type allows."""
+    return unflatten_dict({p: v for path, value in flatten_dict(dict(params)).items()
+                           for p, v in unstack_leaf(path, value)})
+
+
+def stack_layers(params: Mapping) -> dict:
+    """A parameter tree in the scanned layout: every ``layers_<i>`` subtree's leaves stacked into one
+    ``layers`` leaf ``[L, ...]`` (row ``i`` from ``layers_i``; numpy leaves give numpy, jax leaves jax). A
+    stacked tree comes back as it is; layer numbers that are not ``0 .. L-1`` raise :class:`CheckpointError`."""
+    out: Dict[Path, Any] = {}
+    groups: Dict[Path, Dict[int, Any]] = {}
+    for path, value in flatten_dict(dict(params)).items():
+        at = next((j for j, part in enumerate(path) if LAYER_NAME.match(part)), None)
+        if at is None:
+            out[path] = value
+        else:
+            groups.setdefault(path[:at] + (LAYERS,) + path[at + 1:], {})[int(path[at][len(LAYERS) + 1:])] = value
+    for path, rows in groups.items():
+        if sorted(rows) != list(range(len(rows))):
+            raise CheckpointError(f"{'/'.join(path)}: layers {sorted(rows)} are not 0 .. {len(rows) - 1}")
+        values = [rows[i] for i in range(len(rows))]
+        out[path] = (np.stack if all(isinstance(v, np.ndarray) for v in values) else jnp.stack)(values)
+    return unflatten_dict(out)
+
+
+def to_layout(params: Mapping, scan_layers: bool) -> dict:
+    """``params`` in the layout of a config with ``scan_layers`` (:func:`stack_layers` or :func:`unstack_layers`)."""
+    return stack_layers(params) if scan_layers else unstack_layers(params)
 
 
 def rel_pos_buffers(config: NucleusXConfig, prefix: str = "model.", like_torch: bool = True) -> Dict[str, np.ndarray]:
@@ -177,7 +228,8 @@ def expected_torch_shapes(config: NucleusXConfig, head: str) -> Dict[str, Tuple[
 def state_dict_to_params(
     tensors: Iterator[Tuple[str, np.ndarray]], config: NucleusXConfig, head: str, allow_missing_head: bool = False
 ) -> Tuple[dict, List[str]]:
-    """Build the flax ``params`` tree from ``(key, array)`` pairs of a PyTorch NucleusX state dict.
+    """Build the flax ``params`` tree (in the layout of ``config.scan_layers``) from ``(key, array)`` pairs of
+    a PyTorch NucleusX state dict.
 
     Accepts checkpoints of any head for any ``head`` (the decoder weights are shared): a ``model.`` prefix is
     added or removed as needed and the other head's weights are ignored. Returns ``(params, missing head
@@ -212,7 +264,7 @@ def state_dict_to_params(
         if not np.array_equal(np.asarray(lm_head), np.asarray(emb)):
             raise CheckpointError("lm_head.weight differs from model.embed_tokens.weight although "
                                   "tie_word_embeddings=True")
-    return params, head_missing
+    return to_layout(params, config.scan_layers), head_missing
 
 
 # ----------------------------------------------------------------------------------------- reading files

@@ -20,7 +20,7 @@ REFERENCE_DEFAULTS = dict(
 )
 
 
-OUR_EXTRA_FIELDS = {"retention_impl"}
+OUR_EXTRA_FIELDS = {"retention_impl", "scan_layers"}
 
 
 def hf_config_class():
@@ -101,4 +101,4 @@ def test_unknown_constructor_field_is_an_error_and_file_extras_are_kept(tmp_path
     seqcls = json.loads((FIXTURES / "nucleus_x_tiny" / "seqcls_config.json").read_text())
     loaded = NucleusXConfig.from_dict(seqcls)
     assert loaded.num_labels == 3 and loaded.problem_type == "single_label_classification"
-    assert {k: v for k, v in loaded.to_dict().items() if k != "retention_impl"} == seqcls
+    assert {k: v for k, v in loaded.to_dict().items() if k not in OUR_EXTRA_FIELDS} == seqcls

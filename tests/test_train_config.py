@@ -129,6 +129,12 @@ def test_sharding_rules_are_megatron_and_fsdp():
             if hasattr(s, "mu")][0]
     assert adam.mu["lm_head"]["kernel"] == adam.nu["lm_head"]["kernel"] == PartitionSpec("fsdp", "tensor")
     assert shd.batch_spec(2) == PartitionSpec(("data", "fsdp"), None)
+    # scan_layers: the same specs behind a replicated leading "layers" axis
+    scanned = state_specs(build_module(_tiny("model.scan_layers=true")), build_optimizer(cfg), 16)[1]
+    stack = scanned.params["model"]["layers"]
+    assert stack["retention"]["out_proj"]["kernel"] == PartitionSpec(None, "tensor", "fsdp")
+    assert stack["ffn"]["fc1"]["kernel"] == PartitionSpec(None, "fsdp", "tensor")
+    assert stack["final_rms_norm"]["weight"] == PartitionSpec(None, None)
 
 
 def test_fit_errors_name_the_numbers():
@@ -186,6 +192,7 @@ def test_flop_count_formula():
 def test_real_run_configs_shard_on_their_slices(name):
     """Each real-run YAML parses; on an AbstractMesh of its slice every sharding divides its array."""
     cfg = load_config(os.path.join(ROOT, "configs", name))
+    assert cfg.model_config().scan_layers
     devices = REAL_RUNS[name]
     mesh = shd.make_abstract_mesh(cfg.mesh.__dict__, devices)
     assert math.prod(mesh.axis_sizes) == devices
@@ -196,6 +203,8 @@ def test_real_run_configs_shard_on_their_slices(name):
     for leaf, sharding in zip(jax.tree.leaves(abstract.params), jax.tree.leaves(shardings.params)):
         shard = sharding.shard_shape(leaf.shape)  # raises if the mesh does not divide the array
         assert math.prod(shard) * math.prod(mesh.axis_sizes) >= math.prod(leaf.shape)
+    layers = cfg.model_config().decoder_layers
+    assert all(leaf.shape[0] == layers for leaf in jax.tree.leaves(abstract.params["model"]["layers"]))
     n = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
     expected = {"1.3b": 1.35e9, "7b": 6.9e9}[name.split("-")[1]]
     assert abs(n - expected) / expected < 0.05

@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ..modeling import LAYERS
 from ..runs import CHECKPOINT_DIR
 from .config import CheckpointConfig
 from .step import TrainState
@@ -88,6 +89,11 @@ class Checkpointer:
                     problem = (f"{jax.tree_util.keystr(path)} has shape {tuple(meta.shape)} there but "
                                f"{tuple(want.shape)} in this run")
                     break
+        scanned = [any(getattr(k, "key", None) == LAYERS for path, _ in leaves for k in path)
+                   for leaves in (saved, wanted)]
+        if problem and scanned[0] != scanned[1]:
+            problem += (f" (it was trained with model.scan_layers={str(scanned[0]).lower()}, this run has "
+                        f"{str(scanned[1]).lower()}: the two layouts stack the layer parameters differently)")
         if problem:
             raise ValueError(f"checkpoint step {step} in {self.manager.directory} does not match this run's model "
                              f"and optimizer: {problem}. Use another train.run_dir, or set checkpoint.resume=false "
