@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding
 from nucleusx_jax import retention as ret, sequence_parallel, sharding as shd
+from nucleusx_jax.weights import stack_layers, unstack_layers
 from nucleusx_jax.modeling import NucleusXForCausalLMModule, RunOptions
 from nucleusx_jax.train.config import load_config
 from nucleusx_jax.train.step import make_trainer
@@ -45,7 +46,7 @@ labels = np.where(segments > 0, np.roll(ids, -1, 1), -100).astype(np.int32)
 devices = jax.devices()
 assert len(devices) == 8, devices
 
-def run(shape, extra=(), n_devices=8):
+def run(shape, extra=(), n_devices=8, steps=5, params=None):
     cfg = load_config(None, base + list(extra))
     mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), devices[:n_devices])
     trainer = make_trainer(cfg, mesh)
@@ -62,18 +63,20 @@ def run(shape, extra=(), n_devices=8):
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES):
         put = lambda x: jax.device_put(x, tok)
-        logits, loss, grads = jax.jit(model)(state.params, put(ids), put(mask), put(segments), put(labels))
+        params = state.params if params is None else params
+        logits, loss, grads = jax.jit(model)(params, put(ids), put(mask), put(segments), put(labels))
+        params = jax.device_get(params)  # before the training steps donate it
         try:  # a length that does not split over the devices: refused while tracing, before compiling
             jax.jit(model).trace(state.params, *(x[:, :60] for x in (ids, mask, segments, labels)))
             refusal = None
         except ValueError as err:
             refusal = str(err)
     losses = []
-    for step in range(5):
+    for step in range(steps):
         state, metrics = trainer.train_step(state, jax.device_put(tokens[step], trainer.batch_sharding))
         losses.append(float(metrics["loss"]))
     return dict(logits=np.asarray(logits), loss=float(loss), grads=jax.device_get(grads), losses=losses,
-                refusal=refusal)
+                refusal=refusal, params=params)
 
 one = run((1, 1, 1, 1), n_devices=1)
 out = {"one_losses": one["losses"]}
@@ -90,6 +93,12 @@ for name in sys.argv[1].split(";"):
         grads=max(float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
                   for a, b in zip(jax.tree.leaves(got["grads"]), jax.tree.leaves(one["grads"]))),
         losses=got["losses"], refusal=got["refusal"])
+# scanned layers compose: the same logits and (unstacked) gradients with T split over sequence
+got = run((2, 2, 1, 2), ["model.scan_layers=true"], steps=0, params=stack_layers(one["params"]))
+out["scanned"] = dict(
+    logits=float(np.max(np.abs(got["logits"] - one["logits"]))),
+    grads=max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b)) / np.max(np.abs(b))),
+                                           unstack_layers(got["grads"]), dict(one["grads"])))))
 # the bytes the collectives of the loss's forward+backward move do not grow with T (segments and padding on)
 from benchmarks.sequence_parallel import collective_bytes, compile_loss
 model = load_config(None, base).model_config()
@@ -118,6 +127,12 @@ def test_sequence_mesh_matches_one_device(results, mesh):
     sequence = int(mesh.split(",")[-1])
     assert got["refusal"] == (f"T=60 does not split over mesh.sequence={sequence} in whole chunks of 4: it must be "
                               f"a multiple of {sequence} x 4 = {4 * sequence}")
+
+
+@pytest.mark.slow
+def test_scanned_layers_split_over_sequence(results):
+    """``model.scan_layers`` on mesh (2, 2, 1, 2): the 1-device logits, gradients equal once unstacked."""
+    assert results["scanned"]["logits"] < 1e-5 and results["scanned"]["grads"] < 1e-4
 
 
 @pytest.mark.slow
