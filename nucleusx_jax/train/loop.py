@@ -5,7 +5,7 @@ Run directory layout: ``config.yaml`` (resolved), ``config.json`` (the model con
 trained here), ``data/`` (token stores prepared from ``data.sources``),
 ``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``loss.png``, ``hf/`` (final model and
 tokenizer), ``torch/`` (optional PyTorch export), ``summary.json``, ``run.lock`` (the trainer running there,
-see :mod:`.lock`).
+see :mod:`.lock`). The run directory may be a URL (``gs://bucket/run``, see :mod:`nucleusx_jax.storage`).
 """
 
 import dataclasses
@@ -14,8 +14,8 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import signal
+import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -26,10 +26,11 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from .. import sharding as shd
-from ..configuration import NucleusXConfig
+from .. import storage
+from ..configuration import CONFIG_FILE as CONFIG_JSON, NucleusXConfig
 from ..convert import convert
 from ..model import NucleusX, save_flax_dir
-from ..tensorio import atomic_write
+from ..storage import atomic_write
 from .checkpoint import CONFIG_FILE, Checkpointer
 from .config import Config
 from ..data.mixture import Mixture
@@ -78,7 +79,7 @@ def prepare_tokenizer(cfg: Config, run_dir: str) -> Tokenizer:
     path = cfg.data.tokenizer
     if not path:
         path = os.path.join(run_dir, TOKENIZER_FILE)
-        if jax.process_index() == 0 and not os.path.exists(path):
+        if jax.process_index() == 0 and not storage.exists(path):
             logger.info("training a %d-piece SentencePiece tokenizer on %s", cfg.data.vocab_size, cfg.data.sources)
             train_tokenizer(cfg.data.sources, path[: -len(".model")], cfg.data.vocab_size,
                             text_field=cfg.data.text_field, format=cfg.data.format, seed=cfg.data.seed)
@@ -112,17 +113,15 @@ def host_params(params: Any) -> Any:
 def export_hf(run_dir: str, config: NucleusXConfig, params: Any, tokenizer_file: Optional[str]) -> str:
     """Write the model (:func:`host_params` ``params`` as ``config.json`` + ``flax_model.msgpack``, the layout
     of our and transformers' Flax model directories) and, for SentencePiece, the tokenizer (an HF
-    ``LlamaTokenizer`` directory) into ``<run_dir>/hf`` (built in a temporary directory, then renamed).
-    Needs no transformers. Process 0 writes."""
+    ``LlamaTokenizer`` directory) into ``<run_dir>/hf``: built in a temporary local directory, then published
+    (:func:`~nucleusx_jax.storage.publish_dir`, ``config.json`` last). Needs no transformers. Process 0 writes."""
     final = os.path.join(run_dir, HF_DIR)
     if jax.process_index() == 0:
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_flax_dir(tmp, config, params)
-        if tokenizer_file is not None and tokenizer_file.endswith(".model"):
-            save_hf_tokenizer(tokenizer_file, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with tempfile.TemporaryDirectory(prefix=".hf-", dir=None if storage.is_url(run_dir) else run_dir) as tmp:
+            save_flax_dir(os.path.join(tmp, HF_DIR), config, params)
+            if tokenizer_file is not None and tokenizer_file.endswith(".model"):
+                save_hf_tokenizer(tokenizer_file, os.path.join(tmp, HF_DIR))
+            storage.publish_dir(os.path.join(tmp, HF_DIR), final, marker=CONFIG_JSON)
     _sync("nucleusx-export")
     return final
 
@@ -221,8 +220,8 @@ def run(cfg: Config) -> Dict[str, Any]:
     :class:`NonFiniteLossError` on a non-finite step when ``train.on_nonfinite == "stop"``. On SIGTERM saves a
     checkpoint and returns with ``summary["preempted"] = True``.
     """
-    run_dir = os.path.abspath(cfg.train.run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = storage.absolute(cfg.train.run_dir)
+    storage.makedirs(run_dir)
     lock = _lock_run_dir(run_dir)
     try:
         return _run(cfg)
@@ -235,8 +234,7 @@ def _run(cfg: Config) -> Dict[str, Any]:
     """:func:`run` once the run directory is locked."""
     t, lg = cfg.train, cfg.logging
     lead = jax.process_index() == 0
-    run_dir = os.path.abspath(t.run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = storage.absolute(t.run_dir)
     tokenizer = prepare_tokenizer(cfg, run_dir)
     tokenizer_file = cfg.data.tokenizer or os.path.join(run_dir, TOKENIZER_FILE)
     if lead:
