@@ -11,6 +11,7 @@ unreachable or unreadable bucket :class:`StorageError`, both naming the URL.
 """
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -130,20 +131,34 @@ def remove_tree(path: str) -> None:
             fs.rm(p, recursive=True)
 
 
-@contextlib.contextmanager
-def open_file(path: str, mode: str = "rb") -> Iterator[IO[Any]]:
-    """``open(path, mode)`` for reading (``"r"``/``"rb"``) a local file or an object."""
-    if mode not in ("r", "rb"):
-        raise ValueError(f"open_file reads only (mode 'r' or 'rb'), got {mode!r}; write with atomic_write")
-    if not is_url(path):
-        with open(path, mode) as f:
-            yield f
-        return
-    fs, p = _fs(path)
+def open_file(path: str, mode: str = "rb", *, compression: Optional[str] = None) -> IO[Any]:
+    """An open file for reading (``mode`` ``"r"``/``"rt"``: UTF-8 text, ``"rb"``: bytes) a local file or an
+    object, decompressed by fsspec when ``compression`` (``"gzip"``, ``"zstd"``) is given."""
+    if mode not in ("r", "rt", "rb"):
+        raise ValueError(f"open_file reads only (mode 'r', 'rt' or 'rb'), got {mode!r}; write with atomic_write")
+    encoding = None if "b" in mode else "utf-8"
+    if not is_url(path) and compression is None:
+        return open(path, mode, encoding=encoding)
     with _named(path, "open"):
-        f = fs.open(p, mode)
-    with f:
-        yield f
+        return fsspec.open(path, mode, compression=compression, encoding=encoding, use_listings_cache=False).open()
+
+
+def glob_files(pattern: str) -> List[str]:
+    """The files matching glob ``pattern`` (``**`` recursive), sorted; URLs keep their protocol."""
+    if not is_url(pattern):
+        return sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+    fs, p = _fs(pattern)
+    with _named(pattern, "list"):
+        return sorted(fs.unstrip_protocol(f) for f, info in fs.glob(p, detail=True).items() if info["type"] == "file")
+
+
+def walk_files(path: str) -> List[str]:
+    """Every file under directory ``path`` (recursively), sorted; URLs keep their protocol."""
+    if not is_url(path):
+        return sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    fs, p = _fs(path)
+    with _named(path, "list"):
+        return sorted(fs.unstrip_protocol(f) for f in fs.find(p))
 
 
 def read_bytes(path: str, start: Optional[int] = None, stop: Optional[int] = None) -> bytes:

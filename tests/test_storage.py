@@ -25,9 +25,11 @@ if importlib.util.find_spec("gcsfs") is None or importlib.util.find_spec("fake_g
 from nucleusx_jax import storage  # noqa: E402
 from nucleusx_jax import sharding as shd  # noqa: E402
 from nucleusx_jax.convert import convert  # noqa: E402
+from nucleusx_jax.data.prepare import PrepareOptions, prepare  # noqa: E402
 from nucleusx_jax.data.store import TokenStore  # noqa: E402
 from nucleusx_jax.model import from_pretrained  # noqa: E402
 from nucleusx_jax.runs import restore_params  # noqa: E402
+from nucleusx_jax.sources import iter_source_documents, source_size  # noqa: E402
 from nucleusx_jax.train.checkpoint import Checkpointer  # noqa: E402
 from nucleusx_jax.train.config import load_config  # noqa: E402
 from nucleusx_jax.train.lock import RunLock, RunLockedError  # noqa: E402
@@ -130,7 +132,8 @@ def gcs_run(gcs, tokenizer, tmp_path_factory):
     local = str(tmp_path_factory.mktemp("local"))
     run(load_config(TINY, overrides(tokenizer, local)))
     remote = "gs://bucket/run"
-    args = [a for o in overrides(tokenizer, remote) for a in ("--set", o)]
+    storage.atomic_write("gs://bucket/tokenizer/sp.model", storage.read_bytes(tokenizer))  # read from the bucket
+    args = [a for o in overrides("gs://bucket/tokenizer/sp.model", remote) for a in ("--set", o)]
     proc = cli(args, gcs)
     deadline = time.time() + 300
     while not committed_steps(remote) and proc.poll() is None:
@@ -246,6 +249,29 @@ def test_unreachable_endpoint_names_the_url(tmp_path):
     assert out.returncode != 0
     assert "StorageError: cannot reach the bucket 'bucket' of gs://bucket/run" in out.stderr, out.stderr[-2000:]
     print(f"unreachable endpoint: failed after {time.time() - start:.1f} s")
+
+
+def test_sources_and_store_on_gcs(gcs, tokenizer, tmp_path):
+    """Compressed jsonl and text sources read from a gs:// glob/directory equal the same files read locally, and
+    prepare writes a store to gs:// that reads back the same tokens as one prepared locally."""
+    import gzip
+
+    local = tmp_path / "corpus"
+    local.mkdir()
+    with gzip.open(local / "a.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": f"document {i} " * (i + 1)}) + "\n" for i in range(30)))
+    (local / "b.txt").write_text("first paragraph\n\nsecond one\n")
+    for name in ("a.jsonl.gz", "b.txt"):
+        storage.atomic_write(f"gs://bucket/corpus/{name}", (local / name).read_bytes())
+    assert list(iter_source_documents("gs://bucket/corpus/*.gz")) == list(iter_source_documents(str(local / "*.gz")))
+    assert list(iter_source_documents("gs://bucket/corpus")) == list(iter_source_documents(str(local)))
+    assert source_size("gs://bucket/corpus") == source_size(str(local))
+    options = PrepareOptions(shard_tokens=100, progress=False, workers=0)
+    remote = prepare(["gs://bucket/corpus"], tokenizer, "gs://bucket/store", options=options)
+    here = prepare([str(local)], tokenizer, str(tmp_path / "store"), options=options)
+    assert len(remote.shards) == len(here.shards) > 1 and remote.num_tokens == here.num_tokens
+    np.testing.assert_array_equal(TokenStore("gs://bucket/store").read(0, here.num_tokens), here.read(0, here.num_tokens))
+    assert not storage.exists("gs://bucket/store/progress.json")
 
 
 def test_atomic_write_and_publish_dir_on_memory_fs(tmp_path):
