@@ -59,29 +59,26 @@ def _named(url: str, action: str) -> Iterator[None]:
                            ) from err
 
 
+def _ask(path: str, local: Callable[[str], Any], method: str, action: str) -> Any:
+    """``local(path)`` for a local path, else the filesystem's ``method`` on the URL, errors naming it."""
+    if not is_url(path):
+        return local(path)
+    fs, p = _fs(path)
+    with _named(path, action):
+        return getattr(fs, method)(p)
+
+
 def exists(path: str) -> bool:
     """Whether a file or directory (on a URL: an object or a prefix holding some) exists at ``path``."""
-    if not is_url(path):
-        return os.path.exists(path)
-    fs, p = _fs(path)
-    with _named(path, "look up"):
-        return fs.exists(p)
+    return _ask(path, os.path.exists, "exists", "look up")
 
 
 def isfile(path: str) -> bool:
-    if not is_url(path):
-        return os.path.isfile(path)
-    fs, p = _fs(path)
-    with _named(path, "look up"):
-        return fs.isfile(p)
+    return _ask(path, os.path.isfile, "isfile", "look up")
 
 
 def isdir(path: str) -> bool:
-    if not is_url(path):
-        return os.path.isdir(path)
-    fs, p = _fs(path)
-    with _named(path, "look up"):
-        return fs.isdir(p)
+    return _ask(path, os.path.isdir, "isdir", "look up")
 
 
 def listdir(path: str) -> List[str]:
@@ -95,11 +92,7 @@ def listdir(path: str) -> List[str]:
 
 def size(path: str) -> int:
     """The size of file ``path`` in bytes."""
-    if not is_url(path):
-        return os.path.getsize(path)
-    fs, p = _fs(path)
-    with _named(path, "stat"):
-        return int(fs.size(p))
+    return int(_ask(path, os.path.getsize, "size", "stat"))
 
 
 def makedirs(path: str) -> None:

@@ -34,13 +34,10 @@ from nucleusx_jax.train.checkpoint import Checkpointer  # noqa: E402
 from nucleusx_jax.train.config import load_config  # noqa: E402
 from nucleusx_jax.train.lock import RunLock, RunLockedError  # noqa: E402
 from nucleusx_jax.train.loop import run  # noqa: E402
-from nucleusx_jax.train.metrics import read_metrics  # noqa: E402
 from nucleusx_jax.train.step import make_trainer  # noqa: E402
-from nucleusx_jax.tokenizer import train_tokenizer  # noqa: E402
+from test_train_run import STEPS, TINY, tokenizer, train_losses, overrides as tiny_overrides  # noqa: E402,F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny.yaml")
-STEPS = 40  # long enough that a kill after the first checkpoint lands mid-run
 
 
 def free_port() -> int:
@@ -91,14 +88,9 @@ def gcs():
     proc.wait(timeout=30)
 
 
-def overrides(tokenizer: str, run_dir: str, *extra: str):
-    """tiny.yaml, smaller (as in test_train_run.py): constant learning rate, a checkpoint every 4 steps."""
-    return [f"train.run_dir={run_dir}", f"data.tokenizer={tokenizer}", "data.vocab_size=512", "model.vocab_size=512",
-            "model.decoder_embed_dim=32", "model.decoder_value_embed_dim=64", "model.decoder_ffn_embed_dim=64",
-            "data.seq_len=32", "train.global_batch=4", "mesh.data=1", "schedule.warmup_steps=2",
-            "schedule.decay=constant", "optimizer.learning_rate=0.01", f"train.steps={STEPS}", "train.eval_every=0",
-            "checkpoint.every=4", "checkpoint.max_to_keep=2", "logging.every=1", "logging.sample_tokens=0",
-            "logging.progress=false", "logging.plot=false", *extra]
+def overrides(tokenizer: str, run_dir: str):
+    """test_train_run's shrunk tiny.yaml (a checkpoint every 4 of 40 steps), keeping 2 steps, no sample."""
+    return tiny_overrides(tokenizer, run_dir, "checkpoint.max_to_keep=2", "logging.sample_tokens=0")
 
 
 def cli(args, port: int):
@@ -114,15 +106,6 @@ def committed_steps(run_dir: str):
         return []
     return [int(n) for n in storage.listdir(steps)
             if n.isdigit() and storage.isfile(os.path.join(steps, n, "commit_success.txt"))]
-
-
-def train_losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return train_tokenizer(["builtin:pydoc"], str(tmp_path_factory.mktemp("tok") / "sp"), 512)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +148,8 @@ def test_killed_gcs_run_resumes_like_a_local_run(gcs_run):
     assert not storage.exists(f"{remote}/run.lock")  # released
     assert sorted(committed_steps(remote)) == [36, 40]
     assert storage.isfile(f"{remote}/data/train/index.json") and storage.isfile(f"{remote}/config.yaml")
+    assert storage.read_bytes(f"{remote}/loss.png", 0, 8) == b"\x89PNG\r\n\x1a\n"
+    assert storage.glob_files(f"{remote}/tensorboard/events.out.tfevents.*")  # tensorboardX's gs:// writer
     store = TokenStore(f"{remote}/data/train")  # read with ranged requests from the bucket
     assert store.read(5, 40).shape == (35,) and store.verify() == []
 
