@@ -102,7 +102,7 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
         return
     fs, p = _fs(path)
-    bucket = fs._strip_protocol(p).split("/", 1)[0]
+    bucket = p.lstrip("/").split("/", 1)[0]
     with _named(path, f"reach the bucket {bucket!r} of"):
         found = fs.exists(bucket)
     if not found:
