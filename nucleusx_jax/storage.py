@@ -201,15 +201,12 @@ def atomic_write(path: str, data: Union[bytes, str, Callable[[IO[bytes]], None]]
         raise
 
 
-def create_new(path: str, data: bytes) -> None:
-    """Write ``data`` as file ``path`` only if none exists there, else raise ``FileExistsError``: one check-and-
-    create step (locally ``O_EXCL``; on gs:// an upload with the ``ifGenerationMatch=0`` precondition)."""
-    if not is_url(path):
-        with open(path, "xb") as f:
-            f.write(data)
-        return
-    fs, p = _fs(path)
-    with _named(path, "create"):
+def create_new(url: str, data: bytes) -> None:
+    """Write ``data`` as object ``url`` only if none exists there, else raise ``FileExistsError``: one
+    check-and-create step (on gs:// an upload with the ``ifGenerationMatch=0`` precondition). For URLs only:
+    local files have ``O_EXCL`` and ``flock``."""
+    fs, p = _fs(url)
+    with _named(url, "create"):
         fs.pipe_file(p, data, mode="create")
 
 
