@@ -206,6 +206,10 @@ def test_lock_object_refuses_a_second_run(gcs):
     first.release()
     assert not storage.exists("gs://bucket/locked/run.lock")
     RunLock("gs://bucket/locked").acquire().release()
+    storage.create_new("gs://bucket/locked/once", b"1")  # the emulator enforces ifGenerationMatch=0, as GCS does
+    with pytest.raises(FileExistsError):
+        storage.create_new("gs://bucket/locked/once", b"2")
+    assert storage.read_bytes("gs://bucket/locked/once") == b"1"
 
 
 def test_missing_objects_and_buckets_name_the_url(gcs, tokenizer):
