@@ -13,7 +13,7 @@ import os
 from typing import Any, Dict, Union
 
 from .activations import ACTIVATIONS
-from .tensorio import atomic_write
+from . import storage
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
@@ -231,10 +231,10 @@ class NucleusXConfig:
     def from_pretrained(cls, path: Union[str, os.PathLike], **overrides: Any) -> "NucleusXConfig":
         """Read ``config.json`` from a model directory (or the file itself), then apply ``overrides``."""
         path = os.fspath(path)
-        file = os.path.join(path, CONFIG_FILE) if os.path.isdir(path) else path
-        if not os.path.isfile(file):
+        file = os.path.join(path, CONFIG_FILE) if storage.isdir(path) else path
+        if not storage.isfile(file):
             raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: expected a NucleusX model directory")
-        with open(file) as f:
+        with storage.open_file(file, "r") as f:
             try:
                 values = json.load(f)
             except ValueError as e:
@@ -247,7 +247,7 @@ class NucleusXConfig:
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> str:
         """Write ``<directory>/config.json`` (atomically); returns its path."""
         path = os.path.join(os.fspath(directory), CONFIG_FILE)
-        atomic_write(path, self.to_json_string())
+        storage.atomic_write(path, self.to_json_string())
         return path
 
     def __eq__(self, other: Any) -> bool:

@@ -31,7 +31,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import ml_dtypes
@@ -39,7 +39,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm.auto import tqdm
 
-from . import runs, weights
+from . import runs, storage, weights
 from .cli import reports_user_errors
 from .configuration import NucleusXConfig
 from .tensorio import FORMATS, CheckpointError, CheckpointReader, CheckpointWriter, TensorInfo, process_start, umask
@@ -342,6 +342,9 @@ def convert(
     ``torch_format``: ``safetensors`` or ``bin`` for ``to="torch"``. Raises :class:`CheckpointError` for a bad
     checkpoint, ``FileExistsError`` if ``dst`` exists without ``overwrite``, ``ValueError`` for bad arguments.
     """
+    if storage.is_url(dst) or (storage.is_url(src) and not runs.is_run_dir(src)):
+        return _convert_staged(src, dst, to, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                               step=step, torch_format=torch_format, progress=progress)
     start = time.perf_counter()
     if to not in ("flax", "torch"):
         raise ValueError(f"to={to!r} is invalid: choose 'flax' or 'torch'")
@@ -349,8 +352,8 @@ def convert(
         raise ValueError(f"torch_format={torch_format!r} is invalid: choose one of {', '.join(TORCH_FORMATS)}")
     target = _parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    src, dst = os.path.abspath(src), os.path.abspath(dst)
-    if not os.path.isdir(src):
+    src, dst = storage.absolute(src), os.path.abspath(dst)
+    if not storage.isdir(src):
         raise FileNotFoundError(f"SRC {src} is not a directory")
     _check_destination(src, dst, overwrite)
     if os.path.lexists(dst) and not overwrite:
@@ -397,14 +400,39 @@ def convert(
             if source is None:  # a training run's config.json (what its checkpoints hold)
                 config.save_pretrained(tmp)
             for side in SIDE_FILES:
-                if os.path.isfile(os.path.join(src, side)) and not os.path.isfile(os.path.join(tmp, side)):
-                    shutil.copyfile(os.path.join(src, side), os.path.join(tmp, side))
+                if storage.isfile(os.path.join(src, side)) and not os.path.isfile(os.path.join(tmp, side)):
+                    with open(os.path.join(tmp, side), "wb") as f:
+                        f.write(storage.read_bytes(os.path.join(src, side)))
             _commit(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return Summary(dst, len(items), sum(it.info.size for it in items if it.is_param), writer.total_bytes,
                    time.perf_counter() - start)
+
+
+def _convert_staged(src: str, dst: str, to: str, *, overwrite: bool, **options: object) -> Summary:
+    """:func:`convert` with a URL ``dst`` or a URL model directory ``src`` (see :mod:`.storage`), through a local
+    temporary directory: the source model directory is downloaded there (a training run directory is read by
+    orbax in place), the output is written there and then published to ``dst``, ``config.json`` last."""
+    src, dst = storage.absolute(src), storage.absolute(dst)
+    if src == dst:
+        raise ValueError(f"DST {dst} is SRC {src}; write to a new directory")
+    if storage.exists(dst) and not overwrite:
+        raise FileExistsError(f"DST {dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    with tempfile.TemporaryDirectory(prefix="nucleusx-convert-") as tmp:
+        local_src = src
+        if storage.is_url(src) and not runs.is_run_dir(src):
+            if not storage.isfile(os.path.join(src, "config.json")):
+                raise CheckpointError(f"{src} has no config.json: SRC must be a NucleusX model directory or a "
+                                      "training run directory")
+            local_src = os.path.join(tmp, "src")
+            storage.download_dir(src, local_src)
+        local_dst = os.path.join(tmp, "dst") if storage.is_url(dst) else dst
+        summary = convert(local_src, local_dst, to, overwrite=overwrite, **options)
+        if local_dst != dst:
+            storage.publish_dir(local_dst, dst, marker="config.json")
+    return replace(summary, dst=dst)
 
 
 @reports_user_errors

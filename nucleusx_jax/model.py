@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from . import decode, documents, modeling, weights
-from .configuration import NucleusXConfig
+from . import decode, documents, modeling, storage, weights
+from .configuration import CONFIG_FILE, NucleusXConfig
 from .convert import parse_size
 from .inputs import HEADS, Cache, check_inputs
 from .tensorio import FORMATS, CheckpointReader, CheckpointWriter, TensorInfo
@@ -181,10 +181,11 @@ def save_flax_dir(directory: Union[str, os.PathLike], config: NucleusXConfig, pa
                   max_shard_size: Union[int, str] = "5GB") -> str:
     """``config.json`` plus the params as (sharded) ``flax_model.msgpack`` in ``directory``; see
     :meth:`NucleusX.save_pretrained`."""
-    directory = os.path.abspath(os.fspath(directory))
+    directory = storage.absolute(directory)
     flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(weights.unstack_layers(params)).items()}
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
+    parent = None if storage.is_url(directory) else os.path.dirname(directory)
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
     try:
         writer = CheckpointWriter(tmp, FORMATS["msgpack"], [(k, TensorInfo(v.shape, v.dtype)) for k, v in flat.items()],
@@ -193,13 +194,9 @@ def save_flax_dir(directory: Union[str, os.PathLike], config: NucleusXConfig, pa
             writer.write(name, flat[name])
         writer.close()
         config.save_pretrained(tmp)
-        os.makedirs(directory, exist_ok=True)
-        new = set(os.listdir(tmp))
-        for name in os.listdir(directory):  # stale weights of an earlier save (other sharding)
-            if name.startswith("flax_model") and name not in new:
-                os.remove(os.path.join(directory, name))
-        for name in sorted(new, key=lambda n: n == "config.json"):  # weights first, config last
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+        storage.makedirs(directory)
+        # stale weights of an earlier save (other sharding) go; weights first, config.json last
+        storage.publish_dir(tmp, directory, marker=CONFIG_FILE, stale=lambda name: name.startswith("flax_model"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
@@ -259,7 +256,11 @@ def from_pretrained(path: Union[str, os.PathLike], dtype: Any = None, *, head: s
     ``pytorch_model.bin``, sharded or not), local or a hub repo id. ``dtype``: the compute dtype (default
     float32; parameters keep the checkpoint's). ``config_overrides`` replace ``config.json`` fields.
     Head weights the checkpoint lacks (a classification head from a causal LM) are initialised randomly,
-    with a warning."""
+    with a warning. A URL (``gs://bucket/model``, see :mod:`.storage`) is downloaded to a temporary directory."""
+    if storage.is_url(path):
+        with tempfile.TemporaryDirectory(prefix="nucleusx-model-") as local:
+            storage.download_dir(os.fspath(path), local)
+            return from_pretrained(local, dtype, head=head, **config_overrides)
     directory = resolve(path)
     config = NucleusXConfig.from_pretrained(directory, **config_overrides)
     params, head_missing = load_params(directory, config, head)

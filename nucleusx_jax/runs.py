@@ -1,6 +1,6 @@
 """A training run directory as model consumers read it: ``config.json`` (the model config, written by the
 trainer when the run starts) and the trainer's orbax steps in ``checkpoints/<step>``, of which only the
-parameters are read. The trainer (:mod:`nucleusx_jax.train`) writes these; the converter reads them."""
+parameters are read; local or a URL (see :mod:`.storage`). The trainer (:mod:`nucleusx_jax.train`) writes these; the converter reads them."""
 
 import os
 from typing import Any, Optional, Tuple
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from . import storage
 from .configuration import CONFIG_FILE, NucleusXConfig
 from .modeling import NucleusXForCausalLMModule
 
@@ -19,7 +20,7 @@ CHECKPOINT_DIR = "checkpoints"
 def is_run_dir(path: str) -> bool:
     """Whether ``path`` holds trainer checkpoints (``checkpoints/<step>``)."""
     steps = os.path.join(path, CHECKPOINT_DIR)
-    return os.path.isdir(steps) and any(n.isdigit() for n in os.listdir(steps))
+    return storage.isdir(steps) and any(n.isdigit() for n in storage.listdir(steps))
 
 
 def restore_params(run_dir: str, step: Optional[int] = None) -> Tuple[NucleusXConfig, Any]:
@@ -27,7 +28,7 @@ def restore_params(run_dir: str, step: Optional[int] = None) -> Tuple[NucleusXCo
     read without the optimizer state, onto the first local device. The parameters are in the layout the run
     trained in (``config.scan_layers``); :func:`nucleusx_jax.weights.to_layout` gives the other."""
     config_file = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.isfile(config_file):
+    if not storage.isfile(config_file):
         raise FileNotFoundError(f"{run_dir} has no {CONFIG_FILE} (the model config the trainer writes when a run "
                                 "starts): not a training run directory")
     config = NucleusXConfig.from_pretrained(config_file)
@@ -36,7 +37,7 @@ def restore_params(run_dir: str, step: Optional[int] = None) -> Tuple[NucleusXCo
     abstract = nn.meta.unbox(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids)["params"]))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)}
-    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), CHECKPOINT_DIR),
+    manager = ocp.CheckpointManager(os.path.join(storage.absolute(run_dir), CHECKPOINT_DIR),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():

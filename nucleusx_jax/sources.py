@@ -1,5 +1,6 @@
-"""Text sources read into documents, streaming (a file is never read whole): local text/jsonl/parquet
-files, directories, globs, HF datasets and the embedded corpora.
+"""Text sources read into documents, streaming (a file is never read whole): text/jsonl/parquet files,
+directories and globs, local or URLs (``gs://bucket/data/*.jsonl``, see :mod:`.storage`), HF datasets and the
+embedded corpora.
 
 * ``*.txt`` files: one document per blank-line-separated paragraph;
 * ``*.jsonl`` files: one document per line, the string field ``text_field``; ``.gz`` and ``.zst`` variants
@@ -31,11 +32,14 @@ import sysconfig
 import tokenize
 from typing import IO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from . import storage
+
 FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
 _TEXT_SUFFIXES = (".txt", ".text")
 _JSONL_SUFFIXES = (".jsonl",)
 _PARQUET_SUFFIXES = (".parquet",)
 _COMPRESSED = (".gz", ".zst")
+_COMPRESSION = {".gz": "gzip", ".zst": "zstd"}  # fsspec's names, for URLs
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?!\\)")  # "hf:...", "builtin:...", "s3://..."; not "C:\"
 
 
@@ -94,6 +98,8 @@ BUILTIN_SOURCES: Dict[str, Callable[[], Iterable[str]]] = {
 
 
 def _open_text(path: str) -> IO[str]:
+    if storage.is_url(path):
+        return storage.open_file(path, "rt", compression=_COMPRESSION.get(os.path.splitext(path)[1]))
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     if path.endswith(".zst"):
@@ -146,7 +152,7 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError(f"reading {path!r} needs the `pyarrow` package: pip install 'nucleusx-jax[data]'") from e
-    f = pq.ParquetFile(path)
+    f = pq.ParquetFile(storage.open_file(path, "rb") if storage.is_url(path) else path)
     if text_field not in f.schema_arrow.names:
         raise ValueError(f"{path}: no column {text_field!r} (columns: {f.schema_arrow.names}); set the text field")
     for group in range(f.num_row_groups):
@@ -225,22 +231,20 @@ def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
 
 def _expand_files(source: str, format: str) -> List[str]:
     """The files of a path source: the file itself, a directory's text/jsonl files, or a glob's matches."""
-    if os.path.isfile(source):
+    if storage.isfile(source):
         return [source]
-    if os.path.isdir(source):
+    if storage.isdir(source):
         suffixes = _TEXT_SUFFIXES + _JSONL_SUFFIXES + _PARQUET_SUFFIXES
-        files = sorted(
-            os.path.join(root, f)
-            for root, _, names in os.walk(source)
-            for f in names
-            if not f.startswith(".")
+        files = [
+            f for f in storage.walk_files(source)
+            if not os.path.basename(f).startswith(".")
             and (format in ("text", "jsonl", "parquet") or f.removesuffix(".gz").removesuffix(".zst").endswith(suffixes))
-        )
+        ]
         if not files:
             raise ValueError(f"the directory {source!r} holds no {suffixes} files (optionally .gz / .zst)")
         return files
     if glob.has_magic(source):
-        files = sorted(f for f in glob.glob(source, recursive=True) if os.path.isfile(f))
+        files = storage.glob_files(source)
         if not files:
             raise FileNotFoundError(f"the pattern {source!r} matches no files")
         return files
@@ -249,19 +253,20 @@ def _expand_files(source: str, format: str) -> List[str]:
 
 def source_size(source: str, format: str = "auto") -> Optional[int]:
     """Bytes of a local file/directory/glob source's files on disk (for progress), or None (hf:, builtin:)."""
-    if _SCHEME.match(source) and len(_SCHEME.match(source).group(1)) > 1:
+    if _SCHEME.match(source) and len(_SCHEME.match(source).group(1)) > 1 and not storage.is_url(source):
         return None
     path = os.path.expanduser(source)
-    if os.path.isdir(path) and (format == "hf" or (format == "auto" and _is_hf_dataset_dir(path))):
+    if not storage.is_url(path) and os.path.isdir(path) and (
+            format == "hf" or (format == "auto" and _is_hf_dataset_dir(path))):
         return None
-    return sum(os.path.getsize(f) for f in _expand_files(path, format))
+    return sum(storage.size(f) for f in _expand_files(path, format))
 
 
 def iter_source_documents(source: str, format: str = "auto", text_field: str = "text") -> Iterator[str]:
     """The non-empty documents of one source, in a fixed order."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    scheme = _SCHEME.match(source)
+    scheme = None if storage.is_url(source) else _SCHEME.match(source)
     if scheme and scheme.group(1) == "builtin":
         if source not in BUILTIN_SOURCES:
             raise ValueError(f"unknown builtin source {source!r}; available: {sorted(BUILTIN_SOURCES)}")
@@ -271,9 +276,9 @@ def iter_source_documents(source: str, format: str = "auto", text_field: str = "
     elif scheme and len(scheme.group(1)) > 1:
         raise ValueError(
             f"unknown data source scheme {scheme.group(1)!r} in {source!r}; use builtin:NAME "
-            f"({sorted(BUILTIN_SOURCES)}), hf:PATH_OR_NAME, or a local file, directory or glob"
+            f"({sorted(BUILTIN_SOURCES)}), hf:PATH_OR_NAME, or a file, directory or glob (local or a URL)"
         )
-    elif os.path.isdir(source) and (format == "hf" or (format == "auto" and _is_hf_dataset_dir(source))):
+    elif not storage.is_url(source) and os.path.isdir(source) and (format == "hf" or (format == "auto" and _is_hf_dataset_dir(source))):
         yield from _hf_documents(source if _looks_like_path(source) else "./" + source, text_field)
     else:
         for path in _expand_files(os.path.expanduser(source), format):

@@ -30,9 +30,8 @@ import math
 import mmap
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
-from typing import IO, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import IO, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import ml_dtypes
 import msgpack
@@ -70,27 +69,6 @@ def process_start(pid: int) -> Optional[int]:
     except PermissionError:  # exists, owned by someone else
         pass
     return 0
-
-
-def atomic_write(path: str, data: Union[bytes, str, Callable[[IO[bytes]], None]]) -> None:
-    """Write ``data`` (bytes, text, or a function writing into the open binary file) to a temporary file next
-    to ``path``, then rename it into place: readers see the old file or the whole new one, never a part.
-    The file gets the mode ``open`` would give it (0666 less the umask)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes the file private (0600)
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class CheckpointError(ValueError):

@@ -23,7 +23,8 @@ import sentencepiece as spm
 
 from .cli import reports_user_errors
 from .sources import iter_source_documents
-from .tensorio import atomic_write
+from . import storage
+from .storage import atomic_write
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MIN_VOCAB_SIZE = 261  # 256 byte-fallback pieces + unk/bos/eos/pad + at least one merge
@@ -52,8 +53,7 @@ class SentencePieceTokenizer:
     ``num_threads`` threads encode a batch (``-1``: SentencePiece's default, every core)."""
 
     def __init__(self, model_file: str, *, num_threads: int = -1):
-        with open(model_file, "rb") as f:
-            proto = f.read()
+        proto = storage.read_bytes(model_file)
         self.sp = spm.SentencePieceProcessor(model_proto=proto)
         self.path = model_file
         self.num_threads = num_threads
@@ -122,16 +122,19 @@ class HFTokenizer:
 
 def load_tokenizer(path: str, *, num_threads: int = -1) -> Tokenizer:
     """Open a SentencePiece ``*.model`` file, a directory holding ``tokenizer.model`` (without an HF
-    ``tokenizer_config.json``), or a local HF tokenizer directory. ``num_threads`` is SentencePiece's
+    ``tokenizer_config.json``), both local or URLs (see :mod:`.storage`), or a local HF tokenizer directory. ``num_threads`` is SentencePiece's
     batch-encoding thread count (HF tokenizers follow ``TOKENIZERS_PARALLELISM``)."""
-    if os.path.isfile(path):
+    if storage.isfile(path):
         return SentencePieceTokenizer(path, num_threads=num_threads)
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "tokenizer_config.json")) or os.path.isfile(
+    if storage.isdir(path):
+        if storage.isfile(os.path.join(path, "tokenizer_config.json")) or storage.isfile(
             os.path.join(path, "tokenizer.json")
         ):
+            if storage.is_url(path):
+                raise ValueError(f"HF tokenizer directory {path!r}: HF tokenizers load from local directories only; "
+                                 "copy it to local disk, or use a SentencePiece *.model, which may be a URL")
             return HFTokenizer(path)
-        if os.path.isfile(os.path.join(path, "tokenizer.model")):
+        if storage.isfile(os.path.join(path, "tokenizer.model")):
             return SentencePieceTokenizer(os.path.join(path, "tokenizer.model"), num_threads=num_threads)
         raise ValueError(
             f"tokenizer directory {path!r} holds neither tokenizer_config.json / tokenizer.json (HF) "
@@ -235,9 +238,8 @@ def save_hf_tokenizer(model_file: str, output_dir: str) -> str:
         "spaces_between_special_tokens": False, "tokenizer_class": "LlamaTokenizer",
         "use_default_system_prompt": False,
     }
-    os.makedirs(output_dir, exist_ok=True)
-    with open(model_file, "rb") as f:
-        atomic_write(os.path.join(output_dir, "tokenizer.model"), f.read())
+    storage.makedirs(output_dir)
+    atomic_write(os.path.join(output_dir, "tokenizer.model"), storage.read_bytes(model_file))
     atomic_write(os.path.join(output_dir, "tokenizer_config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
     special_map = {key: {"content": value, **flags} for key, value in sorted(names.items())}
     atomic_write(os.path.join(output_dir, "special_tokens_map.json"), json.dumps(special_map, indent=2) + "\n")

@@ -250,7 +250,7 @@ def test_source_errors(tmp_path, tok):
         (str(tmp_path / "missing.txt"), FileNotFoundError, "missing.txt' does not exist"),
         (str(tmp_path / "*.parquet"), FileNotFoundError, "matches no files"),
         ("builtin:wikipedia", ValueError, r"unknown builtin source 'builtin:wikipedia'; available: \['builtin:pydoc', 'builtin:stdlib'\]"),
-        ("s3://bucket/x", ValueError, "unknown data source scheme 's3'"),
+        ("nosuch://bucket/x", OSError, r"nosuch://bucket/x: no filesystem for this URL \(Protocol not known"),  # fsspec
         (str(tmp_path / "bad.jsonl"), ValueError, r"bad.jsonl:2: no field 'text' \(record has \['body'\]\)"),
         (str(tmp_path / "broken.jsonl"), ValueError, "broken.jsonl:2: invalid JSON"),
         (str(tmp_path / "data.csv"), ValueError, "unknown source format: cannot tell the format of .*data.csv"),

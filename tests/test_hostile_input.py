@@ -17,7 +17,8 @@ from nucleusx_jax.cli import reports_user_errors
 from nucleusx_jax.convert import convert, main as convert_main
 from nucleusx_jax.generate import main as generate_main
 from nucleusx_jax.tokenizer import main as tokenizer_main
-from nucleusx_jax.tensorio import atomic_write, umask
+from nucleusx_jax.storage import atomic_write
+from nucleusx_jax.tensorio import umask
 from nucleusx_jax.train.config import ConfigError, load_config
 from nucleusx_jax.train.lock import LOCK_FILE, RunLock, RunLockedError
 

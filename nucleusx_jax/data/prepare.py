@@ -25,13 +25,16 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 from typing import IO, Any, Deque, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..tensorio import atomic_write
+from .. import storage
+from ..storage import atomic_write
 from ..tokenizer import Tokenizer, load_tokenizer
 from .reader import derive_key, mix64
 from ..sources import FORMATS, iter_source_documents, source_size
@@ -151,10 +154,13 @@ def _units(sources: Sequence[str], options: PrepareOptions) -> Iterator[Tuple[in
 
 
 class _ShardWriter:
-    """Appends unit outputs to fixed-size shards: a temporary file renamed when full, then progress.json."""
+    """Appends unit outputs to fixed-size shards: a temporary file in ``staging`` (``output`` itself when local)
+    committed when full (renamed, or uploaded as one object), then progress.json."""
 
-    def __init__(self, output: str, dtype: str, shard_tokens: int, settings: Dict[str, Any], done: List[Dict[str, Any]]):
-        self.output, self.dtype, self.shard_tokens, self.settings = output, np.dtype(DTYPES[dtype]), shard_tokens, settings
+    def __init__(self, output: str, staging: str, dtype: str, shard_tokens: int, settings: Dict[str, Any],
+                 done: List[Dict[str, Any]]):
+        self.output, self.staging, self.settings = output, staging, settings
+        self.dtype, self.shard_tokens = np.dtype(DTYPES[dtype]), shard_tokens
         self.done = done
         self.file: Optional[IO[bytes]] = None
         self.fill = self.documents = self.bytes = 0
@@ -165,7 +171,7 @@ class _ShardWriter:
         while start < len(tokens):
             take = min(len(tokens) - start, self.shard_tokens - self.fill)
             if self.file is None:
-                self.file = open(os.path.join(self.output, shard_name(len(self.done)) + ".tmp"), "wb")
+                self.file = open(os.path.join(self.staging, shard_name(len(self.done)) + ".tmp"), "wb")
             block = tokens[start : start + take].tobytes()
             self.file.write(block)
             self.hash.update(block)
@@ -178,14 +184,14 @@ class _ShardWriter:
                 self.commit(unit, start)
 
     def commit(self, unit: int, offset: int) -> None:
-        """Rename the current shard into place and record it (and where it ended) in progress.json."""
+        """Commit the current shard and record it (and where it ended) in progress.json."""
         if self.file is None:
             return
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         name = shard_name(len(self.done))
-        os.replace(os.path.join(self.output, name + ".tmp"), os.path.join(self.output, name))
+        storage.upload_file(os.path.join(self.staging, name + ".tmp"), os.path.join(self.output, name))
         shard = Shard(file=name, tokens=self.fill, documents=self.documents, bytes=self.bytes, sha256=self.hash.hexdigest())
         self.done.append({**dataclasses.asdict(shard), "end": [unit, offset]})
         atomic_write(os.path.join(self.output, PROGRESS_FILE),
@@ -197,15 +203,15 @@ def _finished_shards(output: str, settings: Dict[str, Any], itemsize: int) -> Li
     """The shards a previous, interrupted build finished (their files present and whole), for a rerun with
     the same settings; raises when ``output`` holds a build with other settings."""
     path = os.path.join(output, PROGRESS_FILE)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         return []
-    with open(path) as f:
+    with storage.open_file(path, "r") as f:
         progress = json.load(f)
     _same_settings(output, progress["settings"], settings)
     done = []
     for s in progress["shards"]:
         file = os.path.join(output, s["file"])
-        if not os.path.isfile(file) or os.path.getsize(file) != s["tokens"] * itemsize:
+        if not storage.isfile(file) or storage.size(file) != s["tokens"] * itemsize:
             break
         done.append(s)
     return done
@@ -245,7 +251,9 @@ def _in_order(units: Iterator[Tuple[int, List[str], int]], tokenize: Any, worker
 def prepare(sources: Sequence[str], tokenizer: str, output: str, *,
             options: PrepareOptions = PrepareOptions()) -> TokenStore:
     """Tokenize ``sources`` with the tokenizer at ``tokenizer`` into the token store ``output``; returns it
-    opened. A complete store with the same settings is returned as is; an interrupted build is resumed."""
+    opened. A complete store with the same settings is returned as is; an interrupted build is resumed.
+    ``output`` may be a URL (see :mod:`nucleusx_jax.storage`): shards are then written in a local temporary
+    directory and uploaded whole, and ``index.json``, uploaded last, marks the store complete."""
     if isinstance(sources, str) or not sources or not all(isinstance(s, str) and s for s in sources):
         raise ValueError(f"sources must be a non-empty list of source strings, got {sources!r}")
     tok = load_tokenizer(tokenizer, num_threads=1)
@@ -257,19 +265,20 @@ def prepare(sources: Sequence[str], tokenizer: str, output: str, *,
             "source_format": options.format, "text_field": options.text_field, "shard_tokens": options.shard_tokens,
             "holdout": None if options.holdout is None else dataclasses.asdict(options.holdout),
             "tokenizer": {"fingerprint": fingerprint, "path": tokenizer, "bos_id": tok.bos_id, "eos_id": tok.eos_id}}
-    os.makedirs(output, exist_ok=True)
-    if os.path.isfile(os.path.join(output, INDEX_FILE)):
+    storage.makedirs(output)
+    if storage.isfile(os.path.join(output, INDEX_FILE)):
         store = TokenStore(output)
         _same_settings(output, {k: store.index.get(k) for k in meta}, meta)
-        if os.path.isfile(os.path.join(output, PROGRESS_FILE)):  # killed between the index and this removal
-            os.remove(os.path.join(output, PROGRESS_FILE))
+        if storage.isfile(os.path.join(output, PROGRESS_FILE)):  # killed between the index and this removal
+            storage.remove_tree(os.path.join(output, PROGRESS_FILE))
         return store
     settings = {**meta, "unit_chars": options.unit_chars}
     done = _finished_shards(output, settings, np.dtype(DTYPES[dtype]).itemsize)
-    for stale in glob.glob(os.path.join(output, "*.tmp")) + glob.glob(os.path.join(output, ".tmp-*")):
+    staging = tempfile.mkdtemp(prefix="nucleusx-prepare-") if storage.is_url(output) else output
+    for stale in glob.glob(os.path.join(staging, "*.tmp")) + glob.glob(os.path.join(staging, ".tmp-*")):
         os.remove(stale)
     resume_unit, resume_offset = done[-1]["end"] if done else (0, 0)
-    writer = _ShardWriter(output, dtype, options.shard_tokens, settings, done)
+    writer = _ShardWriter(output, staging, dtype, options.shard_tokens, settings, done)
 
     sizes = [source_size(s, options.format) for s in sources]
     bar = tqdm(total=None if None in sizes else sum(sizes), unit="B", unit_scale=True, desc=f"prepare {output}",
@@ -297,12 +306,14 @@ def prepare(sources: Sequence[str], tokenizer: str, output: str, *,
         bar.close()
         if writer.file is not None:
             writer.file.close()
+        if staging != output:
+            shutil.rmtree(staging, ignore_errors=True)
     shards = [Shard(**{k: v for k, v in s.items() if k != "end"}) for s in writer.done]
     if not shards or sum(s.documents for s in shards) == 0:
         what = "" if options.holdout is None else f" for the {options.holdout.part} part of holdout {options.holdout}"
         raise ValueError(f"empty corpus: the sources {list(sources)} hold no documents{what}")
     atomic_write(os.path.join(output, INDEX_FILE), index_json(meta, shards))
-    os.remove(os.path.join(output, PROGRESS_FILE))
+    storage.remove_tree(os.path.join(output, PROGRESS_FILE))
     return TokenStore(output)
 
 

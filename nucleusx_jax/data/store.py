@@ -11,8 +11,9 @@ Layout of ``DIR``::
 The shards hold one flat stream ``[BOS] doc [EOS] [BOS] doc [EOS] ...`` (BOS only with ``add_bos``); a
 document may continue from one shard into the next. A shard's ``documents`` and ``bytes`` count the
 documents whose EOS lies in it and the UTF-8 bytes of their text, so ``bytes / tokens`` of a store converts
-a loss in nats per token into bits per byte. Shards are plain numpy files (``np.fromfile`` at an offset):
-any reader reads exactly the tokens it needs, nothing else.
+a loss in nats per token into bits per byte. Shards are plain numpy files (read at an offset; on object
+storage one ranged request, see :mod:`nucleusx_jax.storage`): any reader reads exactly the tokens it needs,
+nothing else. ``index.json`` is written last: a directory without it is no (complete) store.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import os
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
+
+from .. import storage
 
 FORMAT, VERSION = "nucleusx-token-store", 1
 INDEX_FILE = "index.json"
@@ -60,7 +63,7 @@ def index_json(meta: Dict[str, Any], shards: List[Shard]) -> str:
 
 def file_sha256(path: str, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -77,11 +80,11 @@ class TokenStore:
     def __init__(self, path: str):
         self.path = path
         index_path = os.path.join(path, INDEX_FILE)
-        if not os.path.isfile(index_path):
-            hint = " (an unfinished prepare: rerun it to complete the store)" if os.path.isfile(
+        if not storage.isfile(index_path):
+            hint = " (an unfinished prepare: rerun it to complete the store)" if storage.isfile(
                 os.path.join(path, "progress.json")) else ""
             raise FileNotFoundError(f"{path!r} is not a token store: it has no {INDEX_FILE}{hint}")
-        with open(index_path) as f:
+        with storage.open_file(index_path, "r") as f:
             index = json.load(f)
         if index.get("format") != FORMAT or index.get("version") != VERSION:
             raise ValueError(f"{index_path} is not a {FORMAT} version {VERSION} index (format "
@@ -91,9 +94,9 @@ class TokenStore:
         self.shards = [Shard(**s) for s in index["shards"]]
         for s in self.shards:
             file = os.path.join(path, s.file)
-            if not os.path.isfile(file):
+            if not storage.isfile(file):
                 raise FileNotFoundError(f"token store {path!r}: shard {s.file} is missing")
-            size, want = os.path.getsize(file), s.tokens * self.dtype.itemsize
+            size, want = storage.size(file), s.tokens * self.dtype.itemsize
             if size != want:
                 raise ValueError(f"token store {path!r}: shard {s.file} holds {size} bytes, the index says "
                                  f"{want} ({s.tokens} tokens); the shard is truncated or damaged - prepare it again")
@@ -134,8 +137,10 @@ class TokenStore:
         while start < stop:
             first, end = int(self.starts[shard]), int(self.starts[shard + 1])
             take = min(stop, end) - start
-            parts.append(np.fromfile(os.path.join(self.path, self.shards[shard].file), dtype=self.dtype,
-                                     count=take, offset=(start - first) * self.dtype.itemsize))
+            offset = (start - first) * self.dtype.itemsize
+            raw = storage.read_bytes(os.path.join(self.path, self.shards[shard].file), offset,
+                                     offset + take * self.dtype.itemsize)
+            parts.append(np.frombuffer(raw[: len(raw) // self.dtype.itemsize * self.dtype.itemsize], self.dtype))
             if len(parts[-1]) != take:
                 raise ValueError(f"token store {self.path!r}: shard {self.shards[shard].file} ended early")
             self.bytes_read += take * self.dtype.itemsize

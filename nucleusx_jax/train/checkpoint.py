@@ -2,20 +2,21 @@
 
 Saves are asynchronous (the step loop continues while arrays are written); orbax writes each step into a
 temporary directory and renames it when complete, so a crash mid-save leaves no step that
-``latest_step()`` would pick. A step that fails to restore (truncated or corrupted files) is moved to
+``latest_step()`` would pick. On object storage (``gs://``), where there is no rename, orbax writes the step
+in place and ``commit_success.txt`` last; a step without it is not listed, so resume never picks it. A step that fails to restore (truncated or corrupted files) is moved to
 ``<run_dir>/checkpoints_corrupt/<step>`` with a warning, and the previous step is tried; a readable step of a
 different model or optimizer (array shapes differ) is an error instead.
 """
 
 import logging
 import os
-import shutil
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from .. import storage
 from ..modeling import LAYERS
 from ..runs import CHECKPOINT_DIR
 from .config import CheckpointConfig
@@ -34,7 +35,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: str, cfg: CheckpointConfig):
         self.cfg = cfg
-        self.run_dir = os.path.abspath(run_dir)
+        self.run_dir = storage.absolute(run_dir)
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep, create=True,
                                                enable_async_checkpointing=cfg.async_save)
         self.manager = ocp.CheckpointManager(
@@ -107,12 +108,8 @@ class Checkpointer:
 
     def _move_aside(self, step: int) -> None:
         if jax.process_index() == 0:
-            target = os.path.join(self.run_dir, CORRUPT_DIR)
-            os.makedirs(target, exist_ok=True)
-            dest = os.path.join(target, str(step))
-            if os.path.exists(dest):
-                shutil.rmtree(dest)
-            os.replace(os.path.join(str(self.manager.directory), str(step)), dest)
+            storage.move(os.path.join(str(self.manager.directory), str(step)),
+                         os.path.join(self.run_dir, CORRUPT_DIR, str(step)))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"nucleusx-move-aside-{step}")
         self.manager.reload()

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Sequen
 
 import yaml
 
+from .. import storage
 from ..configuration import NucleusXConfig
 from .data import DataConfig
 
@@ -120,7 +121,7 @@ class TrainConfig(_Bounded):
         "seed": Bound(low=0, high=2**32 - 1), "eval_every": COUNT,
         "eval_batches": POSITIVE_COUNT}
 
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # a local path or a URL such as gs://bucket/run (see nucleusx_jax.storage)
     steps: int = 1000
     global_batch: int = 8  # sequences per optimizer step, over all hosts
     grad_accum: int = 1  # microbatches per step (global_batch / grad_accum sequences each)
@@ -362,9 +363,9 @@ def resolve_model(values: Any) -> Dict[str, Any]:
     fields: Dict[str, Any] = {}
     if MODEL_PATH_KEY in values:
         path = values.pop(MODEL_PATH_KEY)
-        if os.path.isdir(path):
+        if storage.isdir(path):
             path = os.path.join(path, "config.json")
-        with open(path) as f:
+        with storage.open_file(path, "r") as f:
             try:
                 loaded = json.load(f)
             except ValueError as e:
@@ -429,7 +430,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:
     """Read the YAML at ``path`` (None: all defaults), apply ``--set`` overrides, validate."""
     raw: Dict[str, Any] = {}
     if path is not None:
-        with open(path) as f:
+        with storage.open_file(path, "r") as f:
             raw = _yaml_load(f.read(), path) or {}
     for assignment in overrides:
         set_override(raw, assignment)

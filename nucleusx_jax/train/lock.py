@@ -6,6 +6,12 @@ refused with :class:`RunLockedError`, unless the holder is gone: a holder on thi
 longer exists (a crash, ``kill -9``) is stale and its lock is taken over with a warning. A holder on another
 host cannot be checked from here; the error says so and which file to delete once that run is gone.
 The other processes of a multi-host run never touch the lock (see ``loop.run``).
+
+On object storage (a ``gs://`` run directory) there is no ``flock``: the lock is the object ``run.lock`` itself.
+Taking it creates the object only if none exists (GCS's ``ifGenerationMatch=0`` precondition, through
+:func:`~nucleusx_jax.storage.create_new`), so of two runs racing for it one wins and the other is refused;
+releasing it deletes the object, and a stale holder's object is deleted before the create. The same holder
+checks apply (a holder on another host is never taken over).
 """
 
 import dataclasses
@@ -17,6 +23,7 @@ import socket
 import time
 from typing import Callable, Optional
 
+from .. import storage
 from ..tensorio import process_start
 
 logger = logging.getLogger(__name__)
@@ -61,36 +68,60 @@ class RunLock:
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK_FILE)
         self.holder = Holder.me()
+        self.remote = storage.is_url(run_dir)
+
+    def _parse(self, raw: str) -> Optional[Holder]:
+        try:
+            return Holder(**json.loads(raw)) if raw.strip() else None
+        except (ValueError, TypeError):
+            raise RunLockedError(f"{self.path} is not a lock file this trainer wrote ({raw[:80]!r}); delete "
+                                 "it if no trainer runs in this directory") from None
+
+    def _check(self, current: Optional[Holder]) -> None:
+        """Raise :class:`RunLockedError` unless ``current`` is None or a dead process on this host."""
+        if current is None:
+            return
+        alive = current.alive()
+        if alive is None:
+            raise RunLockedError(f"{os.path.dirname(self.path)} is in use by another run ({current}); "
+                                 f"this host cannot tell whether it still runs: if it does not, delete "
+                                 f"{self.path}")
+        if alive:
+            raise RunLockedError(f"{os.path.dirname(self.path)} is in use by another run ({current}); "
+                                 "stop it or choose another train.run_dir")
+        logger.warning("taking over the stale lock %s of a run that no longer exists (%s)", self.path, current)
+
+    def _current_object(self) -> Optional[Holder]:
+        try:
+            return self._parse(storage.read_bytes(self.path).decode(errors="replace"))
+        except FileNotFoundError:
+            return None
 
     def _locked(self, action: Callable[[int, Optional[Holder]], None]) -> None:
         """``action(fd, current holder or None)`` on the open lock file under an exclusive ``flock``."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # held only for the check-and-take, never while training
-            raw = os.pread(fd, 1 << 16, 0).decode(errors="replace")
-            try:
-                current = Holder(**json.loads(raw)) if raw.strip() else None
-            except (ValueError, TypeError):
-                raise RunLockedError(f"{self.path} is not a lock file this trainer wrote ({raw[:80]!r}); delete "
-                                     "it if no trainer runs in this directory") from None
-            action(fd, current)
+            action(fd, self._parse(os.pread(fd, 1 << 16, 0).decode(errors="replace")))
         finally:
             os.close(fd)  # also drops the flock
 
     def acquire(self) -> "RunLock":
-        def take(fd: int, current: Optional[Holder]) -> None:
+        data = json.dumps(dataclasses.asdict(self.holder)).encode()
+        if self.remote:
+            current = self._current_object()
+            self._check(current)
             if current is not None:
-                alive = current.alive()
-                if alive is None:
-                    raise RunLockedError(f"{os.path.dirname(self.path)} is in use by another run ({current}); "
-                                         f"this host cannot tell whether it still runs: if it does not, delete "
-                                         f"{self.path}")
-                if alive:
-                    raise RunLockedError(f"{os.path.dirname(self.path)} is in use by another run ({current}); "
-                                         "stop it or choose another train.run_dir")
-                logger.warning("taking over the stale lock %s of a run that no longer exists (%s)", self.path,
-                               current)
-            data = json.dumps(dataclasses.asdict(self.holder)).encode()
+                storage.remove_tree(self.path)
+            try:
+                storage.create_new(self.path, data)
+            except FileExistsError:
+                raise RunLockedError(f"{os.path.dirname(self.path)}: another run created {self.path} at the same "
+                                     "time; stop it or choose another train.run_dir") from None
+            return self
+
+        def take(fd: int, current: Optional[Holder]) -> None:
+            self._check(current)
             os.ftruncate(fd, 0)
             os.pwrite(fd, data, 0)
             os.fsync(fd)
@@ -99,7 +130,12 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Empty the lock file if it still names this process."""
+        """Empty the lock file (on object storage: delete the lock object) if it still names this process."""
+        if self.remote:
+            if self._current_object() == self.holder:
+                storage.remove_tree(self.path)
+            return
+
         def free(fd: int, current: Optional[Holder]) -> None:
             if current == self.holder:
                 os.ftruncate(fd, 0)

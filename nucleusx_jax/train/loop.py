@@ -6,7 +6,7 @@ trained here), ``data/`` (token stores prepared from ``data.sources``),
 ``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``profile/`` (``logging.profile_steps``),
 ``wandb/`` (``logging.wandb``), ``loss.png``, ``hf/`` (final model and
 tokenizer), ``torch/`` (optional PyTorch export), ``summary.json``, ``run.lock`` (the trainer running there,
-see :mod:`.lock`).
+see :mod:`.lock`). The run directory may be a URL (``gs://bucket/run``, see :mod:`nucleusx_jax.storage`).
 """
 
 import dataclasses
@@ -15,8 +15,8 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import signal
+import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -27,10 +27,11 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from .. import sharding as shd
-from ..configuration import NucleusXConfig
+from .. import storage
+from ..configuration import CONFIG_FILE as CONFIG_JSON, NucleusXConfig
 from ..convert import convert
 from ..model import NucleusX, save_flax_dir
-from ..tensorio import atomic_write
+from ..storage import atomic_write
 from .checkpoint import CONFIG_FILE, Checkpointer
 from .config import Config
 from ..data.mixture import Mixture
@@ -79,7 +80,7 @@ def prepare_tokenizer(cfg: Config, run_dir: str) -> Tokenizer:
     path = cfg.data.tokenizer
     if not path:
         path = os.path.join(run_dir, TOKENIZER_FILE)
-        if jax.process_index() == 0 and not os.path.exists(path):
+        if jax.process_index() == 0 and not storage.exists(path):
             logger.info("training a %d-piece SentencePiece tokenizer on %s", cfg.data.vocab_size, cfg.data.sources)
             train_tokenizer(cfg.data.sources, path[: -len(".model")], cfg.data.vocab_size,
                             text_field=cfg.data.text_field, format=cfg.data.format, seed=cfg.data.seed)
@@ -113,17 +114,15 @@ def host_params(params: Any) -> Any:
 def export_hf(run_dir: str, config: NucleusXConfig, params: Any, tokenizer_file: Optional[str]) -> str:
     """Write the model (:func:`host_params` ``params`` as ``config.json`` + ``flax_model.msgpack``, the layout
     of our and transformers' Flax model directories) and, for SentencePiece, the tokenizer (an HF
-    ``LlamaTokenizer`` directory) into ``<run_dir>/hf`` (built in a temporary directory, then renamed).
-    Needs no transformers. Process 0 writes."""
+    ``LlamaTokenizer`` directory) into ``<run_dir>/hf``: built in a temporary local directory, then published
+    (:func:`~nucleusx_jax.storage.publish_dir`, ``config.json`` last). Needs no transformers. Process 0 writes."""
     final = os.path.join(run_dir, HF_DIR)
     if jax.process_index() == 0:
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_flax_dir(tmp, config, params)
-        if tokenizer_file is not None and tokenizer_file.endswith(".model"):
-            save_hf_tokenizer(tokenizer_file, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with tempfile.TemporaryDirectory(prefix=".hf-", dir=None if storage.is_url(run_dir) else run_dir) as tmp:
+            save_flax_dir(os.path.join(tmp, HF_DIR), config, params)
+            if tokenizer_file is not None and tokenizer_file.endswith(".model"):
+                save_hf_tokenizer(tokenizer_file, os.path.join(tmp, HF_DIR))
+            storage.publish_dir(os.path.join(tmp, HF_DIR), final, marker=CONFIG_JSON)
     _sync("nucleusx-export")
     return final
 
@@ -222,8 +221,8 @@ def run(cfg: Config) -> Dict[str, Any]:
     :class:`NonFiniteLossError` on a non-finite step when ``train.on_nonfinite == "stop"``. On SIGTERM saves a
     checkpoint and returns with ``summary["preempted"] = True``.
     """
-    run_dir = os.path.abspath(cfg.train.run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = storage.absolute(cfg.train.run_dir)
+    storage.makedirs(run_dir)
     lock = _lock_run_dir(run_dir)
     try:
         return _run(cfg)
@@ -238,8 +237,7 @@ def _run(cfg: Config) -> Dict[str, Any]:
     lead = jax.process_index() == 0
     if lead and lg.wandb is not None:
         import_wandb()  # a missing extra fails now, not after the data and the compile
-    run_dir = os.path.abspath(t.run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = storage.absolute(t.run_dir)
     tokenizer = prepare_tokenizer(cfg, run_dir)
     tokenizer_file = cfg.data.tokenizer or os.path.join(run_dir, TOKENIZER_FILE)
     if lead:
@@ -287,17 +285,26 @@ def _run(cfg: Config) -> Dict[str, Any]:
         eval_losses.append(last_eval["loss"])
         if writer is not None:
             writer.write(0, "eval", last_eval)
+    # the profiler writes local files: on a URL run directory they are traced locally, then uploaded
+    profile_dir = os.path.join(run_dir, PROFILE_DIR)
+    trace_dir = tempfile.mkdtemp(prefix="nucleusx-profile-") if storage.is_url(run_dir) else profile_dir
+
+    def stop_trace() -> None:
+        jax.profiler.stop_trace()
+        if trace_dir != profile_dir:
+            storage.upload_tree(trace_dir, profile_dir)
+
     try:
         for step in range(start, t.steps):
             done = step + 1
             if lg.profile_steps is not None and lg.profile_steps[0] <= step < lg.profile_steps[1] and not tracing:
-                jax.profiler.start_trace(os.path.join(run_dir, PROFILE_DIR))
+                jax.profiler.start_trace(trace_dir)
                 tracing = True
             with jax.profiler.StepTraceAnnotation("train", step_num=done):
                 state, metrics = trainer.train_step(state, _global_batch(trainer, train_data, step))
                 m = jax.device_get(metrics)
             if tracing and done == lg.profile_steps[1]:
-                jax.profiler.stop_trace()
+                stop_trace()
                 tracing = False
             loss = float(m["loss"])
             if not bool(m["finite"]):
@@ -355,7 +362,7 @@ def _run(cfg: Config) -> Dict[str, Any]:
             checkpointer.save(state)
     finally:
         if tracing:
-            jax.profiler.stop_trace()
+            stop_trace()
         bar.close()
         preemption.restore()
         checkpointer.close()

@@ -4,16 +4,24 @@
 Every record is one JSON line ``{"step": s, "split": "train"|"eval", ...}``. A resumed run appends; when a
 step appears twice (steps redone after a crash), the later record wins in :func:`read_metrics`. TensorBoard
 and W&B get the numeric values as ``<split>/<key>`` at that step.
+
+On object storage, which cannot append, ``metrics.jsonl`` is rewritten whole (one object upload) at most every
+:data:`UPLOAD_EVERY_S` seconds and on close, so a killed run loses at most that much of its records; TensorBoard
+event files go through tensorboardX's own ``gs://`` (or ``s3://``) writer.
 """
 
+import io
 import json
 import os
+import time
 from typing import Any, Dict, List, Mapping, Optional
 
+from .. import storage
 from .config import ConfigError, WandbConfig
 
 METRICS_FILE, PLOT_FILE, TB_DIR, PROFILE_DIR = "metrics.jsonl", "loss.png", "tensorboard", "profile"
 WANDB_INSTALL = "pip install 'nucleusx-jax[wandb]'"
+UPLOAD_EVERY_S = 30.0
 
 # Dense bf16 peak FLOP/s per chip, by substrings of jax's device_kind (lower case).
 PEAK_TFLOPS = (("v5p", 459.0), ("v5 lite", 197.0), ("v5e", 197.0), ("v6", 918.0), ("v4", 275.0), ("v3", 123.0),
@@ -46,7 +54,12 @@ class MetricsWriter:
     def __init__(self, run_dir: str, tensorboard: bool, wandb: Optional[WandbConfig] = None,
                  config: Optional[Mapping[str, Any]] = None):
         self.path = os.path.join(run_dir, METRICS_FILE)
-        self.file = open(self.path, "a")
+        self.remote = storage.is_url(run_dir)
+        if self.remote:  # the whole text, uploaded at most every UPLOAD_EVERY_S
+            self.text = storage.read_bytes(self.path).decode() if storage.isfile(self.path) else ""
+            self.uploaded = -UPLOAD_EVERY_S
+        else:
+            self.file = open(self.path, "a")
         self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -54,14 +67,20 @@ class MetricsWriter:
             self.tb = SummaryWriter(os.path.join(run_dir, TB_DIR))
         self.wandb_run = None
         if wandb is not None:
-            self.wandb_run = import_wandb().init(project=wandb.project, name=wandb.name, dir=run_dir,
-                                                 config=dict(config or {}))
+            # wandb keeps its files on a local disk: <run_dir>/wandb, or ./wandb for a run directory on a URL
+            self.wandb_run = import_wandb().init(project=wandb.project, name=wandb.name,
+                                                 dir=None if self.remote else run_dir, config=dict(config or {}))
 
     def write(self, step: int, split: str, values: Mapping[str, Any]) -> None:
         """One record; non-numeric values go to the JSON line only."""
-        record = {"step": step, "split": split, **values}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        line = json.dumps({"step": step, "split": split, **values}) + "\n"
+        if self.remote:
+            self.text += line
+            if time.monotonic() - self.uploaded >= UPLOAD_EVERY_S:
+                self._upload()
+        else:
+            self.file.write(line)
+            self.file.flush()
         scalars = {f"{split}/{key}": value for key, value in values.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self.tb is not None:
@@ -70,9 +89,16 @@ class MetricsWriter:
         if self.wandb_run is not None:
             self.wandb_run.log(scalars, step=step)
 
+    def _upload(self) -> None:
+        storage.atomic_write(self.path, self.text)
+        self.uploaded = time.monotonic()
+
     def close(self) -> None:
         """Flush and close the files; finish the W&B run."""
-        self.file.close()
+        if self.remote:
+            self._upload()
+        else:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb_run is not None:
@@ -82,7 +108,7 @@ class MetricsWriter:
 def read_metrics(run_dir: str, split: str) -> List[Dict[str, Any]]:
     """Records of ``split`` ordered by step, the last record of each step kept."""
     by_step: Dict[int, Dict[str, Any]] = {}
-    with open(os.path.join(run_dir, METRICS_FILE)) as f:
+    with storage.open_file(os.path.join(run_dir, METRICS_FILE), "r") as f:
         for line in f:
             record = json.loads(line)
             if record.get("split") == split:
@@ -107,8 +133,8 @@ def plot_losses(run_dir: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     path = os.path.join(run_dir, PLOT_FILE)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
+    storage.atomic_write(path, png.getvalue())
     return path

