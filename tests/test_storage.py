@@ -116,7 +116,8 @@ def gcs_run(gcs, tokenizer, tmp_path_factory):
     run(load_config(TINY, overrides(tokenizer, local)))
     remote = "gs://bucket/run"
     storage.atomic_write("gs://bucket/tokenizer/sp.model", storage.read_bytes(tokenizer))  # read from the bucket
-    args = [a for o in overrides("gs://bucket/tokenizer/sp.model", remote) for a in ("--set", o)]
+    args = [a for o in overrides("gs://bucket/tokenizer/sp.model", remote) + ["logging.profile_steps=[37, 39]"]
+            for a in ("--set", o)]  # the profiled steps come after the kill
     proc = cli(args, gcs)
     deadline = time.time() + 300
     while not committed_steps(remote) and proc.poll() is None:
@@ -150,6 +151,7 @@ def test_killed_gcs_run_resumes_like_a_local_run(gcs_run):
     assert storage.isfile(f"{remote}/data/train/index.json") and storage.isfile(f"{remote}/config.yaml")
     assert storage.read_bytes(f"{remote}/loss.png", 0, 8) == b"\x89PNG\r\n\x1a\n"
     assert storage.glob_files(f"{remote}/tensorboard/events.out.tfevents.*")  # tensorboardX's gs:// writer
+    assert len(storage.glob_files(f"{remote}/profile/plugins/profile/*/*.xplane.pb")) == 1  # traced, uploaded
     store = TokenStore(f"{remote}/data/train")  # read with ranged requests from the bucket
     assert store.read(5, 40).shape == (35,) and store.verify() == []
 
