@@ -196,3 +196,4 @@ def test_trainer_run_with_scan_layers_restores_and_exports(tmp_path):
     # resuming in the other layout is refused, naming the setting
     with pytest.raises(ValueError, match="trained with model.scan_layers=true, this run has false"):
         train(4, scan="false")
+    assert restore_params(run_dir)[0].scan_layers  # and leaves the run's config.json as it was

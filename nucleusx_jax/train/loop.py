@@ -241,8 +241,6 @@ def _run(cfg: Config) -> Dict[str, Any]:
     tokenizer = prepare_tokenizer(cfg, run_dir)
     tokenizer_file = cfg.data.tokenizer or os.path.join(run_dir, TOKENIZER_FILE)
     if lead:
-        atomic_write(os.path.join(run_dir, CONFIG_FILE), cfg.to_yaml())
-        cfg.model_config().save_pretrained(run_dir)  # config.json: what the checkpoints hold (nucleusx_jax.runs)
         print(f"resolved config (saved to {os.path.join(run_dir, CONFIG_FILE)}):\n{cfg.to_yaml()}", flush=True)
 
     mesh = shd.make_mesh(dataclasses.asdict(cfg.mesh))
@@ -257,6 +255,9 @@ def _run(cfg: Config) -> Dict[str, Any]:
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     state = checkpointer.restore_latest(trainer.abstract_state) if cfg.checkpoint.resume else None
     resumed_from = None if state is None else int(jax.device_get(state.step))
+    if lead:  # after the restore: a refused resume (another model) leaves the run's configs as they were
+        atomic_write(os.path.join(run_dir, CONFIG_FILE), cfg.to_yaml())
+        cfg.model_config().save_pretrained(run_dir)  # config.json: what the checkpoints hold (nucleusx_jax.runs)
     if state is None:
         state = trainer.init_state()
     start = int(jax.device_get(state.step))
