@@ -179,8 +179,7 @@ def atomic_write(path: str, data: Union[bytes, str, Callable[[IO[bytes]], None]]
         with tempfile.TemporaryDirectory(prefix="nucleusx-upload-") as tmp:
             local = os.path.join(tmp, os.path.basename(p))
             atomic_write(local, data)
-            with _named(path, "write"):
-                fs.put_file(local, p)
+            upload_file(local, path)
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -223,7 +222,7 @@ def upload_file(local: str, path: str) -> None:
 
 def upload_tree(local: str, path: str) -> None:
     """Commit every file under the local directory ``local`` to the same relative name under ``path``
-    (:func:`upload_file` each: renamed locally, uploaded on a URL). ``local``'s files are consumed."""
+    (:func:`upload_file` each: moved when ``path`` is local, copied up when it is a URL)."""
     for root, _, files in os.walk(local):
         for name in files:
             rel = os.path.relpath(os.path.join(root, name), local)

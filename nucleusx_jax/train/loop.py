@@ -37,7 +37,7 @@ from .config import Config
 from ..data.mixture import Mixture
 from .data import EvalSet, open_run_data, prepare_run_stores
 from .lock import RunLock, RunLockedError
-from .metrics import PROFILE_DIR, MetricsWriter, import_wandb, peak_tflops, plot_losses
+from .metrics import MetricsWriter, ProfileTrace, import_wandb, peak_tflops, plot_losses
 from .step import Trainer, make_trainer, training_flops_per_token
 from ..tokenizer import Tokenizer, load_tokenizer, save_hf_tokenizer, train_tokenizer
 
@@ -279,34 +279,22 @@ def _run(cfg: Config) -> Dict[str, Any]:
     first_loss = last_loss = None
     eval_losses: List[float] = []
     last_eval: Dict[str, float] = {}
-    window_start, window_tokens, preempted, tracing = time.perf_counter(), 0, False, False
+    window_start, window_tokens, preempted = time.perf_counter(), 0, False
+    profile = ProfileTrace(run_dir, lg.profile_steps)
     start_time = time.perf_counter()
     if eval_sets and start == 0:
         last_eval = _evaluate_all(trainer, state.params, eval_sets, t.eval_batches)
         eval_losses.append(last_eval["loss"])
         if writer is not None:
             writer.write(0, "eval", last_eval)
-    # the profiler writes local files: on a URL run directory they are traced locally, then uploaded
-    profile_dir = os.path.join(run_dir, PROFILE_DIR)
-    trace_dir = tempfile.mkdtemp(prefix="nucleusx-profile-") if storage.is_url(run_dir) else profile_dir
-
-    def stop_trace() -> None:
-        jax.profiler.stop_trace()
-        if trace_dir != profile_dir:
-            storage.upload_tree(trace_dir, profile_dir)
-
     try:
         for step in range(start, t.steps):
             done = step + 1
-            if lg.profile_steps is not None and lg.profile_steps[0] <= step < lg.profile_steps[1] and not tracing:
-                jax.profiler.start_trace(trace_dir)
-                tracing = True
+            profile.before(step)
             with jax.profiler.StepTraceAnnotation("train", step_num=done):
                 state, metrics = trainer.train_step(state, _global_batch(trainer, train_data, step))
                 m = jax.device_get(metrics)
-            if tracing and done == lg.profile_steps[1]:
-                stop_trace()
-                tracing = False
+            profile.after(done)
             loss = float(m["loss"])
             if not bool(m["finite"]):
                 message = (f"non-finite training loss or gradient at step {done} (loss {loss}, grad norm "
@@ -362,8 +350,7 @@ def _run(cfg: Config) -> Dict[str, Any]:
         if not preempted:
             checkpointer.save(state)
     finally:
-        if tracing:
-            stop_trace()
+        profile.stop()
         bar.close()
         preemption.restore()
         checkpointer.close()

@@ -13,8 +13,12 @@ event files go through tensorboardX's own ``gs://`` (or ``s3://``) writer.
 import io
 import json
 import os
+import shutil
+import tempfile
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import jax
 
 from .. import storage
 from .config import ConfigError, WandbConfig
@@ -44,6 +48,38 @@ def import_wandb() -> Any:
         raise ConfigError(f"logging.wandb is set but the wandb package is not installed: {WANDB_INSTALL} "
                           "(or remove logging.wandb)") from None
     return wandb
+
+
+class ProfileTrace:
+    """A ``jax.profiler`` trace of the steps after ``window[0]`` up to ``window[1]`` (``logging.profile_steps``,
+    the metrics' numbering; None: no trace) into ``<run_dir>/profile``. The profiler writes local files, so for
+    a URL run directory it traces into a local temporary directory whose files are uploaded and removed when
+    the trace stops. A run resumed inside the window traces from its first step."""
+
+    def __init__(self, run_dir: str, window: Optional[Sequence[int]]):
+        self.dest, self.window = os.path.join(run_dir, PROFILE_DIR), window
+        self.local: Optional[str] = None  # the directory being traced into; None when not tracing
+
+    def before(self, step: int) -> None:
+        """Start tracing before 0-based ``step`` if it lies in the window."""
+        if self.window is not None and self.window[0] <= step < self.window[1] and self.local is None:
+            self.local = tempfile.mkdtemp(prefix="nucleusx-profile-") if storage.is_url(self.dest) else self.dest
+            jax.profiler.start_trace(self.local)
+
+    def after(self, done: int) -> None:
+        """Stop after ``done`` steps when that is the end of the window."""
+        if self.local is not None and done == self.window[1]:
+            self.stop()
+
+    def stop(self) -> None:
+        """End the trace if one runs (also on an early exit)."""
+        if self.local is None:
+            return
+        jax.profiler.stop_trace()
+        if self.local != self.dest:
+            storage.upload_tree(self.local, self.dest)
+            shutil.rmtree(self.local, ignore_errors=True)
+        self.local = None
 
 
 class MetricsWriter:
