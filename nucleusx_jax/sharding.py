@@ -2,7 +2,25 @@
 
 Parameters carry logical names (``nn.with_logical_partitioning`` in :mod:`nucleusx_jax.modeling`):
 
-=============  =====================  =========================================================
+=============  =====================  ================================================================
+logical        mesh axis              what it shards
+=============  =====================  ================================================================
+``batch``      (``data``, ``fsdp``)   the rows of every batch
+``embed``      ``fsdp``               the model width of every matrix (FSDP / ZeRO-3)
+``heads``      ``tensor``             q/k/v/g columns and out_proj rows (Megatron tensor parallelism)
+``mlp``        ``tensor``             fc1/gate columns and fc2 rows
+``vocab``      ``tensor``             the embedding table and the LM head over the vocabulary
+``norm``       replicated             norm weights
+``layers``     replicated             the leading depth axis of ``scan_layers`` parameters (each device holds
+                                      every layer's share of the other axes)
+``length``     ``sequence``           the positions of the residual stream ``[B, T, E]``, constrained to
+                                      (``batch``, ``length``, ``act_embed``): sequence parallelism
+``act_embed``  replicated             the width of the residual stream
+=============  =====================  ================================================================
+
+Along ``sequence`` every device holds a contiguous slice of each row; retention passes its state across the
+slices (:mod:`nucleusx_jax.sequence_parallel`), every other part of the model works token by token.
+
 The optimizer state mirrors the parameters, so it is sharded the same way.
 """
 
