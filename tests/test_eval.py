@@ -10,6 +10,8 @@ network), each value checked against a direct computation with the model.
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -225,6 +227,19 @@ def test_cli_runs_the_harness(env, run, tmp_path, capsys):
         acc = json.load(f)["results"]["tiny_mc"]["acc,none"]
     assert acc == run["results"]["results"]["tiny_mc"]["acc,none"]
     assert "tiny_mc" in capsys.readouterr().out
+
+
+def test_cli_help_and_device_on_any_lm_eval(capsys):
+    """The CLI works on the installed lm-eval (its command line changed in 0.4.10); --device is one error line."""
+    done = subprocess.run([sys.executable, "-m", "nucleusx_jax.eval", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m nucleusx_jax.eval --model_args pretrained=DIR")
+    assert "--tasks" in done.stdout and "--num_fewshot" in done.stdout
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--model_args", "pretrained=/nonexistent", "--device", "cuda:0", "--tasks", "tiny_mc"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --device cuda:0 is not supported")
 
 
 def test_bad_input_errors(env, run):

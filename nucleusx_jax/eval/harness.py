@@ -106,22 +106,25 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[i:i + size]
 
 
+JAX_DEVICE = "jax"  # the ``device`` our CLI passes: JAX's default backend (lm-eval >= 0.4.10 would pass cuda:0)
+
+
 @register_model(MODEL_NAME)
 class NucleusXLM(LM):
     """An lm-eval model: ``NucleusXLM(pretrained=DIR, batch_size=8, max_length=2048, dtype="float32", ...)``.
 
     ``tokenizer``: a SentencePiece ``.model`` file or HF tokenizer directory (default: ``pretrained``). Other
-    keyword options are the fields of :class:`EvalOptions`. ``device`` and ``max_batch_size`` (passed by the
-    harness's CLI) are accepted only when unset: JAX places the model on its default backend.
+    keyword options are the fields of :class:`EvalOptions`. ``device`` (passed by the harness's CLI) must be unset
+    or ``"jax"``: JAX places the model on its default backend. ``max_batch_size`` must be unset.
     """
 
     def __init__(self, pretrained: str, *, tokenizer: Optional[str] = None, dtype: str = "float32",
                  batch_size: Any = EvalOptions.batch_size, device: Optional[str] = None,
                  max_batch_size: Optional[int] = None, **options: Any):
         super().__init__()
-        if device is not None:
-            raise ValueError(f"device={device!r} is not supported: JAX runs on its default backend "
-                             "(choose it with JAX_PLATFORMS=cpu|gpu|tpu)")
+        if device not in (None, JAX_DEVICE):
+            raise ValueError(f"device={device!r} is not supported: leave it unset (or {JAX_DEVICE!r}); JAX runs on "
+                             "its default backend (choose it with JAX_PLATFORMS=cpu|gpu|tpu)")
         if max_batch_size is not None:
             raise ValueError(f"max_batch_size={max_batch_size!r} is not supported: give batch_size=N")
         self._setup(load_model(pretrained, dtype), None, self._load_tokenizer(pretrained, tokenizer),
