@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
 import sys
 from typing import Optional, Sequence
 
 import uvicorn
 
+from ..cli import reports_user_errors
 from ..tokenizer import load_tokenizer
 from .api import create_app
 from ..model import COMPUTE_DTYPES
 from .backend import load_backend
 from .engine import Engine
+from .guard import (DEFAULT_KEEP_ALIVE_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES,
+                    DEFAULT_REQUEST_TIMEOUT_S, server_config)
+
+API_KEY_ENV = "NUCLEUSX_API_KEY"
+logger = logging.getLogger(__name__)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@reports_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m nucleusx_jax.serve", description=__doc__.split("\n")[0])
     p.add_argument("model_dir", help="a flax or PyTorch NucleusX causal-LM directory")
@@ -33,17 +49,36 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--switch-interval", type=float, default=5e-4,
                    help="Python's thread switch interval in s (default 0.5 ms, Python's own is 5 ms): the engine "
                         "thread waits at most this long for the GIL while the HTTP thread works")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on every path but /health (default: ${API_KEY_ENV})")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="larger request bodies get 413 before they are read")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help="open connections; more are answered 503 and closed")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                   help="seconds to receive a whole request (head and body) from its first byte or the "
+                        "connection's opening; then 408 and close")
+    p.add_argument("--timeout-keep-alive", type=int, default=DEFAULT_KEEP_ALIVE_S,
+                   help="seconds an idle connection is kept open between requests")
+    p.add_argument("--ssl-keyfile", help="serve HTTPS with this private key (with --ssl-certfile)")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate chain (with --ssl-keyfile)")
     args = p.parse_args(argv)
     sys.setswitchinterval(args.switch_interval)
+    if args.api_key is None and not _is_loopback(args.host):
+        logger.warning("serving on %s without an API key: anyone who reaches it may use it (--api-key or $%s)",
+                       args.host, API_KEY_ENV)
 
     tokenizer = load_tokenizer(args.tokenizer or args.model_dir)
     engine = Engine(load_backend(args.model_dir, dtype=args.dtype), max_batch=args.max_batch,
                     max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
                     max_new_tokens=args.max_tokens_limit, steps_per_call=args.steps_per_call)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model_dir))
-    app = create_app(engine, tokenizer, name)
+    app = create_app(engine, tokenizer, name, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
+    config = server_config(app, host=args.host, port=args.port, max_connections=args.max_connections,
+                           request_timeout=args.request_timeout, keep_alive=args.timeout_keep_alive,
+                           ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     engine.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.Server(config).run()
     finally:
         engine.shutdown()
