@@ -1,6 +1,6 @@
 """What stands between the network and the API: the API key, the request-size limit and connection limits.
 
-* :class:`Guard` (ASGI middleware, before routing): every path but ``/health`` needs ``Authorization: Bearer
+* :class:`Guard` (ASGI middleware, before routing): a request head over ``MAX_HEADER_BYTES`` gets 431; every path but ``/health`` needs ``Authorization: Bearer
   KEY`` when a key is set (compared in constant time; 401), and a request body longer than
   ``max_request_bytes`` gets 413, from its ``Content-Length`` before anything is read, else as soon as the
   bytes read pass the limit. The body is read here and handed on whole.
@@ -81,6 +81,11 @@ class Guard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        head = sum(len(name) + len(value) + 4 for name, value in scope["headers"]) + len(scope["raw_path"])
+        if head > MAX_HEADER_BYTES:
+            return await send_error(send, 431, error_body(
+                f"the request head has {head} bytes, more than the {MAX_HEADER_BYTES} allowed", None,
+                code="request_header_too_large"), close=True)
         if self.key is not None and scope["path"] not in OPEN_PATHS and not self.authorized(scope):
             return await send_error(send, 401, error_body(
                 "missing or wrong API key: send the header 'Authorization: Bearer KEY'", None,
