@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
@@ -144,14 +144,15 @@ def memory_run(url: str, pid: int, requests: int) -> Dict[str, float]:
 
 
 @contextlib.contextmanager
-def running_server(model_dir: str, max_batch: int) -> Iterator[Tuple[str, int]]:
-    """``python -m nucleusx_jax.serve`` on a free port; yields its URL and process id once it answers."""
+def running_server(model_dir: str, max_batch: int, extra: Sequence[str] = ()) -> Iterator[Tuple[str, int]]:
+    """``python -m nucleusx_jax.serve`` (with ``extra`` options) on a free port; yields its URL and process id
+    once it answers."""
     import httpx
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     server = subprocess.Popen([sys.executable, "-m", "nucleusx_jax.serve", model_dir, "--port", str(port),
-                               "--max-batch", str(max_batch), "--served-model-name", "bench"], env=env)
+                               "--max-batch", str(max_batch), "--served-model-name", "bench", *extra], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 600
