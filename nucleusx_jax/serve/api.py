@@ -40,6 +40,7 @@ from .text import MAX_STOP_CHARS, MAX_STOPS, TextTracker
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (chat: the server's --max-tokens-limit)
 PREPARE_THREADS = 4  # requests parsed and tokenized at once
+TEXT_THREADS = 2  # batches of engine events turned into text at once (fewer threads: less GIL contention)
 logger = logging.getLogger(__name__)
 
 
@@ -144,8 +145,8 @@ class Run:
     event loop is woken once per batch of them, and each batch is applied to the choices (and rendered) in a
     worker thread. A client that goes away cancels the engine requests at once."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, choices: List[Choice]):
-        self.loop, self.choices = loop, choices
+    def __init__(self, loop: asyncio.AbstractEventLoop, choices: List[Choice], limiter: anyio.CapacityLimiter):
+        self.loop, self.choices, self.limiter = loop, choices, limiter
         self.submitted: List[EngineRequest] = []
         self.items: Deque[Tuple[int, Event]] = collections.deque()
         self.ready = asyncio.Event()
@@ -196,7 +197,7 @@ class Run:
                     return
                 items = [self.items.popleft() for _ in range(len(self.items))]
                 if items:
-                    yield await anyio.to_thread.run_sync(self.apply, items, render)
+                    yield await anyio.to_thread.run_sync(self.apply, items, render, limiter=self.limiter)
         finally:
             watcher.cancel()
             self.cancel()
@@ -205,7 +206,7 @@ class Run:
 class Server:
     """The HTTP layer: request validation, tokenization, the engine bridge and the response formats. Parsing,
     tokenizing and building responses run in worker threads (at most ``PREPARE_THREADS`` requests are parsed
-    and tokenized at once)."""
+    and tokenized at once, ``TEXT_THREADS`` batches of events turned into text)."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str):
         if tokenizer.vocab_size > engine.vocab_size:
@@ -214,6 +215,7 @@ class Server:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.created = int(time.time())
         self.prepare_limiter = anyio.CapacityLimiter(PREPARE_THREADS)
+        self.text_limiter = anyio.CapacityLimiter(TEXT_THREADS)
 
     # ----------------------------------------------------------------------------------- requests
     def _params(self, body: _Sampling, max_tokens: Optional[int], logprobs: int, choice: int,
@@ -288,7 +290,7 @@ class Server:
         want = getattr(body, "logprobs", None) is not None
         choices = [Choice(i, TextTracker(self.tokenizer, prompt[-4:], stops), self.tokenizer, want)
                    for i in range(body.n)]
-        run = Run(asyncio.get_running_loop(), choices)
+        run = Run(asyncio.get_running_loop(), choices, self.text_limiter)
         try:
             for i, p in enumerate(params):
                 run.submitted.append(self.engine.submit(prompt, p, lambda event, i=i: run.put(i, event)))

@@ -147,6 +147,8 @@ class _GuardedH11Protocol(H11Protocol):
             self._deadline = None
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return  # refused or timed out: nothing more is read
         if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
             self._arm()  # the first byte of a request on a kept-alive connection
         super().data_received(data)
