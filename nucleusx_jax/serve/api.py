@@ -40,7 +40,9 @@ from .text import MAX_STOP_CHARS, MAX_STOPS, TextTracker
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (chat: the server's --max-tokens-limit)
 PREPARE_THREADS = 4  # requests parsed and tokenized at once
-TEXT_THREADS = 1  # threads turning engine events into text (each more is one more GIL contender: /health p99 221 ms with 2, 103 with 1)
+# threads turning engine events into text: each one more contends for the GIL with the event loop (under
+# benchmarks/serve_hostile.py's load, /health p99 was 221 ms with 2, 103 ms with 1)
+TEXT_THREADS = 1
 logger = logging.getLogger(__name__)
 
 

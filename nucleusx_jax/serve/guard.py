@@ -1,8 +1,8 @@
 """What stands between the network and the API: the API key, the request-size limit and connection limits.
 
-* :class:`Guard` (ASGI middleware, before routing): a request head over ``MAX_HEADER_BYTES`` gets 431; every path but ``/health`` needs ``Authorization: Bearer
-  KEY`` when a key is set (compared in constant time; 401), and a request body longer than
-  ``max_request_bytes`` gets 413, from its ``Content-Length`` before anything is read, else as soon as the
+* :class:`Guard` (ASGI middleware, before routing): a request head over ``MAX_HEADER_BYTES`` gets 431; every
+  path but ``/health`` needs ``Authorization: Bearer KEY`` when a key is set (compared in constant time; 401),
+  and a request body longer than ``max_request_bytes`` gets 413, from its ``Content-Length`` before anything is read, else as soon as the
   bytes read pass the limit. The body is read here and handed on whole.
 * :func:`guarded_protocol`: uvicorn's h11 protocol plus a cap on open connections (503, then close) and a
   deadline to receive each whole request, head and body, from its first byte or the connection's opening
