@@ -31,13 +31,15 @@ MAX_BYTES, MAX_CONNECTIONS, REQUEST_TIMEOUT = 64 * 1024, 12, 1.0
 
 
 class CountingTokenizer:
-    """A tokenizer that counts the ids it decodes (the server's text work, observed from outside)."""
+    """A tokenizer that counts the ids it decodes and the characters it encodes (the server's text work,
+    observed from outside)."""
 
     def __init__(self, tok):
-        self.tok, self.decoded = tok, 0
+        self.tok, self.decoded, self.encoded = tok, 0, 0
         self.vocab_size, self.bos_id, self.eos_id, self.pad_id = tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id
 
     def encode(self, text):
+        self.encoded += len(text)
         return self.tok.encode(text)
 
     def encode_batch(self, texts):
@@ -160,6 +162,15 @@ def test_malformed_bodies_get_400_in_the_openai_shape(hostile):
     assert_error(httpx.get(hostile.url + "/v1/completions", headers=hostile.auth), 405)
     assert_error(httpx.post(hostile.url + "/health"), 405)
     still_serving(hostile)
+
+
+def test_more_messages_than_prompt_tokens_are_refused_while_parsing(hostile):
+    """Each message costs at least one prompt token: too many are refused before a prompt is built."""
+    messages = [{"role": "user", "content": ""}] * (hostile.engine.max_prompt_tokens + 1)
+    hostile.tok.encoded = 0
+    err = assert_error(hostile.post("/v1/chat/completions", json={"model": NAME, "messages": messages}), 400,
+                       "messages")
+    assert str(hostile.engine.max_prompt_tokens) in err["message"] and hostile.tok.encoded == 0
 
 
 def test_engine_failure_is_a_500_in_the_openai_shape(hostile, monkeypatch):

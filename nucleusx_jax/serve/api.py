@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Dict, List, O
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..tokenizer import HFTokenizer, Tokenizer
@@ -218,6 +218,9 @@ class Server:
         self.created = int(time.time())
         self.prepare_limiter = anyio.CapacityLimiter(PREPARE_THREADS)
         self.text_limiter = anyio.CapacityLimiter(TEXT_THREADS)
+        # every message costs at least one prompt token: more messages than that are refused while parsing
+        self.chat_request = create_model("ChatRequest", __base__=ChatRequest, messages=(
+            List[ChatMessage], Field(min_length=1, max_length=engine.max_prompt_tokens)))
 
     # ----------------------------------------------------------------------------------- requests
     def _params(self, body: _Sampling, max_tokens: Optional[int], logprobs: int, choice: int,
@@ -339,7 +342,7 @@ class Server:
         return await self._finish(request, run, build)
 
     async def chat(self, request: Request) -> Response:
-        body, prompt, run = await self.start(request, ChatRequest, "messages")
+        body, prompt, run = await self.start(request, self.chat_request, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(index: int, delta: Dict[str, Any], finish: Optional[str]) -> str:
