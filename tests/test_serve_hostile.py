@@ -87,6 +87,22 @@ def hostile(tmp_path_factory):
     engine.shutdown()
 
 
+def test_cli_key_from_the_environment_and_tls_needs_both_files(monkeypatch):
+    from nucleusx_jax.serve.cli import parser
+
+    monkeypatch.setenv("NUCLEUSX_API_KEY", "from-env")
+    assert parser().parse_args(["model"]).api_key == "from-env"
+    assert parser().parse_args(["model", "--api-key", "given"]).api_key == "given"
+    monkeypatch.delenv("NUCLEUSX_API_KEY")
+    assert parser().parse_args(["model"]).api_key is None
+    with pytest.raises(ValueError, match="ssl_certfile"):
+        server_config(None, ssl_keyfile="key.pem")
+    with pytest.raises(ValueError, match="API key is empty"):
+        create_app(None, None, NAME, api_key="")
+    with pytest.raises(ValueError, match="max_request_bytes"):
+        create_app(None, None, NAME, max_request_bytes=0)
+
+
 def assert_error(r, status, param=None):
     """``r`` is an OpenAI-style error with this status (and ``param``)."""
     assert r.status_code == status, (r.status_code, r.text[:300])

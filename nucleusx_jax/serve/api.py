@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..tokenizer import HFTokenizer, Tokenizer
 from .engine import Engine, Event, QueueFull, RequestError, SamplingParams
 from .engine import Request as EngineRequest
-from .guard import DEFAULT_MAX_REQUEST_BYTES, Guard, error_body
+from .guard import DEFAULT_MAX_REQUEST_BYTES, Guard, check_guard, error_body
 from .text import MAX_STOP_CHARS, MAX_STOPS, TextTracker
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (chat: the server's --max-tokens-limit)
@@ -420,6 +420,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, api_key
     """The FastAPI app serving ``engine`` (started and stopped by the caller) as ``model_name``. With
     ``api_key``, every path but ``/health`` needs ``Authorization: Bearer API_KEY``; bodies over
     ``max_request_bytes`` get 413 (see :class:`~nucleusx_jax.serve.guard.Guard`)."""
+    check_guard(api_key, max_request_bytes)
     server = Server(engine, tokenizer, model_name)
     app = FastAPI(title="nucleusx-jax", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=api_key, max_request_bytes=max_request_bytes)

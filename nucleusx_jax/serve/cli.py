@@ -31,8 +31,8 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-@reports_user_errors
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (``--api-key`` defaults to ``$NUCLEUSX_API_KEY`` as it is when this is called)."""
     p = argparse.ArgumentParser(prog="python -m nucleusx_jax.serve", description=__doc__.split("\n")[0])
     p.add_argument("model_dir", help="a flax or PyTorch NucleusX causal-LM directory")
     p.add_argument("--tokenizer", help="SentencePiece .model file or HF tokenizer dir (default: MODEL_DIR)")
@@ -62,7 +62,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="seconds an idle connection is kept open between requests")
     p.add_argument("--ssl-keyfile", help="serve HTTPS with this private key (with --ssl-certfile)")
     p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate chain (with --ssl-keyfile)")
-    args = p.parse_args(argv)
+    return p
+
+
+@reports_user_errors
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parser().parse_args(argv)
     sys.setswitchinterval(args.switch_interval)
     if args.api_key is None and not _is_loopback(args.host):
         logger.warning("serving on %s without an API key: anyone who reaches it may use it (--api-key or $%s)",

@@ -58,15 +58,20 @@ async def send_error(send: Send, status: int, body: bytes, close: bool = False,
     await send({"type": "http.response.body", "body": body})
 
 
+def check_guard(api_key: Optional[str], max_request_bytes: int) -> None:
+    """Raise ValueError for an empty key or a limit below 1 byte."""
+    if api_key is not None and not api_key:
+        raise ValueError("the API key is empty: give a key, or none to serve without one")
+    if not isinstance(max_request_bytes, int) or isinstance(max_request_bytes, bool) or max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes={max_request_bytes!r} is invalid: must be an integer >= 1")
+
+
 class Guard:
     """The API key and the body-size limit, checked before the app sees the request (see the module doc)."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *, api_key: Optional[str],
                  max_request_bytes: int):
-        if api_key is not None and not api_key:
-            raise ValueError("api_key is empty: give a key, or none to serve without one")
-        if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
-            raise ValueError(f"max_request_bytes={max_request_bytes!r} is invalid: must be an integer >= 1")
+        check_guard(api_key, max_request_bytes)
         self.app, self.max_request_bytes = app, max_request_bytes
         self.key = None if api_key is None else api_key.encode()
 
