@@ -198,6 +198,24 @@ def test_engine_failure_is_a_500_in_the_openai_shape(hostile, monkeypatch):
     assert err["type"] == "server_error"
 
 
+def test_engine_failure_while_streaming_is_an_error_event(hostile, monkeypatch):
+    body = {"model": NAME, "prompt": [5, 6], "max_tokens": 4096, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", hostile.url + "/v1/completions", json=body, headers=hostile.auth, timeout=60) as r:
+        lines = (line for line in r.iter_lines() if line)
+        assert json.loads(next(lines)[6:])["choices"][0]["finish_reason"] is None
+
+        def boom(*args, **kw):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(hostile.engine, "step", boom)
+        rest = list(lines)
+    monkeypatch.undo()
+    assert rest[-1] == "data: [DONE]"
+    err = json.loads(rest[-2][6:])["error"]
+    assert err["type"] == "server_error" and "boom" in err["message"]
+    still_serving(hostile)
+
+
 def test_stop_strings_are_limited(hostile):
     body = {"model": NAME, "prompt": "x", "max_tokens": 4}
     assert "at most" in assert_error(hostile.post("/v1/completions", json={**body, "stop": ["a"] * (MAX_STOPS + 1)}),

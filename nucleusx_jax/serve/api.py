@@ -154,6 +154,7 @@ class Run:
         self.ready = asyncio.Event()
         self.woken = False
         self.gone = False
+        self.watcher: Optional[asyncio.Future] = None  # the task that waits for the client to go away
 
     def put(self, index: int, event: Event) -> None:
         """Called from the engine's thread."""
@@ -187,9 +188,8 @@ class Run:
                 out.extend(render(choice, piece, event))
         return out
 
-    async def outputs(self, request: Request, render: Optional[Render] = None) -> AsyncIterator[List[str]]:
+    async def outputs(self, render: Optional[Render] = None) -> AsyncIterator[List[str]]:
         """``render``'s output per batch of events until every choice ends (or the client goes away)."""
-        watcher = asyncio.ensure_future(self.watch(request.receive))
         try:
             while any(c.finish_reason is None for c in self.choices):
                 await self.ready.wait()
@@ -201,7 +201,8 @@ class Run:
                 if items:
                     yield await anyio.to_thread.run_sync(self.apply, items, render, limiter=self.limiter)
         finally:
-            watcher.cancel()
+            if self.watcher is not None:
+                self.watcher.cancel()
             self.cancel()
 
 
@@ -302,6 +303,7 @@ class Server:
         except BaseException:
             run.cancel()
             raise
+        run.watcher = asyncio.ensure_future(run.watch(request.receive))  # from now on, even if never read
         return body, prompt, run
 
     # --------------------------------------------------------------------------------- endpoints
@@ -321,16 +323,8 @@ class Server:
                     out["choices"][0]["logprobs"] = c.logprobs_json(len(echo), len(c.entries) - 1)
                 return [_sse(out)]
 
-            async def sse() -> AsyncIterator[str]:
-                if echo:
-                    yield "".join(_sse(chunk(c, echo, None)) for c in run.choices)
-                async with aclosing(run.outputs(request, render)) as outputs:
-                    async for pieces in outputs:
-                        if pieces:
-                            yield "".join(pieces)
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            first = "".join(_sse(chunk(c, echo, None)) for c in run.choices) if echo else ""
+            return StreamingResponse(_stream(first, run.outputs(render)), media_type="text/event-stream")
 
         def build() -> bytes:
             return _json({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
@@ -339,7 +333,7 @@ class Server:
                               "logprobs": c.logprobs_json(len(echo)) if body.logprobs is not None else None}),
                           "usage": self._usage(prompt, run.choices)})
 
-        return await self._finish(request, run, build)
+        return await self._finish(run, build)
 
     async def chat(self, request: Request) -> Response:
         body, prompt, run = await self.start(request, self.chat_request, "messages")
@@ -354,15 +348,8 @@ class Server:
                 out = [chunk(c.index, {"content": piece}, None)] if piece else []
                 return out + ([chunk(c.index, {}, c.finish_reason)] if c.finish_reason is not None else [])
 
-            async def sse() -> AsyncIterator[str]:
-                yield "".join(chunk(c.index, {"role": "assistant", "content": ""}, None) for c in run.choices)
-                async with aclosing(run.outputs(request, render)) as outputs:
-                    async for pieces in outputs:
-                        if pieces:
-                            yield "".join(pieces)
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            first = "".join(chunk(c.index, {"role": "assistant", "content": ""}, None) for c in run.choices)
+            return StreamingResponse(_stream(first, run.outputs(render)), media_type="text/event-stream")
 
         def build() -> bytes:
             return _json({"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
@@ -371,12 +358,12 @@ class Server:
                               "finish_reason": c.finish_reason, "logprobs": None}),
                           "usage": self._usage(prompt, run.choices)})
 
-        return await self._finish(request, run, build)
+        return await self._finish(run, build)
 
     @staticmethod
-    async def _finish(request: Request, run: Run, build: Callable[[], bytes]) -> Response:
+    async def _finish(run: Run, build: Callable[[], bytes]) -> Response:
         """A non-streamed response: wait for every event, then ``build`` the body (off the loop)."""
-        async with aclosing(run.outputs(request)) as outputs:
+        async with aclosing(run.outputs()) as outputs:
             async for _ in outputs:
                 pass
         if run.gone:
@@ -399,6 +386,21 @@ class Server:
         completion = sum(len(c.tracker.ids) for c in choices)
         return {"prompt_tokens": len(prompt), "completion_tokens": completion,
                 "total_tokens": len(prompt) + completion}
+
+
+async def _stream(first: str, outputs: AsyncIterator[List[str]]) -> AsyncIterator[str]:
+    """Server-sent events: ``first``, each batch of ``outputs``, then ``[DONE]``; a failure after the response
+    began is one more event, ``{"error": {...}}`` (the OpenAI shape), before ``[DONE]``."""
+    if first:
+        yield first
+    async with aclosing(outputs):
+        try:
+            async for pieces in outputs:
+                if pieces:
+                    yield "".join(pieces)
+        except APIError as e:
+            yield "data: " + error_body(e.message, e.param, e.kind, e.code).decode() + "\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def _json(data: Dict[str, Any]) -> bytes:
