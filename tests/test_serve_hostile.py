@@ -8,7 +8,10 @@ it binds port 0 and the tests read the port back."""
 import json
 import os
 import random
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 
@@ -101,6 +104,31 @@ def test_cli_key_from_the_environment_and_tls_needs_both_files(monkeypatch):
         create_app(None, None, NAME, api_key="")
     with pytest.raises(ValueError, match="max_request_bytes"):
         create_app(None, None, NAME, max_request_bytes=0)
+
+
+def test_tls_with_key_and_cert_files(hostile, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    key, cert = str(tmp_path / "key.pem"), str(tmp_path / "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    app = create_app(hostile.engine, hostile.tok, NAME, api_key=KEY)
+    server = uvicorn.Server(server_config(app, port=0, ssl_keyfile=key, ssl_certfile=cert))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        r = httpx.get(f"https://127.0.0.1:{port}/v1/models", headers=hostile.auth,
+                      verify=ssl.create_default_context(cafile=cert))
+        assert r.json()["data"][0]["id"] == NAME
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served there
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def assert_error(r, status, param=None):
