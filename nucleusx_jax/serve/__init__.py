@@ -3,6 +3,8 @@
 * :mod:`.backend`: the one place that loads the model and calls it (prefill, one recurrent step);
 * :mod:`.engine`: the slots, the compiled step, per-request sampling, the bounded queue (no HTTP);
 * :mod:`.api`: the FastAPI app (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health``);
+* :mod:`.text`: generated ids -> text in O(1) work per token (incremental detokenizing, stop strings);
+* :mod:`.guard`: the API key, the request-size limit, connection limits and timeouts (uvicorn's config);
 * :mod:`.cli`: ``python -m nucleusx_jax.serve MODEL_DIR [--host 127.0.0.1 --port 8000 --max-batch 32]``.
 
 Needs the ``serve`` extra (fastapi, uvicorn).
