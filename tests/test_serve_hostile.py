@@ -90,8 +90,16 @@ def hostile(tmp_path_factory):
     engine.shutdown()
 
 
-def test_cli_key_from_the_environment_and_tls_needs_both_files(monkeypatch):
-    from nucleusx_jax.serve.cli import parser
+def test_cli_key_from_the_environment_and_bad_limits_refused_before_loading(monkeypatch, capsys):
+    from nucleusx_jax.serve.cli import main, parser
+
+    for option, named in (("--max-connections=0", "max_connections"), ("--request-timeout=-1", "request_timeout"),
+                          ("--ssl-keyfile=k.pem", "ssl_certfile"), ("--api-key=", "API key"),
+                          ("--max-request-bytes=0", "max_request_bytes")):
+        with pytest.raises(SystemExit) as e:
+            main(["/nonexistent-model", option])  # the model would be a "does not exist" error
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and named in err and err.count("\n") == 1, err
 
     monkeypatch.setenv("NUCLEUSX_API_KEY", "from-env")
     assert parser().parse_args(["model"]).api_key == "from-env"

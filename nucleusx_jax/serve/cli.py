@@ -18,7 +18,7 @@ from ..model import COMPUTE_DTYPES
 from .backend import load_backend
 from .engine import Engine
 from .guard import (DEFAULT_KEEP_ALIVE_S, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES,
-                    DEFAULT_REQUEST_TIMEOUT_S, server_config)
+                    DEFAULT_REQUEST_TIMEOUT_S, check_guard, check_server, server_config)
 
 API_KEY_ENV = "NUCLEUSX_API_KEY"
 logger = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser().parse_args(argv)
     sys.setswitchinterval(args.switch_interval)
+    check_guard(args.api_key, args.max_request_bytes)  # before the model loads
+    check_server(args.max_connections, args.request_timeout, args.timeout_keep_alive, args.ssl_keyfile,
+                 args.ssl_certfile)
     if args.api_key is None and not _is_loopback(args.host):
         logger.warning("serving on %s without an API key: anyone who reaches it may use it (--api-key or $%s)",
                        args.host, API_KEY_ENV)

@@ -190,13 +190,23 @@ class _GuardedH11Protocol(H11Protocol):
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailable"}
 
 
-def guarded_protocol(max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> type:
-    """uvicorn's h11 protocol class with these limits."""
+def check_server(max_connections: int, request_timeout: float, keep_alive: int = DEFAULT_KEEP_ALIVE_S,
+                 ssl_keyfile: Optional[str] = None, ssl_certfile: Optional[str] = None) -> None:
+    """Raise ValueError for limits that cannot work, or half a TLS configuration."""
     if not isinstance(max_connections, int) or max_connections < 1:
         raise ValueError(f"max_connections={max_connections!r} is invalid: must be an integer >= 1")
     if not request_timeout > 0:
         raise ValueError(f"request_timeout={request_timeout!r} is invalid: must be > 0 seconds")
+    if not isinstance(keep_alive, int) or keep_alive < 1:
+        raise ValueError(f"keep_alive={keep_alive!r} is invalid: must be an integer >= 1 (seconds)")
+    if (ssl_keyfile is None) != (ssl_certfile is None):
+        raise ValueError("TLS needs both ssl_keyfile and ssl_certfile (or neither)")
+
+
+def guarded_protocol(max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> type:
+    """uvicorn's h11 protocol class with these limits."""
+    check_server(max_connections, request_timeout)
     return type("GuardedH11Protocol", (_GuardedH11Protocol,),
                 {"max_connections": max_connections, "request_timeout": float(request_timeout)})
 
@@ -208,8 +218,7 @@ def server_config(app: Any, *, host: str = "127.0.0.1", port: int = 8000,
                   log_level: str = "warning") -> uvicorn.Config:
     """The uvicorn configuration: h11 with :func:`guarded_protocol`'s limits, ``keep_alive`` seconds of idle
     between requests, request heads of at most ``MAX_HEADER_BYTES``, TLS when both files are given."""
-    if (ssl_keyfile is None) != (ssl_certfile is None):
-        raise ValueError("TLS needs both ssl_keyfile and ssl_certfile (or neither)")
+    check_server(max_connections, request_timeout, keep_alive, ssl_keyfile, ssl_certfile)
     return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(max_connections, request_timeout),
                           timeout_keep_alive=keep_alive, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                           ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, log_level=log_level, lifespan="off")
