@@ -29,6 +29,7 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 _COLLECTIVE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _MOSAIC = 'custom_call_target="tpu_custom_call"'
 _AVAILABLE_HBM = re.compile(r"exceeds available HBM \(([0-9.]+)([KMGT])\)")
+_TEMPORARIES = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)")
 # What the compiler needs to describe a slice without hardware (no metadata server, a single host of its own).
 COMPILE_ONLY_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost"}
 
@@ -91,11 +92,17 @@ def available_hbm(device: Any) -> int:
     try:
         huge.lower(jax.ShapeDtypeStruct((2**38,), jnp.float32)).compile()
     except Exception as err:  # noqa: BLE001 - the compiler's RESOURCE_EXHAUSTED is the answer
-        found = _AVAILABLE_HBM.search(str(err))
-        if found:
-            return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2)))
-        raise
+        found = _size(_AVAILABLE_HBM, str(err))
+        if found is None:
+            raise
+        return found
     raise RuntimeError(f"the compiler accepted 1 TiB on one {device.device_kind} chip; cannot find its HBM")
+
+
+def _size(pattern: re.Pattern, message: str) -> Optional[int]:
+    """The size in bytes that ``pattern`` finds in a compiler message (``30.75G``: GiB), or None."""
+    found = pattern.search(message)
+    return None if found is None else int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2)))
 
 
 @dataclasses.dataclass
@@ -122,14 +129,16 @@ class StepPlan:
 def compile_step(name: str, lowered: Any, resident_bytes: int = 0) -> StepPlan:
     """Compile ``lowered`` (a ``jax.stages.Lowered`` for TPU devices): its memory plan per chip, the collectives
     by kind and the Mosaic kernel calls of the compiled program (a call inside a loop counts once); a
-    RESOURCE_EXHAUSTED compile (HBM or VMEM) becomes ``error``."""
+    RESOURCE_EXHAUSTED compile (HBM or VMEM) becomes ``error``, with the temporaries it names (HBM) as the plan."""
     start = time.perf_counter()
     try:
         compiled = lowered.compile()
     except Exception as err:  # noqa: BLE001 - only the compiler's out-of-memory verdict is an answer
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
-        return StepPlan(name, time.perf_counter() - start, error=" ".join(str(err).split()))
+        message = " ".join(str(err).split())
+        return StepPlan(name, time.perf_counter() - start, temp_bytes=_size(_TEMPORARIES, message) or 0,
+                        error=message)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     text = compiled.as_text()
