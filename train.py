@@ -33,7 +33,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--topology", help="TPU slice for --compile-only, e.g. v4-32, v5p-128, v5e-256, v6e-8")
     p.add_argument("--slices", type=int, default=1, help="--compile-only: slices joined over DCN (default 1)")
     p.add_argument("--report", help="--compile-only: also write the report as JSON to this path")
+    p.add_argument("--fit", action="store_true", help="--compile-only: first find the fewest microbatches\n"
+                   "(train.grad_accum, same global batch) that fit the chips' HBM, and report with them")
     args = p.parse_args(argv)
+    if args.fit and not args.compile_only:
+        raise ValueError("--fit goes with --compile-only --topology NAME")
     if args.compile_only != (args.topology is not None):
         raise ValueError("--compile-only and --topology go together (--topology names the TPU slice to compile for)")
     if args.compile_only:  # before jax starts: no TPU backend on this host, libtpu only compiles
@@ -49,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.compile_only:
         from nucleusx_jax.train import compile_only
 
-        compile_only.run(cfg, args.topology, args.slices, args.report)
+        compile_only.run(cfg, args.topology, args.slices, args.report, args.fit)
         return 0
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     run(cfg)

@@ -153,20 +153,53 @@ class DoesNotFitError(RuntimeError):
     exit_status = 3
 
 
-def check(cfg: Config, topology: str, slices: int = 1) -> Dict[str, Any]:
+def check(cfg: Config, topology: str, slices: int = 1, fit: bool = False) -> Dict[str, Any]:
     """Compile ``cfg``'s train and eval steps for ``slices`` slices of ``topology``; the report as a dict (the
-    keys of ``--report``). Raises ``ValueError`` for sizes that do not fit the mesh or the devices."""
+    keys of ``--report``). ``fit``: first find the fewest microbatches that fit (:func:`fewest_microbatches`).
+    Raises ``ValueError`` for sizes that do not fit the mesh or the devices."""
     devices = topology_devices(topology, slices)
     mesh = shd.make_mesh(dataclasses.asdict(cfg.mesh), devices)
-    trainer = make_trainer(cfg, mesh)
     hbm = available_hbm(devices[0])
-    batch = jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.data.seq_len + 1), jnp.int32,
-                                 sharding=trainer.batch_sharding)
-    train = compile_step("train", trainer.train_step.lower(trainer.abstract_state, batch))
+    if fit:
+        cfg = fewest_microbatches(cfg, mesh, hbm)
+    trainer = make_trainer(cfg, mesh)
+    train = _train_plan(trainer)
     params = trainer.abstract_state.params
     state_bytes = _bytes_per_device(trainer.abstract_state) - _bytes_per_device(params)
-    evaluate = compile_step("eval", trainer.eval_step.lower(params, batch), resident_bytes=state_bytes)
+    evaluate = compile_step("eval", trainer.eval_step.lower(params, _abstract_batch(trainer)),
+                            resident_bytes=state_bytes)
     return _report(cfg, trainer, topology, slices, devices, hbm, [train, evaluate])
+
+
+def _abstract_batch(trainer: Trainer) -> jax.ShapeDtypeStruct:
+    cfg = trainer.cfg
+    return jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.data.seq_len + 1), jnp.int32,
+                                sharding=trainer.batch_sharding)
+
+
+def _train_plan(trainer: Trainer) -> StepPlan:
+    return compile_step("train", trainer.train_step.lower(trainer.abstract_state, _abstract_batch(trainer)))
+
+
+def fewest_microbatches(cfg: Config, mesh: jax.sharding.Mesh, hbm: int) -> Config:
+    """``cfg`` with the smallest ``train.grad_accum`` (at least its own; the global batch, so the tokens per
+    step, unchanged) whose train step fits ``hbm``: a bisection over the counts that divide the rows of each
+    chip, compiling the train step once per probe. Raises :class:`DoesNotFitError` when even one row per
+    chip per microbatch does not fit."""
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_chip = cfg.train.global_batch // rows
+    counts = [n for n in range(cfg.train.grad_accum, per_chip + 1) if per_chip % n == 0]
+    with_count = lambda n: dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=n))  # noqa: E731
+    fits = lambda n: (lambda p: p.error is None and p.planned_bytes <= hbm)(  # noqa: E731
+        _train_plan(make_trainer(with_count(n), mesh)))
+    if not counts or not fits(counts[-1]):
+        raise DoesNotFitError(f"--fit: not even train.grad_accum={per_chip} (one row per chip per microbatch) fits "
+                              f"the {hbm / GiB:.2f} GiB of HBM of a {mesh.devices.flat[0].device_kind} chip")
+    low, high = 0, len(counts) - 1  # counts[high] fits
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(counts[middle]) else (middle + 1, high)
+    return with_count(counts[high])
 
 
 def _bytes_per_device(tree: Any) -> int:
@@ -187,7 +220,7 @@ def _report(cfg: Config, trainer: Trainer, topology: str, slices: int, devices: 
         "hbm_fraction": planned / hbm, "fits": fits,
         "compile_s": sum(s.compile_s for s in steps), "mosaic_kernels": train.mosaic_kernels,
         "collectives": train.collectives, "flops_per_step": flops, "tokens_per_step": tokens,
-        "parameters": trainer.num_params, "steps": {s.name: dict(dataclasses.asdict(s), planned_bytes=s.planned_bytes)
+        "grad_accum": cfg.train.grad_accum, "parameters": trainer.num_params, "steps": {s.name: dict(dataclasses.asdict(s), planned_bytes=s.planned_bytes)
                                                     for s in steps},
     }
 
@@ -211,8 +244,8 @@ def format_report(report: Dict[str, Any]) -> str:
     gib = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"  # noqa: E731
     lines = [f"topology   {report['topology']} x {report['slices']} slice(s): {report['devices']} "
              f"{report['device_kind']} devices, mesh {report['mesh']}",
-             f"model      {report['parameters']:,} parameters; {report['tokens_per_step']:,} tokens and "
-             f"{report['flops_per_step']:.3g} FLOPs (analytic) per step"]
+             f"model      {report['parameters']:,} parameters; {report['tokens_per_step']:,} tokens in "
+             f"{report['grad_accum']} microbatch(es) and {report['flops_per_step']:.3g} FLOPs (analytic) per step"]
     for name, s in report["steps"].items():
         if s["error"] is not None:
             lines.append(f"{name:<10} does not compile: {s['error']}")
@@ -229,10 +262,11 @@ def format_report(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: Config, topology: str, slices: int = 1, report_path: Optional[str] = None) -> Dict[str, Any]:
+def run(cfg: Config, topology: str, slices: int = 1, report_path: Optional[str] = None,
+        fit: bool = False) -> Dict[str, Any]:
     """:func:`check`, print the report (and write it as JSON to ``report_path``); raises
     :class:`DoesNotFitError` with the shortfall when it does not fit."""
-    report = check(cfg, topology, slices)
+    report = check(cfg, topology, slices, fit)
     print(format_report(report), flush=True)
     if report_path:
         with open(report_path, "w") as f:
