@@ -142,12 +142,14 @@ def test_compile_only_cli_fits_and_writes_the_report(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+# 128 rows of 2048 tokens per v5e chip: the float32 logits alone (32000 wide) take 31 GiB
+BIG = sum((["--set", s] for s in SMALL + ["train.global_batch=1024", "data.seq_len=2048", "model.vocab_size=32000"]), [])
+
+
 def test_compile_only_cli_does_not_fit_and_user_errors(tmp_path, capsys):
     """Exit 3 with one line of numbers when the plan exceeds the chip's HBM; exit 2 for an unknown topology and
     for a mesh that the chips do not make."""
-    big = SMALL + ["train.global_batch=16384", "data.seq_len=2048", "model.vocab_size=32000"]
-    code, out, err = _train_main(["--config", TINY_YAML, "--compile-only", "--topology", "v5e-8",
-                                  *sum((["--set", s] for s in big), [])], capsys)
+    code, out, err = _train_main(["--config", TINY_YAML, "--compile-only", "--topology", "v5e-8", *BIG], capsys)
     assert code == 3, err
     assert len(err.strip().splitlines()) == 1 and "GiB" in err and "TPU v5 lite" in err, err
     code, _, err = _train_main(["--config", TINY_YAML, "--compile-only", "--topology", "v5x-8"], capsys)
@@ -157,3 +159,16 @@ def test_compile_only_cli_does_not_fit_and_user_errors(tmp_path, capsys):
     assert code == 2 and "has 3 devices but 4 are available" in err
     code, _, err = _train_main(["--config", TINY_YAML, "--topology", "v4-8"], capsys)
     assert code == 2 and "--compile-only" in err
+
+
+def test_fit_finds_microbatches_that_fit(tmp_path, capsys):
+    """--fit: the run that does not fit in one microbatch (above) fits in the fewest that --fit finds, with the
+    same tokens per step; the report holds the count."""
+    path = tmp_path / "report.json"
+    code, out, err = _train_main(["--config", TINY_YAML, "--compile-only", "--topology", "v5e-8", "--fit",
+                                  "--report", str(path), *BIG], capsys)
+    assert code == 0, err
+    report = json.loads(path.read_text())
+    assert report["fits"] and 1 < report["grad_accum"] <= 128 and report["tokens_per_step"] == 1024 * 2048
+    assert report["planned_bytes_per_device"] <= report["hbm_bytes_per_device"]
+    assert f"in {report['grad_accum']} microbatch(es)" in out
