@@ -78,8 +78,9 @@ def topology_devices(name: str, slices: int = 1) -> List[Any]:
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=t.topology, chip_config_name=t.chip_config,
                                             chips_per_host_bounds=t.host_bounds, num_slices=slices)
-    except RuntimeError as err:  # no libtpu
-        raise ValueError(f"--topology needs libtpu (pip install 'nucleusx-jax[tpu]'): {err}") from None
+    except RuntimeError as err:  # no libtpu, or another process holds it (/tmp/libtpu_lockfile)
+        hint = " (pip install 'nucleusx-jax[tpu]')" if "not installed" in str(err) else ""
+        raise ValueError(f"libtpu cannot describe --topology {name}{hint}: {err}") from None
     return list(desc.devices)
 
 
@@ -154,8 +155,8 @@ class DoesNotFitError(RuntimeError):
 
 
 def check(cfg: Config, topology: str, slices: int = 1, fit: bool = False) -> Dict[str, Any]:
-    """Compile ``cfg``'s train and eval steps for ``slices`` slices of ``topology``; the report as a dict (the
-    keys of ``--report``). ``fit``: first find the fewest microbatches that fit (:func:`fewest_microbatches`).
+    """Compile ``cfg``'s train and eval steps (the eval step only when the train step fits) for ``slices`` slices
+    of ``topology``; the report as a dict (the keys of ``--report``). ``fit``: first find the fewest microbatches that fit (:func:`fewest_microbatches`).
     Raises ``ValueError`` for sizes that do not fit the mesh or the devices."""
     devices = topology_devices(topology, slices)
     mesh = shd.make_mesh(dataclasses.asdict(cfg.mesh), devices)
@@ -164,6 +165,8 @@ def check(cfg: Config, topology: str, slices: int = 1, fit: bool = False) -> Dic
         cfg = fewest_microbatches(cfg, mesh, hbm)
     trainer = make_trainer(cfg, mesh)
     train = _train_plan(trainer)
+    if train.error is not None or train.planned_bytes > hbm:  # the verdict is in; the eval step would not help
+        return _report(cfg, trainer, topology, slices, devices, hbm, [train])
     params = trainer.abstract_state.params
     state_bytes = _bytes_per_device(trainer.abstract_state) - _bytes_per_device(params)
     evaluate = compile_step("eval", trainer.eval_step.lower(params, _abstract_batch(trainer)),
