@@ -42,10 +42,6 @@ class Topology(NamedTuple):
     chip_config: str
     host_bounds: tuple
 
-    @property
-    def chips(self) -> int:
-        return math.prod(int(n) for n in self.topology.split(":")[1].split("x"))
-
 
 # Slice names as Cloud TPU sells them: v4 and v5p count TensorCores (2 per chip), v5e and v6e chips.
 TOPOLOGIES: Dict[str, Topology] = {
