@@ -218,7 +218,8 @@ class MultiScaleRetention(nn.Module):
                 out = sequence_parallel.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask,
                                                             segment_ids, impl=options.impl)
             elif options.impl is RetentionImpl.PALLAS:
-                out = kernels.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask, segment_ids)
+                out = kernels.sharded_chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask,
+                                                          segment_ids)
             else:
                 out = ret.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask, segment_ids)
             if options.return_state:

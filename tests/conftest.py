@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
-import jax
-import numpy as np
-import pytest
-
+# Before jax starts: the tests run on the CPU (subprocesses too). With libtpu installed (the [tpu] extra, in
+# [test]) jax would otherwise probe for TPU chips; tests/test_tpu_compile.py uses libtpu only to compile.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"

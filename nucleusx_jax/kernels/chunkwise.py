@@ -68,12 +68,16 @@ then also carries ``z = (k * value_decay)^T 1`` (``[1, K]``, a column sum) and r
 ``q k^T * D`` instead of the two scales, from which XLA normalises every row as the parallel form does
 (:func:`nucleusx_jax.retention.segment_scale`); the backward is unchanged apart from the masks.
 
-On CPU the kernels run with ``interpret=True`` (the default there); both layouts are tested that way.
+On CPU the kernels run with ``interpret=True`` (the default there); both layouts are tested that way. Layout and
+interpret mode follow the devices the step is compiled for (:func:`target_platform`), not the host, so a step
+compiled for a TPU topology from a CPU host gets Mosaic kernels. Under a mesh, :func:`sharded_chunkwise_retention`
+runs the kernel per device inside ``shard_map`` (Mosaic kernels cannot be partitioned automatically).
 Gradients flow to ``q``, ``k`` and ``v``; ``log_decay`` is a constant (the model's decays are fixed
 buffers), so it receives no gradient.
 """
 
 import functools
+import math
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
@@ -81,8 +85,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
+from jax.sharding import PartitionSpec
 
 from .. import retention as ret
+from ..sharding import BATCH_AXES, TENSOR_AXIS
 
 Array = jax.Array
 F32 = jnp.float32
@@ -609,9 +615,18 @@ def _from_blocks(x: Array, geo: Geometry, width: int) -> Array:
 
 
 # ------------------------------------------------------------------------------------------ public
+def target_platform() -> str:
+    """The platform the kernels are compiled for: that of the devices of the mesh in context
+    (``jax.set_mesh``; a TPU topology's when compiling for a pod from any host), else ``jax.default_backend()``.
+    Call it while tracing."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
 def default_layout() -> str:
-    """``"gpu"`` on a GPU backend, ``"tpu"`` otherwise (TPU, and CPU where the kernels are interpreted)."""
-    return "gpu" if jax.default_backend() == "gpu" else "tpu"
+    """``"gpu"`` for a GPU :func:`target_platform`, ``"tpu"`` otherwise (TPU, and CPU where the kernels are
+    interpreted)."""
+    return "gpu" if target_platform() in ("gpu", "cuda", "rocm") else "tpu"
 
 
 def chunkwise_retention(
@@ -623,7 +638,8 @@ def chunkwise_retention(
 
     q, k ``[B, H, T, K]``, v ``[B, H, T, V]``, log_decay ``[H]``, mask and segment_ids ``[B, T]`` or None ->
     ``[B, H, T, V]`` in v's dtype. ``layout`` is ``"gpu"`` or ``"tpu"`` (default: :func:`default_layout`);
-    ``block_v`` and ``tile``: see :func:`geometry`; ``interpret`` defaults to True on CPU. Any K, V, C and T: the inputs
+    ``block_v`` and ``tile``: see :func:`geometry`; ``interpret`` defaults to True when the
+    :func:`target_platform` is the CPU. Any K, V, C and T: the inputs
     are padded to the legal :func:`geometry` and the result cut back.
     """
     if layout is None:
@@ -632,7 +648,7 @@ def chunkwise_retention(
     geo = geometry(layout, length=length, key_dim=q.shape[-1], value_dim=vdim, chunk_size=chunk_size,
                    block_v=block_v, tile=tile)
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = target_platform() == "cpu"
     real = ret.real_tokens(mask, segment_ids)
     if real is not None:
         keep = real.astype(k.dtype)[:, None, :, None]
@@ -647,3 +663,29 @@ def chunkwise_retention(
         all_scale = ret.segment_scale(all_scale, segs.factor[..., None])
     out = raw / jax.lax.stop_gradient(all_scale)
     return out[:, :, :length].astype(v.dtype)
+
+
+def sharded_chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int,
+                                mask: Optional[Array] = None, segment_ids: Optional[Array] = None) -> Array:
+    """:func:`chunkwise_retention` under the mesh in context (``jax.set_mesh``): inside ``jax.shard_map``, rows
+    split over the batch axes (``data``, ``fsdp``) and heads over ``tensor``, each device running the kernel on
+    its own block (Mosaic and Triton kernels cannot be partitioned automatically). A dimension that an axis
+    does not divide (the single row of ``init``) stays whole on every device. Without a mesh of more than one
+    device it is :func:`chunkwise_retention`. Shapes as there; T is never split (``mesh.sequence`` runs
+    :mod:`nucleusx_jax.sequence_parallel`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return chunkwise_retention(q, k, v, log_decay, chunk_size, mask, segment_ids)
+    sizes = dict(mesh.shape)
+    rows = tuple(a for a in BATCH_AXES if a in sizes)
+    rows = rows if q.shape[0] % math.prod(sizes[a] for a in rows) == 0 else None
+    heads = TENSOR_AXIS if TENSOR_AXIS in sizes and q.shape[1] % sizes[TENSOR_AXIS] == 0 else None
+    blocks, tokens = PartitionSpec(rows, heads), PartitionSpec(rows)
+
+    def block(q: Array, k: Array, v: Array, log_decay: Array, mask: Optional[Array],
+              segment_ids: Optional[Array]) -> Array:
+        return chunkwise_retention(q, k, v, log_decay, chunk_size, mask, segment_ids)
+
+    local = jax.shard_map(block, in_specs=(blocks, blocks, blocks, PartitionSpec(heads), tokens, tokens),
+                          out_specs=blocks, check_vma=False)  # pallas_call outputs carry no varying axes
+    return local(q, k, v, log_decay, mask, segment_ids)

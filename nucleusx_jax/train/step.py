@@ -122,9 +122,9 @@ class Trainer:
     abstract_state: TrainState
     state_shardings: TrainState
     batch_sharding: NamedSharding
-    init_state: Callable[[], TrainState]
-    train_step: Callable[[TrainState, Array], Tuple[TrainState, Dict[str, Array]]]
-    eval_step: Callable[[Any, Array], Array]
+    init_state: "OnMesh"  # () -> TrainState
+    train_step: "OnMesh"  # (TrainState, batch [B, T + 1]) -> (TrainState, metrics)
+    eval_step: "OnMesh"  # (params, batch [B, T + 1]) -> mean loss
     num_params: int
 
 
@@ -172,15 +172,21 @@ def check_fits(cfg: Config, mesh_shape: Dict[str, int]) -> None:
         sequence_parallel.check_split(cfg.data.seq_len, model.recurrent_chunk_size, sequence, name="data.seq_len")
 
 
-def _on_mesh(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` called (and so traced) with ``mesh`` set and the logical axis rules active, which turns the
-    model's activation constraints (``modeling.ACTIVATION_AXES``) into sharding constraints."""
+class OnMesh:
+    """A jitted ``fn`` called, traced and lowered with ``mesh`` set and the logical axis rules active, which turns
+    the model's activation constraints (``modeling.ACTIVATION_AXES``) into sharding constraints."""
 
-    def call(*args: Any) -> Any:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES):
-            return fn(*args)
+    def __init__(self, mesh: Mesh, fn: Any) -> None:
+        self.mesh, self.fn = mesh, fn
 
-    return call
+    def __call__(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES):
+            return self.fn(*args)
+
+    def lower(self, *args: Any) -> Any:
+        """``fn.lower(*args)`` (arguments may be ``jax.ShapeDtypeStruct``: nothing is allocated)."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES):
+            return self.fn.lower(*args)
 
 
 def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
@@ -267,10 +273,10 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
     return Trainer(
         cfg=cfg, mesh=mesh, module=module, optimizer=optimizer, abstract_state=abstract,
         state_shardings=state_shardings, batch_sharding=batch_sharding,
-        init_state=_on_mesh(mesh, jax.jit(init, out_shardings=state_shardings)),
-        train_step=_on_mesh(mesh, jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+        init_state=OnMesh(mesh, jax.jit(init, out_shardings=state_shardings)),
+        train_step=OnMesh(mesh, jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                                           out_shardings=(state_shardings, metric_shardings), donate_argnums=0)),
-        eval_step=_on_mesh(mesh, jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding),
+        eval_step=OnMesh(mesh, jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding),
                                          out_shardings=replicated)),
         num_params=num_params,
     )
