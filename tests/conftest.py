@@ -17,6 +17,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_NAMES = ("nucleus_x_tiny", "nucleus_x_tiny_large_weights")
+SLOW_TIMEOUT_S = 900  # the time limit of a test marked slow (pyproject.toml's `timeout` is the default)
+
+
+def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+    """Tests marked slow get SLOW_TIMEOUT_S unless they name their own limit."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 def load_cases(name: str) -> Dict[str, np.ndarray]:
