@@ -187,6 +187,30 @@ def test_chunkwise_honours_attention_mask(fx, chunk):
     assert_close(padded.logits[1, pads:], alone.logits[0], LOGITS)
 
 
+def test_chunkwise_hidden_states_have_the_input_length(fx):
+    """(c) With a chunk size that does not divide the length (the reference pads to 24 inside), every hidden
+    state has the input's length 21, and the last one is what the LM head turns into the reference's logits."""
+    name, m, c = fx
+    ids, chunk = c["input_ids"], int(c["chunk_size_pad"])
+    assert ids.shape[1] % chunk
+    base = FlaxNucleusXModel.from_pretrained(FIXTURES / name, from_pt=True)
+    out = base(ids, forward_mode="chunkwise", recurrent_chunk_size=chunk, output_hidden_states=True)
+    assert len(out.hidden_states) == base.config.decoder_layers + 1
+    assert [h.shape for h in out.hidden_states] == [(2, ids.shape[1], base.config.decoder_embed_dim)] * 3
+    np.testing.assert_array_equal(out.hidden_states[-1], out.last_hidden_state)
+    head = np.asarray(m.params["lm_head"]["kernel"], np.float64)
+    assert_close(np.asarray(out.last_hidden_state, np.float64) @ head, c["logits_chunkwise_pad"], LOGITS)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise"])
+def test_a_cache_outside_recurrent_mode_is_refused(fx, mode):
+    """(d) The reference silently ignores past_key_values in parallel and chunkwise mode; we refuse it."""
+    _, m, c = fx
+    past = m(c["input_ids"], forward_mode="parallel", use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="only used by forward_mode='recurrent'"):
+        m(c["input_ids"], forward_mode=mode, recurrent_chunk_size=4, past_key_values=past)
+
+
 def test_masked_chunkwise_fixes_the_reference_leak():
     """What (b) fixes: with a non-zero pad embedding the reference's chunkwise logits leak the pads; ours
     stay as close to the (mask-aware) parallel logits as unpadded chunkwise is to parallel."""
