@@ -46,11 +46,12 @@ class Tol(NamedTuple):
     relative: bool = False
 
 
-# Against the PyTorch reference's arrays, relative to the largest reference value; each 3-5x the largest error
-# measured over both fixtures (docs/testing.md; tests/measure_tolerances.py regenerates the measurements)
-LOGITS = Tol("LOGITS", 1.5e-6, relative=True)  # logits and hidden states; measured MEASURED_LOGITS
-CACHE = Tol("CACHE", 5e-6, relative=True)  # cache kv and scale; measured MEASURED_CACHE
-LOSS = Tol("LOSS", 5e-7, relative=True)  # losses; measured MEASURED_LOSS
+# Against the PyTorch reference's arrays (test_parity.py, test_core.py, test_scan_layers.py), relative to the
+# largest reference value; each 4-5x the largest error measured over both fixtures and every test (the table
+# in docs/testing.md; tests/measure_tolerances.py regenerates it). A 4x rms_norm_eps moves the logits by 1.8e-6.
+LOGITS = Tol("LOGITS", 1.5e-6, relative=True)  # logits and hidden states; measured 3.7e-7
+CACHE = Tol("CACHE", 5e-6, relative=True)  # cache kv and scale; measured 1.2e-6 (a chunkwise prefill's state)
+LOSS = Tol("LOSS", 5e-7, relative=True)  # losses; measured 1.1e-7
 
 
 # NUCLEUSX_MEASURE_ERRORS=FILE: assert_close appends each error it sees to FILE (JSON lines) instead of

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -316,18 +317,21 @@ def test_sigterm_saves_and_exits(reference, tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_nonfinite_loss(reference, tokenizer, tmp_path, policy, caplog):
-    """lr=1e30 makes step 2 non-finite: 'stop' raises a clear error, 'skip' keeps the weights; no checkpoint
-    ever holds a non-finite value."""
+def test_nonfinite_loss(reference, tokenizer, tmp_path, policy, caplog, capsys):
+    """lr=1e30 makes step 2 non-finite: 'stop' ends train.py with exit status 3 and a clear error line, 'skip'
+    keeps the weights; no checkpoint ever holds a non-finite value."""
     run_dir = fresh_run_dir(reference, tmp_path)
-    cfg = load_config(TINY, overrides(tokenizer, run_dir, "optimizer.learning_rate=1e30", "optimizer.clip_norm=0",
-                                      "checkpoint.every=1", "checkpoint.max_to_keep=9", "train.steps=4",
-                                      f"train.on_nonfinite={policy}",
-                                      "train.eval_every=0", "logging.sample_tokens=0"))
+    settings = overrides(tokenizer, run_dir, "optimizer.learning_rate=1e30", "optimizer.clip_norm=0",
+                         "checkpoint.every=1", "checkpoint.max_to_keep=9", "train.steps=4",
+                         f"train.on_nonfinite={policy}", "train.eval_every=0", "logging.sample_tokens=0")
+    cfg = load_config(TINY, settings)
     if policy == "stop":
-        with pytest.raises(NonFiniteLossError, match=r"non-finite training loss or gradient at step 2 \(loss .*, "
-                                                     r"grad norm nan\).*stopping \(set train.on_nonfinite=skip"):
-            run(cfg)
+        assert NonFiniteLossError.exit_status == 3
+        with pytest.raises(SystemExit) as stopped:
+            train_cli().main(["--config", TINY] + [a for o in settings for a in ("--set", o)])
+        assert stopped.value.code == 3
+        assert re.fullmatch(r"error: non-finite training loss or gradient at step 2 \(loss .*, grad norm nan\).*"
+                            r"stopping \(set train.on_nonfinite=skip.*\n", capsys.readouterr().err)
     else:
         with caplog.at_level(logging.WARNING):
             summary = run(cfg)
@@ -339,15 +343,21 @@ def test_nonfinite_loss(reference, tokenizer, tmp_path, policy, caplog):
         assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
-def test_cli_config_errors(capsys):
+def train_cli():
+    """train.py as a module (its ``main`` runs in this process)."""
     spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-    train_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_cli)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_config_errors(capsys):
+    module = train_cli()
     with pytest.raises(SystemExit, match="2"):
-        train_cli.main(["--config", TINY, "--set", "train.stepz=3"])
+        module.main(["--config", TINY, "--set", "train.stepz=3"])
     assert "unknown key(s) ['stepz'] in section 'train'; valid keys: run_dir, steps" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="2"):
-        train_cli.main(["--config", TINY, "--set", "train.steps=many"])
+        module.main(["--config", TINY, "--set", "train.steps=many"])
     assert "train.steps: expected int, got str 'many'" in capsys.readouterr().err
 
 
