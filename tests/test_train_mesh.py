@@ -8,9 +8,10 @@ from conftest import Tol, assert_close, run_on_8_devices
 
 MESHES = ["8,1,1", "2,4,1", "2,2,2", "1,2,4"]
 # the 5 training losses (~4.1) against the 1-device run's, relative to the largest loss
-MESH_LOSSES = Tol("MESH_LOSSES", 1e-4, relative=True)  # any mesh, chunkwise with remat; measured MEASURED_MESH
-ACCUM_LOSSES = Tol("ACCUM_LOSSES", 1e-5, relative=True)  # gradient accumulation; measured MEASURED_ACCUM
-BF16_LOSSES = Tol("BF16_LOSSES", 0.05, relative=True)  # bfloat16 compute; measured MEASURED_BF16
+# (~9x the measured errors: sums in another order on another mesh; docs/testing.md)
+MESH_LOSSES = Tol("MESH_LOSSES", 1e-6, relative=True)  # any mesh, chunkwise with remat; measured 1.1e-7
+ACCUM_LOSSES = Tol("ACCUM_LOSSES", 1e-6, relative=True)  # gradient accumulation; measured 1.1e-7
+BF16_LOSSES = Tol("BF16_LOSSES", 3e-4, relative=True)  # bfloat16 compute; measured 3.6e-5
 
 WORKER = r"""
 import json, os, sys
