@@ -90,9 +90,7 @@ def served(tmp_path_factory):
     engine = Engine(load_backend(d), max_batch=MAX_BATCH, max_queue=MAX_QUEUE, max_prompt_tokens=MAX_PROMPT,
                     max_new_tokens=MAX_NEW).start()
     with serving(engine, tokenizer) as url:
-        served = Served(model, tokenizer, engine, url)
-        served.model_dir = d
-        yield served
+        yield Served(model, tokenizer, engine, url)
     engine.shutdown()
 
 
