@@ -22,10 +22,9 @@ from nucleusx_jax.convert import convert
 from nucleusx_jax.train.config import load_config
 from nucleusx_jax.train.loop import run
 
-from conftest import FIXTURE_NAMES, FIXTURES, load_cases, max_abs
+from conftest import FIXTURE_NAMES, FIXTURES, LOGITS, LOSS, assert_close, load_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOL = 2e-5
 
 
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)
@@ -44,15 +43,15 @@ def test_three_formats_three_forms_match_the_reference(fixture_dirs):
     assert os.path.isfile(dirs["ours"] / "flax_model.msgpack")
     for fmt, path in dirs.items():
         model = nucleusx_jax.from_pretrained(path)
-        assert max_abs(model(c["input_ids"], forward_mode="parallel").logits, c["logits_parallel"]) < TOL, fmt
+        assert_close(model(c["input_ids"], forward_mode="parallel").logits, c["logits_parallel"], LOGITS, str(fmt))
         for kind in ("div", "pad"):
             out = model(c["input_ids"], forward_mode="chunkwise", recurrent_chunk_size=int(c[f"chunk_size_{kind}"]))
-            assert max_abs(out.logits, c[f"logits_chunkwise_{kind}"]) < TOL, (fmt, kind)
+            assert_close(out.logits, c[f"logits_chunkwise_{kind}"], LOGITS, str((fmt, kind)))
         rec = model(c["input_ids"], forward_mode="recurrent", use_cache=True)
-        assert max_abs(rec.logits, c["logits_recurrent"]) < TOL, fmt
-        assert abs(float(model(c["input_ids"], labels=c["input_ids"]).loss) - float(c["lm_loss"])) < TOL
+        assert_close(rec.logits, c["logits_recurrent"], LOGITS, str(fmt))
+        assert_close(float(model(c["input_ids"], labels=c["input_ids"]).loss), c["lm_loss"], LOSS, fmt)
     base = nucleusx_jax.from_pretrained(dirs["ours"], head="base")
-    assert max_abs(base(c["input_ids"]).last_hidden_state, c["last_hidden_state_parallel"]) < TOL
+    assert_close(base(c["input_ids"]).last_hidden_state, c["last_hidden_state_parallel"], LOGITS)
 
 
 def test_greedy_generation_equals_the_reference(fixture_dirs):

@@ -192,6 +192,22 @@ def test_prefix_sharing_and_torch_dir_give_the_same_values(env, run):
                                atol=1e-5, rtol=0)
 
 
+def test_is_greedy_equals_a_direct_argmax(env, run):
+    """The harness's is_greedy is whether every continuation token is the argmax of one parallel pass: true for
+    the model's own greedy continuations, false once one token of them is changed, and as the argmax says for the
+    multiple-choice pairs."""
+    model, tok = env["model"], env["tok"]
+    pairs = [run["lm"]._encode_pair(*a) for s in run["results"]["samples"]["tiny_mc"][:2] for a in s["arguments"]]
+    for i in range(3):
+        ctx = [tok.bos_id] + tok.encode(_text(i, 30 + 20 * i))
+        greedy = gen.generate(model, np.asarray([ctx]), max_new_tokens=4, eos_token_id=[])[0, len(ctx):].tolist()
+        pairs += [(ctx, greedy), (ctx, greedy[:-1] + [(greedy[-1] + 1) % VOCAB])]
+    logp = _direct_logps(model, [list(c) + list(x) for c, x in pairs], "parallel")
+    want = [all(np.argmax(logp[n, len(c) + t - 1]) == x[t] for t in range(len(x))) for n, (c, x) in enumerate(pairs)]
+    assert [g for _, g in run["lm"].loglikelihood_tokens(pairs)] == want
+    assert want[-6:] == [True, False] * 3
+
+
 def test_rolling_perplexity_equals_one_chunkwise_pass(env, run):
     model, tok = env["model"], env["tok"]
     samples = run["results"]["samples"]["tiny_ppl"]

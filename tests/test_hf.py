@@ -11,9 +11,11 @@ from nucleusx_jax.hf import (FlaxNucleusXForCausalLM, FlaxNucleusXForSequenceCla
                              NucleusXConfig)
 from nucleusx_jax.weights import CheckpointError
 
-from conftest import FIXTURES, load_cases, max_abs
+from conftest import FIXTURES, Tol, assert_close, load_cases, max_abs
 
 TINY = FIXTURES / "nucleus_x_tiny"
+# bfloat16 compute against float32, relative to the largest float32 logit; measured 5.8e-3
+BF16_LOGITS = Tol("BF16_LOGITS", 0.02, relative=True)
 
 
 def small_config(**kw) -> NucleusXConfig:
@@ -83,7 +85,7 @@ def test_bf16_compute_with_fp32_params():
         out = bf16(c["input_ids"], forward_mode=mode, use_cache=True)
         assert out.logits.dtype == jnp.bfloat16
         assert all(s.kv.dtype == jnp.float32 for s in out.past_key_values)
-        assert max_abs(out.logits, ref(c["input_ids"], forward_mode=mode).logits) < 0.05
+        assert_close(out.logits, ref(c["input_ids"], forward_mode=mode).logits, BF16_LOGITS, mode)
 
 
 def test_dropout_and_drop_path_only_in_training():

@@ -51,3 +51,25 @@ def test_deepnorm_scales_the_initial_v_out_fc1_fc2_weights_once():
     for key in deep:
         want = plain[key] * (beta if key in scaled else 1.0)
         np.testing.assert_allclose(deep[key], want, rtol=1e-6, err_msg=str(key))
+
+
+def test_deepnorm_leaves_loaded_weights_alone(tmp_path):
+    """README's deliberate difference 5: the deepnorm scale is part of random initialisation only. A deepnorm
+    model saved in our format and converted to PyTorch loads back with every weight unchanged."""
+    import numpy as np
+
+    from nucleusx_jax import NucleusX, from_pretrained
+    from nucleusx_jax.convert import convert
+
+    cfg = NucleusXConfig(deepnorm=True, vocab_size=32, decoder_embed_dim=16, decoder_value_embed_dim=16,
+                         decoder_ffn_embed_dim=24, decoder_layers=3, decoder_retention_heads=2)
+    model = NucleusX(cfg, seed=5)
+    model.save_pretrained(tmp_path / "flax")
+    convert(tmp_path / "flax", tmp_path / "torch", "torch", progress=False)
+    for directory in ("flax", "torch"):
+        loaded = from_pretrained(tmp_path / directory)
+        assert loaded.config.deepnorm
+        leaves, want = jax.tree_util.tree_leaves_with_path(loaded.params), jax.tree.leaves(model.params)
+        assert len(leaves) == len(want)
+        for (path, a), b in zip(leaves, want):
+            np.testing.assert_array_equal(a, b, err_msg=f"{directory} {jax.tree_util.keystr(path)}")

@@ -11,10 +11,7 @@ from safetensors.numpy import load_file, save_file
 from nucleusx_jax.hf import FlaxNucleusXForCausalLM, FlaxNucleusXForSequenceClassification, FlaxNucleusXModel
 from transformers import FlaxAutoModelForCausalLM
 
-from conftest import FIXTURE_NAMES, FIXTURES, load_cases, max_abs
-
-TOL = 2e-5
-CACHE_TOL = 1e-5
+from conftest import CACHE, FIXTURE_NAMES, FIXTURES, LOGITS, LOSS, assert_close, load_cases, max_abs
 
 
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)
@@ -31,9 +28,10 @@ def stack(cache, field):
 def test_parallel_logits_and_cache(fx):
     _, m, c = fx
     out = m(c["input_ids"], forward_mode="parallel", use_cache=True)
-    assert max_abs(out.logits, c["logits_parallel"]) < TOL
-    assert max_abs(stack(out.past_key_values, "kv"), c["cache_parallel_kv"]) < CACHE_TOL
-    assert max_abs(stack(out.past_key_values, "scale"), np.broadcast_to(c["cache_parallel_scale"], (2, 2, 4, 1, 1))) < CACHE_TOL
+    assert_close(out.logits, c["logits_parallel"], LOGITS)
+    assert_close(stack(out.past_key_values, "kv"), c["cache_parallel_kv"], CACHE)
+    scale = np.broadcast_to(c["cache_parallel_scale"], (2, 2, 4, 1, 1))
+    assert_close(stack(out.past_key_values, "scale"), scale, CACHE)
     assert stack(out.past_key_values, "seqlen").tolist() == c["cache_parallel_seqlen"].tolist()
 
 
@@ -41,7 +39,7 @@ def test_last_hidden_state(fx):
     name, _, c = fx
     base = FlaxNucleusXModel.from_pretrained(FIXTURES / name, from_pt=True)
     out = base(c["input_ids"], forward_mode="parallel", output_hidden_states=True)
-    assert max_abs(out.last_hidden_state, c["last_hidden_state_parallel"]) < TOL
+    assert_close(out.last_hidden_state, c["last_hidden_state_parallel"], LOGITS)
     assert len(out.hidden_states) == base.config.decoder_layers + 1
     np.testing.assert_array_equal(out.hidden_states[-1], out.last_hidden_state)
 
@@ -51,7 +49,7 @@ def test_chunkwise_logits(fx, kind):
     _, m, c = fx
     cs = int(c[f"chunk_size_{kind}"])
     out = m(c["input_ids"], forward_mode="chunkwise", recurrent_chunk_size=cs)
-    assert max_abs(out.logits, c[f"logits_chunkwise_{kind}"]) < TOL
+    assert_close(out.logits, c[f"logits_chunkwise_{kind}"], LOGITS)
 
 
 def test_recurrent_token_by_token(fx):
@@ -61,32 +59,32 @@ def test_recurrent_token_by_token(fx):
         out = m(ids[:, t:t + 1], forward_mode="recurrent", past_key_values=past, use_cache=True)
         past = out.past_key_values
         rows.append(np.asarray(out.logits[:, 0]))
-    assert max_abs(np.stack(rows, 1), c["logits_recurrent"]) < TOL
-    assert max_abs(stack(past, "kv"), c["cache_recurrent_kv"]) < CACHE_TOL
-    assert max_abs(stack(past, "scale"), c["cache_recurrent_scale"]) < CACHE_TOL
+    assert_close(np.stack(rows, 1), c["logits_recurrent"], LOGITS)
+    assert_close(stack(past, "kv"), c["cache_recurrent_kv"], CACHE)
+    assert_close(stack(past, "scale"), c["cache_recurrent_scale"], CACHE)
     assert stack(past, "seqlen").tolist() == c["cache_recurrent_seqlen"].tolist()
 
 
 def test_recurrent_one_call_matches_parallel_cache(fx):
     _, m, c = fx
     rec = m(c["input_ids"], forward_mode="recurrent", use_cache=True)
-    assert max_abs(rec.logits, c["logits_recurrent"]) < TOL
+    assert_close(rec.logits, c["logits_recurrent"], LOGITS)
     par = m(c["input_ids"], forward_mode="parallel", use_cache=True)
-    assert max_abs(stack(rec.past_key_values, "kv"), stack(par.past_key_values, "kv")) < CACHE_TOL
-    assert max_abs(stack(rec.past_key_values, "scale"), stack(par.past_key_values, "scale")) < CACHE_TOL
+    assert_close(stack(rec.past_key_values, "kv"), stack(par.past_key_values, "kv"), CACHE)
+    assert_close(stack(rec.past_key_values, "scale"), stack(par.past_key_values, "scale"), CACHE)
 
 
 def test_left_padded_parallel_and_recurrent(fx):
     _, m, c = fx
     ids, mask = c["lp_input_ids"], c["lp_attention_mask"]
     par = m(ids, attention_mask=mask, forward_mode="parallel", use_cache=True)
-    assert max_abs(par.logits, c["lp_logits_parallel"]) < TOL
-    assert max_abs(stack(par.past_key_values, "kv"), c["lp_cache_parallel_kv"]) < CACHE_TOL
-    assert max_abs(stack(par.past_key_values, "scale"), c["lp_cache_parallel_scale"]) < CACHE_TOL
+    assert_close(par.logits, c["lp_logits_parallel"], LOGITS)
+    assert_close(stack(par.past_key_values, "kv"), c["lp_cache_parallel_kv"], CACHE)
+    assert_close(stack(par.past_key_values, "scale"), c["lp_cache_parallel_scale"], CACHE)
     rec = m(ids, attention_mask=mask, forward_mode="recurrent", use_cache=True)
-    assert max_abs(rec.logits, c["lp_logits_recurrent"]) < TOL
-    assert max_abs(stack(rec.past_key_values, "kv"), c["lp_cache_recurrent_kv"]) < CACHE_TOL
-    assert max_abs(stack(rec.past_key_values, "scale"), c["lp_cache_recurrent_scale"]) < CACHE_TOL
+    assert_close(rec.logits, c["lp_logits_recurrent"], LOGITS)
+    assert_close(stack(rec.past_key_values, "kv"), c["lp_cache_recurrent_kv"], CACHE)
+    assert_close(stack(rec.past_key_values, "scale"), c["lp_cache_recurrent_scale"], CACHE)
 
 
 def test_parallel_prefill_then_recurrent(fx):
@@ -94,17 +92,17 @@ def test_parallel_prefill_then_recurrent(fx):
     p, ids = int(c["prefill_len"]), c["input_ids"]
     pre = m(ids[:, :p], forward_mode="parallel", use_cache=True)
     cont = m(ids[:, p:], forward_mode="recurrent", past_key_values=pre.past_key_values, use_cache=True)
-    assert max_abs(cont.logits, c["logits_parallel_prefill_then_recurrent"]) < TOL
+    assert_close(cont.logits, c["logits_parallel_prefill_then_recurrent"], LOGITS)
 
 
 def test_losses(fx):
     name, m, c = fx
     ids = c["input_ids"]
-    assert abs(float(m(ids, labels=ids).loss) - float(c["lm_loss"])) < TOL
-    assert abs(float(m(ids, labels=c["lm_labels_ignore"]).loss) - float(c["lm_loss_ignore"])) < TOL
+    assert_close(float(m(ids, labels=ids).loss), float(c["lm_loss"]), LOSS)
+    assert_close(float(m(ids, labels=c["lm_labels_ignore"]).loss), float(c["lm_loss_ignore"]), LOSS)
     mz = FlaxAutoModelForCausalLM.from_pretrained(FIXTURES / name, from_pt=True, z_loss_coeff=float(c["z_loss_coeff"]))
     assert mz.config.z_loss_coeff == pytest.approx(float(c["z_loss_coeff"]))
-    assert abs(float(mz(ids, labels=ids).loss) - float(c["lm_loss_z"])) < TOL
+    assert_close(float(mz(ids, labels=ids).loss), float(c["lm_loss_z"]), LOSS)
     assert float(c["lm_loss_z"]) != pytest.approx(float(c["lm_loss"]), abs=1e-6)  # the z term is visible
 
 
@@ -118,9 +116,9 @@ def test_trainer_loss_equals_reference_loss(fx):
         return float(m.module.apply({"params": m.params}, ids[:, :-1], labels[:, 1:], z_loss_coeff=z,
                                     method="next_token_loss"))
 
-    assert abs(loss(ids, 0.0) - float(c["lm_loss"])) < TOL
-    assert abs(loss(c["lm_labels_ignore"], 0.0) - float(c["lm_loss_ignore"])) < TOL
-    assert abs(loss(ids, float(c["z_loss_coeff"])) - float(c["lm_loss_z"])) < TOL
+    assert_close(loss(ids, 0.0), c["lm_loss"], LOSS)
+    assert_close(loss(c["lm_labels_ignore"], 0.0), c["lm_loss_ignore"], LOSS)
+    assert_close(loss(ids, float(c["z_loss_coeff"])), c["lm_loss_z"], LOSS)
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +140,13 @@ def test_sequence_classification(seqcls_dirs, name):
     c = load_cases(name)
     m = FlaxNucleusXForSequenceClassification.from_pretrained(seqcls_dirs[name], from_pt=True)
     assert m.config.num_labels == 3
-    assert max_abs(m(c["input_ids"]).logits, c["seqcls_logits"]) < TOL
+    assert_close(m(c["input_ids"]).logits, c["seqcls_logits"], LOGITS)
     rp = m(c["seqcls_rp_input_ids"], attention_mask=c["seqcls_rp_attention_mask"])
-    assert max_abs(rp.logits, c["seqcls_rp_logits"]) < TOL
+    assert_close(rp.logits, c["seqcls_rp_logits"], LOGITS)
     lp = m(c["lp_input_ids"], attention_mask=c["lp_attention_mask"])
-    assert max_abs(lp.logits, c["seqcls_lp_logits"]) < TOL
+    assert_close(lp.logits, c["seqcls_lp_logits"], LOGITS)
     loss = m(c["input_ids"], labels=c["seqcls_labels"]).loss
-    assert abs(float(loss) - float(c["seqcls_loss"])) < TOL
+    assert_close(float(loss), float(c["seqcls_loss"]), LOSS)
 
 
 # ----------------------------------------------------------------------------- deliberate differences
@@ -159,9 +157,9 @@ def test_single_chunk_chunkwise_prefill_gives_the_true_state(fx):
     pre = m(ids[:, :p], forward_mode="chunkwise", recurrent_chunk_size=32, use_cache=True)
     par = m(ids[:, :p], forward_mode="parallel", use_cache=True)
     assert stack(pre.past_key_values, "seqlen").tolist() == [p, p]  # the true position, not the padded one
-    assert max_abs(stack(pre.past_key_values, "kv"), stack(par.past_key_values, "kv")) < CACHE_TOL
+    assert_close(stack(pre.past_key_values, "kv"), stack(par.past_key_values, "kv"), CACHE)
     cont = m(ids[:, p:], forward_mode="recurrent", past_key_values=pre.past_key_values, use_cache=True)
-    assert max_abs(cont.logits, c["logits_parallel_prefill_then_recurrent"]) < TOL
+    assert_close(cont.logits, c["logits_parallel_prefill_then_recurrent"], LOGITS)
     # the reference's own chunkwise continuation is measurably off (its README: 7.7e-3 / 8.0e-3)
     assert max_abs(c["logits_chunkwise_prefill_then_recurrent"], c["logits_parallel_prefill_then_recurrent"]) > 1e-3
 
@@ -174,7 +172,7 @@ def test_multi_chunk_chunkwise_prefill_within_reference_gap(fx, chunk):
               max_abs(c["logits_parallel"], c["logits_chunkwise_pad"]))
     pre = m(ids[:, :p], forward_mode="chunkwise", recurrent_chunk_size=chunk, use_cache=True)
     cont = m(ids[:, p:], forward_mode="recurrent", past_key_values=pre.past_key_values, use_cache=True)
-    assert max_abs(cont.logits, c["logits_parallel_prefill_then_recurrent"]) <= gap + TOL
+    assert max_abs(cont.logits, c["logits_parallel_prefill_then_recurrent"]) <= gap + LOGITS.value
 
 
 @pytest.mark.parametrize("chunk", [2, 3, 6])
@@ -186,7 +184,31 @@ def test_chunkwise_honours_attention_mask(fx, chunk):
     assert pads % chunk == 0
     padded = m(ids, attention_mask=mask, forward_mode="chunkwise", recurrent_chunk_size=chunk)
     alone = m(ids[1:, pads:], forward_mode="chunkwise", recurrent_chunk_size=chunk)
-    assert max_abs(padded.logits[1, pads:], alone.logits[0]) < TOL
+    assert_close(padded.logits[1, pads:], alone.logits[0], LOGITS)
+
+
+def test_chunkwise_hidden_states_have_the_input_length(fx):
+    """(c) With a chunk size that does not divide the length (the reference pads to 24 inside), every hidden
+    state has the input's length 21, and the last one is what the LM head turns into the reference's logits."""
+    name, m, c = fx
+    ids, chunk = c["input_ids"], int(c["chunk_size_pad"])
+    assert ids.shape[1] % chunk
+    base = FlaxNucleusXModel.from_pretrained(FIXTURES / name, from_pt=True)
+    out = base(ids, forward_mode="chunkwise", recurrent_chunk_size=chunk, output_hidden_states=True)
+    assert len(out.hidden_states) == base.config.decoder_layers + 1
+    assert [h.shape for h in out.hidden_states] == [(2, ids.shape[1], base.config.decoder_embed_dim)] * 3
+    np.testing.assert_array_equal(out.hidden_states[-1], out.last_hidden_state)
+    head = np.asarray(m.params["lm_head"]["kernel"], np.float64)
+    assert_close(np.asarray(out.last_hidden_state, np.float64) @ head, c["logits_chunkwise_pad"], LOGITS)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise"])
+def test_a_cache_outside_recurrent_mode_is_refused(fx, mode):
+    """(d) The reference silently ignores past_key_values in parallel and chunkwise mode; we refuse it."""
+    _, m, c = fx
+    past = m(c["input_ids"], forward_mode="parallel", use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="only used by forward_mode='recurrent'"):
+        m(c["input_ids"], forward_mode=mode, recurrent_chunk_size=4, past_key_values=past)
 
 
 def test_masked_chunkwise_fixes_the_reference_leak():
@@ -200,7 +222,7 @@ def test_masked_chunkwise_fixes_the_reference_leak():
     reference_gap = max_abs(c["lp_logits_chunkwise"][real], c["lp_logits_parallel"][real])
     unpadded_gap = max_abs(c["logits_chunkwise_pad"], c["logits_parallel"])
     assert reference_gap > 1e-3
-    assert max_abs(np.asarray(ours.logits)[real], c["lp_logits_parallel"][real]) < unpadded_gap + TOL
+    assert max_abs(np.asarray(ours.logits)[real], c["lp_logits_parallel"][real]) < unpadded_gap + LOGITS.value
 
 
 def test_bin_and_safetensors_load_identically(tmp_path):

@@ -6,6 +6,7 @@ tokenizer's own ``decode`` of the prompt plus those ids (``echo``), and the engi
 outside (``jitted._cache_size()``)."""
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -50,6 +51,31 @@ class Served:
         return [self.tok.bos_id] + self.tok.encode(text)
 
 
+START_DEADLINE_S = 120  # for a server to start; every wait in this file has a deadline
+
+
+@contextlib.contextmanager
+def serving(engine, tokenizer):
+    """uvicorn serving ``create_app(engine, tokenizer)`` on a socket bound to port 0 here (no port picked in
+    advance): yields its URL once it accepts requests."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, NAME), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_DEADLINE_S
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("served"))
@@ -63,19 +89,17 @@ def served(tmp_path_factory):
     tokenizer = load_tokenizer(os.path.join(d, "tokenizer.model"))
     engine = Engine(load_backend(d), max_batch=MAX_BATCH, max_queue=MAX_QUEUE, max_prompt_tokens=MAX_PROMPT,
                     max_new_tokens=MAX_NEW).start()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, NAME), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield Served(model, tokenizer, engine, f"http://127.0.0.1:{port}")
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving(engine, tokenizer) as url:
+        yield Served(model, tokenizer, engine, url)
     engine.shutdown()
-    sock.close()
+
+
+def wait_for(condition, what, seconds=60):
+    """Poll ``condition()`` until true; fail naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        time.sleep(0.02)
 
 
 def complete(served, prompt, **kw):
@@ -302,20 +326,35 @@ def test_bad_requests_get_400_naming_the_field(served):
 
 
 def test_full_queue_gets_429_then_serving_goes_on(served):
-    body = {"model": NAME, "prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True}
+    """An engine with one slot and a queue of one, blocked (its thread not started yet): the first request
+    waits in the queue, the second is refused with 429; once the engine runs, the first is served in full."""
+    engine = Engine(served.engine.backend, max_batch=1, max_queue=1, max_prompt_tokens=MAX_PROMPT, max_new_tokens=8)
+    body = {"model": NAME, "prompt": [5, 6, 7], "max_tokens": 8, "ignore_eos": True}
+    started = []
 
-    async def main():
+    async def main(url):
         async with httpx.AsyncClient(timeout=120) as c:
-            return await asyncio.gather(*(c.post(served.url + "/v1/completions", json=body)
-                                          for _ in range(MAX_BATCH + MAX_QUEUE + 16)))
+            first = asyncio.ensure_future(c.post(url + "/v1/completions", json=body))
+            deadline = time.monotonic() + 60
+            while engine.waiting() < 1:
+                assert not first.done() and time.monotonic() < deadline, "the first request never queued"
+                await asyncio.sleep(0.02)
+            refused = await c.post(url + "/v1/completions", json=body)
+            started.append(engine.start())
+            return await first, refused
 
-    responses = asyncio.run(main())
-    codes = [r.status_code for r in responses]
-    assert set(codes) == {200, 429} and codes.count(200) >= MAX_QUEUE  # accepted: the slots, then the queue
-    assert all(r.json()["usage"]["completion_tokens"] == 200 for r in responses if r.status_code == 200)
-    err = next(r for r in responses if r.status_code == 429).json()["error"]
-    assert err["type"] == "rate_limit_error" and "waiting" in err["message"]
-    assert complete(served, "hello", max_tokens=3, temperature=0).choices[0].finish_reason
+    with serving(engine, served.tok) as url:
+        try:
+            accepted, refused = asyncio.run(main(url))
+            assert accepted.status_code == 200 and accepted.json()["usage"]["completion_tokens"] == 8
+            assert refused.status_code == 429, refused.text
+            err = refused.json()["error"]
+            assert err["type"] == "rate_limit_error" and "waiting" in err["message"]
+            again = httpx.post(url + "/v1/completions", json=body, timeout=120)
+            assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 8
+        finally:
+            if started:
+                engine.shutdown()
 
 
 def test_client_disconnect_cancels(served):
@@ -332,11 +371,21 @@ def test_client_disconnect_cancels(served):
         with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=120) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-        with pytest.raises(httpx.TimeoutException):  # a non-streaming client that gives up
-            httpx.post(served.url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
-        deadline = time.time() + 20
-        while not all(r.done for r in seen) and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: len(seen) == 1, "the streamed request to reach the engine")
+
+        async def give_up():  # a non-streaming client that gives up once its request is running
+            async with httpx.AsyncClient(timeout=120) as c:
+                post = asyncio.ensure_future(c.post(served.url + "/v1/completions", json={**body, "stream": False}))
+                deadline = time.monotonic() + 60
+                while len(seen) < 2:
+                    assert not post.done() and time.monotonic() < deadline, "the request never reached the engine"
+                    await asyncio.sleep(0.02)
+                post.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await post
+
+        asyncio.run(give_up())
+        wait_for(lambda: all(r.done for r in seen), "both requests to end")
     finally:
         del served.engine.submit
     states = [(r.done, r.cancelled.is_set(), r.generated) for r in seen]

@@ -35,7 +35,8 @@ from nucleusx_jax.train.config import load_config  # noqa: E402
 from nucleusx_jax.train.lock import RunLock, RunLockedError  # noqa: E402
 from nucleusx_jax.train.loop import run  # noqa: E402
 from nucleusx_jax.train.step import make_trainer  # noqa: E402
-from test_train_run import STEPS, TINY, tokenizer, train_losses, overrides as tiny_overrides  # noqa: E402,F401
+from test_train_run import (KILL_AT_SECOND_SAVE, STEPS, TINY, assert_same_final_state, tokenizer,  # noqa: E402,F401
+                            train_losses, overrides as tiny_overrides)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,11 +94,14 @@ def overrides(tokenizer: str, run_dir: str):
     return tiny_overrides(tokenizer, run_dir, "checkpoint.max_to_keep=2", "logging.sample_tokens=0")
 
 
-def cli(args, port: int):
+def cli(args, port: int, kill_at_second_save: bool = False):
+    """train.py in a subprocess pointed at the emulator; optionally killed (SIGKILL) by itself once its second
+    checkpoint save has started (test_train_run.KILL_AT_SECOND_SAVE)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                **emulator_env(port))
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wrapper = ["-c", KILL_AT_SECOND_SAVE] if kill_at_second_save else []
+    return subprocess.Popen([sys.executable, *wrapper, os.path.join(ROOT, "train.py"), "--config", TINY, *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def committed_steps(run_dir: str):
@@ -110,21 +114,16 @@ def committed_steps(run_dir: str):
 
 @pytest.fixture(scope="module")
 def gcs_run(gcs, tokenizer, tmp_path_factory):
-    """A local uninterrupted run, and the same run on gs://bucket/run killed (SIGKILL) after its first
-    checkpoint, then rerun: (local run_dir, gs run_dir, the rerun's output)."""
+    """A local uninterrupted run, and the same run on gs://bucket/run killed (SIGKILL) once its first
+    checkpoint is committed and its second is in flight, then rerun: (local run_dir, gs run_dir, the rerun's output)."""
     local = str(tmp_path_factory.mktemp("local"))
     run(load_config(TINY, overrides(tokenizer, local)))
     remote = "gs://bucket/run"
     storage.atomic_write("gs://bucket/tokenizer/sp.model", storage.read_bytes(tokenizer))  # read from the bucket
     args = [a for o in overrides("gs://bucket/tokenizer/sp.model", remote) + ["logging.profile_steps=[37, 39]"]
             for a in ("--set", o)]  # the profiled steps come after the kill
-    proc = cli(args, gcs)
-    deadline = time.time() + 300
-    while not committed_steps(remote) and proc.poll() is None:
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate(timeout=60)
+    proc = cli(args, gcs, kill_at_second_save=True)
+    out, _ = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, out[-3000:]
     assert max(committed_steps(remote)) < STEPS
     lock = json.loads(storage.read_bytes(f"{remote}/run.lock"))
@@ -146,6 +145,7 @@ def test_killed_gcs_run_resumes_like_a_local_run(gcs_run):
     ref, got = train_losses(local), train_losses(remote)
     later = list(range(resumed + 1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in later], [ref[s] for s in later], atol=1e-5, rtol=0)
+    assert_same_final_state(remote, local)
     assert not storage.exists(f"{remote}/run.lock")  # released
     assert sorted(committed_steps(remote)) == [36, 40]
     assert storage.isfile(f"{remote}/data/train/index.json") and storage.isfile(f"{remote}/config.yaml")

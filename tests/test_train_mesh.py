@@ -4,9 +4,14 @@ written on one mesh restores onto another."""
 
 import numpy as np
 import pytest
-from conftest import run_on_8_devices
+from conftest import Tol, assert_close, run_on_8_devices
 
 MESHES = ["8,1,1", "2,4,1", "2,2,2", "1,2,4"]
+# the 5 training losses (~4.1) against the 1-device run's, relative to the largest loss
+# (~9x the measured errors: sums in another order on another mesh; docs/testing.md)
+MESH_LOSSES = Tol("MESH_LOSSES", 1e-6, relative=True)  # any mesh, chunkwise with remat; measured 1.1e-7
+ACCUM_LOSSES = Tol("ACCUM_LOSSES", 1e-6, relative=True)  # gradient accumulation; measured 1.1e-7
+BF16_LOSSES = Tol("BF16_LOSSES", 3e-4, relative=True)  # bfloat16 compute; measured 3.6e-5
 
 WORKER = r"""
 import json, os, sys
@@ -72,23 +77,23 @@ def results(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_mesh_matches_one_device(results, mesh):
-    """(data, fsdp, tensor) meshes on 8 devices: the 5 losses of 1 device within 1e-4 (dropout and drop_path on)."""
+    """(data, fsdp, tensor) meshes on 8 devices: the 5 losses of 1 device (dropout and drop_path on)."""
     one = np.array(results["1"])
     assert one[-1] < one[0]  # it trains
-    np.testing.assert_allclose(results[mesh], one, atol=1e-4, rtol=0)
+    assert_close(results[mesh], one, MESH_LOSSES)
 
 
 @pytest.mark.slow
 def test_chunkwise_remat_and_bf16(results):
-    np.testing.assert_allclose(results["chunkwise_remat"], results["1"], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(results["bf16"], results["1"], atol=0.05, rtol=0)
+    assert_close(results["chunkwise_remat"], results["1"], MESH_LOSSES)
+    assert_close(results["bf16"], results["1"], BF16_LOSSES)
     assert results["bf16"] != results["1"]  # it did compute in bfloat16
     assert results["bf16_state_dtypes"] == ["float32", "int32"]  # adam count is int32
 
 
 @pytest.mark.slow
 def test_grad_accumulation_matches_full_batch(results):
-    np.testing.assert_allclose(results["accum"], results["no_accum"], atol=1e-5, rtol=0)
+    assert_close(results["accum"], results["no_accum"], ACCUM_LOSSES)
 
 
 @pytest.mark.slow

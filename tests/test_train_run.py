@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -48,6 +49,26 @@ def overrides(tokenizer: str, run_dir: str, *extra: str):
             "logging.progress=false", *extra]
 
 
+# Runs train.py in this process after making Checkpointer.save kill it (SIGKILL) as soon as the second periodic
+# save has started: by then the first is complete on disk (waited for) and the second is in flight. The kill -9
+# lands mid-run at the same point however fast the machine is.
+KILL_AT_SECOND_SAVE = """
+import os, runpy, signal, sys
+from nucleusx_jax.train.checkpoint import Checkpointer
+save, saves = Checkpointer.save, []
+def save_then_die(self, state):
+    if saves:
+        self.wait()
+    saves.append(save(self, state))
+    if len(saves) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return saves[-1]
+Checkpointer.save = save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def cli(args, **kwargs):
     """``python train.py --config configs/tiny.yaml ARGS`` in a subprocess; compilations are cached on disk
     between the subprocesses of this module (a rerun after a crash reuses them). ``fast_compile`` uses XLA's
@@ -58,8 +79,9 @@ def cli(args, **kwargs):
         flags += " --xla_backend_optimization_level=0"
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS=flags)
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    wrapper = ["-c", KILL_AT_SECOND_SAVE] if kwargs.pop("kill_at_second_save", False) else []
+    return subprocess.Popen([sys.executable, *wrapper, os.path.join(ROOT, "train.py"), "--config", TINY, *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 def fresh_run_dir(reference, tmp_path) -> str:
@@ -219,17 +241,10 @@ def test_kill_9_then_resume_matches_uninterrupted(reference, tokenizer, tmp_path
     args = []
     for o in overrides(tokenizer, run_dir):
         args += ["--set", o]
-    proc = cli(args)
-    deadline = time.time() + 300
-    checkpoints = os.path.join(run_dir, "checkpoints")
-    while not (os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))) \
-            and proc.poll() is None:
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc = cli(args, kill_at_second_save=True)
+    out, _ = proc.communicate(timeout=300)
     killed_at = max(train_losses(run_dir), default=0)
-    assert proc.returncode == -signal.SIGKILL and killed_at < STEPS, (proc.returncode, killed_at)
+    assert proc.returncode == -signal.SIGKILL and killed_at < STEPS, (proc.returncode, killed_at, out[-3000:])
     with open(os.path.join(run_dir, LOCK_FILE)) as f:
         assert json.load(f)["pid"] == proc.pid  # the killed run's lock is left behind ...
     again = cli(args)
@@ -245,6 +260,28 @@ def test_kill_9_then_resume_matches_uninterrupted(reference, tokenizer, tmp_path
     later = [s for s in range(resumed + 1, STEPS + 1)]
     assert later
     np.testing.assert_allclose([got[s] for s in later], [ref[s] for s in later], atol=1e-5, rtol=0)
+    assert_same_final_state(run_dir, ref_dir)
+
+
+def final_state(run_dir):
+    """The full training state (params, optimizer state, step) of ``run_dir``'s newest checkpoint."""
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    trainer = make_trainer(cfg, shd.make_mesh({"data": 1}, jax.devices()[:1]))
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    try:
+        return checkpointer.restore_latest(trainer.abstract_state).as_dict()
+    finally:
+        checkpointer.close()
+
+
+def assert_same_final_state(run_dir, ref_dir):
+    """The last checkpoint of ``run_dir`` equals ``ref_dir``'s bit for bit: parameters and optimizer state."""
+    got, want = final_state(run_dir), final_state(ref_dir)
+    assert int(got["step"]) == int(want["step"]) == STEPS
+    leaves_got, leaves_want = jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want)
+    assert [p for p, _ in leaves_got] == [p for p, _ in leaves_want]
+    for (path, a), (_, b) in zip(leaves_got, leaves_want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
 def test_sigterm_saves_and_exits(reference, tokenizer, tmp_path):
@@ -252,15 +289,27 @@ def test_sigterm_saves_and_exits(reference, tokenizer, tmp_path):
     cfg = load_config(TINY, overrides(tokenizer, run_dir, "train.steps=100000", "checkpoint.every=0",
                                       "train.eval_every=0", "checkpoint.export_hf=false"))
 
-    def send_sigterm_after_3_steps():
-        path = os.path.join(run_dir, "metrics.jsonl")
+    done, late = threading.Event(), []
+
+    def send_sigterm_after_3_steps():  # or after 240 s (then the test fails), so that run() always ends
+        path, deadline = os.path.join(run_dir, "metrics.jsonl"), time.monotonic() + 240
         while not (os.path.exists(path) and sum(1 for _ in open(path)) >= 3):
-            time.sleep(0.01)
+            if done.wait(0.01):  # run() ended by itself: no signal
+                return
+            if time.monotonic() > deadline:
+                late.append(True)
+                break
         os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
-    threading.Thread(target=send_sigterm_after_3_steps, daemon=True).start()
-    summary = run(cfg)
+    sender = threading.Thread(target=send_sigterm_after_3_steps, daemon=True)
+    sender.start()
+    try:
+        summary = run(cfg)
+    finally:
+        done.set()
+        sender.join(timeout=30)
+    assert not late, "3 steps did not finish in 240 s"
     assert summary["preempted"] and 3 <= summary["steps"] < 100000
     steps = [int(os.path.basename(p)) for p in glob.glob(os.path.join(run_dir, "checkpoints", "*"))]
     assert steps == [summary["steps"]] and max(train_losses(run_dir)) == summary["steps"]
@@ -268,18 +317,21 @@ def test_sigterm_saves_and_exits(reference, tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_nonfinite_loss(reference, tokenizer, tmp_path, policy, caplog):
-    """lr=1e30 makes step 2 non-finite: 'stop' raises a clear error, 'skip' keeps the weights; no checkpoint
-    ever holds a non-finite value."""
+def test_nonfinite_loss(reference, tokenizer, tmp_path, policy, caplog, capsys):
+    """lr=1e30 makes step 2 non-finite: 'stop' ends train.py with exit status 3 and a clear error line, 'skip'
+    keeps the weights; no checkpoint ever holds a non-finite value."""
     run_dir = fresh_run_dir(reference, tmp_path)
-    cfg = load_config(TINY, overrides(tokenizer, run_dir, "optimizer.learning_rate=1e30", "optimizer.clip_norm=0",
-                                      "checkpoint.every=1", "checkpoint.max_to_keep=9", "train.steps=4",
-                                      f"train.on_nonfinite={policy}",
-                                      "train.eval_every=0", "logging.sample_tokens=0"))
+    settings = overrides(tokenizer, run_dir, "optimizer.learning_rate=1e30", "optimizer.clip_norm=0",
+                         "checkpoint.every=1", "checkpoint.max_to_keep=9", "train.steps=4",
+                         f"train.on_nonfinite={policy}", "train.eval_every=0", "logging.sample_tokens=0")
+    cfg = load_config(TINY, settings)
     if policy == "stop":
-        with pytest.raises(NonFiniteLossError, match=r"non-finite training loss or gradient at step 2 \(loss .*, "
-                                                     r"grad norm nan\).*stopping \(set train.on_nonfinite=skip"):
-            run(cfg)
+        assert NonFiniteLossError.exit_status == 3
+        with pytest.raises(SystemExit) as stopped:
+            train_cli().main(["--config", TINY] + [a for o in settings for a in ("--set", o)])
+        assert stopped.value.code == 3
+        assert re.fullmatch(r"error: non-finite training loss or gradient at step 2 \(loss .*, grad norm nan\).*"
+                            r"stopping \(set train.on_nonfinite=skip.*\n", capsys.readouterr().err)
     else:
         with caplog.at_level(logging.WARNING):
             summary = run(cfg)
@@ -291,15 +343,21 @@ def test_nonfinite_loss(reference, tokenizer, tmp_path, policy, caplog):
         assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
-def test_cli_config_errors(capsys):
+def train_cli():
+    """train.py as a module (its ``main`` runs in this process)."""
     spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-    train_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_cli)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_config_errors(capsys):
+    module = train_cli()
     with pytest.raises(SystemExit, match="2"):
-        train_cli.main(["--config", TINY, "--set", "train.stepz=3"])
+        module.main(["--config", TINY, "--set", "train.stepz=3"])
     assert "unknown key(s) ['stepz'] in section 'train'; valid keys: run_dir, steps" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="2"):
-        train_cli.main(["--config", TINY, "--set", "train.steps=many"])
+        module.main(["--config", TINY, "--set", "train.steps=many"])
     assert "train.steps: expected int, got str 'many'" in capsys.readouterr().err
 
 
