@@ -25,7 +25,7 @@ OUR_EXTRA_FIELDS = {"retention_impl", "scan_layers"}
 
 def hf_config_class():
     """The transformers adapter's config class (the test is skipped without transformers)."""
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", exc_type=ImportError)
     from nucleusx_jax.hf import NucleusXConfig as HFNucleusXConfig
 
     return HFNucleusXConfig

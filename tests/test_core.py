@@ -105,7 +105,7 @@ def test_importing_the_core_imports_no_transformers():
 def test_exported_tokenizer_files_equal_llama_tokenizer_save(tmp_path):
     """The run export's tokenizer directory, written without transformers, equals what transformers 4.x's
     LlamaTokenizer.save_pretrained writes, and AutoTokenizer encodes like SentencePiece."""
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", exc_type=ImportError)
     from nucleusx_jax.tokenizer import SentencePieceTokenizer, save_hf_tokenizer, train_tokenizer
 
     model_file = train_tokenizer(["builtin:pydoc"], str(tmp_path / "sp"), 512)
@@ -127,7 +127,7 @@ def test_activations_equal_transformers_get_activation():
     """Every name in our activation table computes what transformers 4.x's ``get_activation`` does (the
     reference resolves ``config.activation_fn`` through it)."""
     torch = pytest.importorskip("torch")
-    activations = pytest.importorskip("transformers.activations")
+    activations = pytest.importorskip("transformers.activations", exc_type=ImportError)
     from nucleusx_jax.activations import ACTIVATIONS
 
     x = np.linspace(-12, 12, 2001, dtype=np.float32)

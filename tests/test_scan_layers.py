@@ -152,7 +152,7 @@ def test_files_hold_one_tensor_per_layer_and_load_in_either_layout(tmp_path):
 
 
 def test_hf_adapter_saves_and_loads_scanned(tmp_path):
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", exc_type=ImportError)
     from nucleusx_jax.hf import FlaxNucleusXForCausalLM
 
     model = FlaxNucleusXForCausalLM.from_pretrained(TINY, from_pt=True, scan_layers=True)

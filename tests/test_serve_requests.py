@@ -7,7 +7,7 @@ import json
 import pytest
 
 pytest.importorskip("fastapi")
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", exc_type=ImportError)
 from fastapi.testclient import TestClient  # noqa: E402
 
 from nucleusx_jax import NucleusX, NucleusXConfig  # noqa: E402
