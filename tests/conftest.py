@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
-import jax
 import numpy as np
 import pytest
 
@@ -37,6 +36,8 @@ def fixture_dirs() -> Dict[str, Path]:
 @contextlib.contextmanager
 def count_traces() -> Iterator[List[str]]:
     """Collects one entry per function jax traces for compilation inside the block (jax.monitoring events)."""
+    import jax  # here, so that the PyTorch tests run in an environment without JAX
+
     traces: List[str] = []
 
     def listen(event: str, _seconds: float, **_: object) -> None:

@@ -300,9 +300,9 @@ class NucleusXDecoderLayer(nn.Module):
     def __init__(self, config: NucleusXConfig, drop_path_rate: float):
         super().__init__()
         self.config = config
-        self.retention = NucleusXMultiScaleRetention(config)
-        self.ffn = NucleusXGLU(config)
+        self.retention = NucleusXMultiScaleRetention(config)  # in the reference's state-dict order
         self.retention_rms_norm = NucleusXRMSNorm(config.decoder_embed_dim, config.rms_norm_eps)
+        self.ffn = NucleusXGLU(config)
         self.final_rms_norm = NucleusXRMSNorm(config.decoder_embed_dim, config.rms_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
         self.drop_path_rate = drop_path_rate
