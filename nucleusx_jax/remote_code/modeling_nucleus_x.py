@@ -338,7 +338,6 @@ class NucleusXPreTrainedModel(PreTrainedModel):
     config_class = NucleusXConfig
     base_model_prefix = "model"
     _no_split_modules = ["NucleusXDecoderLayer"]
-    _keep_in_fp32_modules = ["rel_pos"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
