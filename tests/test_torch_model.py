@@ -337,3 +337,40 @@ def test_chunkwise_with_padding_equals_our_jax_model():
     ours = run(torch_model, ids, attention_mask=t(mask), forward_mode="chunkwise", recurrent_chunk_size=4).logits
     real = mask.astype(bool)
     assert max_abs(ours.numpy()[real], theirs[real]) < TOL
+
+
+def test_converter_ships_the_code_unless_told_and_the_fixer_adds_it(tmp_path, capsys):
+    pytest.importorskip("flax")
+    from nucleusx_jax.convert import convert, main
+
+    name = FIXTURE_NAMES[0]
+    c = load_cases(name)
+    convert(FIXTURES / name, tmp_path / "flax", "flax", progress=False)
+    assert "auto_map" not in json.loads((tmp_path / "flax" / "config.json").read_text())
+    convert(tmp_path / "flax", tmp_path / "torch", "torch", progress=False)
+    shipped = load(str(tmp_path / "torch"))
+    assert max_abs(run(shipped, c["input_ids"]).logits, c["logits_parallel"]) < TOL
+
+    bare = tmp_path / "bare"
+    assert main([str(tmp_path / "flax"), str(bare), "--to", "torch", "--no-code", "--quiet"]) == 0
+    assert not set(CODE_FILES) & set(os.listdir(bare))
+    assert (bare / "config.json").read_bytes() == (FIXTURES / name / "config.json").read_bytes()
+    weights = bare / "model.safetensors"
+    before = (weights.stat().st_ino, weights.stat().st_mtime_ns, weights.read_bytes())
+    assert main([str(bare), "--add-code"]) == 0
+    assert "added the PyTorch code" in capsys.readouterr().out
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns, weights.read_bytes()) == before  # untouched
+    assert json.loads((bare / "config.json").read_text()) == {**json.loads((FIXTURES / name / "config.json")
+                                                                          .read_text()), "auto_map": AUTO_MAP}
+    for file in CODE_FILES:
+        assert (bare / file).read_bytes() == (tmp_path / "torch" / file).read_bytes()
+    fixed = load(str(bare))
+    assert torch.equal(run(fixed, c["input_ids"]).logits, run(shipped, c["input_ids"]).logits)
+    assert not [f for f in os.listdir(bare) if f.startswith(".tmp-")]  # no temporary file left
+
+    with pytest.raises(SystemExit, match="2"):  # a flax directory: nothing to fix
+        main([str(tmp_path / "flax"), "--add-code"])
+    assert "holds no PyTorch weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main([str(bare), str(tmp_path / "x"), "--add-code"])
+    assert "--add-code changes SRC in place" in capsys.readouterr().err

@@ -139,8 +139,10 @@ def final_state(k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
     return kv, scale
 
 
-def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, kv: torch.Tensor,
-                   scale: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def recurrent_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, kv: torch.Tensor, scale: torch.Tensor,
+    mask: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token: q, k ``[B, H, K]``, v ``[B, H, V]``, mask ``[B]`` -> (``[B, H, V]``, kv, scale).
 
     ``scale <- scale * gamma + 1``, ``kv <- kv * sqrt(old / new scale) * gamma + v k^T / sqrt(new scale)``; a
@@ -470,7 +472,8 @@ class NucleusXForCausalLM(NucleusXPreTrainedModel, GenerationMixin):
     def __init__(self, config: NucleusXConfig):
         super().__init__(config)
         self.model = NucleusXModel(config)
-        self.lm_head = _linear(config.decoder_embed_dim, config.vocab_size, ("normal", config.lm_head_initializer_range))
+        self.lm_head = _linear(config.decoder_embed_dim, config.vocab_size,
+                               ("normal", config.lm_head_initializer_range))
         self.post_init()
 
     @classmethod
@@ -512,9 +515,11 @@ class NucleusXForCausalLM(NucleusXPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                       **{CACHE_NAME: _cache_of(outputs)})
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: Optional[NucleusXCache] = None,
-                                      attention_mask: Optional[torch.Tensor] = None, use_cache: bool = True,
-                                      cache: Optional[NucleusXCache] = None, **kwargs) -> dict:
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, past_key_values: Optional[NucleusXCache] = None,
+        attention_mask: Optional[torch.Tensor] = None, use_cache: bool = True, cache: Optional[NucleusXCache] = None,
+        **kwargs,
+    ) -> dict:
         """The prompt in the config's forward mode; with a cache, the last token in recurrent mode."""
         state = _one_cache(past_key_values, cache)
         if state is not None:
