@@ -135,6 +135,32 @@ def test_export_and_restore_params(reference):
     np.testing.assert_array_equal(torch_weights["lm_head.weight"], np.asarray(params["lm_head"]["kernel"]).T)
 
 
+def test_torch_export_runs_on_stock_transformers(reference):
+    """The trainer's PyTorch export ships its code: stock transformers loads it (trust_remote_code) with its
+    tokenizer, and it gives our JAX model's logits in every form and the same greedy continuation."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, _ = reference
+    torch_dir = os.path.join(run_dir, "torch")
+    pt = AutoModelForCausalLM.from_pretrained(torch_dir, trust_remote_code=True).eval()
+    assert type(pt).__module__.startswith("transformers_modules")
+    ids = AutoTokenizer.from_pretrained(torch_dir)("The module and the class", return_tensors="np")["input_ids"]
+    assert ids.shape[1] > 4
+    flax_model = FlaxNucleusXForCausalLM.from_pretrained(os.path.join(run_dir, "hf"))
+    for mode, chunk in (("parallel", None), ("chunkwise", 3), ("recurrent", None)):
+        theirs = np.asarray(flax_model(ids, forward_mode=mode, recurrent_chunk_size=chunk).logits)
+        with torch.no_grad():
+            ours = pt(torch.from_numpy(ids), forward_mode=mode, recurrent_chunk_size=chunk).logits.numpy()
+        assert np.max(np.abs(ours - theirs)) <= 2e-5, mode
+    expected = np.asarray(flax_model.generate(ids, max_new_tokens=12, do_sample=False).sequences)
+    with torch.no_grad():
+        greedy = pt.generate(torch.from_numpy(ids), max_new_tokens=12, do_sample=False).numpy()
+    # equal up to the end, or up to an end-of-sequence token, after which flax pads and torch stops
+    assert greedy.tolist() == expected[:, :greedy.shape[1]].tolist()
+    assert greedy.shape == expected.shape or greedy[0, -1] == pt.config.eos_token_id
+
+
 def test_profile_and_wandb_offline(reference, tokenizer, tmp_path, monkeypatch):
     """``logging.profile_steps: [2, 4]`` writes one jax.profiler trace (an ``.xplane.pb`` for TensorBoard's
     profile plugin and xprof) holding exactly steps 3 and 4; ``logging.wandb`` (offline) logs the losses of
