@@ -298,16 +298,19 @@ def test_remote_code_needs_no_package_of_ours(tmp_path):
 def test_our_package_registers_the_auto_classes_without_jax(tmp_path):
     """``import nucleusx_jax.torch`` registers nucleus_x (no trust_remote_code needed) and imports none of our
     JAX modules (transformers 4 itself imports jax when installed; the transformers 5 run has no JAX at all)."""
-    name = FIXTURE_NAMES[0]
+    name = "nucleus_x_tiny_large_weights"  # its pad embedding row is not zero
     c = load_cases(name)
     script = (
         "import sys, numpy as np, torch, nucleusx_jax.torch\n"
+        "from safetensors.torch import load_file\n"
         "ours = sorted(n for n in sys.modules if n.startswith('nucleusx_jax.'))\n"
         "assert ours == ['nucleusx_jax.remote_code', 'nucleusx_jax.remote_code.configuration_nucleus_x',\n"
         "                'nucleusx_jax.remote_code.modeling_nucleus_x', 'nucleusx_jax.torch'], ours\n"
         "from transformers import AutoModelForCausalLM\n"
         "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
         "assert type(m).__module__ == 'nucleusx_jax.remote_code.modeling_nucleus_x', type(m).__module__\n"
+        "saved = load_file(sys.argv[1] + '/model.safetensors')\n"
+        "assert all(torch.equal(v, saved[k]) for k, v in m.state_dict().items()), 'weights changed on load'\n"
         "np.save(sys.argv[3], m(torch.tensor(np.load(sys.argv[2])['input_ids'])).logits.detach().numpy())\n"
     )
     out = str(tmp_path / "logits.npy")

@@ -351,8 +351,8 @@ class NucleusXPreTrainedModel(PreTrainedModel):
                 nn.init.normal_(module.weight, mean=0.0, std=value)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                module.weight[module.padding_idx].zero_()  # (transformers 5 flags loaded weights)
         elif isinstance(module, NucleusXRMSNorm) and module.weight is not None:
             nn.init.ones_(module.weight)
         elif isinstance(module, NucleusXRelPos):
