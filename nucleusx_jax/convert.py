@@ -6,7 +6,8 @@ loads natively: ``config.json`` with ``flax_model.msgpack`` (or ``flax_model-000
 and ``flax_model.msgpack.index.json``). ``to="torch"`` goes back: ``model.safetensors`` (default) or
 ``pytorch_model.bin``, with the keys, order, layout and dtypes the PyTorch model saves: the ``rel_pos``
 buffers are regenerated from the config, and with tied embeddings ``lm_head.weight`` is left out of
-safetensors and shares the embedding's storage in ``.bin``.
+safetensors and shares the embedding's storage in ``.bin``. A PyTorch ``dst`` also ships the PyTorch model's
+code with ``auto_map`` (:mod:`nucleusx_jax.remote_code`), so stock transformers loads it, unless ``code=False``.
 
 Everything is checked before the first byte is written: the key set and shapes against the config (every
 missing, unexpected or wrong-shaped key is listed), the buffers against the config, tied weights, dtypes.

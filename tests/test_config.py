@@ -82,9 +82,12 @@ def test_deepnorm_switches_to_post_norm_like_the_reference():
     (dict(activation_dropout=-0.1), "activation_dropout"),
     (dict(drop_path_rate=1.5), "drop_path_rate"),
 ])
-def test_invalid_values_name_field_value_and_allowed(kwargs, field):
+@pytest.mark.parametrize("adapter", [False, True], ids=["core", "transformers"])
+def test_invalid_values_name_field_value_and_allowed(kwargs, field, adapter):
+    """The core config and the transformers one (shared by the Flax adapter and the PyTorch remote code) refuse
+    the same values the same way."""
     with pytest.raises(ValueError) as err:
-        NucleusXConfig(**kwargs)
+        (hf_config_class() if adapter else NucleusXConfig)(**kwargs)
     message = str(err.value)
     assert field in message and "must" in message
     assert repr(kwargs[field]) in message
@@ -104,3 +107,16 @@ def test_unknown_constructor_field_is_an_error_and_file_extras_are_kept(tmp_path
     loaded = NucleusXConfig.from_dict(seqcls)
     assert loaded.num_labels == 3 and loaded.problem_type == "single_label_classification"
     assert {k: v for k, v in loaded.to_dict().items() if k not in OUR_EXTRA_FIELDS} == seqcls
+
+
+def test_the_transformers_config_knows_the_core_activations_and_fields():
+    pytest.importorskip("transformers")
+    from transformers.activations import ACT2FN
+
+    from nucleusx_jax.activations import ACTIVATIONS
+    from nucleusx_jax.configuration import MODEL_FIELDS
+    from nucleusx_jax.remote_code import configuration_nucleus_x
+
+    assert set(configuration_nucleus_x.ACTIVATIONS) == set(ACTIVATIONS) and set(ACTIVATIONS) <= set(ACT2FN)
+    ours, core = hf_config_class()(), NucleusXConfig()
+    assert {f: getattr(ours, f) for f in MODEL_FIELDS} == {f: getattr(core, f) for f in MODEL_FIELDS}

@@ -125,4 +125,4 @@ def test_the_pytorch_model_imports_no_jax_and_the_shipped_files_only_each_other(
             assert not roots & {"jax", "jaxlib", "flax", "optax", "orbax", "nucleusx_jax"}, (path, roots)
             if sub == "remote_code" and path.name != "__init__.py":  # shipped as remote code: self-contained
                 assert relative <= {".configuration_nucleus_x"}, (path, relative)
-                assert roots <= {"math", "dataclasses", "typing", "torch", "transformers"}, (path, roots)
+                assert roots <= {"math", "typing", "torch", "transformers"}, (path, roots)

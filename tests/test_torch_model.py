@@ -68,7 +68,8 @@ def run(model, ids, **kwargs):
 
 
 def cache_of(out):
-    return out.cache if hasattr(out, "cache") and not isinstance(out.cache, type(None)) else out.past_key_values
+    """The returned cache: ``cache`` on transformers 5, ``past_key_values`` on 4."""
+    return out.cache if "cache" in out.__dataclass_fields__ else out.past_key_values
 
 
 def stack(cache, field):
@@ -377,3 +378,15 @@ def test_converter_ships_the_code_unless_told_and_the_fixer_adds_it(tmp_path, ca
     with pytest.raises(SystemExit, match="2"):
         main([str(bare), str(tmp_path / "x"), "--add-code"])
     assert "--add-code changes SRC in place" in capsys.readouterr().err
+
+
+def test_tied_embeddings_save_and_load(fx, tmp_path):
+    _, _, m, c = fx
+    config = type(m.config).from_dict({**m.config.to_dict(), "tie_word_embeddings": True})
+    tied = AutoModelForCausalLM.from_config(config, trust_remote_code=True).eval()
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    tied.save_pretrained(tmp_path)
+    assert "lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))  # stored once, as we export
+    again = load(str(tmp_path))
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(run(again, c["input_ids"]).logits, run(tied, c["input_ids"]).logits)

@@ -17,7 +17,6 @@ layer gives the reference's ``(prev_key_value, scale, seqlen)``.
 """
 
 import math
-from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
 import torch
