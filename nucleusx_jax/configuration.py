@@ -246,9 +246,11 @@ class NucleusXConfig:
         return cls.from_dict({**values, **overrides})
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> str:
-        """Write ``<directory>/config.json`` (atomically); returns its path."""
+        """Write ``<directory>/config.json`` (atomically); returns its path. ``auto_map`` (names the PyTorch code
+        files a PyTorch export ships, :mod:`nucleusx_jax.remote_code`) is left out: our directories lack them."""
         path = os.path.join(os.fspath(directory), CONFIG_FILE)
-        storage.atomic_write(path, self.to_json_string())
+        values = {k: v for k, v in json.loads(self.to_json_string()).items() if k != "auto_map"}
+        storage.atomic_write(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
         return path
 
     def __eq__(self, other: Any) -> bool:
