@@ -120,3 +120,17 @@ def test_the_transformers_config_knows_the_core_activations_and_fields():
     assert set(configuration_nucleus_x.ACTIVATIONS) == set(ACTIVATIONS) and set(ACTIVATIONS) <= set(ACT2FN)
     ours, core = hf_config_class()(), NucleusXConfig()
     assert {f: getattr(ours, f) for f in MODEL_FIELDS} == {f: getattr(core, f) for f in MODEL_FIELDS}
+
+
+def test_auto_map_is_read_quietly_and_not_written_to_our_directories(tmp_path, caplog):
+    """A PyTorch export's config.json names its shipped code in auto_map: a transformers key the core keeps,
+    but our own directories hold no such code, so save_pretrained leaves it out."""
+    data = dict(json.loads((FIXTURES / "nucleus_x_tiny" / "config.json").read_text()),
+                auto_map={"AutoConfig": "configuration_nucleus_x.NucleusXConfig"})
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with caplog.at_level("WARNING"):
+        cfg = NucleusXConfig.from_pretrained(tmp_path)
+    assert cfg.auto_map == data["auto_map"] and "not NucleusX fields" not in caplog.text
+    cfg.save_pretrained(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "auto_map" not in written and written == {k: v for k, v in cfg.to_dict().items() if k != "auto_map"}
