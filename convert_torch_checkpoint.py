@@ -1,7 +1,8 @@
 """Convert NucleusX checkpoints between PyTorch and flax model directories (see nucleusx_jax.convert).
 
     python convert_torch_checkpoint.py SRC DST --to {flax,torch} [--dtype {float32,bfloat16,float16}]
-        [--max-shard-size 5GB] [--overwrite] [--step N] [--torch-format {safetensors,bin}]
+        [--max-shard-size 5GB] [--overwrite] [--step N] [--torch-format {safetensors,bin}] [--no-code]
+    python convert_torch_checkpoint.py DIR --add-code   # ship the PyTorch code in an existing PyTorch export
 """
 
 import sys

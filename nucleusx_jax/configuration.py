@@ -21,7 +21,8 @@ CONFIG_FILE = "config.json"
 # num_labels / id2label / label2id / problem_type, which the sequence-classification head uses.
 GENERIC_KEYS = frozenset("""
     _name_or_path _commit_hash _attn_implementation _attn_implementation_autoset add_cross_attention architectures
-    bad_words_ids begin_suppress_tokens chunk_size_feed_forward cross_attention_hidden_size decoder_start_token_id
+    auto_map bad_words_ids begin_suppress_tokens chunk_size_feed_forward cross_attention_hidden_size
+    decoder_start_token_id
     diversity_penalty do_sample dtype torch_dtype early_stopping encoder_no_repeat_ngram_size
     exponential_decay_length_penalty finetuning_task forced_bos_token_id forced_eos_token_id id2label is_decoder
     is_encoder_decoder label2id length_penalty max_length min_length model_type no_repeat_ngram_size num_labels
@@ -245,9 +246,11 @@ class NucleusXConfig:
         return cls.from_dict({**values, **overrides})
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> str:
-        """Write ``<directory>/config.json`` (atomically); returns its path."""
+        """Write ``<directory>/config.json`` (atomically); returns its path. ``auto_map`` (names the PyTorch code
+        files a PyTorch export ships, :mod:`nucleusx_jax.remote_code`) is left out: our directories lack them."""
         path = os.path.join(os.fspath(directory), CONFIG_FILE)
-        storage.atomic_write(path, self.to_json_string())
+        values = {k: v for k, v in json.loads(self.to_json_string()).items() if k != "auto_map"}
+        storage.atomic_write(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
         return path
 
     def __eq__(self, other: Any) -> bool:

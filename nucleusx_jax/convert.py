@@ -6,7 +6,8 @@ loads natively: ``config.json`` with ``flax_model.msgpack`` (or ``flax_model-000
 and ``flax_model.msgpack.index.json``). ``to="torch"`` goes back: ``model.safetensors`` (default) or
 ``pytorch_model.bin``, with the keys, order, layout and dtypes the PyTorch model saves: the ``rel_pos``
 buffers are regenerated from the config, and with tied embeddings ``lm_head.weight`` is left out of
-safetensors and shares the embedding's storage in ``.bin``.
+safetensors and shares the embedding's storage in ``.bin``. A PyTorch ``dst`` also ships the PyTorch model's
+code with ``auto_map`` (:mod:`nucleusx_jax.remote_code`), so stock transformers loads it, unless ``code=False``.
 
 Everything is checked before the first byte is written: the key set and shapes against the config (every
 missing, unexpected or wrong-shaped key is listed), the buffers against the config, tied weights, dtypes.
@@ -39,7 +40,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm.auto import tqdm
 
-from . import runs, storage, weights
+from . import remote_code, runs, storage, weights
 from .cli import reports_user_errors
 from .configuration import NucleusXConfig
 from .tensorio import FORMATS, CheckpointError, CheckpointReader, CheckpointWriter, TensorInfo, process_start, umask
@@ -334,12 +335,15 @@ def convert(
     step: Optional[int] = None,
     torch_format: str = "safetensors",
     progress: bool = True,
+    code: bool = True,
 ) -> Summary:
     """Convert the model directory ``src`` into ``dst`` (``to``: ``flax`` or ``torch``); see the module docstring.
 
     ``dtype`` (``float32``, ``bfloat16``, ``float16``) casts every tensor; by default each keeps its source
     dtype. Files above ``max_shard_size`` (bytes or ``"5GB"``) are sharded with an ``*.index.json``.
-    ``torch_format``: ``safetensors`` or ``bin`` for ``to="torch"``. Raises :class:`CheckpointError` for a bad
+    ``torch_format``: ``safetensors`` or ``bin`` for ``to="torch"``. ``code``: a PyTorch ``dst`` ships the
+    PyTorch model's code with ``auto_map`` (:func:`nucleusx_jax.remote_code.add_code`); without it, and in a
+    flax ``dst``, ``config.json`` has no ``auto_map``. Raises :class:`CheckpointError` for a bad
     checkpoint, ``FileExistsError`` if ``dst`` exists without ``overwrite``, ``ValueError`` for bad arguments.
     """
     if storage.is_url(dst) or (storage.is_url(src) and not runs.is_run_dir(src)):
@@ -403,6 +407,10 @@ def convert(
                 if storage.isfile(os.path.join(src, side)) and not os.path.isfile(os.path.join(tmp, side)):
                     with open(os.path.join(tmp, side), "wb") as f:
                         f.write(storage.read_bytes(os.path.join(src, side)))
+            if to == "torch" and code:
+                remote_code.add_code(tmp)
+            else:
+                remote_code.remove_auto_map(tmp)
             _commit(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -442,8 +450,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="convert_torch_checkpoint.py",
         description="Convert NucleusX checkpoints between PyTorch and flax model directories, tensor by tensor.")
     parser.add_argument("src", help="source model directory (config.json and weights)")
-    parser.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
-    parser.add_argument("--to", required=True, choices=("flax", "torch"), help="the format to write")
+    parser.add_argument("dst", nargs="?", help="destination directory (must not exist unless --overwrite)")
+    parser.add_argument("--to", choices=("flax", "torch"), help="the format to write")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="cast every tensor (default: keep the source dtype)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest file before sharding (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -451,8 +459,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--torch-format", default="safetensors", choices=TORCH_FORMATS,
                         help="file format of --to torch (default safetensors)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--no-code", action="store_true",
+                        help="--to torch: leave out the PyTorch modeling code (and auto_map) shipped by default")
+    parser.add_argument("--add-code", action="store_true",
+                        help="add the PyTorch modeling code and auto_map to the existing PyTorch NucleusX directory "
+                             "SRC, in place (no DST, no --to; the weights are not touched)")
     args = parser.parse_args(argv)
+    if args.add_code:
+        if args.dst is not None or args.to is not None or args.no_code:
+            parser.error("--add-code changes SRC in place: give no DST, --to or --no-code")
+        written = remote_code.add_code(args.src)
+        print(f"added the PyTorch code to {args.src}: {', '.join(os.path.basename(p) for p in written)}")
+        return 0
+    if args.dst is None or args.to is None:
+        parser.error("give SRC, DST and --to (or --add-code SRC)")
+    if args.no_code and args.to != "torch":
+        parser.error("--no-code applies to --to torch only")
     summary = convert(args.src, args.dst, args.to, args.dtype, args.max_shard_size, args.overwrite, args.step,
-                      args.torch_format, progress=not args.quiet)
+                      args.torch_format, progress=not args.quiet, code=not args.no_code)
     print(f"converted {summary}")
     return 0

@@ -33,6 +33,7 @@ from transformers.utils import ModelOutput
 from . import configuration, modeling, retention, weights
 from .inputs import check_inputs, prompt_forward_mode, shape_of
 from .model import NucleusX, fill_missing, find_flax_weights, load_params
+from .remote_code import configuration_nucleus_x
 
 logger = logging.getLogger(__name__)
 Cache = Tuple[retention.RetentionState, ...]
@@ -42,27 +43,17 @@ FlaxNucleusXForCausalLMModule = modeling.NucleusXForCausalLMModule
 FlaxNucleusXForSequenceClassificationModule = modeling.NucleusXForSequenceClassificationModule
 
 
-class NucleusXConfig(PretrainedConfig):
-    """transformers' view of :class:`nucleusx_jax.NucleusXConfig`: the same fields, defaults, deepnorm rule and
-    validation (taken from the core config), plus everything ``PretrainedConfig`` does."""
+# One config class for both frameworks (the PyTorch remote code's, which needs neither torch nor JAX): AutoConfig
+# then serves FlaxAutoModel* here and AutoModel* of nucleusx_jax.torch alike, whichever was imported last.
+NucleusXConfig = configuration_nucleus_x.NucleusXConfig
 
-    model_type = configuration.NucleusXConfig.model_type
-    attribute_map = configuration.ATTRIBUTE_MAP
 
-    def __init__(self, **kwargs: Any):
-        fields = {k: kwargs.pop(k) for k in list(kwargs) if k in configuration.MODEL_FIELDS}
-        core = configuration.NucleusXConfig(**fields)  # defaults, deepnorm rule, validation
-        tokens = ("bos_token_id", "pad_token_id", "eos_token_id", "use_cache", "tie_word_embeddings")
-        for name in configuration.MODEL_FIELDS:
-            if name not in tokens:
-                setattr(self, name, getattr(core, name))
-        super().__init__(**{name: getattr(core, name) for name in tokens}, **kwargs)
-
-    def to_core(self) -> configuration.NucleusXConfig:
-        """The core config: the model fields and what the heads read (labels, problem type)."""
-        values = self.to_dict()
-        keep = set(configuration.MODEL_FIELDS) | {"id2label", "label2id", "problem_type"}
-        return configuration.NucleusXConfig(**{k: v for k, v in values.items() if k in keep})
+def to_core(config: PretrainedConfig) -> configuration.NucleusXConfig:
+    """The core config of a transformers config: the model fields and what the heads read (labels, problem
+    type), validated by the core."""
+    values = config.to_dict()
+    keep = set(configuration.MODEL_FIELDS) | {"id2label", "label2id", "problem_type"}
+    return configuration.NucleusXConfig(**{k: v for k, v in values.items() if k in keep})
 
 
 @flax.struct.dataclass
@@ -114,7 +105,7 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
     ):
         if isinstance(config, configuration.NucleusXConfig):
             config = NucleusXConfig(**config.to_dict())
-        self.core = NucleusX(config.to_core(), head=self.head, dtype=dtype, param_dtype=param_dtype,
+        self.core = NucleusX(to_core(config), head=self.head, dtype=dtype, param_dtype=param_dtype,
                              gradient_checkpointing=gradient_checkpointing, init=False)
         super().__init__(config, self.core.module, input_shape=input_shape, seed=seed, dtype=dtype, _do_init=_do_init)
 

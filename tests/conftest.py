@@ -13,7 +13,6 @@ from typing import Any, Dict, Iterator, List, NamedTuple
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -86,6 +85,8 @@ def fixture_dirs() -> Dict[str, Path]:
 @contextlib.contextmanager
 def count_traces() -> Iterator[List[str]]:
     """Collects one entry per function jax traces for compilation inside the block (jax.monitoring events)."""
+    import jax  # here, so that the PyTorch tests run in an environment without JAX
+
     traces: List[str] = []
 
     def listen(event: str, _seconds: float, **_: object) -> None:

@@ -50,7 +50,9 @@ def test_reference_config_json_loads_unchanged_and_round_trips(tmp_path, adapter
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(path.parent)
-        assert isinstance(cfg, hf_class) and isinstance(cfg.to_core(), NucleusXConfig)
+        from nucleusx_jax.hf import to_core
+
+        assert isinstance(cfg, hf_class) and isinstance(to_core(cfg), NucleusXConfig)
     else:
         cfg = NucleusXConfig.from_pretrained(path.parent)
     for key, value in reference.items():
@@ -80,9 +82,12 @@ def test_deepnorm_switches_to_post_norm_like_the_reference():
     (dict(activation_dropout=-0.1), "activation_dropout"),
     (dict(drop_path_rate=1.5), "drop_path_rate"),
 ])
-def test_invalid_values_name_field_value_and_allowed(kwargs, field):
+@pytest.mark.parametrize("adapter", [False, True], ids=["core", "transformers"])
+def test_invalid_values_name_field_value_and_allowed(kwargs, field, adapter):
+    """The core config and the transformers one (shared by the Flax adapter and the PyTorch remote code) refuse
+    the same values the same way."""
     with pytest.raises(ValueError) as err:
-        NucleusXConfig(**kwargs)
+        (hf_config_class() if adapter else NucleusXConfig)(**kwargs)
     message = str(err.value)
     assert field in message and "must" in message
     assert repr(kwargs[field]) in message
@@ -102,3 +107,30 @@ def test_unknown_constructor_field_is_an_error_and_file_extras_are_kept(tmp_path
     loaded = NucleusXConfig.from_dict(seqcls)
     assert loaded.num_labels == 3 and loaded.problem_type == "single_label_classification"
     assert {k: v for k, v in loaded.to_dict().items() if k not in OUR_EXTRA_FIELDS} == seqcls
+
+
+def test_the_transformers_config_knows_the_core_activations_and_fields():
+    pytest.importorskip("transformers")
+    from transformers.activations import ACT2FN
+
+    from nucleusx_jax.activations import ACTIVATIONS
+    from nucleusx_jax.configuration import MODEL_FIELDS
+    from nucleusx_jax.remote_code import configuration_nucleus_x
+
+    assert set(configuration_nucleus_x.ACTIVATIONS) == set(ACTIVATIONS) and set(ACTIVATIONS) <= set(ACT2FN)
+    ours, core = hf_config_class()(), NucleusXConfig()
+    assert {f: getattr(ours, f) for f in MODEL_FIELDS} == {f: getattr(core, f) for f in MODEL_FIELDS}
+
+
+def test_auto_map_is_read_quietly_and_not_written_to_our_directories(tmp_path, caplog):
+    """A PyTorch export's config.json names its shipped code in auto_map: a transformers key the core keeps,
+    but our own directories hold no such code, so save_pretrained leaves it out."""
+    data = dict(json.loads((FIXTURES / "nucleus_x_tiny" / "config.json").read_text()),
+                auto_map={"AutoConfig": "configuration_nucleus_x.NucleusXConfig"})
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with caplog.at_level("WARNING"):
+        cfg = NucleusXConfig.from_pretrained(tmp_path)
+    assert cfg.auto_map == data["auto_map"] and "not NucleusX fields" not in caplog.text
+    cfg.save_pretrained(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "auto_map" not in written and written == {k: v for k, v in cfg.to_dict().items() if k != "auto_map"}

@@ -26,6 +26,7 @@ from transformers import FlaxAutoModelForCausalLM
 import nucleusx_jax.hf  # noqa: F401  (registers the Auto classes)
 from nucleusx_jax import NucleusXConfig, modeling, weights
 from nucleusx_jax.convert import convert, main
+from nucleusx_jax.remote_code import AUTO_MAP
 from nucleusx_jax.tensorio import CheckpointReader, MsgpackReader, MsgpackWriter, TensorInfo
 from nucleusx_jax.weights import CheckpointError
 
@@ -112,7 +113,9 @@ def test_round_trip_is_bit_exact(round_trips, name):
     again = torch.load(base / "torch_bin" / "pytorch_model.bin", weights_only=True)
     assert list(original) == list(again)  # the reference's state_dict order
     assert_same_state(torch_state(FIXTURES / name), torch_state(base / "torch_bin"))
-    assert (base / "torch" / "config.json").read_bytes() == (FIXTURES / name / "config.json").read_bytes()
+    # the reference's config plus auto_map, naming the PyTorch code shipped beside the weights
+    reference = json.loads((FIXTURES / name / "config.json").read_text())
+    assert json.loads((base / "torch" / "config.json").read_text()) == {**reference, "auto_map": AUTO_MAP}
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)

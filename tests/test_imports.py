@@ -100,4 +100,29 @@ def test_only_the_adapter_imports_transformers():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(n.split(".")[0] == "transformers" for n in names):
                 users.add(module_name(path))
-    assert users <= {"nucleusx_jax.hf", "nucleusx_jax.tokenizer"}, users  # tokenizer: HF tokenizer dirs, optional
+    # tokenizer: HF tokenizer dirs, optional; the PyTorch model is transformers remote code
+    assert users <= {"nucleusx_jax.hf", "nucleusx_jax.tokenizer", "nucleusx_jax.torch",
+                     "nucleusx_jax.remote_code.configuration_nucleus_x",
+                     "nucleusx_jax.remote_code.modeling_nucleus_x"}, users
+
+
+def imported_names(path: Path):
+    """(absolute module names, relative ``from .x`` names) that ``path`` imports, anywhere in the file."""
+    absolute, relative = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            absolute.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            (relative if node.level else absolute).add(("." * node.level) + (node.module or ""))
+    return absolute, relative
+
+
+def test_the_pytorch_model_imports_no_jax_and_the_shipped_files_only_each_other():
+    for sub in ("torch", "remote_code"):
+        for path in sorted((PACKAGE / sub).glob("*.py")):
+            absolute, relative = imported_names(path)
+            roots = {n.split(".")[0] for n in absolute}
+            assert not roots & {"jax", "jaxlib", "flax", "optax", "orbax", "nucleusx_jax"}, (path, roots)
+            if sub == "remote_code" and path.name != "__init__.py":  # shipped as remote code: self-contained
+                assert relative <= {".configuration_nucleus_x"}, (path, relative)
+                assert roots <= {"math", "typing", "torch", "transformers"}, (path, roots)

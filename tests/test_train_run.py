@@ -157,6 +157,56 @@ def test_export_and_restore_params(reference):
     np.testing.assert_array_equal(torch_weights["lm_head.weight"], np.asarray(params["lm_head"]["kernel"]).T)
 
 
+# The PyTorch export runs in this process (transformers 4) and, where this names a Python with torch and
+# transformers 5 and no package of ours (.ci/run's second environment), in that one too.
+TRANSFORMERS5_PYTHON = os.environ.get("NUCLEUSX_TRANSFORMERS5_PYTHON")
+TORCH_SIDE = """
+import sys, numpy as np, torch, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+directory, out = sys.argv[1], sys.argv[2]
+model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+ids = AutoTokenizer.from_pretrained(directory)("The module and the class", return_tensors="pt")["input_ids"]
+with torch.no_grad():
+    logits = {mode: model(ids, forward_mode=mode, recurrent_chunk_size=3).logits.numpy()
+              for mode in ("parallel", "chunkwise", "recurrent")}
+    greedy = model.generate(ids, max_new_tokens=12, do_sample=False).numpy()
+np.savez(out, ids=ids.numpy(), greedy=greedy, eos=model.config.eos_token_id, major=int(transformers.__version__[0]),
+         **logits)
+"""
+
+
+@pytest.mark.parametrize("python", ["this", "transformers5"])
+def test_torch_export_runs_on_stock_transformers(reference, tmp_path, python):
+    """The trainer's PyTorch export ships its code: stock transformers loads it (trust_remote_code, in a process
+    that cannot import our package) with its tokenizer, and it gives our JAX model's logits in every form
+    within 2e-5 and the same greedy continuation."""
+    pytest.importorskip("torch")
+    if python == "transformers5" and not TRANSFORMERS5_PYTHON:
+        pytest.skip("set NUCLEUSX_TRANSFORMERS5_PYTHON to a Python with torch and transformers 5 (.ci/run does)")
+    run_dir, _ = reference
+    out = str(tmp_path / "torch_side.npz")
+    block = "import sys; sys.modules.update(nucleusx_jax=None, jax=None)\n"  # transformers 4 imports flax itself
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([TRANSFORMERS5_PYTHON if python == "transformers5" else sys.executable, "-c",
+                           block + TORCH_SIDE, os.path.join(run_dir, "torch"), out], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    side = np.load(out)
+    assert (int(side["major"]) >= 5) == (python == "transformers5")
+    ids = side["ids"]
+    assert ids.shape[1] > 4
+    flax_model = FlaxNucleusXForCausalLM.from_pretrained(os.path.join(run_dir, "hf"))
+    for mode in ("parallel", "chunkwise", "recurrent"):
+        theirs = np.asarray(flax_model(ids, forward_mode=mode, recurrent_chunk_size=3).logits)
+        assert np.max(np.abs(side[mode] - theirs)) <= 2e-5, mode
+    expected = np.asarray(flax_model.generate(ids, max_new_tokens=12, do_sample=False).sequences)
+    greedy = side["greedy"]
+    # equal up to the end, or up to an end-of-sequence token, after which flax pads and torch stops
+    assert greedy.tolist() == expected[:, :greedy.shape[1]].tolist()
+    assert greedy.shape == expected.shape or greedy[0, -1] == int(side["eos"])
+
+
 def test_profile_and_wandb_offline(reference, tokenizer, tmp_path, monkeypatch):
     """``logging.profile_steps: [2, 4]`` writes one jax.profiler trace (an ``.xplane.pb`` for TensorBoard's
     profile plugin and xprof) holding exactly steps 3 and 4; ``logging.wandb`` (offline) logs the losses of
