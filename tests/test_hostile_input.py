@@ -187,7 +187,7 @@ def test_lock_of_another_host_or_unknown_content_is_reported(tmp_path):
                                              f"tell.*delete {tmp_path / LOCK_FILE}"):
         RunLock(str(tmp_path)).acquire()
     (tmp_path / LOCK_FILE).write_text("garbage")
-    with pytest.raises(RunLockedError, match="not a lock file this trainer wrote"):
+    with pytest.raises(RunLockedError, match="not a lock file this run wrote"):
         RunLock(str(tmp_path)).acquire()
 
 
