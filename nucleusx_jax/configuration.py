@@ -335,7 +335,7 @@ def read_config_json(file: str) -> Any:
         except RecursionError:
             raise ValueError(f"{file} is nested too deeply to be a model config") from None
         except ValueError as e:
-            raise ValueError(f"{file} is not readable JSON: {str(e)[:200]}") from None
+            raise ValueError(f"{file} is not valid JSON: {str(e)[:200]}") from None
 
 
 # The largest value of each size field: far above any trained model, small enough that a typo or a hostile
