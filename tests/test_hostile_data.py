@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -196,3 +197,29 @@ def test_workers_die_with_their_parent_on_kill_9(sp_path, tmp_path):
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_huge_document_is_tokenized_in_pieces_with_the_same_tokens(sp_path, monkeypatch):
+    """Pieces cut before a space give exactly the whole document's tokens (SentencePiece); the memory a
+    document costs is a few times its text, not the ~30x of a Python list of its ids."""
+    from nucleusx_jax.data import prepare as prepare_module
+
+    tok = load_tokenizer(sp_path)
+    rng = np.random.default_rng(0)
+    words = ["retention", "of", "the", "state", "λ", "naïve", "chunk", "  ", "\n", "über", "x" * 50]
+    docs = [" ".join(rng.choice(words, 3000)), "short", " ".join(rng.choice(words, 200))]
+    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 500)
+    assert sum(1 for _ in prepare_module.pieces(docs, 500, True)) > 40
+    tokens, ends, _ = prepare_module.tokenize_unit(sp_path, True, "uint16", docs)
+    want = [np.array([tok.bos_id] + tok.encode(d) + [tok.eos_id]) for d in docs]
+    assert np.array_equal(tokens, np.concatenate(want)) and list(ends) == list(np.cumsum([len(w) for w in want]))
+    monkeypatch.undo()
+    huge = " ".join(rng.choice(words[:-1], 100_000))  # ~700 K characters
+    prepare_module._worker_tokenizer(sp_path)
+    tracemalloc.start()
+    try:
+        tokens, _, _ = prepare_module.tokenize_unit(sp_path, True, "uint16", [huge])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(tokens) > len(huge) // 4 and peak < 8 * len(huge), (peak, len(huge))

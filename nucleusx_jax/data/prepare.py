@@ -48,6 +48,7 @@ from ..train.lock import RunLock
 
 PROGRESS_FILE = "progress.json"
 _SHOW_SKIPPED = 10  # bad documents logged one by one; the rest are only counted
+PIECE_CHARS = 1 << 16  # characters encoded at once (a longer document is cut into pieces this long)
 logger = logging.getLogger(__name__)
 _HOLDOUT_TAG = 0x401D
 
@@ -127,32 +128,80 @@ def _die_with_parent(parent: int) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _worker_tokenizer(path: str) -> Tokenizer:
-    return load_tokenizer(path, num_threads=1)
+def _worker_tokenizer(path: str) -> Tuple[Tokenizer, bool]:
+    """The tokenizer at ``path`` and whether it encodes ``a b`` as ``a`` then ``b`` (words never merge across
+    a space, and a piece's start reads as a space: SentencePiece's dummy prefix): then a document cut before a
+    space, the space dropped, encodes to exactly the whole document's tokens."""
+    tok = load_tokenizer(path, num_threads=1)
+    return tok, tok.encode("retention of the state") == tok.encode("retention of") + tok.encode("the state")
+
+
+def pieces(texts: Sequence[str], limit: int, drop_space: bool) -> Iterator[Tuple[int, str]]:
+    """``(document index, piece)`` of ``texts``: a document of more than ``limit`` characters is cut into
+    pieces of at most ``limit``, each cut before a space where the piece's second half has one (that space is
+    dropped with ``drop_space``), else at ``limit``."""
+    for i, text in enumerate(texts):
+        start = 0
+        while len(text) - start > limit:
+            cut = text.rfind(" ", start + limit // 2, start + limit)
+            while cut > start + limit // 2 and text[cut - 1] == " ":  # the first space of a run
+                cut -= 1
+            if cut < 0:
+                cut, skip = start + limit, 0
+            else:
+                skip = int(drop_space)
+            yield i, text[start:cut]
+            start = cut + skip
+        yield i, text[start:] if start else text
 
 
 def tokenize_unit(tokenizer_path: str, add_bos: bool, dtype: str, texts: Sequence[str]
                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One unit: ``(tokens [T] of dtype, doc_ends [D] int64 (exclusive ends in tokens), doc_bytes [D] int64)``
-    with ``[BOS] doc [EOS]`` per document (BOS only with ``add_bos``)."""
-    tok = _worker_tokenizer(tokenizer_path)
-    ids = tok.encode_batch(list(texts)) if texts else []
-    lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+    with ``[BOS] doc [EOS]`` per document (BOS only with ``add_bos``). Encoded in batches of about
+    ``PIECE_CHARS`` characters (long documents in pieces, see :func:`pieces`), each batch's ids turned into
+    ``dtype`` at once: memory is a few times the text, however long one document."""
+    tok, drop_space = _worker_tokenizer(tokenizer_path)
+    lengths = np.zeros(len(texts), np.int64)
+    parts: List[np.ndarray] = []
+    batch: List[str] = []
+    owners: List[int] = []
+
+    def encode() -> None:
+        ids = tok.encode_batch(batch)
+        counts = np.fromiter(map(len, ids), np.int64, len(ids))
+        np.add.at(lengths, owners, counts)
+        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(counts.sum()))
+        if flat.size and (flat.min() < 0 or flat.max() >= tok.vocab_size):
+            raise ValueError(f"the tokenizer {tokenizer_path!r} produced id {int(flat.max())} outside "
+                             f"[0, {tok.vocab_size})")
+        parts.append(flat.astype(DTYPES[dtype]))
+        batch.clear()
+        owners.clear()
+
+    chars = 0
+    for owner, piece in pieces(texts, PIECE_CHARS, drop_space):
+        batch.append(piece)
+        owners.append(owner)
+        chars += len(piece)
+        if chars >= PIECE_CHARS:
+            encode()
+            chars = 0
+    if batch:
+        encode()
     extra = 2 if add_bos else 1
     ends = np.cumsum(lengths + extra)
     total = int(ends[-1]) if len(ends) else 0
-    out = np.empty(total, np.int64)
+    out = np.empty(total, DTYPES[dtype])
     body = np.ones(total, bool)
     body[ends - 1] = False
     if add_bos:
         body[ends - lengths - extra] = False
         out[ends - lengths - extra] = tok.bos_id
     out[ends - 1] = tok.eos_id
-    out[body] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum()))
-    if total and (out.min() < 0 or out.max() >= tok.vocab_size):
-        raise ValueError(f"the tokenizer {tokenizer_path!r} produced id {int(out.max())} outside [0, {tok.vocab_size})")
+    out[body] = np.concatenate(parts) if parts else np.zeros(0, DTYPES[dtype])
     nbytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), np.int64, len(texts))
-    return out.astype(DTYPES[dtype]), ends, nbytes
+    return out, ends, nbytes
 
 
 # ------------------------------------------------------------------------------------------- main side
