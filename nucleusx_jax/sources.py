@@ -37,17 +37,16 @@ from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, 
 from . import storage
 
 FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
-
-
-class BadDocument(ValueError):
-    """One document of a source cannot be read (the message names the file and line)."""
-
 _TEXT_SUFFIXES = (".txt", ".text")
 _JSONL_SUFFIXES = (".jsonl",)
 _PARQUET_SUFFIXES = (".parquet",)
 _COMPRESSED = (".gz", ".zst")
-_COMPRESSION = {".gz": "gzip", ".zst": "zstd"}  # fsspec's names, for URLs
+_COMPRESSION = {".gz": "gzip"}  # fsspec's names, for URLs (.zst is read by _ZstdReader)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?!\\)")  # "hf:...", "builtin:...", "s3://..."; not "C:\"
+
+
+class BadDocument(ValueError):
+    """One document of a source cannot be read (the message names the file and line)."""
 
 
 def _pydoc_documents() -> Iterator[str]:
@@ -105,8 +104,8 @@ BUILTIN_SOURCES: Dict[str, Callable[[], Iterable[str]]] = {
 
 
 class _ZstdReader(io.RawIOBase):
-    """The decompressed bytes of a local ``.zst`` file (one or more frames); a file that ends inside a frame
-    raises ``EOFError`` at its end instead of passing for a shorter file."""
+    """The decompressed bytes of a ``.zst`` file (one or more frames; local or a URL); a file that ends inside
+    a frame raises ``EOFError`` at its end instead of passing for a shorter file."""
 
     def __init__(self, path: str):
         try:
@@ -114,26 +113,30 @@ class _ZstdReader(io.RawIOBase):
         except ImportError as e:
             raise ImportError(f"reading {path!r} needs the `zstandard` package: pip install 'nucleusx-jax[data]'") from e
         self._new = zstandard.ZstdDecompressor().decompressobj
-        self._file, self._frame, self._started, self._out = open(path, "rb"), self._new(), False, b""
+        self._file, self._frame, self._started = storage.open_file(path, "rb"), self._new(), False
+        self._out, self._at = b"", 0  # decompressed bytes, and how many of them were returned
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        while not self._out:
+        while self._at == len(self._out):
             block = self._file.read(1 << 16)
             if not block:
                 if self._started and not self._frame.eof:
                     raise EOFError("the compressed data ends inside a zstd frame (the file is truncated)")
                 return 0
+            out = []
             while block:
                 if self._frame.eof:  # the next frame starts
                     self._frame = self._new()
                 self._started = True
-                self._out += self._frame.decompress(block)
+                out.append(self._frame.decompress(block))
                 block = self._frame.unused_data if self._frame.eof else b""
-        n = min(len(buffer), len(self._out))
-        buffer[:n], self._out = self._out[:n], self._out[n:]
+            self._out, self._at = b"".join(out), 0
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = self._out[self._at : self._at + n]
+        self._at += n
         return n
 
     def close(self) -> None:
@@ -142,12 +145,12 @@ class _ZstdReader(io.RawIOBase):
 
 
 def _open_text(path: str) -> IO[str]:
+    if path.endswith(".zst"):
+        return io.TextIOWrapper(io.BufferedReader(_ZstdReader(path)), encoding="utf-8")
     if storage.is_url(path):
         return storage.open_file(path, "rt", compression=_COMPRESSION.get(os.path.splitext(path)[1]))
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
-    if path.endswith(".zst"):
-        return io.TextIOWrapper(io.BufferedReader(_ZstdReader(path)), encoding="utf-8")
     return open(path, encoding="utf-8")
 
 
