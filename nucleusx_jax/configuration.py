@@ -320,7 +320,7 @@ def short(value: Any, limit: int = 60) -> str:
 def names(keys: Any, limit: int = 10) -> str:
     """A short list of the names ``keys`` (in their order): the first ``limit``, each cut, and how many more."""
     keys = [str(k) for k in keys]
-    shown = [k if len(k) <= 40 else k[:37] + "..." for k in keys[:limit]]
+    shown = [k if len(k) <= 120 else k[:117] + "..." for k in keys[:limit]]
     return str(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
