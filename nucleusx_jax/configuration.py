@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 from typing import Any, Dict, Union
 
@@ -300,7 +301,7 @@ class NucleusXConfig:
                 raise bad(field, "must be true or false")
         for field, (low, high, what) in NUMBER_RANGES.items():
             value = getattr(self, field)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not (
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or not (
                     low(value) and high(value)):
                 raise bad(field, f"must be {what}")
         for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
