@@ -127,7 +127,8 @@ class NucleusXConfig:
             raise TypeError(f"NucleusXConfig got unknown field(s) {names(sorted(unknown))}; model fields: "
                             f"{', '.join(MODEL_FIELDS)}")
         if generic.get("model_type", self.model_type) != self.model_type:
-            raise ValueError(f"model_type={short(generic['model_type'])} is invalid: this config is {self.model_type!r}")
+            raise ValueError(f"model_type={short(generic['model_type'])} is invalid: this config is "
+                             f"{self.model_type!r}")
         generic.pop("model_type", None)
         num_labels = generic.pop("num_labels", None)
         if num_labels is not None and (not isinstance(num_labels, int) or isinstance(num_labels, bool)

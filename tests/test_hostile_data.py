@@ -126,7 +126,8 @@ def test_text_that_does_not_encode_names_file_and_line_or_is_skipped(sp_path, tm
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "38 documents" in result.stdout and "2 bad document(s) skipped" in result.stdout
-    assert f"{path}:7: field 'text' is not valid Unicode" in result.stderr and f"{path}:21: invalid JSON" in result.stderr
+    assert f"{path}:7: field 'text' is not valid Unicode" in result.stderr
+    assert f"{path}:21: invalid JSON" in result.stderr
     store = TokenStore(str(tmp_path / "o2"))
     tok = load_tokenizer(sp_path)
     kept = [json.loads(line)["text"] for i, line in enumerate(lines) if i not in (6, 20)]

@@ -90,7 +90,8 @@ class TokenStore:
 
     Opening checks the format and version, and that every shard exists with the size and the
     :func:`edges_sha256` the index gives (a missing, truncated or overwritten shard raises, naming it;
-    ``check_edges=False`` skips the checksums, for :meth:`verify`, which hashes every byte). Memory is the index (a few numbers per shard), whatever
+    ``check_edges=False`` skips the checksums, for :meth:`verify`, which hashes every byte). Memory is the
+    index (a few numbers per shard), whatever
     the corpus size; ``bytes_read`` counts the token bytes read so far.
     """
 
@@ -105,9 +106,11 @@ class TokenStore:
             try:
                 index = json.load(f)
             except (ValueError, RecursionError) as e:
-                raise ValueError(f"{index_path} is not readable JSON ({str(e)[:200]}); prepare the store again") from None
+                raise ValueError(f"{index_path} is not readable JSON ({str(e)[:200]}); prepare the store "
+                                 "again") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != VERSION:
-            found = (index.get("format"), index.get("version")) if isinstance(index, dict) else (type(index).__name__, None)
+            found = ((index.get("format"), index.get("version")) if isinstance(index, dict)
+                     else (type(index).__name__, None))
             raise ValueError(f"{index_path} is not a {FORMAT} version {VERSION} index (format {found[0]!r:.80}, "
                              f"version {found[1]!r:.40})")
         self.index = index

@@ -2,7 +2,8 @@
 ``checkpoint``, ``logging``; validation with clear errors, ``--set section.key=value`` overrides.
 
 ``model`` holds :class:`~nucleusx_jax.NucleusXConfig` fields, or ``{path: some/config.json}`` (relative to the
-working directory; other fields override the file's); it must give the dimensions (``MODEL_DIMENSIONS``). Every other section is a dataclass below (``data`` is
+working directory; other fields override the file's); it must give the dimensions (``MODEL_DIMENSIONS``).
+Every other section is a dataclass below (``data`` is
 :class:`~nucleusx_jax.train.data.DataConfig`). An unknown key raises an error listing the valid keys; a
 value of the wrong type raises an error naming the expected type; a number outside its section's ``BOUNDS``
 raises an error naming the key, the value and the allowed range (checked when a section is built). All of

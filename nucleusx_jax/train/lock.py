@@ -93,7 +93,8 @@ class RunLock:
         if alive:
             raise RunLockedError(f"{os.path.dirname(self.path)} is in use by another {self.WHAT} ({current}); "
                                  f"{self.ADVICE}")
-        logger.warning("taking over the stale lock %s of a %s that no longer exists (%s)", self.path, self.WHAT, current)
+        logger.warning("taking over the stale lock %s of a %s that no longer exists (%s)", self.path, self.WHAT,
+                       current)
 
     def _current_object(self) -> Optional[Holder]:
         try:
