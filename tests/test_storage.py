@@ -32,7 +32,7 @@ from nucleusx_jax.runs import restore_params  # noqa: E402
 from nucleusx_jax.sources import iter_source_documents, source_size  # noqa: E402
 from nucleusx_jax.train.checkpoint import Checkpointer  # noqa: E402
 from nucleusx_jax.train.config import load_config  # noqa: E402
-from nucleusx_jax.train.lock import RunLock, RunLockedError  # noqa: E402
+from nucleusx_jax.lock import RunLock, RunLockedError  # noqa: E402
 from nucleusx_jax.train.loop import run  # noqa: E402
 from nucleusx_jax.train.step import make_trainer  # noqa: E402
 from test_train_run import STEPS, TINY, tokenizer, train_losses, overrides as tiny_overrides  # noqa: E402,F401

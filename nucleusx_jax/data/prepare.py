@@ -44,7 +44,7 @@ from ..tokenizer import Tokenizer, load_tokenizer
 from .reader import derive_key, mix64
 from ..sources import FORMATS, iter_source_documents, source_size
 from .store import DTYPES, INDEX_FILE, Shard, TokenStore, edges_sha256, index_json, shard_name, token_dtype
-from ..train.lock import RunLock
+from ..lock import RunLock
 
 PROGRESS_FILE = "progress.json"
 _SHOW_SKIPPED = 10  # bad documents logged one by one; the rest are only counted
@@ -343,7 +343,7 @@ def prepare(sources: Sequence[str], tokenizer: str, output: str, *,
     ``output`` may be a URL (see :mod:`nucleusx_jax.storage`): shards are then written in a local temporary
     directory and uploaded whole, and ``index.json``, uploaded last, marks the store complete. The whole
     call holds :class:`PrepareLock` on ``output``: a second writer raises
-    :class:`~nucleusx_jax.train.lock.RunLockedError` naming the holder."""
+    :class:`~nucleusx_jax.lock.RunLockedError` naming the holder."""
     if isinstance(sources, str) or not sources or not all(isinstance(s, str) and s for s in sources):
         raise ValueError(f"sources must be a non-empty list of source strings, got {sources!r}")
     tok = load_tokenizer(tokenizer, num_threads=1)

@@ -24,8 +24,8 @@ import socket
 import time
 from typing import Callable, Optional
 
-from .. import storage
-from ..tensorio import process_start
+from . import storage
+from .tensorio import process_start
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
