@@ -16,7 +16,10 @@
    directly, and in a subprocess each opens it as the trainer does (``open_run_data``) and reads
    ``--read-batches`` global batches of 64 x 2049 tokens: peak RSS (VmHWM) within 10 % of each other.
 
-Everything written is deleted at the end; results go to ``benchmarks/results/data.json``.
+5. ``huge``: one jsonl file holding a single document of ``--huge-mb`` (20) MB (words as in 2.), prepared
+   with 0 and 1 workers: the peak tree RSS over that of a one-line file (the import), against the text size.
+
+Everything written is deleted at the end; results go to ``benchmarks/results/data.json`` (``--results``).
 """
 
 import argparse
@@ -153,6 +156,28 @@ def run_reader(store: str, tokenizer: str, batches: int) -> dict:
     return result
 
 
+def run_huge(work: str, tokenizer: str, text_bytes: int) -> list:
+    """Peak tree RSS of preparing one document of ``text_bytes`` bytes, less that of a one-word document."""
+    from pydoc_data.topics import topics
+
+    words = np.array(" ".join(topics[k] for k in sorted(topics)).split())
+    rng = np.random.default_rng(0)
+    doc = " ".join(words[rng.integers(0, len(words), text_bytes // 5)])[:text_bytes]
+    huge, tiny = os.path.join(work, "huge.jsonl"), os.path.join(work, "tiny.jsonl")
+    with open(huge, "w") as f:
+        f.write(json.dumps({"text": doc}) + "\n")
+    with open(tiny, "w") as f:
+        f.write(json.dumps({"text": "word"}) + "\n")
+    rows = []
+    for w in (0, 1):
+        base = run_prepare([tiny], tokenizer, os.path.join(work, "store"), w)["peak_tree_rss_gb"]
+        row = run_prepare([huge], tokenizer, os.path.join(work, "store"), w)
+        row.update(text_mb=len(doc) / 2**20, import_rss_gb=base,
+                   rss_over_text=(row["peak_tree_rss_gb"] - base) * 1e9 / len(doc))
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default=tempfile.gettempdir())
@@ -165,7 +190,9 @@ def main() -> None:
     p.add_argument("--large-tokens", type=int, default=1_000_000_000)
     p.add_argument("--read-batches", type=int, default=50)
     p.add_argument("--corpora", nargs="+", default=["small", "large"], choices=["small", "large"])
-    p.add_argument("--skip", nargs="*", default=[], choices=["prepare", "reader"])
+    p.add_argument("--huge-mb", type=int, default=20)
+    p.add_argument("--results", default="data.json", help="file name under benchmarks/results/")
+    p.add_argument("--skip", nargs="*", default=[], choices=["prepare", "reader", "huge"])
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="nucleusx-data-bench-", dir=args.workdir)
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
@@ -216,10 +243,13 @@ def main() -> None:
                 shutil.rmtree(path)
             results["reader"] = rows
             results["reader_rss_ratio"] = rows[1]["vm_hwm_gb"] / rows[0]["vm_hwm_gb"]
+        if "huge" not in args.skip:
+            results["huge"] = run_huge(work, tokenizer, args.huge_mb << 20)
+            print(json.dumps(results["huge"]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    out = os.path.join(ROOT, "benchmarks", "results", "data.json")
+    out = os.path.join(ROOT, "benchmarks", "results", args.results)
     with open(out + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
     os.replace(out + ".tmp", out)

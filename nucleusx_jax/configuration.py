@@ -9,6 +9,8 @@ import enum
 import inspect
 import json
 import logging
+import math
+import numbers
 import os
 from typing import Any, Dict, Union
 
@@ -121,18 +123,29 @@ class NucleusXConfig:
         scan_layers: bool = False,
         **generic: Any,
     ):
-        unknown = sorted(set(generic) - GENERIC_KEYS)
+        unknown = set(generic) - GENERIC_KEYS
         if unknown:
-            raise TypeError(f"NucleusXConfig got unknown field(s) {unknown}; model fields: {', '.join(MODEL_FIELDS)}")
+            raise TypeError(f"NucleusXConfig got unknown field(s) {names(sorted(unknown))}; model fields: "
+                            f"{', '.join(MODEL_FIELDS)}")
         if generic.get("model_type", self.model_type) != self.model_type:
-            raise ValueError(f"model_type={generic['model_type']!r} is invalid: this config is {self.model_type!r}")
+            raise ValueError(f"model_type={short(generic['model_type'])} is invalid: this config is "
+                             f"{self.model_type!r}")
         generic.pop("model_type", None)
         num_labels = generic.pop("num_labels", None)
+        if num_labels is not None and (not isinstance(num_labels, int) or isinstance(num_labels, bool)
+                                       or not 1 <= num_labels <= MAX_NUM_LABELS):
+            raise ValueError(f"NucleusXConfig.num_labels={short(num_labels)} is invalid: must be an integer in "
+                             f"[1, {MAX_NUM_LABELS}]")
         if num_labels is not None and "id2label" not in generic:  # as transformers stores it
             generic["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
             generic["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
         if "id2label" in generic:
-            generic["id2label"] = {int(k): v for k, v in generic["id2label"].items()}
+            labels = generic["id2label"]
+            if not isinstance(labels, dict) or not 1 <= len(labels) <= MAX_NUM_LABELS or not all(
+                    isinstance(k, int) or (isinstance(k, str) and k.strip().isdigit()) for k in labels):
+                raise ValueError(f"NucleusXConfig.id2label={short(labels)} is invalid: must map label numbers "
+                                 f"(at most {MAX_NUM_LABELS}) to names")
+            generic["id2label"] = {int(k): v for k, v in labels.items()}
         object.__setattr__(self, "_generic", generic)
         self.vocab_size = vocab_size
         self.initializer_range = initializer_range
@@ -224,7 +237,7 @@ class NucleusXConfig:
         strays = {k: values.pop(k) for k in list(values) if k not in MODEL_FIELDS and k not in GENERIC_KEYS}
         config = cls(**values)
         if strays:
-            logger.warning("config keys %s are not NucleusX fields; kept as they are", sorted(strays))
+            logger.warning("config keys %s are not NucleusX fields; kept as they are", names(sorted(strays)))
             config._generic.update(strays)
         return config
 
@@ -235,14 +248,10 @@ class NucleusXConfig:
         file = os.path.join(path, CONFIG_FILE) if storage.isdir(path) else path
         if not storage.isfile(file):
             raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: expected a NucleusX model directory")
-        with storage.open_file(file, "r") as f:
-            try:
-                values = json.load(f)
-            except ValueError as e:
-                raise ValueError(f"{file} is not readable JSON: {e}") from e
+        values = read_config_json(file)
         if not isinstance(values, dict) or values.get("model_type") != cls.model_type:
-            found = values.get("model_type") if isinstance(values, dict) else type(values).__name__
-            raise ValueError(f"{file} has model_type={found!r}; expected {cls.model_type!r}")
+            found = short(values.get("model_type")) if isinstance(values, dict) else type(values).__name__
+            raise ValueError(f"{file} has model_type={found}; expected {cls.model_type!r}")
         return cls.from_dict({**values, **overrides})
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> str:
@@ -270,16 +279,16 @@ class NucleusXConfig:
         return self.decoder_value_embed_dim // self.decoder_retention_heads
 
     def validate(self) -> None:
-        """Raise ``ValueError`` for any field outside what the model can run."""
+        """Raise ``ValueError`` for any field outside what the model can run: a wrong type, a size beyond
+        :data:`SIZE_LIMITS`, a bad choice. Checked before anything is allocated; messages stay short."""
 
         def bad(field: str, allowed: str) -> ValueError:
-            return ValueError(f"NucleusXConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
+            return ValueError(f"NucleusXConfig.{field}={short(getattr(self, field))} is invalid: {allowed}")
 
-        for field in ("vocab_size", "decoder_embed_dim", "decoder_value_embed_dim", "decoder_ffn_embed_dim",
-                      "decoder_layers", "decoder_retention_heads"):
+        for field, high in SIZE_LIMITS.items():
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise bad(field, "must be an integer >= 1")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+                raise bad(field, f"must be an integer in [1, {high}]")
         heads = self.decoder_retention_heads
         for field in ("decoder_embed_dim", "decoder_value_embed_dim"):
             if getattr(self, field) % heads:
@@ -287,26 +296,70 @@ class NucleusXConfig:
         if self.key_head_dim % 2:
             raise bad("decoder_embed_dim", f"decoder_embed_dim // decoder_retention_heads = {self.key_head_dim} "
                       "(the key head dim) must be even for the rotation")
-        if self.forward_mode not in FORWARD_MODES:
-            raise bad("forward_mode", f"must be one of {', '.join(FORWARD_MODES)}")
-        if self.retention_impl not in RETENTION_IMPLS:
-            raise bad("retention_impl", f"must be one of {', '.join(RETENTION_IMPLS)}")
-        if not isinstance(self.scan_layers, bool):
-            raise bad("scan_layers", "must be true or false")
-        if self.activation_fn not in ACTIVATIONS:
-            raise bad("activation_fn", f"must be one of {', '.join(sorted(ACTIVATIONS))}")
-        chunk = self.recurrent_chunk_size
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise bad("recurrent_chunk_size", "must be an integer >= 1")
-        for field in ("dropout", "activation_dropout", "drop_path_rate"):
+        for field, allowed in (("forward_mode", FORWARD_MODES), ("retention_impl", RETENTION_IMPLS),
+                               ("activation_fn", tuple(sorted(ACTIVATIONS)))):
+            if not isinstance(getattr(self, field), str) or getattr(self, field) not in allowed:
+                raise bad(field, f"must be one of {', '.join(allowed)}")
+        for field in BOOL_FIELDS:
+            if not isinstance(getattr(self, field), bool):
+                raise bad(field, "must be true or false")
+        for field, (low, high, what) in NUMBER_RANGES.items():
             value = getattr(self, field)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise bad(field, "must be a probability in [0, 1)")
-        for field in ("rms_norm_eps", "groupnorm_eps"):
-            if not getattr(self, field) > 0:
-                raise bad(field, "must be > 0")
-        if self.z_loss_coeff < 0:
-            raise bad("z_loss_coeff", "must be >= 0")
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or not (
+                    low(value) and high(value)):
+                raise bad(field, f"must be {what}")
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, field)
+            ids = value if isinstance(value, list) else [value]
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise bad(field, "must be a token id (an integer), a list of them, or null")
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: error messages stay short whatever the value."""
+    text = repr(value) if not isinstance(value, (list, dict, str)) or len(value) < limit else \
+        f"{type(value).__name__} of length {len(value)}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def names(keys: Any, limit: int = 10) -> str:
+    """A short list of the names ``keys`` (in their order): the first ``limit``, each cut, and how many more."""
+    keys = [str(k) for k in keys]
+    shown = [k if len(k) <= 120 else k[:117] + "..." for k in keys[:limit]]
+    return str(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def read_config_json(file: str) -> Any:
+    """The JSON value in ``file``; too large, too deeply nested or unreadable JSON is one short ValueError."""
+    size = storage.size(file)
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{file} holds {size} bytes; a config.json is a few KB (at most {MAX_CONFIG_BYTES})")
+    with storage.open_file(file, "r") as f:
+        try:
+            return json.load(f)
+        except RecursionError:
+            raise ValueError(f"{file} is nested too deeply to be a model config") from None
+        except ValueError as e:
+            raise ValueError(f"{file} is not valid JSON: {str(e)[:200]}") from None
+
+
+# The largest value of each size field: far above any trained model, small enough that a typo or a hostile
+# config.json is refused before anything is allocated (bigger models: raise these).
+SIZE_LIMITS = {"vocab_size": 1 << 24, "decoder_embed_dim": 1 << 16, "decoder_value_embed_dim": 1 << 17,
+               "decoder_ffn_embed_dim": 1 << 18, "decoder_layers": 1 << 12, "decoder_retention_heads": 1 << 12,
+               "recurrent_chunk_size": 1 << 16}
+MAX_NUM_LABELS = 1 << 16
+MAX_CONFIG_BYTES = 1 << 24
+BOOL_FIELDS = ("use_cache", "decoder_normalize_before", "rms_norm_embedding", "no_scale_embedding", "use_lm_decay",
+               "deepnorm", "tie_word_embeddings", "scan_layers")
+_ANY, _POSITIVE, _NON_NEGATIVE = (lambda v: True), (lambda v: v > 0), (lambda v: v >= 0)
+NUMBER_RANGES = {  # field: (low check, high check, what is allowed)
+    **dict.fromkeys(("dropout", "activation_dropout", "drop_path_rate"),
+                    (_NON_NEGATIVE, lambda v: v < 1, "a probability in [0, 1)")),
+    **dict.fromkeys(("rms_norm_eps", "groupnorm_eps"), (_POSITIVE, _ANY, "a finite number > 0")),
+    **dict.fromkeys(("z_loss_coeff", "initializer_factor", "initializer_range", "lm_head_initializer_range"),
+                    (_NON_NEGATIVE, _ANY, "a finite number >= 0")),
+}
 
 
 MODEL_FIELDS = tuple(p for p in inspect.signature(NucleusXConfig.__init__).parameters if p not in ("self", "generic"))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import retention
-from .configuration import FORWARD_MODES, NucleusXConfig
+from .configuration import FORWARD_MODES, SIZE_LIMITS, NucleusXConfig, short
 
 Cache = Tuple[retention.RetentionState, ...]
 HEADS = ("base", "causal_lm", "sequence_classification")
@@ -33,8 +33,9 @@ def check_inputs(
     """Validate a call's inputs on the host; returns ``past_key_values`` as :class:`RetentionState` tuples."""
     if forward_mode not in FORWARD_MODES:
         raise ValueError(f"forward_mode={forward_mode!r} is invalid: must be one of {', '.join(FORWARD_MODES)}")
-    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"recurrent_chunk_size={chunk_size!r} is invalid: must be an integer >= 1")
+    high = SIZE_LIMITS["recurrent_chunk_size"]
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or not 1 <= chunk_size <= high:
+        raise ValueError(f"recurrent_chunk_size={short(chunk_size)} is invalid: must be an integer in [1, {high}]")
     if np.ndim(input_ids) != 2:
         raise ValueError(f"input_ids must have rank 2 [batch, length], got shape {shape_of(input_ids)}")
     # Traced ids (inside a jit or the generation loop) have shapes but no values: only their values go unchecked.

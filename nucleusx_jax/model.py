@@ -12,6 +12,7 @@ The call takes the same arguments as the HF adapter's (``nucleusx_jax.hf``): it 
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Iterator, NamedTuple, Optional, Tuple, Union
@@ -23,7 +24,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import decode, documents, modeling, storage, weights
-from .configuration import CONFIG_FILE, NucleusXConfig
+from .configuration import CONFIG_FILE, NucleusXConfig, short
 from .convert import parse_size
 from .inputs import HEADS, Cache, check_inputs
 from .tensorio import FORMATS, CheckpointReader, CheckpointWriter, TensorInfo
@@ -234,20 +235,38 @@ def _flax_as_torch_tensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
                 yield key, (value.T if transpose else value)
 
 
+HUB_PREFIX = "hf://"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def looks_local(path: str) -> bool:
+    """Whether ``path`` names a local file rather than a Hub repo id: anything but ``org/name``, or an
+    ``org/name`` whose ``org`` is a local directory (``runs/tiny`` where ``runs/`` exists)."""
+    return not _HUB_ID.match(path) or os.path.isdir(path.split("/")[0])
+
+
 def resolve(path: Union[str, os.PathLike]) -> str:
-    """A local model directory for ``path``: the directory itself, or a Hugging Face Hub repo id downloaded
-    into the local hub cache (needs ``huggingface_hub``)."""
+    """A local model directory for ``path``: the directory itself, or a Hugging Face Hub repo downloaded
+    into the local hub cache (needs ``huggingface_hub``). A Hub id is ``hf://org/name``, or ``org/name``
+    when no such local directory exists and ``org`` is not a local directory either; any other path that
+    does not exist is ``FileNotFoundError``, without asking the Hub."""
     path = os.fspath(path)
-    if os.path.isdir(path):
+    repo = path[len(HUB_PREFIX):] if path.startswith(HUB_PREFIX) else None
+    if repo is None and os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
-        raise FileNotFoundError(f"{path!r} is not a model directory (nor a hub repo id 'owner/name')")
+    if repo is None and (os.path.exists(path) or looks_local(path)):
+        what = "is a file, not a model directory" if os.path.exists(path) else "does not exist"
+        raise FileNotFoundError(f"{short(path, 200)} {what} (a Hugging Face Hub model is hf://org/name, or "
+                                "org/name where no local directory org/ exists)")
+    repo = path if repo is None else repo
+    if not _HUB_ID.match(repo):
+        raise ValueError(f"{short(path, 200)} is not a Hugging Face Hub repo id: expected hf://org/name")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
         raise FileNotFoundError(f"{path!r} is not a local directory; loading it from the Hugging Face Hub needs "
                                 "huggingface_hub (pip install huggingface_hub)") from e
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.msgpack", "*.model"])
+    return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.msgpack", "*.model"])
 
 
 def from_pretrained(path: Union[str, os.PathLike], dtype: Any = None, *, head: str = "causal_lm",
@@ -256,8 +275,9 @@ def from_pretrained(path: Union[str, os.PathLike], dtype: Any = None, *, head: s
     ``pytorch_model.bin``, sharded or not), local or a hub repo id. ``dtype``: the compute dtype (default
     float32; parameters keep the checkpoint's). ``config_overrides`` replace ``config.json`` fields.
     Head weights the checkpoint lacks (a classification head from a causal LM) are initialised randomly,
-    with a warning. A URL (``gs://bucket/model``, see :mod:`.storage`) is downloaded to a temporary directory."""
-    if storage.is_url(path):
+    with a warning. A URL (``gs://bucket/model``, see :mod:`.storage`) is downloaded to a temporary directory;
+    ``hf://org/name`` and Hub ids: see :func:`resolve`."""
+    if storage.is_url(path) and not os.fspath(path).startswith(HUB_PREFIX):
         with tempfile.TemporaryDirectory(prefix="nucleusx-model-") as local:
             storage.download_dir(os.fspath(path), local)
             return from_pretrained(local, dtype, head=head, **config_overrides)

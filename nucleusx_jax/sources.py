@@ -20,6 +20,7 @@ Empty documents are skipped.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import glob
 import gzip
@@ -30,7 +31,8 @@ import os
 import re
 import sysconfig
 import tokenize
-from typing import IO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+import zlib
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import storage
 
@@ -39,8 +41,12 @@ _TEXT_SUFFIXES = (".txt", ".text")
 _JSONL_SUFFIXES = (".jsonl",)
 _PARQUET_SUFFIXES = (".parquet",)
 _COMPRESSED = (".gz", ".zst")
-_COMPRESSION = {".gz": "gzip", ".zst": "zstd"}  # fsspec's names, for URLs
+_COMPRESSION = {".gz": "gzip"}  # fsspec's names, for URLs (.zst is read by _ZstdReader)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?!\\)")  # "hf:...", "builtin:...", "s3://..."; not "C:\"
+
+
+class BadDocument(ValueError):
+    """One document of a source cannot be read (the message names the file and line)."""
 
 
 def _pydoc_documents() -> Iterator[str]:
@@ -97,19 +103,70 @@ BUILTIN_SOURCES: Dict[str, Callable[[], Iterable[str]]] = {
 }
 
 
-def _open_text(path: str) -> IO[str]:
-    if storage.is_url(path):
-        return storage.open_file(path, "rt", compression=_COMPRESSION.get(os.path.splitext(path)[1]))
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.endswith(".zst"):
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a ``.zst`` file (one or more frames; local or a URL); a file that ends inside
+    a frame raises ``EOFError`` at its end instead of passing for a shorter file."""
+
+    def __init__(self, path: str):
         try:
             import zstandard
         except ImportError as e:
             raise ImportError(f"reading {path!r} needs the `zstandard` package: pip install 'nucleusx-jax[data]'") from e
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
-                                encoding="utf-8")
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._file, self._frame, self._started = storage.open_file(path, "rb"), self._new(), False
+        self._out, self._at = b"", 0  # decompressed bytes, and how many of them were returned
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._at == len(self._out):
+            block = self._file.read(1 << 16)
+            if not block:
+                if self._started and not self._frame.eof:
+                    raise EOFError("the compressed data ends inside a zstd frame (the file is truncated)")
+                return 0
+            out = []
+            while block:
+                if self._frame.eof:  # the next frame starts
+                    self._frame = self._new()
+                self._started = True
+                out.append(self._frame.decompress(block))
+                block = self._frame.unused_data if self._frame.eof else b""
+            self._out, self._at = b"".join(out), 0
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = self._out[self._at : self._at + n]
+        self._at += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _open_text(path: str) -> IO[str]:
+    if path.endswith(".zst"):
+        return io.TextIOWrapper(io.BufferedReader(_ZstdReader(path)), encoding="utf-8")
+    if storage.is_url(path):
+        return storage.open_file(path, "rt", compression=_COMPRESSION.get(os.path.splitext(path)[1]))
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Errors of reading ``path`` as ``ValueError`` naming it: bad UTF-8, truncated or corrupt compression."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 text: {e}") from e
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path} is truncated or corrupt: {e}") from e
+    except Exception as e:
+        if type(e).__name__ == "ZstdError":  # zstandard's, not importable when the package is missing
+            raise ValueError(f"{path} is truncated or corrupt: {e}") from e
+        raise
 
 
 def _file_format(path: str, format: str) -> str:
@@ -132,18 +189,15 @@ def _file_format(path: str, format: str) -> str:
 def _text_documents(path: str) -> Iterator[str]:
     """Blank-line-separated paragraphs, read line by line (a line of spaces and tabs is blank)."""
     lines: List[str] = []
-    try:
-        with _open_text(path) as f:
-            for line in itertools.chain(f, [""]):  # "" flushes the last paragraph
-                if line.strip(" \t\r\n"):
-                    lines.append(line)
-                    continue
-                paragraph = "".join(lines).strip("\r\n")
-                lines.clear()
-                if paragraph.strip():
-                    yield paragraph
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 text: {e}") from e
+    with _reading(path), _open_text(path) as f:
+        for line in itertools.chain(f, [""]):  # "" flushes the last paragraph
+            if line.strip(" \t\r\n"):
+                lines.append(line)
+                continue
+            paragraph = "".join(lines).strip("\r\n")
+            lines.clear()
+            if paragraph.strip():
+                yield paragraph
 
 
 def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
@@ -163,26 +217,41 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
                 yield text
 
 
-def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+def _jsonl_document(path: str, lineno: int, line: str, text_field: str) -> str:
+    """The text of one jsonl line; a bad line raises :class:`BadDocument` naming ``path:lineno``."""
     try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from e
-                if not isinstance(record, dict) or text_field not in record:
-                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise ValueError(f"{path}:{lineno}: no field {text_field!r} (record has {keys}); set data.text_field")
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
-                if text.strip():
-                    yield text
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid UTF-8 text: {e}") from e
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise BadDocument(f"{path}:{lineno}: invalid JSON: {str(e)[:200]}") from None
+    if not isinstance(record, dict) or text_field not in record:
+        keys = sorted(record)[:20] if isinstance(record, dict) else type(record).__name__
+        raise BadDocument(f"{path}:{lineno}: no field {text_field!r} (record has {keys}); set data.text_field")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise BadDocument(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
+    if "\\ud" in line or "\\uD" in line:  # only a \uXXXX escape can put a surrogate into the decoded text
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadDocument(f"{path}:{lineno}: field {text_field!r} is not valid Unicode: a lone surrogate "
+                              f"{text[e.start]!r} at character {e.start}") from None
+    return text
+
+
+def _jsonl_documents(path: str, text_field: str, on_bad: Optional[Callable[[str], None]]) -> Iterator[str]:
+    with _reading(path), _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = _jsonl_document(path, lineno, line, text_field)
+            except BadDocument as e:
+                if on_bad is None:
+                    raise
+                on_bad(str(e))
+                continue
+            if text.strip():
+                yield text
 
 
 def _is_hf_dataset_dir(path: str) -> bool:
@@ -262,8 +331,11 @@ def source_size(source: str, format: str = "auto") -> Optional[int]:
     return sum(storage.size(f) for f in _expand_files(path, format))
 
 
-def iter_source_documents(source: str, format: str = "auto", text_field: str = "text") -> Iterator[str]:
-    """The non-empty documents of one source, in a fixed order."""
+def iter_source_documents(source: str, format: str = "auto", text_field: str = "text",
+                          on_bad: Optional[Callable[[str], None]] = None) -> Iterator[str]:
+    """The non-empty documents of one source, in a fixed order. A bad document (a jsonl line that is not
+    JSON, lacks the text field or whose text is not valid Unicode) raises :class:`BadDocument`, or, given
+    ``on_bad``, is skipped after ``on_bad(message)``. A truncated or corrupt file always raises."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     scheme = None if storage.is_url(source) else _SCHEME.match(source)
@@ -286,6 +358,6 @@ def iter_source_documents(source: str, format: str = "auto", text_field: str = "
             if fmt == "text":
                 yield from _text_documents(path)
             elif fmt == "jsonl":
-                yield from _jsonl_documents(path, text_field)
+                yield from _jsonl_documents(path, text_field, on_bad)
             else:
                 yield from _parquet_documents(path, text_field)

@@ -11,6 +11,7 @@ unreachable or unreadable bucket :class:`StorageError`, both naming the URL.
 """
 
 import contextlib
+import fnmatch
 import glob
 import os
 import shutil
@@ -136,10 +137,39 @@ def open_file(path: str, mode: str = "rb", *, compression: Optional[str] = None)
         return fsspec.open(path, mode, compression=compression, encoding=encoding, use_listings_cache=False).open()
 
 
+def _glob_local(pattern: str) -> List[str]:
+    """The paths matching the local glob ``pattern`` (``glob.glob``'s rules, ``**`` recursive), except that
+    ``**`` never descends into a symlinked directory: a symlink loop cannot multiply or hang the walk."""
+    head, parts = ("/" if os.path.isabs(pattern) else ""), [p for p in pattern.split(os.sep) if p]
+    paths = [head]
+    for i, part in enumerate(parts):
+        found: List[str] = []
+        for base in paths:
+            if part == "**":  # base and every directory below it (last: and their files); symlinked
+                start = base or os.curdir  # directories are listed by os.walk, never entered
+                for root, dirs, files in os.walk(start):
+                    dirs[:] = [d for d in dirs if not d.startswith(".")]
+                    here = base if root == start else os.path.join(base, os.path.relpath(root, start))
+                    found += [here] + ([os.path.join(here, f) for f in files if not f.startswith(".")]
+                                       if i == len(parts) - 1 else [])
+            elif glob.has_magic(part):
+                try:
+                    names = os.listdir(base or os.curdir)
+                except OSError:  # not a directory, or unreadable: no matches below it, as glob.glob
+                    continue
+                hidden = part.startswith(".")
+                found += [os.path.join(base, n) for n in fnmatch.filter(names, part) if hidden or not n.startswith(".")]
+            elif os.path.lexists(os.path.join(base, part)):
+                found.append(os.path.join(base, part))
+        paths = found
+    return sorted(set(paths) - {""})
+
+
 def glob_files(pattern: str) -> List[str]:
-    """The files matching glob ``pattern`` (``**`` recursive), sorted; URLs keep their protocol."""
+    """The files matching glob ``pattern`` (``**`` recursive, not through symlinked directories), sorted; URLs
+    keep their protocol."""
     if not is_url(pattern):
-        return sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+        return [f for f in _glob_local(pattern) if os.path.isfile(f)]
     fs, p = _fs(pattern)
     with _named(pattern, "list"):
         return sorted(fs.unstrip_protocol(f) for f, info in fs.glob(p, detail=True).items() if info["type"] == "file")

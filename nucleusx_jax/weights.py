@@ -29,7 +29,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import retention
-from .configuration import NucleusXConfig
+from .configuration import NucleusXConfig, names
 from .modeling import LAYERS
 from .tensorio import CheckpointError, CheckpointReader  # noqa: F401  (CheckpointError is re-exported)
 
@@ -184,15 +184,15 @@ def check_torch_keys(
     missing = [k for k in expected if k not in shapes]
     head_missing = [k for k in missing if k in HEAD_KEYS[head]]
     missing = [show(k) for k in missing if k not in HEAD_KEYS[head]]
-    problems = []
+    problems = []  # each list cut to its first few entries: the message stays short whatever the checkpoint
     if missing:
-        problems.append(f"missing keys: {missing}")
+        problems.append(f"missing keys: {names(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {unexpected}")
+        problems.append(f"unexpected keys: {names(unexpected)}")
     if wrong:
-        problems.append(f"wrong shapes: {wrong}")
+        problems.append(f"wrong shapes: {names(wrong, 5)}")
     if head_missing and not allow_missing_head:
-        problems.append(f"missing head keys: {[show(k) for k in head_missing]}")
+        problems.append(f"missing head keys: {names([show(k) for k in head_missing])}")
     if problems:
         raise CheckpointError("checkpoint does not match the NucleusX config: " + "; ".join(problems))
     return head_missing

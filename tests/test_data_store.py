@@ -128,7 +128,7 @@ def test_prepare_resumes_after_a_crash_byte_identical(reference, corpus, sp_path
         prepare([corpus[0]], sp_path, out, options=_options())
     monkeypatch.undo()
     names = sorted(os.listdir(out))
-    assert names[:3] == ["progress.json", "shard-00000.bin", "shard-00001.bin"] and "index.json" not in names
+    assert names[:4] == ["prepare.lock", "progress.json", "shard-00000.bin", "shard-00001.bin"] and "index.json" not in names
     with pytest.raises(FileNotFoundError, match="no index.json .*unfinished prepare: rerun it"):
         TokenStore(out)
     open(os.path.join(out, "shard-00007.bin.tmp"), "wb").write(b"junk")  # a shard in flight at the crash
@@ -361,8 +361,13 @@ def test_errors(reference, corpus, sp_path, tmp_path):
         TokenStore(str(damaged))
     os.system(f"cp {reference}/shard-00002.bin {damaged}/")
     with open(damaged / "shard-00003.bin", "r+b") as f:
-        f.write(b"\xff\xff")  # same size, other content: only the checksum sees it
-    assert TokenStore(str(damaged)).verify() == [("shard-00003.bin", "sha256 differs from the index")]
+        f.write(b"\xff\xff")  # same size, other content: only a checksum sees it
+    with pytest.raises(ValueError, match=r"shard shard-00003.bin is damaged: the checksum of its first and last"):
+        TokenStore(str(damaged))  # opening hashes each shard's edges (these small shards whole)
+    with pytest.raises(ValueError, match=r"shard-00003.bin is damaged"):  # so the trainer refuses the store
+        open_run_data(DataConfig(store=str(damaged), tokenizer=sp_path, seq_len=8), load_tokenizer(sp_path), sp_path,
+                      str(tmp_path))
+    assert TokenStore(str(damaged), check_edges=False).verify() == [("shard-00003.bin", "sha256 differs from the index")]
     with pytest.raises(ValueError, match="shorter than one window of seq_len \\+ 1 = 100001 tokens"):
         Windows(TokenStore(reference), 100_000, seed=0)
     for bad in (0, -1.5, float("nan"), True):

@@ -20,7 +20,7 @@ from nucleusx_jax.tokenizer import main as tokenizer_main
 from nucleusx_jax.storage import atomic_write
 from nucleusx_jax.tensorio import umask
 from nucleusx_jax.train.config import ConfigError, load_config
-from nucleusx_jax.train.lock import LOCK_FILE, RunLock, RunLockedError
+from nucleusx_jax.lock import LOCK_FILE, RunLock, RunLockedError
 
 from conftest import FIXTURES
 
@@ -165,7 +165,7 @@ def test_lock_refuses_a_second_run_and_is_released(tmp_path):
 
 
 def test_stale_lock_after_kill_9_is_taken_over(tmp_path, caplog):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nucleusx_jax.train.lock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nucleusx_jax.lock import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert holder.stdout.readline().strip() == "locked"
@@ -173,7 +173,7 @@ def test_stale_lock_after_kill_9_is_taken_over(tmp_path, caplog):
         RunLock(str(tmp_path)).acquire()
     holder.kill()
     holder.wait()
-    with caplog.at_level(logging.WARNING, logger="nucleusx_jax.train.lock"):
+    with caplog.at_level(logging.WARNING, logger="nucleusx_jax.lock"):
         lock = RunLock(str(tmp_path)).acquire()
     assert f"taking over the stale lock {tmp_path / LOCK_FILE}" in caplog.text and f"pid {holder.pid}" in caplog.text
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
@@ -187,7 +187,7 @@ def test_lock_of_another_host_or_unknown_content_is_reported(tmp_path):
                                              f"tell.*delete {tmp_path / LOCK_FILE}"):
         RunLock(str(tmp_path)).acquire()
     (tmp_path / LOCK_FILE).write_text("garbage")
-    with pytest.raises(RunLockedError, match="not a lock file this trainer wrote"):
+    with pytest.raises(RunLockedError, match="not a lock file this run wrote"):
         RunLock(str(tmp_path)).acquire()
 
 

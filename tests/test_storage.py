@@ -32,7 +32,7 @@ from nucleusx_jax.runs import restore_params  # noqa: E402
 from nucleusx_jax.sources import iter_source_documents, source_size  # noqa: E402
 from nucleusx_jax.train.checkpoint import Checkpointer  # noqa: E402
 from nucleusx_jax.train.config import load_config  # noqa: E402
-from nucleusx_jax.train.lock import RunLock, RunLockedError  # noqa: E402
+from nucleusx_jax.lock import RunLock, RunLockedError  # noqa: E402
 from nucleusx_jax.train.loop import run  # noqa: E402
 from nucleusx_jax.train.step import make_trainer  # noqa: E402
 from test_train_run import (KILL_AT_SECOND_SAVE, STEPS, TINY, assert_same_final_state, tokenizer,  # noqa: E402,F401
@@ -252,9 +252,15 @@ def test_sources_and_store_on_gcs(gcs, tokenizer, tmp_path):
     with gzip.open(local / "a.jsonl.gz", "wt") as f:
         f.write("".join(json.dumps({"text": f"document {i} " * (i + 1)}) + "\n" for i in range(30)))
     (local / "b.txt").write_text("first paragraph\n\nsecond one\n")
-    for name in ("a.jsonl.gz", "b.txt"):
+    zstd = pytest.importorskip("zstandard").ZstdCompressor()
+    (local / "c.jsonl.zst").write_bytes(zstd.compress(b'{"text": "zst one"}\n') + zstd.compress(b'{"text": "two"}\n'))
+    for name in ("a.jsonl.gz", "b.txt", "c.jsonl.zst"):
         storage.atomic_write(f"gs://bucket/corpus/{name}", (local / name).read_bytes())
     assert list(iter_source_documents("gs://bucket/corpus/*.gz")) == list(iter_source_documents(str(local / "*.gz")))
+    assert list(iter_source_documents("gs://bucket/corpus/*.zst")) == ["zst one", "two"]
+    storage.atomic_write("gs://bucket/cut.jsonl.zst", (local / "c.jsonl.zst").read_bytes()[:-3])
+    with pytest.raises(ValueError, match="gs://bucket/cut.jsonl.zst is truncated or corrupt"):
+        list(iter_source_documents("gs://bucket/cut.jsonl.zst"))
     assert list(iter_source_documents("gs://bucket/corpus")) == list(iter_source_documents(str(local)))
     assert source_size("gs://bucket/corpus") == source_size(str(local))
     options = PrepareOptions(shard_tokens=100, progress=False, workers=0)

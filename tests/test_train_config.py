@@ -68,14 +68,13 @@ def test_overrides_and_model_path(tmp_path):
 
 
 def test_profile_steps_and_wandb_settings(tmp_path):
-    cfg = load_config(None, ["train.steps=20", "logging.profile_steps=[5, 8]", "logging.wandb.project=nx",
-                             "logging.wandb.name=tiny"])
+    cfg = _tiny("train.steps=20", "logging.profile_steps=[5, 8]", "logging.wandb.project=nx", "logging.wandb.name=tiny")
     assert cfg.logging.profile_steps == [5, 8]
     assert (cfg.logging.wandb.project, cfg.logging.wandb.name) == ("nx", "tiny")
     again = tmp_path / "resolved.yaml"
     again.write_text(cfg.to_yaml())
     assert load_config(str(again)).to_dict() == cfg.to_dict()
-    assert load_config(None).logging.wandb is None and load_config(None).logging.profile_steps is None
+    assert _tiny().logging.wandb is None and _tiny().logging.profile_steps is None
     for raw, message in [
         ({"logging": {"profile_steps": [8, 5]}}, r"logging.profile_steps=\[8, 5\] is invalid: .*0 <= start < stop"),
         ({"logging": {"profile_steps": [3]}}, r"logging.profile_steps=\[3\] is invalid"),

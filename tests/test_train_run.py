@@ -26,7 +26,7 @@ from nucleusx_jax.runs import restore_params
 from nucleusx_jax.train.checkpoint import CORRUPT_DIR, Checkpointer
 from nucleusx_jax.train.config import load_config
 from nucleusx_jax.train.data import DATA_DIR
-from nucleusx_jax.train.lock import LOCK_FILE
+from nucleusx_jax.lock import LOCK_FILE
 from nucleusx_jax.train.loop import NonFiniteLossError, run
 from nucleusx_jax.train.metrics import read_metrics
 from nucleusx_jax.train.step import make_trainer

@@ -27,6 +27,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     pre.add_argument("--holdout-seed", type=int, default=0)
     pre.add_argument("--holdout-part", choices=("train", "eval"), default="train")
     pre.add_argument("--no-progress", action="store_true")
+    pre.add_argument("--skip-bad-documents", action="store_true",
+                     help="skip and count jsonl lines that are not JSON, lack the text field or hold invalid Unicode")
     ver = sub.add_parser("verify", help="compare every shard's sha256 with the index")
     ver.add_argument("store")
     args = p.parse_args(argv)
@@ -41,10 +43,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     holdout = None if args.holdout_fraction is None else HoldOut(args.holdout_fraction, args.holdout_seed, args.holdout_part)
     options = PrepareOptions(workers=args.workers, shard_tokens=args.shard_tokens, format=args.format,
                              text_field=args.text_field, add_bos=not args.no_bos, holdout=holdout,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, skip_bad_documents=args.skip_bad_documents)
     store = prepare(args.sources, args.tokenizer, args.output, options=options)
     print(f"{args.output}: {store.num_documents} documents, {store.num_tokens} tokens ({store.dtype.name}), "
-          f"{len(store.shards)} shard(s), {store.num_bytes} bytes of text")
+          f"{len(store.shards)} shard(s), {store.num_bytes} bytes of text, "
+          f"{store.index.get('skipped_documents', 0)} bad document(s) skipped")
 
 
 if __name__ == "__main__":

@@ -17,18 +17,23 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
 import dataclasses
 import functools
 import glob
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
-from typing import IO, Any, Deque, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Deque, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -38,9 +43,13 @@ from ..storage import atomic_write
 from ..tokenizer import Tokenizer, load_tokenizer
 from .reader import derive_key, mix64
 from ..sources import FORMATS, iter_source_documents, source_size
-from .store import DTYPES, INDEX_FILE, Shard, TokenStore, index_json, shard_name, token_dtype
+from .store import DTYPES, INDEX_FILE, Shard, TokenStore, edges_sha256, index_json, shard_name, token_dtype
+from ..lock import RunLock
 
 PROGRESS_FILE = "progress.json"
+_SHOW_SKIPPED = 10  # bad documents logged one by one; the rest are only counted
+PIECE_CHARS = 1 << 16  # characters encoded at once (a longer document is cut into pieces this long)
+logger = logging.getLogger(__name__)
 _HOLDOUT_TAG = 0x401D
 
 
@@ -81,6 +90,7 @@ class PrepareOptions:
     add_bos: bool = True  # BOS before every document (EOS always follows one)
     holdout: Optional[HoldOut] = None
     progress: bool = True
+    skip_bad_documents: bool = False  # skip (and count) jsonl lines that are not JSON / text, instead of raising
 
     def __post_init__(self) -> None:
         for name, low in (("workers", 0), ("shard_tokens", 1), ("unit_chars", 1)):
@@ -91,7 +101,7 @@ class PrepareOptions:
             raise ValueError(f"unknown source format {self.format!r}; known formats: {FORMATS}")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ValueError(f"text_field must be a non-empty string, got {self.text_field!r}")
-        for name in ("add_bos", "progress"):
+        for name in ("add_bos", "progress", "skip_bad_documents"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.holdout is not None and not isinstance(self.holdout, HoldOut):
@@ -101,40 +111,106 @@ class PrepareOptions:
 # ------------------------------------------------------------------------------------------- workers
 
 
+def _die_with_parent(parent: int) -> None:
+    """A worker's initializer: end this process when ``parent`` ends, even by ``kill -9`` (Linux: the
+    kernel's parent-death signal; elsewhere a thread that watches the parent id)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    else:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
 @functools.lru_cache(maxsize=1)
-def _worker_tokenizer(path: str) -> Tokenizer:
-    return load_tokenizer(path, num_threads=1)
+def _worker_tokenizer(path: str) -> Tuple[Tokenizer, bool]:
+    """The tokenizer at ``path`` and whether it encodes ``a b`` as ``a`` then ``b`` (words never merge across
+    a space, and a piece's start reads as a space: SentencePiece's dummy prefix): then a document cut before a
+    space, the space dropped, encodes to exactly the whole document's tokens."""
+    tok = load_tokenizer(path, num_threads=1)
+    return tok, tok.encode("retention of the state") == tok.encode("retention of") + tok.encode("the state")
+
+
+def pieces(texts: Sequence[str], limit: int, drop_space: bool) -> Iterator[Tuple[int, str]]:
+    """``(document index, piece)`` of ``texts``: a document of more than ``limit`` characters is cut into
+    pieces of at most ``limit``, each cut before a space where the piece's second half has one (that space is
+    dropped with ``drop_space``), else at ``limit``."""
+    for i, text in enumerate(texts):
+        start = 0
+        while len(text) - start > limit:
+            cut = text.rfind(" ", start + limit // 2, start + limit)
+            while cut > start + limit // 2 and text[cut - 1] == " ":  # the first space of a run
+                cut -= 1
+            if cut < 0:
+                cut, skip = start + limit, 0
+            else:
+                skip = int(drop_space)
+            yield i, text[start:cut]
+            start = cut + skip
+        yield i, text[start:] if start else text
 
 
 def tokenize_unit(tokenizer_path: str, add_bos: bool, dtype: str, texts: Sequence[str]
                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One unit: ``(tokens [T] of dtype, doc_ends [D] int64 (exclusive ends in tokens), doc_bytes [D] int64)``
-    with ``[BOS] doc [EOS]`` per document (BOS only with ``add_bos``)."""
-    tok = _worker_tokenizer(tokenizer_path)
-    ids = tok.encode_batch(list(texts)) if texts else []
-    lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+    with ``[BOS] doc [EOS]`` per document (BOS only with ``add_bos``). Encoded in batches of about
+    ``PIECE_CHARS`` characters (long documents in pieces, see :func:`pieces`), each batch's ids turned into
+    ``dtype`` at once: memory is a few times the text, however long one document."""
+    tok, drop_space = _worker_tokenizer(tokenizer_path)
+    lengths = np.zeros(len(texts), np.int64)
+    parts: List[np.ndarray] = []
+    batch: List[str] = []
+    owners: List[int] = []
+
+    def encode() -> None:
+        ids = tok.encode_batch(batch)
+        counts = np.fromiter(map(len, ids), np.int64, len(ids))
+        np.add.at(lengths, owners, counts)
+        flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(counts.sum()))
+        if flat.size and (flat.min() < 0 or flat.max() >= tok.vocab_size):
+            raise ValueError(f"the tokenizer {tokenizer_path!r} produced id {int(flat.max())} outside "
+                             f"[0, {tok.vocab_size})")
+        parts.append(flat.astype(DTYPES[dtype]))
+        batch.clear()
+        owners.clear()
+
+    chars = 0
+    for owner, piece in pieces(texts, PIECE_CHARS, drop_space):
+        batch.append(piece)
+        owners.append(owner)
+        chars += len(piece)
+        if chars >= PIECE_CHARS:
+            encode()
+            chars = 0
+    if batch:
+        encode()
     extra = 2 if add_bos else 1
     ends = np.cumsum(lengths + extra)
     total = int(ends[-1]) if len(ends) else 0
-    out = np.empty(total, np.int64)
+    out = np.empty(total, DTYPES[dtype])
     body = np.ones(total, bool)
     body[ends - 1] = False
     if add_bos:
         body[ends - lengths - extra] = False
         out[ends - lengths - extra] = tok.bos_id
     out[ends - 1] = tok.eos_id
-    out[body] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum()))
-    if total and (out.min() < 0 or out.max() >= tok.vocab_size):
-        raise ValueError(f"the tokenizer {tokenizer_path!r} produced id {int(out.max())} outside [0, {tok.vocab_size})")
+    out[body] = np.concatenate(parts) if parts else np.zeros(0, DTYPES[dtype])
     nbytes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), np.int64, len(texts))
-    return out.astype(DTYPES[dtype]), ends, nbytes
+    return out, ends, nbytes
 
 
 # ------------------------------------------------------------------------------------------- main side
 
 
-def _units(sources: Sequence[str], options: PrepareOptions) -> Iterator[Tuple[int, List[str], int]]:
-    """``(unit index, kept documents, characters read)``: documents in source order, grouped by size."""
+def _units(sources: Sequence[str], options: PrepareOptions, on_bad: Optional[Callable[[str], None]] = None
+           ) -> Iterator[Tuple[int, List[str], int]]:
+    """``(unit index, kept documents, characters read)``: documents in source order, grouped by size; bad
+    documents raise, or with ``on_bad`` are skipped (see :func:`~nucleusx_jax.sources.iter_source_documents`)."""
     batch: List[str] = []
     chars, first, unit = 0, 0, 0
 
@@ -143,7 +219,7 @@ def _units(sources: Sequence[str], options: PrepareOptions) -> Iterator[Tuple[in
         return unit, docs, chars
 
     for source in sources:
-        for doc in iter_source_documents(source, options.format, options.text_field):
+        for doc in iter_source_documents(source, options.format, options.text_field, on_bad):
             batch.append(doc)
             chars += len(doc)
             if chars >= options.unit_chars:
@@ -191,8 +267,11 @@ class _ShardWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         name = shard_name(len(self.done))
-        storage.upload_file(os.path.join(self.staging, name + ".tmp"), os.path.join(self.output, name))
-        shard = Shard(file=name, tokens=self.fill, documents=self.documents, bytes=self.bytes, sha256=self.hash.hexdigest())
+        staged = os.path.join(self.staging, name + ".tmp")
+        edges = edges_sha256(staged, self.fill * self.dtype.itemsize)
+        storage.upload_file(staged, os.path.join(self.output, name))
+        shard = Shard(file=name, tokens=self.fill, documents=self.documents, bytes=self.bytes,
+                      sha256=self.hash.hexdigest(), edges=edges)
         self.done.append({**dataclasses.asdict(shard), "end": [unit, offset]})
         atomic_write(os.path.join(self.output, PROGRESS_FILE),
                      json.dumps({"settings": self.settings, "shards": self.done}, indent=1, sort_keys=True))
@@ -211,7 +290,8 @@ def _finished_shards(output: str, settings: Dict[str, Any], itemsize: int) -> Li
     done = []
     for s in progress["shards"]:
         file = os.path.join(output, s["file"])
-        if not storage.isfile(file) or storage.size(file) != s["tokens"] * itemsize:
+        if not storage.isfile(file) or storage.size(file) != s["tokens"] * itemsize or (
+                s.get("edges") is not None and edges_sha256(file, s["tokens"] * itemsize) != s["edges"]):
             break
         done.append(s)
     return done
@@ -236,7 +316,8 @@ def _in_order(units: Iterator[Tuple[int, List[str], int]], tokenize: Any, worker
             yield unit, chars, tokenize(texts)
         return
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: safe even when the caller runs JAX threads
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent,
+                                                initargs=(os.getpid(),)) as pool:
         pending: Deque[Tuple[int, int, concurrent.futures.Future]] = collections.deque()
         for unit, texts, chars in units:
             pending.append((unit, chars, pool.submit(tokenize, texts)))
@@ -248,12 +329,21 @@ def _in_order(units: Iterator[Tuple[int, List[str], int]], tokenize: Any, worker
             yield u, c, future.result()
 
 
+class PrepareLock(RunLock):
+    """``<output>/prepare.lock``: one ``prepare`` per output directory, with the run lock's semantics (a live
+    holder refuses a second writer at once, naming it; a dead one's lock is taken over)."""
+
+    FILE, WHAT, ADVICE = "prepare.lock", "prepare", "wait for it to finish or choose another output directory"
+
+
 def prepare(sources: Sequence[str], tokenizer: str, output: str, *,
             options: PrepareOptions = PrepareOptions()) -> TokenStore:
     """Tokenize ``sources`` with the tokenizer at ``tokenizer`` into the token store ``output``; returns it
     opened. A complete store with the same settings is returned as is; an interrupted build is resumed.
     ``output`` may be a URL (see :mod:`nucleusx_jax.storage`): shards are then written in a local temporary
-    directory and uploaded whole, and ``index.json``, uploaded last, marks the store complete."""
+    directory and uploaded whole, and ``index.json``, uploaded last, marks the store complete. The whole
+    call holds :class:`PrepareLock` on ``output``: a second writer raises
+    :class:`~nucleusx_jax.lock.RunLockedError` naming the holder."""
     if isinstance(sources, str) or not sources or not all(isinstance(s, str) and s for s in sources):
         raise ValueError(f"sources must be a non-empty list of source strings, got {sources!r}")
     tok = load_tokenizer(tokenizer, num_threads=1)
@@ -266,6 +356,14 @@ def prepare(sources: Sequence[str], tokenizer: str, output: str, *,
             "holdout": None if options.holdout is None else dataclasses.asdict(options.holdout),
             "tokenizer": {"fingerprint": fingerprint, "path": tokenizer, "bos_id": tok.bos_id, "eos_id": tok.eos_id}}
     storage.makedirs(output)
+    with PrepareLock(output):
+        return _build(sources, tokenizer, output, options, meta)
+
+
+def _build(sources: Sequence[str], tokenizer: str, output: str, options: PrepareOptions, meta: Dict[str, Any]
+           ) -> TokenStore:
+    """The body of :func:`prepare`, under its lock."""
+    dtype = meta["dtype"]
     if storage.isfile(os.path.join(output, INDEX_FILE)):
         store = TokenStore(output)
         _same_settings(output, {k: store.index.get(k) for k in meta}, meta)
@@ -285,8 +383,15 @@ def prepare(sources: Sequence[str], tokenizer: str, output: str, *,
                disable=not options.progress, dynamic_ncols=True)
     tokens_done, t0 = 0, time.perf_counter()
 
+    skipped = [0]
+
+    def skip(message: str) -> None:
+        if skipped[0] < _SHOW_SKIPPED:
+            logger.warning("skipped a bad document: %s", message)
+        skipped[0] += 1
+
     def todo() -> Iterator[Tuple[int, List[str], int]]:
-        for unit in _units(sources, options):
+        for unit in _units(sources, options, skip if options.skip_bad_documents else None):
             if unit[0] >= resume_unit:
                 yield unit
             else:  # finished by the interrupted build: read past, not tokenized
@@ -312,11 +417,11 @@ def prepare(sources: Sequence[str], tokenizer: str, output: str, *,
     if not shards or sum(s.documents for s in shards) == 0:
         what = "" if options.holdout is None else f" for the {options.holdout.part} part of holdout {options.holdout}"
         raise ValueError(f"empty corpus: the sources {list(sources)} hold no documents{what}")
-    atomic_write(os.path.join(output, INDEX_FILE), index_json(meta, shards))
+    atomic_write(os.path.join(output, INDEX_FILE), index_json(meta, shards, skipped=skipped[0]))
     storage.remove_tree(os.path.join(output, PROGRESS_FILE))
     return TokenStore(output)
 
 
 def verify(output: str) -> List[Tuple[str, str]]:
-    """Problems of the store ``output`` (missing/truncated shards raise; checksums are compared)."""
-    return TokenStore(output).verify()
+    """Problems of the store ``output`` (missing/truncated shards raise; every shard's sha256 is compared)."""
+    return TokenStore(output, check_edges=False).verify()

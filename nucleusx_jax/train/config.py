@@ -2,7 +2,8 @@
 ``checkpoint``, ``logging``; validation with clear errors, ``--set section.key=value`` overrides.
 
 ``model`` holds :class:`~nucleusx_jax.NucleusXConfig` fields, or ``{path: some/config.json}`` (relative to the
-working directory; other fields override the file's). Every other section is a dataclass below (``data`` is
+working directory; other fields override the file's); it must give the dimensions (``MODEL_DIMENSIONS``).
+Every other section is a dataclass below (``data`` is
 :class:`~nucleusx_jax.train.data.DataConfig`). An unknown key raises an error listing the valid keys; a
 value of the wrong type raises an error naming the expected type; a number outside its section's ``BOUNDS``
 raises an error naming the key, the value and the allowed range (checked when a section is built). All of
@@ -11,7 +12,6 @@ these are :class:`ConfigError`.
 
 import dataclasses
 import inspect
-import json
 import math
 import os
 import re
@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Sequen
 import yaml
 
 from .. import storage
-from ..configuration import NucleusXConfig
+from ..configuration import NucleusXConfig, read_config_json
 from .data import DataConfig
 
 
@@ -229,6 +229,8 @@ SECTIONS: Dict[str, type] = {
     "lm_eval": LmEvalConfig,
 }
 MODEL_PATH_KEY = "path"
+MODEL_DIMENSIONS = ("vocab_size", "decoder_embed_dim", "decoder_value_embed_dim", "decoder_ffn_embed_dim",
+                    "decoder_layers", "decoder_retention_heads")  # required: the model section must size the model
 # keys that moved: the forward form and chunk size have one home, the model config
 MOVED = {"train.forward_mode": "model.forward_mode", "train.chunk_size": "model.recurrent_chunk_size"}
 
@@ -365,11 +367,10 @@ def resolve_model(values: Any) -> Dict[str, Any]:
         path = values.pop(MODEL_PATH_KEY)
         if storage.isdir(path):
             path = os.path.join(path, "config.json")
-        with storage.open_file(path, "r") as f:
-            try:
-                loaded = json.load(f)
-            except ValueError as e:
-                raise ConfigError(f"model.{MODEL_PATH_KEY}: {path} is not valid JSON: {e}") from None
+        try:
+            loaded = read_config_json(path)
+        except ValueError as e:
+            raise ConfigError(f"model.{MODEL_PATH_KEY}: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"model.{MODEL_PATH_KEY}: {path} holds a {type(loaded).__name__}, not a model config")
         fields = {k: v for k, v in loaded.items() if k in valid}
@@ -384,6 +385,10 @@ def resolve_model(values: Any) -> Dict[str, Any]:
             value = _coerce(value, float if type(default) is float else type(default), f"model.{key}")
         fields[key] = value
     NucleusXConfig(**fields)  # validate now, with NucleusXConfig's messages
+    missing = [k for k in MODEL_DIMENSIONS if k not in fields]
+    if missing:  # NucleusXConfig's defaults are a 7B model: never the silent result of a forgotten key
+        raise ConfigError(f"section 'model' does not give the model's dimensions {missing}: set them (configs/"
+                          f"tiny.yaml shows a small model) or model.{MODEL_PATH_KEY}: a config.json holding them")
     return fields
 
 

@@ -6,7 +6,7 @@ trained here), ``data/`` (token stores prepared from ``data.sources``),
 ``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``profile/`` (``logging.profile_steps``),
 ``wandb/`` (``logging.wandb``), ``loss.png``, ``hf/`` (final model and
 tokenizer), ``torch/`` (optional PyTorch export), ``summary.json``, ``run.lock`` (the trainer running there,
-see :mod:`.lock`). The run directory may be a URL (``gs://bucket/run``, see :mod:`nucleusx_jax.storage`).
+see :mod:`nucleusx_jax.lock`). The run directory may be a URL (``gs://bucket/run``, see :mod:`nucleusx_jax.storage`).
 """
 
 import dataclasses
@@ -36,7 +36,7 @@ from .checkpoint import CONFIG_FILE, Checkpointer
 from .config import Config
 from ..data.mixture import Mixture
 from .data import EvalSet, open_run_data, prepare_run_stores
-from .lock import RunLock, RunLockedError
+from ..lock import RunLock, RunLockedError
 from .metrics import MetricsWriter, ProfileTrace, import_wandb, peak_tflops, plot_losses
 from .step import Trainer, make_trainer, training_flops_per_token
 from ..tokenizer import Tokenizer, load_tokenizer, save_hf_tokenizer, train_tokenizer
@@ -217,7 +217,7 @@ def lm_eval_runner(cfg: Config, tokenizer: Tokenizer) -> Optional[Callable[[Any]
 def run(cfg: Config) -> Dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns the summary (also written to summary.json).
 
-    Raises :class:`RunLockedError` when another run holds ``train.run_dir`` (see :mod:`.lock`), and
+    Raises :class:`RunLockedError` when another run holds ``train.run_dir`` (see :mod:`nucleusx_jax.lock`), and
     :class:`NonFiniteLossError` on a non-finite step when ``train.on_nonfinite == "stop"``. On SIGTERM saves a
     checkpoint and returns with ``summary["preempted"] = True``.
     """

@@ -5,7 +5,8 @@ A run's process 0 takes the lock at start and empties the file at exit (the file
 refused with :class:`RunLockedError`, unless the holder is gone: a holder on this host whose process no
 longer exists (a crash, ``kill -9``) is stale and its lock is taken over with a warning. A holder on another
 host cannot be checked from here; the error says so and which file to delete once that run is gone.
-The other processes of a multi-host run never touch the lock (see ``loop.run``).
+The other processes of a multi-host run never touch the lock (see ``loop.run``). ``prepare`` locks a token
+store's directory the same way (``prepare.lock``, :class:`~nucleusx_jax.data.prepare.PrepareLock`).
 
 On object storage (a ``gs://`` run directory) there is no ``flock``: the lock is the object ``run.lock`` itself.
 Taking it creates the object only if none exists (GCS's ``ifGenerationMatch=0`` precondition, through
@@ -23,8 +24,8 @@ import socket
 import time
 from typing import Callable, Optional
 
-from .. import storage
-from ..tensorio import process_start
+from . import storage
+from .tensorio import process_start
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
@@ -63,10 +64,13 @@ class Holder:
 
 class RunLock:
     """``<run_dir>/run.lock``: :meth:`acquire` takes it (or raises :class:`RunLockedError`), :meth:`release`
-    frees it; a context manager doing both."""
+    frees it; a context manager doing both. A subclass changes ``FILE`` (the lock's name in the directory),
+    ``WHAT`` (who holds it, for messages) and ``ADVICE`` (what a refused process should do)."""
+
+    FILE, WHAT, ADVICE = LOCK_FILE, "run", "stop it or choose another train.run_dir"
 
     def __init__(self, run_dir: str):
-        self.path = os.path.join(run_dir, LOCK_FILE)
+        self.path = os.path.join(run_dir, self.FILE)
         self.holder = Holder.me()
         self.remote = storage.is_url(run_dir)
 
@@ -74,8 +78,8 @@ class RunLock:
         try:
             return Holder(**json.loads(raw)) if raw.strip() else None
         except (ValueError, TypeError):
-            raise RunLockedError(f"{self.path} is not a lock file this trainer wrote ({raw[:80]!r}); delete "
-                                 "it if no trainer runs in this directory") from None
+            raise RunLockedError(f"{self.path} is not a lock file this {self.WHAT} wrote ({raw[:80]!r}); delete "
+                                 f"it if no {self.WHAT} runs in this directory") from None
 
     def _check(self, current: Optional[Holder]) -> None:
         """Raise :class:`RunLockedError` unless ``current`` is None or a dead process on this host."""
@@ -83,13 +87,14 @@ class RunLock:
             return
         alive = current.alive()
         if alive is None:
-            raise RunLockedError(f"{os.path.dirname(self.path)} is in use by another run ({current}); "
+            raise RunLockedError(f"{os.path.dirname(self.path)} is in use by another {self.WHAT} ({current}); "
                                  f"this host cannot tell whether it still runs: if it does not, delete "
                                  f"{self.path}")
         if alive:
-            raise RunLockedError(f"{os.path.dirname(self.path)} is in use by another run ({current}); "
-                                 "stop it or choose another train.run_dir")
-        logger.warning("taking over the stale lock %s of a run that no longer exists (%s)", self.path, current)
+            raise RunLockedError(f"{os.path.dirname(self.path)} is in use by another {self.WHAT} ({current}); "
+                                 f"{self.ADVICE}")
+        logger.warning("taking over the stale lock %s of a %s that no longer exists (%s)", self.path, self.WHAT,
+                       current)
 
     def _current_object(self) -> Optional[Holder]:
         try:
@@ -116,8 +121,8 @@ class RunLock:
             try:
                 storage.create_new(self.path, data)
             except FileExistsError:
-                raise RunLockedError(f"{os.path.dirname(self.path)}: another run created {self.path} at the same "
-                                     "time; stop it or choose another train.run_dir") from None
+                raise RunLockedError(f"{os.path.dirname(self.path)}: another {self.WHAT} created {self.path} at the "
+                                     f"same time; {self.ADVICE}") from None
             return self
 
         def take(fd: int, current: Optional[Holder]) -> None:
