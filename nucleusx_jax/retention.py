@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .configuration import ChunkwiseNormalization
+
 Array = jax.Array
 F32 = jnp.float32
 
@@ -405,16 +407,33 @@ def chunk_output(terms: ChunkTerms, before: ChunkStates, length: int, dtype: Any
     return out.reshape(batch, heads, n * c, vdim)[:, :, :length].astype(dtype)
 
 
+def normalizing_segments(segment_ids: Optional[Array], mask: Optional[Array], shape: Tuple[int, int],
+                         normalization: str) -> Optional[Array]:
+    """The segment ids ``[B, T]`` (``shape``) a chunkwise form runs with: ``segment_ids`` when given; without
+    them, for ``"exact"`` normalisation, one document per row (0 before the row's first real token, 1 from it
+    on), whose rows the segments path normalises as :func:`parallel_retention` does; for ``"reference"`` None
+    (the reference's chunk-dependent rows). Raises ``ValueError`` for any other ``normalization``."""
+    exact = ChunkwiseNormalization.parse(normalization, "chunkwise_normalization") is ChunkwiseNormalization.EXACT
+    if segment_ids is not None or not exact:
+        return segment_ids
+    if mask is None:
+        return jnp.ones(shape, jnp.int32)
+    return jax.lax.cummax((mask != 0).astype(jnp.int32), axis=1)
+
+
 def chunkwise_retention(
     q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, mask: Optional[Array] = None,
-    segment_ids: Optional[Array] = None,
+    segment_ids: Optional[Array] = None, normalization: str = "exact",
 ) -> Array:
     """Chunkwise form: exact attention inside chunks of C tokens, a ``lax.scan`` carrying the state across.
 
     Any T (the last chunk is padded internally). Padding tokens (``mask == 0``) contribute nothing.
     Memory is linear in T: nothing of size ``T x T`` is built. Returns ``[B, H, T, V]``. With
-    ``segment_ids`` ``[B, T]`` the result equals :func:`parallel_retention`'s (see the module docstring).
+    ``segment_ids`` ``[B, T]``, or ``normalization="exact"``, every real token's row equals
+    :func:`parallel_retention`'s for any chunk size; ``"reference"`` without segments gives the reference's
+    chunk-dependent rows (see the module docstring).
     """
+    segment_ids = normalizing_segments(segment_ids, mask, q.shape[::2], normalization)
     starts = None if segment_ids is None else _padded_starts(segment_ids, chunk_size)
     terms = chunk_terms(q, k, v, log_decay, chunk_size, real_tokens(mask, segment_ids), starts)
     return chunk_output(terms, chunk_states(terms, log_decay, chunk_size)[0], q.shape[2], v.dtype)

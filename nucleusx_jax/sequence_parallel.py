@@ -49,8 +49,8 @@ def check_split(length: int, chunk_size: int, parts: int, *, name: str = "T") ->
 
 
 def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int,
-                        mask: Optional[Array] = None, segment_ids: Optional[Array] = None, *,
-                        impl: RetentionImpl = RetentionImpl.XLA) -> Array:
+                        mask: Optional[Array] = None, segment_ids: Optional[Array] = None,
+                        normalization: str = "exact", *, impl: RetentionImpl = RetentionImpl.XLA) -> Array:
     """:func:`nucleusx_jax.retention.chunkwise_retention` with T split over ``sequence`` (module docstring).
 
     Global arrays, under the mesh in context: q, k ``[B, H, T, K]``, v ``[B, H, T, V]``, mask and
@@ -61,6 +61,7 @@ def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, chunk_si
         raise ValueError(f"retention_impl={RetentionImpl.parse(impl).value!r} has no sequence-parallel form: "
                          f"use retention_impl='xla' with mesh.sequence={sequence_size()}")
     check_split(q.shape[2], chunk_size, sequence_size())
+    segment_ids = ret.normalizing_segments(segment_ids, mask, q.shape[::2], normalization)
     real = ret.real_tokens(mask, segment_ids)
     heads = PartitionSpec(None, None, SEQUENCE_AXIS, None)
     tokens = PartitionSpec(None, SEQUENCE_AXIS)

@@ -616,13 +616,14 @@ def default_layout() -> str:
 
 def chunkwise_retention(
     q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, mask: Optional[Array] = None,
-    segment_ids: Optional[Array] = None, *, layout: Optional[str] = None, block_v: Optional[int] = None,
-    tile: Optional[int] = None, interpret: Optional[bool] = None,
+    segment_ids: Optional[Array] = None, normalization: str = "exact", *, layout: Optional[str] = None,
+    block_v: Optional[int] = None, tile: Optional[int] = None, interpret: Optional[bool] = None,
 ) -> Array:
     """Pallas version of :func:`nucleusx_jax.retention.chunkwise_retention` (same arguments and result).
 
     q, k ``[B, H, T, K]``, v ``[B, H, T, V]``, log_decay ``[H]``, mask and segment_ids ``[B, T]`` or None ->
-    ``[B, H, T, V]`` in v's dtype. ``layout`` is ``"gpu"`` or ``"tpu"`` (default: :func:`default_layout`);
+    ``[B, H, T, V]`` in v's dtype. ``normalization="exact"`` without segment ids runs the segments kernels on
+    one document per row (:func:`nucleusx_jax.retention.normalizing_segments`). ``layout`` is ``"gpu"`` or ``"tpu"`` (default: :func:`default_layout`);
     ``block_v`` and ``tile``: see :func:`geometry`; ``interpret`` defaults to True on CPU. Any K, V, C and T: the inputs
     are padded to the legal :func:`geometry` and the result cut back.
     """
@@ -633,6 +634,7 @@ def chunkwise_retention(
                    block_v=block_v, tile=tile)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    segment_ids = ret.normalizing_segments(segment_ids, mask, q.shape[::2], normalization)
     real = ret.real_tokens(mask, segment_ids)
     if real is not None:
         keep = real.astype(k.dtype)[:, None, :, None]
