@@ -4,9 +4,10 @@ Shapes use B batch, H heads, T length, K key head dim, V value head dim, C chunk
 ``q`` and ``k`` are ``[B, H, T, K]`` and already rotated (``k`` also scaled by ``K**-0.5``); ``v`` is
 ``[B, H, T, V]``; ``mask`` is ``[B, T]`` with 1 for real tokens and 0 for padding, or ``None``.
 
-Every form returns the retention output ``[B, H, T, V]`` before the per-head RMSNorm. The three forms
-differ from each other only by a positive scalar per output row (as in the PyTorch reference), which
-that RMSNorm removes up to its epsilon.
+Every form returns the retention output ``[B, H, T, V]`` before the per-head RMSNorm. The parallel and the
+chunkwise form (with ``normalization="exact"``, the default, or with segments) give equal rows; the recurrent
+form differs by a positive scalar per row, and so does the reference's chunkwise form
+(``normalization="reference"``, chunk-dependent rows), which that RMSNorm removes up to its epsilon.
 
 The recurrent state is a :class:`RetentionState`, laid out like the reference's cache
 ``(prev_key_value, scale, seqlen)``:
@@ -24,7 +25,8 @@ only inside its own segment. Every form then gives a document the numbers it get
 mask is zero across segments and its row sums count the own segment only; the recurrent state resets where a
 segment starts; the chunkwise form masks inside chunks, resets the carried state where a segment starts, and
 normalises each row as the parallel form does (``max(|row sum|, 1)`` with ``sqrt`` of the segment-local
-decay sum), so its result does not depend on where chunk boundaries fall. Rotation positions restart at 0
+decay sum), so its result does not depend on where chunk boundaries fall (``"exact"`` without segments runs
+that path on one document per row, :func:`normalizing_segments`). Rotation positions restart at 0
 (:func:`segment_positions`) and the state handed on is that of the row's last segment, with ``seqlen`` per row
 ``[B]`` (the next position in that segment). With a cache, a call's first segment continues the cached
 document and every later segment starts a new one.

@@ -11,11 +11,12 @@ form under ``jax.shard_map`` over ``sequence``, each device on its contiguous sl
 2. one ``all_gather`` of these fixed-size states ``[B, H, K, V]`` (with segments also ``[B, H, K, 1]``) and
    factors ``[B, H]``: the bytes moved do not depend on T;
 3. each device combines the states of the slices before it into its incoming state, adds it (decayed by the
-   positions between) to the state entering each of its chunks, and finishes its output with the reference's
-   state-dependent normalisation, which so sees the same state as on one device.
+   positions between) to the state entering each of its chunks, and finishes its output with the chunkwise
+   normalisation (either ``normalization``; both depend on that state), which so sees the same state as on one
+   device.
 
 The result equals :func:`nucleusx_jax.retention.chunkwise_retention` (the same chunk grid: T must be a multiple
-of D x chunk size). Document segments use the global start of every token's segment (:func:`segment_starts`,
+of D x chunk size), for both normalisations. Document segments use the global start of every token's segment (:func:`segment_starts`,
 which also gives the model its rotation positions); padding (``mask``) is per token. Gradients flow back
 through the ``all_gather`` (its transpose is a reduce-scatter).
 """
