@@ -87,10 +87,10 @@ class NucleusXConfig:
     attributes): ``retention_impl`` (the chunkwise kernel), ``chunkwise_normalization`` (``exact``: chunkwise
     equals parallel and recurrent for every chunk size; ``reference``: the reference's chunk-dependent rows)
     and ``scan_layers`` (run the decoder layers under ``nn.scan``, parameters stacked on a leading ``layers``
-    axis; files on disk always hold one tensor per layer, see :mod:`nucleusx_jax.weights`). ``deepnorm=True`` switches the layers to post-norm
-    (``decoder_normalize_before=False``) exactly as the reference does. Invalid values raise ``ValueError``
-    naming the field, the value and what is allowed; a keyword that is neither a field nor one of
-    transformers' generic config keys (:data:`GENERIC_KEYS`) raises ``TypeError``.
+    axis; files on disk always hold one tensor per layer, see :mod:`nucleusx_jax.weights`). ``deepnorm=True``
+    switches the layers to post-norm (``decoder_normalize_before=False``) exactly as the reference does.
+    Invalid values raise ``ValueError`` naming the field, the value and what is allowed; a keyword that is
+    neither a field nor one of transformers' generic config keys (:data:`GENERIC_KEYS`) raises ``TypeError``.
     """
 
     model_type = "nucleus_x"

@@ -623,7 +623,8 @@ def chunkwise_retention(
 
     q, k ``[B, H, T, K]``, v ``[B, H, T, V]``, log_decay ``[H]``, mask and segment_ids ``[B, T]`` or None ->
     ``[B, H, T, V]`` in v's dtype. ``normalization="exact"`` without segment ids runs the segments kernels on
-    one document per row (:func:`nucleusx_jax.retention.normalizing_segments`). ``layout`` is ``"gpu"`` or ``"tpu"`` (default: :func:`default_layout`);
+    one document per row (:func:`nucleusx_jax.retention.normalizing_segments`). ``layout`` is ``"gpu"`` or
+    ``"tpu"`` (default: :func:`default_layout`);
     ``block_v`` and ``tile``: see :func:`geometry`; ``interpret`` defaults to True on CPU. Any K, V, C and T: the inputs
     are padded to the legal :func:`geometry` and the result cut back.
     """
