@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nucleusx_jax import NucleusXConfig, from_pretrained
+from nucleusx_jax import NucleusX, NucleusXConfig, from_pretrained
 from nucleusx_jax import retention as ret
 from nucleusx_jax.kernels import chunkwise as cw
 from nucleusx_jax.kernels import chunkwise_retention as pallas_chunkwise
@@ -89,7 +89,7 @@ def test_pallas_kernel_runs_both_normalizations(layout):
     """Interpret mode: the kernel's values and gradients equal the XLA form's for each normalisation (left padding,
     T not a multiple of C), and "exact" equals the parallel form."""
     q, k, v, log_decay, mask, _ = _inputs(True)
-    q, k, v, mask = q[:2, :2, :13, :8], k[:2, :2, :13, :8], v[:2, :2, :13, :16], mask[:2, :13]
+    q, k, v, log_decay, mask = q[:2, :2, :13, :8], k[:2, :2, :13, :8], v[:2, :2, :13, :16], log_decay[:2], mask[:2, :13]
     w = jnp.asarray(np.random.default_rng(3).normal(size=16), jnp.float32)
 
     def value_and_grads(fn):
@@ -148,9 +148,9 @@ def test_lm_decay_chunkwise_prefill_then_decoding():
     """The issue's case (the tiny fixture with ``use_lm_decay``, a prompt of 9, chunk 4, 3 decoding steps): the
     reference's rows are off by 4e-2 in the logits, the exact ones are not."""
     ids = load_cases("nucleus_x_tiny")["input_ids"][:, :12]
-    errors = {}
+    tiny, errors = from_pretrained(TINY), {}
     for norm in ("exact", "reference"):
-        model = from_pretrained(TINY, use_lm_decay=True, chunkwise_normalization=norm)
+        model = NucleusX(tiny.config.replace(use_lm_decay=True, chunkwise_normalization=norm), tiny.params)
         want = model(ids, forward_mode="parallel").logits
         pre = model(ids[:, :9], forward_mode="chunkwise", recurrent_chunk_size=4, use_cache=True)
         cont = model(ids[:, 9:], past_key_values=pre.past_key_values)
