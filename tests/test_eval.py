@@ -214,7 +214,7 @@ def test_chunkwise_contexts_give_the_parallel_values(env):
     want = [sum(logp[n, t - 1, (c + x)[t]] for t in range(len(c), len(c) + len(x))) for n, (c, x) in enumerate(pairs)]
     np.testing.assert_allclose(got["exact", True], want, atol=1e-4, rtol=0)
     np.testing.assert_allclose(got["exact", False], want, atol=1e-4, rtol=0)
-    assert np.max(np.abs(got["reference", True] - want)) > 1e-4  # what the exact normalisation fixes
+    assert np.max(np.abs(got["reference", True] - got["exact", True])) > 2e-5  # the reference's rows show
 
 
 def test_rolling_perplexity_equals_one_parallel_pass(env, run):
