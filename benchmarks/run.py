@@ -240,7 +240,8 @@ def train_step_call(config: NucleusXConfig, batch: int, length: int, chunk: int,
     from nucleusx_jax.train.config import parse_config
     from nucleusx_jax.train.step import make_trainer
 
-    model = {k: v for k, v in config.to_dict().items() if k in ("scan_layers", *BENCH_SMALL)}
+    kept = ("scan_layers", "chunkwise_normalization", *BENCH_SMALL)
+    model = {k: v for k, v in config.to_dict().items() if k in kept}
     cfg = parse_config({
         "model": dict(model, forward_mode="chunkwise", recurrent_chunk_size=min(chunk, length)),
         "data": {"seq_len": length, "reset_at_document_boundaries": reset},

@@ -70,20 +70,30 @@ class RetentionImpl(_Choice):
     PALLAS = "pallas"
 
 
+class ChunkwiseNormalization(_Choice):
+    """How the chunkwise form normalises its rows: ``exact`` as the parallel form (the result does not depend
+    on the chunk size), or ``reference``: the PyTorch reference's chunk-dependent rows, bit for bit."""
+
+    EXACT = "exact"
+    REFERENCE = "reference"
+
+
 FORWARD_MODES = tuple(m.value for m in ForwardMode)
 RETENTION_IMPLS = tuple(m.value for m in RetentionImpl)
+CHUNKWISE_NORMALIZATIONS = tuple(m.value for m in ChunkwiseNormalization)
 
 
 class NucleusXConfig:
     """Configuration of a NucleusX model; fields, defaults and ``attribute_map`` equal the PyTorch reference's.
 
-    The defaults describe NucleusX-7B. Two fields are ours, not the reference's (which keeps them as plain
-    attributes): ``retention_impl`` (the chunkwise kernel) and ``scan_layers`` (run the decoder layers under
-    ``nn.scan``, parameters stacked on a leading ``layers`` axis; files on disk always hold one tensor per
-    layer, see :mod:`nucleusx_jax.weights`). ``deepnorm=True`` switches the layers to post-norm
-    (``decoder_normalize_before=False``) exactly as the reference does. Invalid values raise ``ValueError``
-    naming the field, the value and what is allowed; a keyword that is neither a field nor one of
-    transformers' generic config keys (:data:`GENERIC_KEYS`) raises ``TypeError``.
+    The defaults describe NucleusX-7B. Three fields are ours, not the reference's (which keeps them as plain
+    attributes): ``retention_impl`` (the chunkwise kernel), ``chunkwise_normalization`` (``exact``: chunkwise
+    equals parallel and recurrent for every chunk size; ``reference``: the reference's chunk-dependent rows)
+    and ``scan_layers`` (run the decoder layers under ``nn.scan``, parameters stacked on a leading ``layers``
+    axis; files on disk always hold one tensor per layer, see :mod:`nucleusx_jax.weights`). ``deepnorm=True``
+    switches the layers to post-norm (``decoder_normalize_before=False``) exactly as the reference does.
+    Invalid values raise ``ValueError`` naming the field, the value and what is allowed; a keyword that is
+    neither a field nor one of transformers' generic config keys (:data:`GENERIC_KEYS`) raises ``TypeError``.
     """
 
     model_type = "nucleus_x"
@@ -120,6 +130,7 @@ class NucleusXConfig:
         groupnorm_eps: float = 1e-6,
         tie_word_embeddings: bool = False,
         retention_impl: str = "xla",
+        chunkwise_normalization: str = "exact",
         scan_layers: bool = False,
         **generic: Any,
     ):
@@ -171,6 +182,7 @@ class NucleusXConfig:
         self.groupnorm_eps = groupnorm_eps
         self.z_loss_coeff = z_loss_coeff
         self.retention_impl = retention_impl
+        self.chunkwise_normalization = chunkwise_normalization
         self.scan_layers = scan_layers
         self.bos_token_id = bos_token_id
         self.pad_token_id = pad_token_id
@@ -297,6 +309,7 @@ class NucleusXConfig:
             raise bad("decoder_embed_dim", f"decoder_embed_dim // decoder_retention_heads = {self.key_head_dim} "
                       "(the key head dim) must be even for the rotation")
         for field, allowed in (("forward_mode", FORWARD_MODES), ("retention_impl", RETENTION_IMPLS),
+                               ("chunkwise_normalization", CHUNKWISE_NORMALIZATIONS),
                                ("activation_fn", tuple(sorted(ACTIVATIONS)))):
             if not isinstance(getattr(self, field), str) or getattr(self, field) not in allowed:
                 raise bad(field, f"must be one of {', '.join(allowed)}")

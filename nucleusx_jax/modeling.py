@@ -206,7 +206,7 @@ class MultiScaleRetention(nn.Module):
         log_decay = jnp.asarray(ret.log_decay_table(heads, cfg.use_lm_decay))
         q, k = ret.rotate(q, positions, angle), ret.rotate(k, positions, angle)
 
-        new_state = None
+        new_state, norm = None, cfg.chunkwise_normalization
         if options.mode is ForwardMode.RECURRENT:
             if state is None:
                 state = ret.empty_state(batch, heads, kdim, vdim)
@@ -216,12 +216,12 @@ class MultiScaleRetention(nn.Module):
                 out = ret.parallel_retention(q, k, v, log_decay, mask, segment_ids)
             elif sequence_parallel.sequence_size() > 1:  # T split over the mesh's `sequence` axis
                 out = sequence_parallel.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask,
-                                                            segment_ids, impl=options.impl)
+                                                            segment_ids, norm, impl=options.impl)
             elif options.impl is RetentionImpl.PALLAS:
                 out = kernels.sharded_chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask,
-                                                          segment_ids)
+                                                          segment_ids, norm)
             else:
-                out = ret.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask, segment_ids)
+                out = ret.chunkwise_retention(q, k, v, log_decay, options.chunk_size, mask, segment_ids, norm)
             if options.return_state:
                 new_state = ret.final_state(k, v, log_decay, mask, segment_ids)
         normed = RMSNorm(cfg.groupnorm_eps, use_weight=False, dtype=self.dtype, name="group_norm")(out)

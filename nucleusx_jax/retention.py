@@ -4,9 +4,10 @@ Shapes use B batch, H heads, T length, K key head dim, V value head dim, C chunk
 ``q`` and ``k`` are ``[B, H, T, K]`` and already rotated (``k`` also scaled by ``K**-0.5``); ``v`` is
 ``[B, H, T, V]``; ``mask`` is ``[B, T]`` with 1 for real tokens and 0 for padding, or ``None``.
 
-Every form returns the retention output ``[B, H, T, V]`` before the per-head RMSNorm. The three forms
-differ from each other only by a positive scalar per output row (as in the PyTorch reference), which
-that RMSNorm removes up to its epsilon.
+Every form returns the retention output ``[B, H, T, V]`` before the per-head RMSNorm. The parallel and the
+chunkwise form (with ``normalization="exact"``, the default, or with segments) give equal rows; the recurrent
+form differs by a positive scalar per row, and so does the reference's chunkwise form
+(``normalization="reference"``, chunk-dependent rows), which that RMSNorm removes up to its epsilon.
 
 The recurrent state is a :class:`RetentionState`, laid out like the reference's cache
 ``(prev_key_value, scale, seqlen)``:
@@ -24,7 +25,8 @@ only inside its own segment. Every form then gives a document the numbers it get
 mask is zero across segments and its row sums count the own segment only; the recurrent state resets where a
 segment starts; the chunkwise form masks inside chunks, resets the carried state where a segment starts, and
 normalises each row as the parallel form does (``max(|row sum|, 1)`` with ``sqrt`` of the segment-local
-decay sum), so its result does not depend on where chunk boundaries fall. Rotation positions restart at 0
+decay sum), so its result does not depend on where chunk boundaries fall (``"exact"`` without segments runs
+that path on one document per row, :func:`normalizing_segments`). Rotation positions restart at 0
 (:func:`segment_positions`) and the state handed on is that of the row's last segment, with ``seqlen`` per row
 ``[B]`` (the next position in that segment). With a cache, a call's first segment continues the cached
 document and every later segment starts a new one.
@@ -35,6 +37,8 @@ from typing import Any, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .configuration import ChunkwiseNormalization
 
 Array = jax.Array
 F32 = jnp.float32
@@ -405,16 +409,33 @@ def chunk_output(terms: ChunkTerms, before: ChunkStates, length: int, dtype: Any
     return out.reshape(batch, heads, n * c, vdim)[:, :, :length].astype(dtype)
 
 
+def normalizing_segments(segment_ids: Optional[Array], mask: Optional[Array], shape: Tuple[int, int],
+                         normalization: str) -> Optional[Array]:
+    """The segment ids ``[B, T]`` (``shape``) a chunkwise form runs with: ``segment_ids`` when given; without
+    them, for ``"exact"`` normalisation, one document per row (0 before the row's first real token, 1 from it
+    on), whose rows the segments path normalises as :func:`parallel_retention` does; for ``"reference"`` None
+    (the reference's chunk-dependent rows). Raises ``ValueError`` for any other ``normalization``."""
+    exact = ChunkwiseNormalization.parse(normalization, "chunkwise_normalization") is ChunkwiseNormalization.EXACT
+    if segment_ids is not None or not exact:
+        return segment_ids
+    if mask is None:
+        return jnp.ones(shape, jnp.int32)
+    return jax.lax.cummax((mask != 0).astype(jnp.int32), axis=1)
+
+
 def chunkwise_retention(
     q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, mask: Optional[Array] = None,
-    segment_ids: Optional[Array] = None,
+    segment_ids: Optional[Array] = None, normalization: str = "exact",
 ) -> Array:
     """Chunkwise form: exact attention inside chunks of C tokens, a ``lax.scan`` carrying the state across.
 
     Any T (the last chunk is padded internally). Padding tokens (``mask == 0``) contribute nothing.
     Memory is linear in T: nothing of size ``T x T`` is built. Returns ``[B, H, T, V]``. With
-    ``segment_ids`` ``[B, T]`` the result equals :func:`parallel_retention`'s (see the module docstring).
+    ``segment_ids`` ``[B, T]``, or ``normalization="exact"``, every real token's row equals
+    :func:`parallel_retention`'s for any chunk size; ``"reference"`` without segments gives the reference's
+    chunk-dependent rows (see the module docstring).
     """
+    segment_ids = normalizing_segments(segment_ids, mask, q.shape[::2], normalization)
     starts = None if segment_ids is None else _padded_starts(segment_ids, chunk_size)
     terms = chunk_terms(q, k, v, log_decay, chunk_size, real_tokens(mask, segment_ids), starts)
     return chunk_output(terms, chunk_states(terms, log_decay, chunk_size)[0], q.shape[2], v.dtype)

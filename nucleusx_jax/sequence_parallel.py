@@ -11,11 +11,12 @@ form under ``jax.shard_map`` over ``sequence``, each device on its contiguous sl
 2. one ``all_gather`` of these fixed-size states ``[B, H, K, V]`` (with segments also ``[B, H, K, 1]``) and
    factors ``[B, H]``: the bytes moved do not depend on T;
 3. each device combines the states of the slices before it into its incoming state, adds it (decayed by the
-   positions between) to the state entering each of its chunks, and finishes its output with the reference's
-   state-dependent normalisation, which so sees the same state as on one device.
+   positions between) to the state entering each of its chunks, and finishes its output with the chunkwise
+   normalisation (either ``normalization``; both depend on that state), which so sees the same state as on one
+   device.
 
 The result equals :func:`nucleusx_jax.retention.chunkwise_retention` (the same chunk grid: T must be a multiple
-of D x chunk size). Document segments use the global start of every token's segment (:func:`segment_starts`,
+of D x chunk size), for both normalisations. Document segments use the global start of every token's segment (:func:`segment_starts`,
 which also gives the model its rotation positions); padding (``mask``) is per token. Gradients flow back
 through the ``all_gather`` (its transpose is a reduce-scatter).
 """
@@ -49,8 +50,8 @@ def check_split(length: int, chunk_size: int, parts: int, *, name: str = "T") ->
 
 
 def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int,
-                        mask: Optional[Array] = None, segment_ids: Optional[Array] = None, *,
-                        impl: RetentionImpl = RetentionImpl.XLA) -> Array:
+                        mask: Optional[Array] = None, segment_ids: Optional[Array] = None,
+                        normalization: str = "exact", *, impl: RetentionImpl = RetentionImpl.XLA) -> Array:
     """:func:`nucleusx_jax.retention.chunkwise_retention` with T split over ``sequence`` (module docstring).
 
     Global arrays, under the mesh in context: q, k ``[B, H, T, K]``, v ``[B, H, T, V]``, mask and
@@ -61,6 +62,7 @@ def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, chunk_si
         raise ValueError(f"retention_impl={RetentionImpl.parse(impl).value!r} has no sequence-parallel form: "
                          f"use retention_impl='xla' with mesh.sequence={sequence_size()}")
     check_split(q.shape[2], chunk_size, sequence_size())
+    segment_ids = ret.normalizing_segments(segment_ids, mask, q.shape[::2], normalization)
     real = ret.real_tokens(mask, segment_ids)
     heads = PartitionSpec(None, None, SEQUENCE_AXIS, None)
     tokens = PartitionSpec(None, SEQUENCE_AXIS)

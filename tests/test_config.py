@@ -20,7 +20,7 @@ REFERENCE_DEFAULTS = dict(
 )
 
 
-OUR_EXTRA_FIELDS = {"retention_impl", "scan_layers"}
+OUR_EXTRA_FIELDS = {"retention_impl", "chunkwise_normalization", "scan_layers"}
 
 
 def hf_config_class():

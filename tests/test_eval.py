@@ -3,7 +3,8 @@ network), each value checked against a direct computation with the model.
 
 * multiple choice: every loglikelihood equals the log-probability of the continuation from one parallel pass over
   context + continuation (1e-4, float32); the chosen answers are the argmax; prefix sharing changes nothing (1e-5);
-* rolling perplexity: the windowed, state-carrying value equals the loss of one chunkwise pass over the document;
+* contexts run chunkwise give the parallel pass's values too (the default ``chunkwise_normalization``);
+* rolling perplexity: the windowed, state-carrying value equals the loss of one parallel pass over the document;
 * generation with a stop string: the text is that of ``nucleusx_jax.generate``'s greedy tokens, cut at the stop.
 """
 
@@ -26,6 +27,7 @@ from nucleusx_jax import generate as gen  # noqa: E402
 from nucleusx_jax.convert import convert  # noqa: E402
 from nucleusx_jax.eval import NucleusXLM  # noqa: E402
 from nucleusx_jax.eval.__main__ import main as eval_main  # noqa: E402
+from nucleusx_jax.eval.harness import EvalOptions  # noqa: E402
 from nucleusx_jax.tokenizer import load_tokenizer, save_hf_tokenizer, train_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.slow  # ~1.5 min on 2 cores: tokenizer training and a few compiles per model
@@ -208,11 +210,34 @@ def test_is_greedy_equals_a_direct_argmax(env, run):
     assert want[-6:] == [True, False] * 3
 
 
-def test_rolling_perplexity_equals_one_chunkwise_pass(env, run):
+def test_chunkwise_contexts_give_the_parallel_values(env):
+    """Contexts run chunkwise (past a threshold of 4 tokens; chunks of 16; left-padded batches) on a model with
+    ``use_lm_decay`` and the default ``initializer_factor`` (small retention outputs: the per-head RMSNorm's
+    epsilon keeps a per-row factor, so the reference's chunkwise rows show): with the default normalisation every
+    loglikelihood, shared and not, equals the parallel pass over context and continuation within 1e-4."""
+    config = env["model"].config.replace(use_lm_decay=True, initializer_factor=2**-2.5)
+    rng = np.random.default_rng(5)
+    contexts = [[1] + rng.integers(4, VOCAB, n).tolist() for n in (9, 23, 40, 57)]
+    pairs = [(c, rng.integers(4, VOCAB, n).tolist()) for c in contexts for n in (1, 3, 6)]
+    got = {}
+    for norm in ("exact", "reference"):
+        model = NucleusX(config.replace(chunkwise_normalization=norm), seed=3)
+        for share in (True, False) if norm == "exact" else (True,):
+            options = EvalOptions(batch_size=4, max_length=256, share_prefix=share, prompt_chunkwise_threshold=4)
+            lm = NucleusXLM.from_model(model, env["tok"], options=options)
+            got[norm, share] = np.asarray([v for v, _ in lm.loglikelihood_tokens(pairs)])
+    logp = _direct_logps(model, [c + x for c, x in pairs], "parallel")
+    want = [sum(logp[n, t - 1, (c + x)[t]] for t in range(len(c), len(c) + len(x))) for n, (c, x) in enumerate(pairs)]
+    np.testing.assert_allclose(got["exact", True], want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got["exact", False], want, atol=1e-4, rtol=0)
+    assert np.max(np.abs(got["reference", True] - got["exact", True])) > 2e-5  # the reference's rows show
+
+
+def test_rolling_perplexity_equals_one_parallel_pass(env, run):
     model, tok = env["model"], env["tok"]
     samples = run["results"]["samples"]["tiny_ppl"]
     docs = [[tok.bos_id] + tok.encode(s["doc"]["text"]) for s in samples]
-    logp = _direct_logps(model, docs, "chunkwise")
+    logp = _direct_logps(model, docs, "parallel")
     lengths = [len(d) for d in docs]
     for n, (s, ids) in enumerate(zip(samples, docs)):
         loss = -logp[n, np.arange(len(ids) - 1), ids[1:]].mean()

@@ -1,8 +1,10 @@
 """The Pallas chunkwise-retention kernel (interpret mode on CPU) against the pure-JAX chunkwise form.
 
-The pure-JAX form is itself pinned to the PyTorch reference by the fixture tests, so agreement here means the
-kernel reproduces the reference's chunkwise normalisation (inner rows over sqrt of row sums, the |.|-sum
-clamps, the cross scale from the state, ``all_scale = max(inner, cross)``), its values and its gradients.
+The pure-JAX form is itself pinned to the PyTorch reference by the fixture tests, so agreement here (with
+``normalization="reference"``, and segments) means the kernel reproduces the reference's chunkwise normalisation
+(inner rows over sqrt of row sums, the |.|-sum clamps, the cross scale from the state, ``all_scale = max(inner,
+cross)``) and the parallel form's (with segments), its values and its gradients. The default ``"exact"``
+without segments runs the segments kernels: test_normalization.py.
 """
 
 import glob
@@ -67,10 +69,12 @@ CASES = [
 @pytest.mark.parametrize("seed,batch,heads,length,kdim,vdim,chunk,pad_left,layout,block_v", CASES)
 def test_float32_values_and_gradients(seed, batch, heads, length, kdim, vdim, chunk, pad_left, layout, block_v):
     q, k, v, log_decay, mask = _inputs(seed, batch, heads, length, kdim, vdim, pad_left, jnp.float32)
-    ref_out, ref_grads = _value_and_grads(lambda q, k, v: ret.chunkwise_retention(q, k, v, log_decay, chunk, mask),
-                                          q, k, v, seed)
+    ref_out, ref_grads = _value_and_grads(
+        lambda q, k, v: ret.chunkwise_retention(q, k, v, log_decay, chunk, mask, normalization="reference"),
+        q, k, v, seed)
     out, grads = _value_and_grads(
-        lambda q, k, v: pallas_chunkwise(q, k, v, log_decay, chunk, mask, layout=layout, block_v=block_v),
+        lambda q, k, v: pallas_chunkwise(q, k, v, log_decay, chunk, mask, normalization="reference", layout=layout,
+                                         block_v=block_v),
         q, k, v, seed)
     assert out.shape == ref_out.shape and out.dtype == jnp.float32
     np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
@@ -306,10 +310,11 @@ def test_padded_shapes_match_xla(layout, seed, length, kdim, vdim, chunk, pad_le
     seg = None
     if segments:
         seg = jnp.asarray(np.repeat([1, 2, 3], [5, 9, length - 14])[None].repeat(batch, 0), jnp.int32)
-    ref_out, ref_grads = _value_and_grads(lambda q, k, v: ret.chunkwise_retention(q, k, v, log_decay, chunk, mask, seg),
-                                          q, k, v, seed)
+    ref_out, ref_grads = _value_and_grads(
+        lambda q, k, v: ret.chunkwise_retention(q, k, v, log_decay, chunk, mask, seg, "reference"), q, k, v, seed)
     out, grads = _value_and_grads(
-        lambda q, k, v: pallas_chunkwise(q, k, v, log_decay, chunk, mask, seg, layout=layout), q, k, v, seed)
+        lambda q, k, v: pallas_chunkwise(q, k, v, log_decay, chunk, mask, seg, "reference", layout=layout),
+        q, k, v, seed)
     assert out.shape == ref_out.shape
     np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
     for name, g, ref_g in zip("qkv", grads, ref_grads):
@@ -336,11 +341,12 @@ def test_tiled_gpu_kernels_match_xla(seed, length, kdim, vdim, chunk, tile, pad_
     if segments:
         ids = np.repeat([1, 2, 3, 4], [20, 1, 30, length - 51])[None].repeat(len(pad_left), 0)
         seg = jnp.asarray(ids * np.asarray(mask), jnp.int32)
-    ref_out, ref_grads = _value_and_grads(lambda q, k, v: ret.chunkwise_retention(q, k, v, log_decay, chunk, mask, seg),
-                                          q, k, v, seed)
+    ref_out, ref_grads = _value_and_grads(
+        lambda q, k, v: ret.chunkwise_retention(q, k, v, log_decay, chunk, mask, seg, "reference"), q, k, v, seed)
     for t in (tile, geo.block_rows):
         out, grads = _value_and_grads(
-            lambda q, k, v: pallas_chunkwise(q, k, v, log_decay, chunk, mask, seg, layout="gpu", tile=t), q, k, v, seed)
+            lambda q, k, v: pallas_chunkwise(q, k, v, log_decay, chunk, mask, seg, "reference", layout="gpu", tile=t),
+            q, k, v, seed)
         np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
         for name, g, ref_g in zip("qkv", grads, ref_grads):
             np.testing.assert_allclose(g, ref_g, atol=5e-5, rtol=5e-5, err_msg=f"d{name} tile={t}")

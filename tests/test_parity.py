@@ -44,12 +44,26 @@ def test_last_hidden_state(fx):
     np.testing.assert_array_equal(out.hidden_states[-1], out.last_hidden_state)
 
 
+@pytest.fixture(scope="module")
+def reference_models():
+    """Each fixture's model with the reference's chunkwise normalisation (an override of from_pretrained)."""
+    return {name: FlaxAutoModelForCausalLM.from_pretrained(FIXTURES / name, from_pt=True,
+                                                           chunkwise_normalization="reference")
+            for name in FIXTURE_NAMES}
+
+
 @pytest.mark.parametrize("kind", ["div", "pad"])
-def test_chunkwise_logits(fx, kind):
-    _, m, c = fx
+def test_chunkwise_logits(fx, reference_models, kind):
+    """``chunkwise_normalization="reference"`` gives the reference's chunkwise logits; the default ("exact") gives
+    its parallel logits, at the same chunk size."""
+    name, m, c = fx
     cs = int(c[f"chunk_size_{kind}"])
-    out = m(c["input_ids"], forward_mode="chunkwise", recurrent_chunk_size=cs)
+    reference = reference_models[name]
+    assert (reference.config.chunkwise_normalization, m.config.chunkwise_normalization) == ("reference", "exact")
+    out = reference(c["input_ids"], forward_mode="chunkwise", recurrent_chunk_size=cs)
     assert_close(out.logits, c[f"logits_chunkwise_{kind}"], LOGITS)
+    out = m(c["input_ids"], forward_mode="chunkwise", recurrent_chunk_size=cs)
+    assert_close(out.logits, c["logits_parallel"], LOGITS)
 
 
 def test_recurrent_token_by_token(fx):

@@ -85,6 +85,17 @@ ids_ = np.array([[1] * 20 + [2] * 3 + [0] * 30 + [3] * 11, [5] * 64, [1, 2] * 32
 with jax.set_mesh(shd.make_mesh({"data": 2, "sequence": 4})):
     got = jax.jit(sequence_parallel.segment_starts)(jnp.asarray(ids_))
 out["starts_equal"] = bool((np.asarray(got) == np.asarray(ret.segment_starts(jnp.asarray(ids_)))).all())
+# both chunkwise normalisations without segments (left padding over the first slices): the one-device numbers
+q, k, v = (jnp.asarray(np.random.default_rng(i).normal(size=(2, 2, 64, 8)) * 2, jnp.float32) for i in range(3))
+pad_mask = jnp.asarray(np.arange(64)[None] >= np.array([[0], [13]]), jnp.int32)
+log_decay = jnp.asarray(ret.log_decay_table(2, True))
+with jax.set_mesh(shd.make_mesh({"data": 2, "sequence": 4})):
+    for norm in ("exact", "reference"):
+        split = jax.jit(lambda q, k, v, m: sequence_parallel.chunkwise_retention(q, k, v, log_decay, 4, m, None, norm))
+        want = np.asarray(ret.chunkwise_retention(q, k, v, log_decay, 4, pad_mask, None, norm))
+        relative = lambda x: float(np.max(np.abs(np.asarray(x) - want)) / np.max(np.abs(want)))
+        out[norm] = relative(split(q, k, v, pad_mask))
+        out[norm + "_vs_parallel"] = relative(ret.parallel_retention(q, k, v, log_decay, pad_mask))
 for name in sys.argv[1].split(";"):
     extra = ["train.remat=dots"] if name == "1,2,2,2" else []  # with per-layer remat too
     got = run(tuple(int(x) for x in name.split(",")), extra)
@@ -133,6 +144,14 @@ def test_sequence_mesh_matches_one_device(results, mesh):
 def test_scanned_layers_split_over_sequence(results):
     """``model.scan_layers`` on mesh (2, 2, 1, 2): the 1-device logits, gradients equal once unstacked."""
     assert results["scanned"]["logits"] < 1e-5 and results["scanned"]["grads"] < 1e-4
+
+
+@pytest.mark.slow
+def test_both_normalizations_split_over_sequence(results):
+    """``chunkwise_normalization`` "exact" and "reference" without segments: the one-device values (errors relative
+    to the largest value); only "exact" equals the parallel form."""
+    assert results["exact"] < 1e-5 and results["reference"] < 1e-5
+    assert results["exact_vs_parallel"] < 2e-5 < 1e-3 < results["reference_vs_parallel"]
 
 
 @pytest.mark.slow

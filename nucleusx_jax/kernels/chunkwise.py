@@ -631,15 +631,16 @@ def default_layout() -> str:
 
 def chunkwise_retention(
     q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, mask: Optional[Array] = None,
-    segment_ids: Optional[Array] = None, *, layout: Optional[str] = None, block_v: Optional[int] = None,
-    tile: Optional[int] = None, interpret: Optional[bool] = None,
+    segment_ids: Optional[Array] = None, normalization: str = "exact", *, layout: Optional[str] = None,
+    block_v: Optional[int] = None, tile: Optional[int] = None, interpret: Optional[bool] = None,
 ) -> Array:
     """Pallas version of :func:`nucleusx_jax.retention.chunkwise_retention` (same arguments and result).
 
     q, k ``[B, H, T, K]``, v ``[B, H, T, V]``, log_decay ``[H]``, mask and segment_ids ``[B, T]`` or None ->
-    ``[B, H, T, V]`` in v's dtype. ``layout`` is ``"gpu"`` or ``"tpu"`` (default: :func:`default_layout`);
-    ``block_v`` and ``tile``: see :func:`geometry`; ``interpret`` defaults to True when the
-    :func:`target_platform` is the CPU. Any K, V, C and T: the inputs
+    ``[B, H, T, V]`` in v's dtype. ``normalization="exact"`` without segment ids runs the segments kernels on
+    one document per row (:func:`nucleusx_jax.retention.normalizing_segments`). ``layout`` is ``"gpu"`` or
+    ``"tpu"`` (default: :func:`default_layout`); ``block_v`` and ``tile``: see :func:`geometry`; ``interpret``
+    defaults to True when the :func:`target_platform` is the CPU. Any K, V, C and T: the inputs
     are padded to the legal :func:`geometry` and the result cut back.
     """
     if layout is None:
@@ -649,6 +650,7 @@ def chunkwise_retention(
                    block_v=block_v, tile=tile)
     if interpret is None:
         interpret = target_platform() == "cpu"
+    segment_ids = ret.normalizing_segments(segment_ids, mask, q.shape[::2], normalization)
     real = ret.real_tokens(mask, segment_ids)
     if real is not None:
         keep = real.astype(k.dtype)[:, None, :, None]
@@ -666,7 +668,8 @@ def chunkwise_retention(
 
 
 def sharded_chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int,
-                                mask: Optional[Array] = None, segment_ids: Optional[Array] = None) -> Array:
+                                mask: Optional[Array] = None, segment_ids: Optional[Array] = None,
+                                normalization: str = "exact") -> Array:
     """:func:`chunkwise_retention` under the mesh in context (``jax.set_mesh``): inside ``jax.shard_map``, rows
     split over the batch axes (``data``, ``fsdp``) and heads over ``tensor``, each device running the kernel on
     its own block (Mosaic and Triton kernels cannot be partitioned automatically). A dimension that an axis
@@ -675,7 +678,7 @@ def sharded_chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, 
     :mod:`nucleusx_jax.sequence_parallel`)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return chunkwise_retention(q, k, v, log_decay, chunk_size, mask, segment_ids)
+        return chunkwise_retention(q, k, v, log_decay, chunk_size, mask, segment_ids, normalization)
     sizes = dict(mesh.shape)
     rows = tuple(a for a in BATCH_AXES if a in sizes)
     rows = rows if q.shape[0] % math.prod(sizes[a] for a in rows) == 0 else None
@@ -684,7 +687,7 @@ def sharded_chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, 
 
     def block(q: Array, k: Array, v: Array, log_decay: Array, mask: Optional[Array],
               segment_ids: Optional[Array]) -> Array:
-        return chunkwise_retention(q, k, v, log_decay, chunk_size, mask, segment_ids)
+        return chunkwise_retention(q, k, v, log_decay, chunk_size, mask, segment_ids, normalization)
 
     local = jax.shard_map(block, in_specs=(blocks, blocks, blocks, PartitionSpec(heads), tokens, tokens),
                           out_specs=blocks, check_vma=False)  # pallas_call outputs carry no varying axes
