@@ -53,9 +53,34 @@ def load(directory, cls=AutoModelForCausalLM, **kwargs):
 
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)
 def fx(request, tmp_path_factory):
+    """A fixture's export, loaded with the reference's chunkwise rows (the default, "exact", is tested below)."""
     name = request.param
     directory = export_fixture(name, str(tmp_path_factory.mktemp(name) / "torch"))
-    return name, directory, load(directory), load_cases(name)
+    return name, directory, load(directory, chunkwise_normalization="reference"), load_cases(name)
+
+
+def test_exact_chunkwise_is_the_parallel_function(fx):
+    """The default, ``chunkwise_normalization="exact"``: chunkwise equals the reference's parallel logits for every
+    chunk size, with left padding (real tokens) too, and a chunkwise prefill of any chunk then decodes as the
+    parallel prefill does."""
+    _, directory, _, c = fx
+    m = load(directory)
+    assert m.config.chunkwise_normalization == "exact"
+    ids = c["input_ids"]
+    for chunk in range(1, ids.shape[1] + 1):
+        out = run(m, ids, forward_mode="chunkwise", recurrent_chunk_size=chunk)
+        assert max_abs(out.logits, c["logits_parallel"]) < TOL, chunk
+    real = c["lp_attention_mask"].astype(bool)
+    for chunk in (1, 3, 5):
+        out = run(m, c["lp_input_ids"], attention_mask=t(c["lp_attention_mask"]), forward_mode="chunkwise",
+                  recurrent_chunk_size=chunk).logits.numpy()
+        assert max_abs(out[real], c["lp_logits_parallel"][real]) < TOL, chunk
+    p = int(c["prefill_len"])
+    pre = run(m, ids[:, :p], forward_mode="chunkwise", recurrent_chunk_size=3, use_cache=True)
+    cont = run(m, ids[:, p:], forward_mode="recurrent", past_key_values=cache_of(pre), use_cache=True)
+    assert max_abs(cont.logits, c["logits_parallel_prefill_then_recurrent"]) < TOL
+    with pytest.raises(ValueError, match="chunkwise_normalization='fast' is invalid: must be one of exact, reference"):
+        type(m.config)(chunkwise_normalization="fast")
 
 
 def t(array):

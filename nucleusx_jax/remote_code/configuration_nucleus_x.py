@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 
 FORWARD_MODES = ("parallel", "chunkwise", "recurrent")
 RETENTION_IMPLS = ("xla", "pallas")
+CHUNKWISE_NORMALIZATIONS = ("exact", "reference")
 # the parameter-free activations of transformers.activations that both frameworks compute (ACT2FN names)
 ACTIVATIONS = ("gelu", "gelu_python", "gelu_10", "gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_fast",
                "gelu_accurate", "quick_gelu", "laplace", "leaky_relu", "linear", "mish", "relu", "relu2", "relu6",
@@ -21,7 +22,8 @@ class NucleusXConfig(PretrainedConfig):
     """Configuration of a NucleusX model (model_type ``nucleus_x``); the defaults describe NucleusX-7B.
 
     ``retention_impl`` and ``scan_layers`` are the JAX implementation's (its chunkwise kernel and layer layout);
-    PyTorch ignores them. ``deepnorm=True`` switches to post-norm (``decoder_normalize_before=False``). A value
+    PyTorch ignores them. ``chunkwise_normalization``: ``"exact"`` (the chunkwise form equals the parallel one for
+    every chunk size) or ``"reference"`` (the PyTorch reference's chunk-dependent rows). ``deepnorm=True`` switches to post-norm (``decoder_normalize_before=False``). A value
     outside what the model runs raises ``ValueError`` naming the field, the value and what is allowed.
     """
 
@@ -65,6 +67,7 @@ class NucleusXConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         retention_impl: str = "xla",
         scan_layers: bool = False,
+        chunkwise_normalization: str = "exact",
         **kwargs: Any,
     ):
         self.vocab_size = vocab_size
@@ -92,6 +95,7 @@ class NucleusXConfig(PretrainedConfig):
         self.groupnorm_eps = groupnorm_eps
         self.retention_impl = retention_impl
         self.scan_layers = scan_layers
+        self.chunkwise_normalization = chunkwise_normalization
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
         # transformers 5 keeps neither of these on the base config: set here for both versions
@@ -131,6 +135,8 @@ class NucleusXConfig(PretrainedConfig):
             raise bad("forward_mode", f"must be one of {', '.join(FORWARD_MODES)}")
         if self.retention_impl not in RETENTION_IMPLS:
             raise bad("retention_impl", f"must be one of {', '.join(RETENTION_IMPLS)}")
+        if self.chunkwise_normalization not in CHUNKWISE_NORMALIZATIONS:
+            raise bad("chunkwise_normalization", f"must be one of {', '.join(CHUNKWISE_NORMALIZATIONS)}")
         if not isinstance(self.scan_layers, bool):
             raise bad("scan_layers", "must be true or false")
         if self.activation_fn not in ACTIVATIONS:

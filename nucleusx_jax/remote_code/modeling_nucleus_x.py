@@ -83,9 +83,47 @@ def parallel_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_de
     return r @ v
 
 
+def decayed_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                     chunk_size: int) -> torch.Tensor:
+    """``sum_{j <= i} gamma**(i - j) (q_i . k_j) v_j`` for every ``i``, chunk by chunk (inside a chunk directly,
+    across chunks through the carried ``[K, V]`` states; every power of gamma has a non-negative exponent).
+    q, k ``[B, H, T, K]``, v ``[B, H, T, V]`` -> ``[B, H, T, V]``."""
+    length, c = q.shape[2], chunk_size
+    n = -(-length // c)
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [B, H, N, C, D]
+        return F.pad(x, (0, 0, 0, n * c - length)).unflatten(2, (n, c))
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    pos, steps = torch.arange(c, device=q.device), torch.arange(n, device=q.device)
+    inner = ((qc @ kc.transpose(-1, -2)) * powers(pos[:, None] - pos[None, :], log_decay)[:, None]) @ vc
+    chunk_kv = (kc * powers(c - 1 - pos, log_decay)[:, None, :, None]).transpose(-1, -2) @ vc  # [B, H, N, K, V]
+    before = torch.einsum("hnm,bhmkv->bhnkv", powers(steps[:, None] - steps[None, :] - 1, log_decay * c), chunk_kv)
+    cross = (qc * powers(pos + 1, log_decay)[:, None, :, None]) @ before
+    return (inner + cross).flatten(2, 3)[:, :, :length]
+
+
+def exact_chunkwise_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                              chunk_size: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`parallel_retention`'s function, chunk by chunk (``chunkwise_normalization="exact"``): row ``i``
+    is ``A_i / sqrt(S_i)`` divided by ``max(|Z_i| / sqrt(S_i), 1)``, with ``A`` the decayed products with v,
+    ``Z`` those with ``v = 1`` (the row sum of ``q k^T * D``) and ``S_i = sum_{j <= i, real} gamma**(i - j)``.
+    Nothing of size ``T x T`` is built. Shapes as :func:`parallel_retention`."""
+    batch, heads, length, _ = q.shape
+    real = q.new_ones(batch, length) if mask is None else mask.to(F32)
+    k = k * real[:, None, :, None]  # padding contributes nothing
+    ones = q.new_ones(batch, heads, length, 1)
+    az = decayed_products(q, k, torch.cat([v, ones], -1), log_decay, chunk_size)
+    row = decayed_products(ones, real[:, None, :, None].expand(batch, heads, length, 1), ones, log_decay,
+                           chunk_size)
+    root = torch.sqrt(torch.where(row > 0, row, 1.0))
+    a, z = az[..., :-1] / root, az[..., -1:] / root
+    return torch.where(row > 0, a / z.detach().abs().clamp(min=1.0), 0.0)
+
+
 def chunkwise_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
                         chunk_size: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Exact retention inside chunks of C tokens plus the state carried across them (the last chunk is padded
+    """The reference's chunkwise rows (``chunkwise_normalization="reference"``). Exact retention inside chunks of C tokens plus the state carried across them (the last chunk is padded
     inside). Rows are divided by the larger of the chunk's ``sum_j |q k^T * D|`` (at least 1) and the
     incoming state's largest column sum (at least 1), as the reference does. Nothing of size ``T x T`` is
     built. Shapes as :func:`parallel_retention`."""
@@ -268,7 +306,9 @@ class NucleusXMultiScaleRetention(nn.Module):
             if mode == "parallel":
                 out = parallel_retention(q, k, v, log_decay, mask)
             else:
-                out = chunkwise_retention(q, k, v, log_decay, chunk_size, mask)
+                exact = self.config.chunkwise_normalization == "exact"
+                form = exact_chunkwise_retention if exact else chunkwise_retention
+                out = form(q, k, v, log_decay, chunk_size, mask)
             if want_state:
                 new_state = final_state(k, v, log_decay, mask)
         normed = self.group_norm(out).transpose(1, 2).reshape(batch, length, heads * vdim)
