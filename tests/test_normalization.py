@@ -33,13 +33,19 @@ def test_default_is_exact_and_config_json_records_the_choice(tmp_path):
     assert from_pretrained(tmp_path, chunkwise_normalization="exact").config.chunkwise_normalization == "exact"
 
 
+DIMS = {"vocab_size": 64, "decoder_embed_dim": 16, "decoder_value_embed_dim": 32, "decoder_ffn_embed_dim": 32,
+        "decoder_layers": 1, "decoder_retention_heads": 2}  # a trainer config must give the model's dimensions
+
+
 def test_trainer_yaml_model_section(tmp_path):
     yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text("model:\n  chunkwise_normalization: reference\n")
+    dims = "".join(f"  {k}: {v}\n" for k, v in DIMS.items())
+    yaml_file.write_text(f"model:\n{dims}  chunkwise_normalization: reference\n")
     assert load_config(str(yaml_file)).model_config().chunkwise_normalization == "reference"
-    assert load_config(None).model_config().chunkwise_normalization == "exact"
+    yaml_file.write_text(f"model:\n{dims}")
+    assert load_config(str(yaml_file)).model_config().chunkwise_normalization == "exact"
     with pytest.raises(ValueError, match=BAD):
-        load_config(None, ["model.chunkwise_normalization=fast"]).model_config()
+        load_config(str(yaml_file), ["model.chunkwise_normalization=fast"]).model_config()
 
 
 def test_bad_values_name_the_value_and_the_allowed_ones():

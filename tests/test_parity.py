@@ -207,7 +207,7 @@ def test_chunkwise_hidden_states_have_the_input_length(fx):
     name, m, c = fx
     ids, chunk = c["input_ids"], int(c["chunk_size_pad"])
     assert ids.shape[1] % chunk
-    base = FlaxNucleusXModel.from_pretrained(FIXTURES / name, from_pt=True)
+    base = FlaxNucleusXModel.from_pretrained(FIXTURES / name, from_pt=True, chunkwise_normalization="reference")
     out = base(ids, forward_mode="chunkwise", recurrent_chunk_size=chunk, output_hidden_states=True)
     assert len(out.hidden_states) == base.config.decoder_layers + 1
     assert [h.shape for h in out.hidden_states] == [(2, ids.shape[1], base.config.decoder_embed_dim)] * 3
