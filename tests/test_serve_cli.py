@@ -1,5 +1,5 @@
-"""``python -m nucleusx_jax.serve``'s options, in-process: ``main`` runs with ``uvicorn.run`` replaced by a
-function that drives the app it was given with FastAPI's TestClient (no port). A PyTorch directory served in
+"""``python -m nucleusx_jax.serve``'s options, in-process: ``main`` runs with ``uvicorn.Server`` replaced by one
+that drives the app of the config it was given with FastAPI's TestClient (no port). A PyTorch directory served in
 bfloat16 under another name answers with the greedy tokens of offline ``generate`` on the same weights and
 dtype."""
 
@@ -30,8 +30,15 @@ def test_pytorch_dir_dtype_and_served_model_name(tmp_path, monkeypatch):
     want = gen.generate(model, np.asarray([ids]), max_new_tokens=8, eos_token_id=[])[0, len(ids):].tolist()
     seen = {}
 
-    def drive(app, host, port, log_level):
-        seen["address"] = (host, port)
+    class Driver:  # stands in for uvicorn.Server: runs requests against the configured app, binds nothing
+        def __init__(self, config):
+            self.config = config
+
+        def run(self):
+            seen["address"] = (self.config.host, self.config.port)
+            drive(self.config.app)
+
+    def drive(app):
         with TestClient(app) as client:
             seen["models"] = [m["id"] for m in client.get("/v1/models").json()["data"]]
             r = client.post("/v1/completions", json={"model": "mine", "prompt": ids, "max_tokens": 8,
@@ -45,7 +52,7 @@ def test_pytorch_dir_dtype_and_served_model_name(tmp_path, monkeypatch):
 
     real_load_backend = cli.load_backend
     monkeypatch.setattr(cli, "load_backend", load_backend)
-    monkeypatch.setattr(cli.uvicorn, "run", drive)
+    monkeypatch.setattr(cli.uvicorn, "Server", Driver)
     cli.main([str(tmp_path / "torch"), "--tokenizer", sp, "--dtype", "bfloat16", "--served-model-name", "mine",
               "--port", "8123", "--max-batch", "2"])
     assert seen["address"] == ("127.0.0.1", 8123)
