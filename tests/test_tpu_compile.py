@@ -32,6 +32,19 @@ SMALL = ["model.vocab_size=256", "model.decoder_embed_dim=256", "model.decoder_v
          "train.global_batch=8", "train.dtype=bfloat16"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_only_environment():
+    """The environment compile_only sets for libtpu (TPU_WORKER_HOSTNAMES ...) is undone after this module: in
+    a later test's trainer it would ask for jax.distributed (a TPU pod's variable)."""
+    saved = {key: os.environ.get(key) for key in compile_only.COMPILE_ONLY_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def test_mesh_on_the_v5p_128_torus():
     """data 2 x fsdp 32 on the 4x4x4 torus of a v5p-128 (jax.make_mesh refuses it): every chip once, each fsdp
     group a 32-chip half of the torus (a box, so its all-gathers stay on short links)."""
