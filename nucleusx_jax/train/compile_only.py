@@ -48,11 +48,14 @@ TOPOLOGIES: Dict[str, Topology] = {
     "v4-8": Topology("v4:2x2x1", "megacore", (2, 2, 1)),
     "v4-16": Topology("v4:2x2x2", "megacore", (2, 2, 1)),
     "v4-32": Topology("v4:2x2x4", "megacore", (2, 2, 1)),
+    "v5p-2": Topology("v5:1x1x1", "megacore", (1, 1, 1)),  # one chip (the server: --serve)
     "v5p-8": Topology("v5:2x2x1", "megacore", (2, 2, 1)),
     "v5p-32": Topology("v5:2x2x4", "megacore", (2, 2, 1)),
     "v5p-128": Topology("v5:4x4x4", "megacore", (2, 2, 1)),
+    "v5e-1": Topology("v5e:1x1", "default", (1, 1, 1)),
     "v5e-8": Topology("v5e:2x4", "default", (2, 4, 1)),
     "v5e-256": Topology("v5e:16x16", "default", (2, 2, 1)),
+    "v6e-1": Topology("v6e:1x1", "default", (1, 1, 1)),
     "v6e-8": Topology("v6e:2x4", "default", (2, 4, 1)),
     "v6e-256": Topology("v6e:16x16", "default", (2, 2, 1)),
 }
@@ -240,11 +243,17 @@ def shortfall(report: Dict[str, Any]) -> Optional[str]:
 
 def format_report(report: Dict[str, Any]) -> str:
     """The report as a few lines of text."""
-    gib = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"  # noqa: E731
     lines = [f"topology   {report['topology']} x {report['slices']} slice(s): {report['devices']} "
              f"{report['device_kind']} devices, mesh {report['mesh']}",
              f"model      {report['parameters']:,} parameters; {report['tokens_per_step']:,} tokens in "
              f"{report['grad_accum']} microbatch(es) and {report['flops_per_step']:.3g} FLOPs (analytic) per step"]
+    return "\n".join(lines + format_steps(report, "train"))
+
+
+def format_steps(report: Dict[str, Any], main: str) -> List[str]:
+    """The lines of each step's plan, the verdict, and the collectives and kernels of the ``main`` step."""
+    gib = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"  # noqa: E731
+    lines = []
     for name, s in report["steps"].items():
         if s["error"] is not None:
             lines.append(f"{name:<10} does not compile: {s['error']}")
@@ -257,16 +266,14 @@ def format_report(report: Dict[str, Any]) -> str:
                  f" HBM per chip ({100 * report['hbm_fraction']:.1f} %): "
                  + ("fits" if report["fits"] else "DOES NOT FIT"))
     collectives = ", ".join(f"{k} {v}" for k, v in report["collectives"].items()) or "none"
-    lines.append(f"train step collectives {collectives}; Mosaic kernel calls {report['mosaic_kernels']}")
-    return "\n".join(lines)
+    lines.append(f"{main} step collectives {collectives}; Mosaic kernel calls {report['mosaic_kernels']}")
+    return lines
 
 
-def run(cfg: Config, topology: str, slices: int = 1, report_path: Optional[str] = None,
-        fit: bool = False) -> Dict[str, Any]:
-    """:func:`check`, print the report (and write it as JSON to ``report_path``); raises
-    :class:`DoesNotFitError` with the shortfall when it does not fit."""
-    report = check(cfg, topology, slices, fit)
-    print(format_report(report), flush=True)
+def publish(report: Dict[str, Any], text: str, report_path: Optional[str]) -> Dict[str, Any]:
+    """Print ``text`` (the report's lines), write ``report`` as JSON to ``report_path`` when given; raises
+    :class:`DoesNotFitError` with the shortfall when it does not fit, else returns ``report``."""
+    print(text, flush=True)
     if report_path:
         with open(report_path, "w") as f:
             json.dump(report, f, indent=2)
@@ -274,3 +281,11 @@ def run(cfg: Config, topology: str, slices: int = 1, report_path: Optional[str] 
     if reason is not None:
         raise DoesNotFitError(reason)
     return report
+
+
+def run(cfg: Config, topology: str, slices: int = 1, report_path: Optional[str] = None,
+        fit: bool = False) -> Dict[str, Any]:
+    """:func:`check`, print the report (and write it as JSON to ``report_path``); raises
+    :class:`DoesNotFitError` with the shortfall when it does not fit."""
+    report = check(cfg, topology, slices, fit)
+    return publish(report, format_report(report), report_path)
