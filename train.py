@@ -30,7 +30,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--compile-only", action="store_true",
                    help="compile the train and eval steps for --topology with the TPU compiler and report the\n"
                         "memory per chip; nothing runs (exit status 3 when it does not fit)")
-    p.add_argument("--topology", help="TPU slice for --compile-only, e.g. v4-32, v5p-128, v5e-256, v6e-8")
+    p.add_argument("--topology", help="TPU slice for --compile-only, e.g. v4-32, v5p-128, v5e-256, v6e-8;\n"
+                   "or a GPU machine: h100x8, h100x1 (needs the [gpu] extra)")
     p.add_argument("--slices", type=int, default=1, help="--compile-only: slices joined over DCN (default 1)")
     p.add_argument("--report", help="--compile-only: also write the report as JSON to this path")
     p.add_argument("--fit", action="store_true", help="--compile-only: first find the fewest microbatches\n"

@@ -17,7 +17,7 @@ from ..configuration import NucleusXConfig
 from ..model import NucleusX, compute_dtype
 from ..serve.backend import Backend
 from ..serve.engine import Engine, prefill_bucket
-from .compile_only import GiB, StepPlan, available_hbm, compile_step, format_steps, publish, topology_devices
+from .compile_only import GiB, StepPlan, compile_step, device_hbm, format_steps, publish, topology_devices
 
 SERVER_DTYPE = "float32"  # the server's computation dtype when --dtype is not given (python -m nucleusx_jax.serve)
 
@@ -93,16 +93,16 @@ def check(config: NucleusXConfig, topology: str, dtype: Optional[str] = None, **
     devices = topology_devices(topology)
     if len(devices) != 1:
         raise ValueError(f"--serve compiles the server, which runs on one chip: --topology {topology} has "
-                         f"{len(devices)}; use a one-chip topology such as v5p-2, v5e-1 or v6e-1")
+                         f"{len(devices)}; use a one-chip topology such as v5p-2, v5e-1, v6e-1 or h100x1")
     device, dtype = devices[0], dtype or SERVER_DTYPE
     program = serving_program(config, dtype, **engine_options)
     params, slots = program.step_args[:2]
-    hbm = available_hbm(device)
-    steps = [compile_step("decode", program.step.lower(*_on(device, program.step_args)))]
+    hbm = device_hbm(topology, device)
+    steps = [compile_step("decode", program.step.lower(*_on(device, program.step_args)), device)]
     if steps[0].error is None and steps[0].planned_bytes <= hbm:
         steps.append(compile_step("prefill", program.prefill.lower(*_on(device, program.prefill_args),
                                                                     **program.prefill_static),
-                                  resident_bytes=_nbytes(slots)))
+                                  device, resident_bytes=_nbytes(slots)))
     num_params = sum(a.size for a in jax.tree.leaves(params))
     tokens = program.max_batch * program.steps_per_call
     return _report(topology, device, hbm, steps, num_params, tokens,
@@ -122,6 +122,7 @@ def _report(topology: str, device: Any, hbm: int, steps: list, num_params: int, 
         "hbm_bytes_per_device": hbm, "planned_bytes_per_device": planned, "hbm_fraction": planned / hbm,
         "fits": all(s.error is None for s in steps) and planned <= hbm,
         "compile_s": sum(s.compile_s for s in steps), "mosaic_kernels": decode.mosaic_kernels,
+        "triton_kernels": decode.triton_kernels,
         "collectives": decode.collectives, "flops_per_step": flops, "tokens_per_step": tokens,
         "parameters": num_params, "weights_bytes_per_device": weights, "cache_bytes_per_device": cache,
         "serve": serve,
