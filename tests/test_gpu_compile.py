@@ -40,14 +40,15 @@ def test_train_step_compiles_for_eight_h100s(impl):
 
 @needs_plugin
 def test_serve_compiles_for_one_h100(tmp_path, capsys):
-    """--serve on h100x1: the server's decode step and prefill plan within one H100."""
+    """--serve on h100x1: the server's decode step and prefill plan within one H100. Sampling sorts [64, 32000]
+    logits, which XLA would hand to CUB, whose compile asks for a CUDA device (gpu_target.COMPILER_OPTIONS)."""
     import train
 
     path = tmp_path / "serve.json"
     with pytest.raises(SystemExit) as exit_info:
         raise SystemExit(train.main(["--config", TINY_YAML, "--compile-only", "--topology", "h100x1", "--serve",
-                                     "--max-batch", "4", "--report", str(path),
-                                     *sum((["--set", s] for s in SMALL), [])]))
+                                     "--max-batch", "64", "--report", str(path),
+                                     *sum((["--set", s] for s in SMALL + ["model.vocab_size=32000"]), [])]))
     assert exit_info.value.code == 0, capsys.readouterr().err
     report = json.loads(path.read_text())
     assert report["fits"] and set(report["steps"]) == {"decode", "prefill"}

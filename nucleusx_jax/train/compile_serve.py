@@ -15,8 +15,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..configuration import NucleusXConfig
 from ..model import NucleusX, compute_dtype
-from ..serve.backend import Backend
-from ..serve.engine import Engine, prefill_bucket
+try:  # the server's own code: its package needs the [serve] extra
+    from ..serve.backend import Backend
+    from ..serve.engine import Engine, prefill_bucket
+except ImportError as err:
+    raise ImportError(f"--serve compiles the server's code, which needs the [serve] extra (pip install "
+                      f"'nucleusx-jax[serve]'): {err}") from err
 from .compile_only import GiB, StepPlan, compile_step, device_hbm, format_steps, publish, topology_devices
 
 SERVER_DTYPE = "float32"  # the server's computation dtype when --dtype is not given (python -m nucleusx_jax.serve)

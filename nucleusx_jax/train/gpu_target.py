@@ -7,8 +7,11 @@ import re
 from typing import Any, Dict, List, NamedTuple
 
 SPECS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs")
-# No GPU to time candidate kernels on: XLA picks its default GEMM and fusion configurations.
-COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
+# No GPU to time candidate kernels on: XLA picks its default GEMM and fusion configurations. No CUB radix sort
+# either: XLA turns large sorts (the server's top-k / top-p over [64, 32000] logits) into CUB calls whose scratch
+# size it asks a CUDA device for ("cudaErrorInvalidDevice: invalid device ordinal" without one); they compile as
+# XLA's own sort instead (docs/gpu.md).
+COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0, "xla_gpu_enable_cub_radix_sort": False}
 INSTALL = "pip install 'jax[cuda12]==0.10.2' (the CUDA plugin; no GPU needed to compile)"
 
 
