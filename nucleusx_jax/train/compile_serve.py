@@ -1,4 +1,5 @@
-"""Compile the server's prefill and batched decode step for one chip on any host, with the real TPU compiler.
+"""Compile the server's prefill and batched decode step for one chip on any host, with the real TPU (or GPU)
+compiler.
 
 ``python train.py --config FILE --compile-only --topology v5p-2 --serve --max-batch 64`` (docs/tpu.md). The
 model of the config, its parameters abstract (``jax.ShapeDtypeStruct`` in ``--dtype``: nothing is allocated,
@@ -7,7 +8,7 @@ compiled: weights, the slots' recurrent states, the temporaries of each program 
 """
 
 import dataclasses
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from ..configuration import NucleusXConfig
 from ..model import NucleusX, compute_dtype
 try:  # the server's own code: its package needs the [serve] extra
     from ..serve.backend import Backend
-    from ..serve.engine import Engine, prefill_bucket
+    from ..serve.engine import Engine, Rows, prefill_bucket
 except ImportError as err:
     raise ImportError(f"--serve compiles the server's code, which needs the [serve] extra (pip install "
                       f"'nucleusx-jax[serve]'): {err}") from err
@@ -49,8 +50,9 @@ def serving_program(config: NucleusXConfig, dtype: str, **engine_options: int) -
     :class:`~nucleusx_jax.serve.engine.Engine` (``engine_options``: ``max_batch``, ``max_prompt_tokens``,
     ``steps_per_call``; the engine's defaults otherwise) over a :class:`~nucleusx_jax.serve.backend.Backend`
     whose parameters are abstract, in ``dtype`` (weights stored in the computation dtype), and their abstract
-    arguments. The engine is built under ``jax.eval_shape``: its slots are shapes, not memory. The prefill is
-    the engine's for its longest prompt (``max_prompt_tokens - 1`` tokens, padded to the engine's bucket)."""
+    arguments. The engine is built under ``jax.eval_shape``: its slots are shapes, not memory (read from its
+    private ``_slots`` and ``_rows``: the layout it allocates). The prefill is the engine's for its longest
+    prompt (``max_prompt_tokens - 1`` tokens, padded to the engine's bucket)."""
     dt = compute_dtype(dtype)
     model = NucleusX(config, dtype=dt, param_dtype=dt, init=False)
     params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
@@ -62,7 +64,7 @@ def serving_program(config: NucleusXConfig, dtype: str, **engine_options: int) -
 
     slots = jax.eval_shape(build)
     engine = built[0]
-    rows = type(engine._rows)(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in engine._rows))
+    rows = Rows(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in engine._rows))
     length = prefill_bucket(engine.max_prompt_tokens - 1)
     mode, chunk = engine.backend.prompt_form(length)
     ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
@@ -117,8 +119,8 @@ def check(config: NucleusXConfig, topology: str, dtype: Optional[str] = None, **
                                                     prefill_mode=program.prefill_static["mode"]))
 
 
-def _report(topology: str, device: Any, hbm: int, steps: list, num_params: int, tokens: int, flops: float, *,
-            weights: int, cache: int, serve: Dict[str, Any]) -> Dict[str, Any]:
+def _report(topology: str, device: Any, hbm: int, steps: List[StepPlan], num_params: int, tokens: int,
+            flops: float, *, weights: int, cache: int, serve: Dict[str, Any]) -> Dict[str, Any]:
     planned = max(s.planned_bytes for s in steps)
     decode: StepPlan = steps[0]
     return {
