@@ -203,7 +203,7 @@ def op_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfig, 
 def model_rows(timer: Timer, report: Callable[[Row], Row], config: NucleusXConfig, lengths: Sequence[int], modes: Sequence[str],
                chunk: int, budget_gb: float) -> List[Row]:
     """The full model at batch 1: logits forward, and the next-token loss (the trainer's, through
-    :func:`nucleusx_jax.modeling.lm_head_loss`) forward+backward with respect to the parameters."""
+    :func:`nucleusx_jax.losses.lm_head_loss`) forward+backward with respect to the parameters."""
     module = NucleusXForCausalLMModule(config)
     params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     num_params = sum(x.size for x in jax.tree.leaves(params))

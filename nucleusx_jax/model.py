@@ -24,6 +24,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import decode, documents, modeling, storage, weights
+from .losses import head_loss
 from .configuration import CONFIG_FILE, NucleusXConfig, short
 from .convert import parse_size
 from .inputs import HEADS, Cache, check_inputs
@@ -47,22 +48,6 @@ class Output(NamedTuple):
     loss: Optional[jax.Array]
     hidden_states: Optional[Tuple[jax.Array, ...]]
     last_hidden_state: Optional[jax.Array]
-
-
-def head_loss(head: str, config: NucleusXConfig, out: jax.Array, labels: jax.Array) -> jax.Array:
-    """The reference's loss of a head: shifted cross-entropy (plus z-loss) for the causal LM; regression,
-    single- or multi-label classification (``config.problem_type``, else inferred as the reference does)."""
-    if head == "causal_lm":
-        return modeling.causal_lm_loss(out, labels, config.z_loss_coeff)
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif jnp.issubdtype(labels.dtype, jnp.integer):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    return modeling.sequence_classification_loss(out, labels, problem)
 
 
 class NucleusX:

@@ -23,7 +23,8 @@ from nucleusx_jax import retention as ret
 from nucleusx_jax.configuration import NucleusXConfig
 from nucleusx_jax.kernels import chunkwise as cw
 from nucleusx_jax.kernels import chunkwise_retention as pallas_chunkwise
-from nucleusx_jax.modeling import NucleusXForCausalLMModule, RunOptions, causal_lm_loss
+from nucleusx_jax.losses import causal_lm_loss
+from nucleusx_jax.modeling import NucleusXForCausalLMModule, RunOptions
 from nucleusx_jax.train.config import resolve_model
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

@@ -8,7 +8,8 @@ import pytest
 
 from nucleusx_jax import NucleusXConfig, retention
 from nucleusx_jax.hf import FlaxNucleusXForCausalLM
-from nucleusx_jax.modeling import RunOptions, lm_head_loss, next_token_loss
+from nucleusx_jax.losses import lm_head_loss, next_token_loss
+from nucleusx_jax.modeling import RunOptions
 
 from conftest import count_traces, max_abs
 

@@ -263,7 +263,8 @@ def test_trainer_loss_keeps_documents_apart(reset):
     in-document prediction of each document run alone (no document predicts the next one's BOS); without it,
     the plain next-token loss of the whole window."""
     from nucleusx_jax import sharding as shd
-    from nucleusx_jax.modeling import RunOptions, next_token_loss
+    from nucleusx_jax.losses import next_token_loss
+    from nucleusx_jax.modeling import RunOptions
     from nucleusx_jax.train.config import load_config
     from nucleusx_jax.train.step import make_trainer
 
