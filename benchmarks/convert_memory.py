@@ -37,7 +37,7 @@ def write_synthetic(config_path: str, directory: str, max_shard_size: str, fmt: 
     import numpy as np
 
     from nucleusx_jax import NucleusXConfig, weights
-    from nucleusx_jax.convert import parse_size
+    from nucleusx_jax.pretrained import parse_size
     from nucleusx_jax.tensorio import FORMATS, CheckpointWriter, TensorInfo
 
     bf16 = np.dtype(ml_dtypes.bfloat16)

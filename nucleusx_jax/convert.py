@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -41,6 +40,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm.auto import tqdm
 
 from . import remote_code, runs, storage, weights
+from .pretrained import FLAX_FILES, find_flax_weights, parse_size
 from .cli import reports_user_errors
 from .configuration import NucleusXConfig
 from .tensorio import FORMATS, CheckpointError, CheckpointReader, CheckpointWriter, TensorInfo, process_start, umask
@@ -48,7 +48,6 @@ from .tensorio import FORMATS, CheckpointError, CheckpointReader, CheckpointWrit
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 FLOAT_DTYPES = set(DTYPES.values()) | {np.dtype(np.float64)}
 TORCH_FORMATS = ("safetensors", "bin")
-FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
 logger = logging.getLogger(__name__)
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json")
@@ -92,20 +91,6 @@ def _parse_dtype(dtype: Optional[str]) -> Optional[np.dtype]:
     return DTYPES[dtype]
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(size: Union[int, str]) -> int:
-    """Bytes from an int or a string like ``"5GB"`` (powers of 1000) or ``"2GiB"`` (powers of 1024)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
-    unit = match.group(2).upper() if match else None
-    if isinstance(size, bool) or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
-        raise ValueError(f"max_shard_size={size!r} is invalid: give a positive number of bytes or a size like "
-                         "'5GB', '500MB' or '2GiB'")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
 def _load_config(src: str) -> NucleusXConfig:
     path = os.path.join(src, "config.json")
     if not os.path.isfile(path):
@@ -124,7 +109,7 @@ def _load_config(src: str) -> NucleusXConfig:
 def _find_source(src: str, to: str, step: Optional[int]) -> Optional[str]:
     """The weights file (or index) to read, or None for a training run directory (``to="torch"``)."""
     torch_file = weights.find_torch_weights(src)
-    flax_file = next((os.path.join(src, n) for n in FLAX_FILES if os.path.isfile(os.path.join(src, n))), None)
+    flax_file = find_flax_weights(src)
     if to == "flax":
         if step is not None:
             raise ValueError("step selects a training checkpoint, which only --to torch reads")

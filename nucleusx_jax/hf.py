@@ -32,7 +32,8 @@ from transformers.utils import ModelOutput
 
 from . import configuration, modeling, retention, weights
 from .inputs import check_inputs, prompt_forward_mode, shape_of
-from .model import NucleusX, fill_missing, find_flax_weights, load_params
+from .model import NucleusX
+from .pretrained import fill_missing, find_flax_weights, load_params
 from .remote_code import configuration_nucleus_x
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
         """HF ``from_pretrained``; PyTorch NucleusX directories (``from_pt=True``, or a directory holding only
         PyTorch weights) and every local directory of a ``scan_layers`` config (whose files hold one tensor per
         layer, or a stacked layout saved by this class) load through the core's
-        :func:`nucleusx_jax.model.load_params`, tied embeddings included."""
+        :func:`nucleusx_jax.pretrained.load_params`, tied embeddings included."""
         path = os.fspath(pretrained_model_name_or_path)
         from_pt = kwargs.get("from_pt", False)
         is_dir = os.path.isdir(path)

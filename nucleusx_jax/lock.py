@@ -25,10 +25,10 @@ import time
 from typing import Callable, Optional
 
 from . import storage
+from .runs import RUN_FILES
 from .tensorio import process_start
 
 logger = logging.getLogger(__name__)
-LOCK_FILE = "run.lock"
 
 
 class RunLockedError(RuntimeError):
@@ -67,7 +67,7 @@ class RunLock:
     frees it; a context manager doing both. A subclass changes ``FILE`` (the lock's name in the directory),
     ``WHAT`` (who holds it, for messages) and ``ADVICE`` (what a refused process should do)."""
 
-    FILE, WHAT, ADVICE = LOCK_FILE, "run", "stop it or choose another train.run_dir"
+    FILE, WHAT, ADVICE = RUN_FILES.lock, "run", "stop it or choose another train.run_dir"
 
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, self.FILE)

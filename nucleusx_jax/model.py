@@ -6,32 +6,29 @@ No transformers needed.
     model.generate(input_ids, max_new_tokens=32)               # [B, T + 32]
     model.save_pretrained("out/")                              # config.json + flax_model.msgpack
 
+Reading and writing model directories is :mod:`nucleusx_jax.pretrained`'s job; the losses are
+:mod:`nucleusx_jax.losses`'.
+
 The call takes the same arguments as the HF adapter's (``nucleusx_jax.hf``): it validates them on the host
 (clear ``ValueError``), then runs one jit-compiled function, compiled once per input shape and option set.
 """
 
 import logging
 import os
-import re
-import shutil
-import tempfile
 from typing import Any, Iterator, NamedTuple, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 
-from . import decode, documents, modeling, storage, weights
+from . import checks, decode, documents, modeling, pretrained
+from .configuration import NucleusXConfig
+from .inputs import HEADS, check_inputs
 from .losses import head_loss
-from .configuration import CONFIG_FILE, NucleusXConfig, short
-from .convert import parse_size
-from .inputs import HEADS, Cache, check_inputs
-from .tensorio import FORMATS, CheckpointReader, CheckpointWriter, TensorInfo
+from .types import Array, Cache, Params
 
 logger = logging.getLogger(__name__)
-FLAX_FILES = ("flax_model.msgpack", "flax_model.msgpack.index.json")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 MODULES = {"base": modeling.NucleusXModule, "causal_lm": modeling.NucleusXForCausalLMModule,
            "sequence_classification": modeling.NucleusXForSequenceClassificationModule}
@@ -43,11 +40,11 @@ class Output(NamedTuple):
     given; ``past_key_values`` (one state per layer) with ``use_cache``; ``hidden_states`` (L + 1 arrays
     ``[B, T, E]``) with ``output_hidden_states``."""
 
-    logits: Optional[jax.Array]
+    logits: Optional[Array]
     past_key_values: Optional[Cache]
-    loss: Optional[jax.Array]
-    hidden_states: Optional[Tuple[jax.Array, ...]]
-    last_hidden_state: Optional[jax.Array]
+    loss: Optional[Array]
+    hidden_states: Optional[Tuple[Array, ...]]
+    last_hidden_state: Optional[Array]
 
 
 class NucleusX:
@@ -58,14 +55,12 @@ class NucleusX:
     ``seed`` (the reference's init schemes) unless ``init=False``.
     """
 
-    def __init__(self, config: NucleusXConfig, params: Any = None, *, head: str = "causal_lm", dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, gradient_checkpointing: bool = False,
+    def __init__(self, config: NucleusXConfig, params: Optional[Params] = None, *, head: str = "causal_lm",
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, gradient_checkpointing: bool = False,
                  remat_policy: Optional[str] = None, seed: int = 0, init: bool = True):
         if not isinstance(config, NucleusXConfig):
             raise TypeError(f"config must be a nucleusx_jax.NucleusXConfig, got {type(config).__name__}")
-        if head not in HEADS:
-            raise ValueError(f"head={head!r} is invalid: must be one of {', '.join(HEADS)}")
-        self.config, self.head = config, head
+        self.config, self.head = config, checks.choice("head", head, HEADS)
         self.module = MODULES[head](config, dtype=dtype, param_dtype=param_dtype,
                                     gradient_checkpointing=gradient_checkpointing, remat_policy=remat_policy)
         self.params = params if params is not None or not init else self.init_params(jax.random.PRNGKey(seed))
@@ -76,15 +71,15 @@ class NucleusX:
         """The compute dtype."""
         return self.module.dtype
 
-    def init_params(self, rng: jax.Array, input_shape: Tuple[int, int] = (1, 1)) -> Any:
+    def init_params(self, rng: Array, input_shape: Tuple[int, int] = (1, 1)) -> Params:
         """Random parameters (the reference's init schemes)."""
         ids = jnp.zeros(input_shape, jnp.int32)
         params_rng, dropout_rng = jax.random.split(rng)
         return nn.meta.unbox(self.module.init({"params": params_rng, "dropout": dropout_rng}, ids)["params"])
 
-    def _apply(self, params: Any, input_ids: jax.Array, attention_mask: Optional[jax.Array],
-               past_key_values: Optional[Cache], segment_ids: Optional[jax.Array], labels: Optional[jax.Array],
-               dropout_rng: Optional[jax.Array], *, options: modeling.RunOptions, with_loss: bool) -> Output:
+    def _apply(self, params: Params, input_ids: Array, attention_mask: Optional[Array],
+               past_key_values: Optional[Cache], segment_ids: Optional[Array], labels: Optional[Array],
+               dropout_rng: Optional[Array], *, options: modeling.RunOptions, with_loss: bool) -> Output:
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
         out, cache, hidden = self.module.apply({"params": params}, input_ids, attention_mask, past_key_values,
                                                segment_ids, options=options, rngs=rngs)
@@ -105,10 +100,10 @@ class NucleusX:
         past_key_values: Any = None,
         use_cache: Optional[bool] = None,
         labels: Any = None,
-        params: Any = None,
+        params: Optional[Params] = None,
         *,
         output_hidden_states: bool = False,
-        dropout_rng: Optional[jax.Array] = None,
+        dropout_rng: Optional[Array] = None,
         train: bool = False,
         segment_ids: Any = None,
     ) -> Output:
@@ -153,105 +148,14 @@ class NucleusX:
         """:func:`nucleusx_jax.decode.stream` on this model: the new tokens ``[B]`` one by one."""
         return decode.stream(self, input_ids, attention_mask, **kwargs)
 
-    def save_pretrained(self, directory: Union[str, os.PathLike], params: Any = None,
+    def save_pretrained(self, directory: Union[str, os.PathLike], params: Optional[Params] = None,
                         max_shard_size: Union[int, str] = "5GB") -> str:
         """Write ``config.json`` and ``flax_model.msgpack`` (sharded above ``max_shard_size``, with an index) into
         ``directory``: the layout transformers' Flax models save and load, one tensor per layer whatever
         ``config.scan_layers`` (see :mod:`nucleusx_jax.weights`). Written into a temporary directory first; each
         file then replaces its old version by rename. Returns the directory."""
         params = jax.device_get(params if params is not None else self.params)
-        return save_flax_dir(directory, self.config, params, max_shard_size)
-
-
-def save_flax_dir(directory: Union[str, os.PathLike], config: NucleusXConfig, params: Any,
-                  max_shard_size: Union[int, str] = "5GB") -> str:
-    """``config.json`` plus the params as (sharded) ``flax_model.msgpack`` in ``directory``; see
-    :meth:`NucleusX.save_pretrained`."""
-    directory = storage.absolute(directory)
-    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(weights.unstack_layers(params)).items()}
-    parent = None if storage.is_url(directory) else os.path.dirname(directory)
-    if parent is not None:
-        os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
-    try:
-        writer = CheckpointWriter(tmp, FORMATS["msgpack"], [(k, TensorInfo(v.shape, v.dtype)) for k, v in flat.items()],
-                                  parse_size(max_shard_size))
-        for name in writer.order:
-            writer.write(name, flat[name])
-        writer.close()
-        config.save_pretrained(tmp)
-        storage.makedirs(directory)
-        # stale weights of an earlier save (other sharding) go; weights first, config.json last
-        storage.publish_dir(tmp, directory, marker=CONFIG_FILE, stale=lambda name: name.startswith("flax_model"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
-def find_flax_weights(directory: str) -> Optional[str]:
-    """The flax weights file (or shard index) of a model directory, or None."""
-    return next((os.path.join(directory, n) for n in FLAX_FILES if os.path.isfile(os.path.join(directory, n))), None)
-
-
-def load_params(directory: str, config: NucleusXConfig, head: str, *, from_pt: bool = False) -> Tuple[dict, list]:
-    """The params of ``head`` from a model directory: flax weights (``flax_model.msgpack``, sharded or not) or
-    PyTorch ones (safetensors preferred, then ``.bin``; sharded or not; only these with ``from_pt``). Keys and
-    shapes are checked against ``config`` (:func:`nucleusx_jax.weights.state_dict_to_params`); returns
-    ``(params, missing head keys)``, e.g. a classification head loaded from a causal-LM checkpoint."""
-    flax_file = None if from_pt else find_flax_weights(directory)
-    torch_file = weights.find_torch_weights(directory)
-    if flax_file is not None:
-        tensors = _flax_as_torch_tensors(flax_file)
-    elif torch_file is not None:
-        tensors = weights.iter_torch_tensors(torch_file)
-    else:
-        raise FileNotFoundError(f"{directory} holds no weights: expected one of "
-                                f"{', '.join(FLAX_FILES + weights.TORCH_FILES)}")
-    return weights.state_dict_to_params(tensors, config, head, allow_missing_head=True)
-
-
-def _flax_as_torch_tensors(path: str) -> Iterator[Tuple[str, np.ndarray]]:
-    """Stream a flax weights file (either layer layout) as ``(PyTorch key, array in PyTorch layout)``, one
-    tensor (or stacked layer tensor) at a time."""
-    with CheckpointReader(path) as reader:
-        for name in reader.index:
-            for path, value in weights.unstack_leaf(tuple(name.split("/")), reader.read(name)):
-                key, transpose = weights.flax_path_to_torch(path)
-                yield key, (value.T if transpose else value)
-
-
-HUB_PREFIX = "hf://"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def looks_local(path: str) -> bool:
-    """Whether ``path`` names a local file rather than a Hub repo id: anything but ``org/name``, or an
-    ``org/name`` whose ``org`` is a local directory (``runs/tiny`` where ``runs/`` exists)."""
-    return not _HUB_ID.match(path) or os.path.isdir(path.split("/")[0])
-
-
-def resolve(path: Union[str, os.PathLike]) -> str:
-    """A local model directory for ``path``: the directory itself, or a Hugging Face Hub repo downloaded
-    into the local hub cache (needs ``huggingface_hub``). A Hub id is ``hf://org/name``, or ``org/name``
-    when no such local directory exists and ``org`` is not a local directory either; any other path that
-    does not exist is ``FileNotFoundError``, without asking the Hub."""
-    path = os.fspath(path)
-    repo = path[len(HUB_PREFIX):] if path.startswith(HUB_PREFIX) else None
-    if repo is None and os.path.isdir(path):
-        return path
-    if repo is None and (os.path.exists(path) or looks_local(path)):
-        what = "is a file, not a model directory" if os.path.exists(path) else "does not exist"
-        raise FileNotFoundError(f"{short(path, 200)} {what} (a Hugging Face Hub model is hf://org/name, or "
-                                "org/name where no local directory org/ exists)")
-    repo = path if repo is None else repo
-    if not _HUB_ID.match(repo):
-        raise ValueError(f"{short(path, 200)} is not a Hugging Face Hub repo id: expected hf://org/name")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise FileNotFoundError(f"{path!r} is not a local directory; loading it from the Hugging Face Hub needs "
-                                "huggingface_hub (pip install huggingface_hub)") from e
-    return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.msgpack", "*.model"])
+        return pretrained.save(directory, self.config, params, max_shard_size)
 
 
 def from_pretrained(path: Union[str, os.PathLike], dtype: Any = None, *, head: str = "causal_lm",
@@ -261,33 +165,16 @@ def from_pretrained(path: Union[str, os.PathLike], dtype: Any = None, *, head: s
     float32; parameters keep the checkpoint's). ``config_overrides`` replace ``config.json`` fields.
     Head weights the checkpoint lacks (a classification head from a causal LM) are initialised randomly,
     with a warning. A URL (``gs://bucket/model``, see :mod:`.storage`) is downloaded to a temporary directory;
-    ``hf://org/name`` and Hub ids: see :func:`resolve`."""
-    if storage.is_url(path) and not os.fspath(path).startswith(HUB_PREFIX):
-        with tempfile.TemporaryDirectory(prefix="nucleusx-model-") as local:
-            storage.download_dir(os.fspath(path), local)
-            return from_pretrained(local, dtype, head=head, **config_overrides)
-    directory = resolve(path)
-    config = NucleusXConfig.from_pretrained(directory, **config_overrides)
-    params, head_missing = load_params(directory, config, head)
-    model = NucleusX(config, jax.tree.map(jnp.asarray, params), head=head,
-                     dtype=jnp.float32 if dtype is None else dtype)
-    if head_missing:
-        logger.warning("%s: %s not in %s; initialised randomly (train them before use)", head, head_missing,
-                       directory)
-        model.params = fill_missing(model.params, model.init_params(jax.random.PRNGKey(0)))
+    ``hf://org/name`` and Hub ids: see :func:`nucleusx_jax.pretrained.resolve`."""
+    loaded = pretrained.load(path, head, **config_overrides)
+    model = NucleusX(loaded.config, loaded.params, head=head, dtype=jnp.float32 if dtype is None else dtype)
+    if loaded.head_missing:
+        logger.warning("%s: %s not in %s; initialised randomly (train them before use)", head, loaded.head_missing,
+                       loaded.directory)
+        model.params = pretrained.fill_missing(model.params, model.init_params(jax.random.PRNGKey(0)))
     return model
 
 
 def compute_dtype(name: str) -> Any:
     """The compute dtype called ``name`` (a key of ``COMPUTE_DTYPES``); anything else is a ValueError."""
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype={name!r} is invalid: must be one of {', '.join(COMPUTE_DTYPES)}")
-    return COMPUTE_DTYPES[name]
-
-
-def fill_missing(params: Any, random_params: Any) -> dict:
-    """``params`` plus the entries of ``random_params`` it lacks."""
-    flat = flatten_dict(dict(params))
-    for key, value in flatten_dict(dict(random_params)).items():
-        flat.setdefault(key, value)
-    return unflatten_dict(flat)
+    return COMPUTE_DTYPES[checks.choice("dtype", name, COMPUTE_DTYPES)]

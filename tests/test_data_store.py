@@ -283,7 +283,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from nucleusx_jax.data.mixture import Mixture, Phase
 from nucleusx_jax.data.reader import Windows
 from nucleusx_jax.data.store import TokenStore
-from nucleusx_jax.train.loop import host_rows
+from nucleusx_jax.train.data import host_rows
 stores = [TokenStore(p) for p in sys.argv[3:5]]
 mix = Mixture({"web": Windows(stores[0], 8, seed=11), "code": Windows(stores[1], 8, seed=12)}, [Phase(0, (0.75, 0.25))], seed=0)
 sharding = NamedSharding(Mesh(jax.devices(), ("data",)), P("data"))

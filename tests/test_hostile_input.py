@@ -20,7 +20,8 @@ from nucleusx_jax.tokenizer import main as tokenizer_main
 from nucleusx_jax.storage import atomic_write
 from nucleusx_jax.tensorio import umask
 from nucleusx_jax.train.config import ConfigError, load_config
-from nucleusx_jax.lock import LOCK_FILE, RunLock, RunLockedError
+from nucleusx_jax.lock import RunLock, RunLockedError
+from nucleusx_jax.runs import RUN_FILES
 
 from conftest import FIXTURES
 
@@ -159,9 +160,9 @@ def test_lock_refuses_a_second_run_and_is_released(tmp_path):
     assert f"pid {os.getpid()} on host {socket.gethostname()}, started {lock.holder.started}" in message
     assert "\n" not in message
     lock.release()
-    assert (tmp_path / LOCK_FILE).read_text() == ""
+    assert (tmp_path / RUN_FILES.lock).read_text() == ""
     with RunLock(str(tmp_path)):  # free again
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert json.loads((tmp_path / RUN_FILES.lock).read_text())["pid"] == os.getpid()
 
 
 def test_stale_lock_after_kill_9_is_taken_over(tmp_path, caplog):
@@ -175,18 +176,19 @@ def test_stale_lock_after_kill_9_is_taken_over(tmp_path, caplog):
     holder.wait()
     with caplog.at_level(logging.WARNING, logger="nucleusx_jax.lock"):
         lock = RunLock(str(tmp_path)).acquire()
-    assert f"taking over the stale lock {tmp_path / LOCK_FILE}" in caplog.text and f"pid {holder.pid}" in caplog.text
-    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert f"taking over the stale lock {tmp_path / RUN_FILES.lock}" in caplog.text
+    assert f"pid {holder.pid}" in caplog.text
+    assert json.loads((tmp_path / RUN_FILES.lock).read_text())["pid"] == os.getpid()
     lock.release()
 
 
 def test_lock_of_another_host_or_unknown_content_is_reported(tmp_path):
-    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "2026-01-01T00:00:00Z",
+    (tmp_path / RUN_FILES.lock).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "2026-01-01T00:00:00Z",
                                                   "process_start": 5}))
     with pytest.raises(RunLockedError, match=f"pid 1 on host elsewhere, started 2026-01-01T00:00:00Z.*cannot "
-                                             f"tell.*delete {tmp_path / LOCK_FILE}"):
+                                             f"tell.*delete {tmp_path / RUN_FILES.lock}"):
         RunLock(str(tmp_path)).acquire()
-    (tmp_path / LOCK_FILE).write_text("garbage")
+    (tmp_path / RUN_FILES.lock).write_text("garbage")
     with pytest.raises(RunLockedError, match="not a lock file this run wrote"):
         RunLock(str(tmp_path)).acquire()
 
@@ -248,7 +250,7 @@ def test_cli_bad_checkpoint_and_locked_run_dir(tmp_path):
     with RunLock(str(tmp_path / "run")) as lock:
         result = run_cli("train.py", "--config", TINY_YAML, "--set", f"train.run_dir={tmp_path / 'run'}")
     assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert os.listdir(tmp_path / "run") == [LOCK_FILE]  # refused before anything else was written
+    assert os.listdir(tmp_path / "run") == [RUN_FILES.lock]  # refused before anything else was written
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path / 'run'} is in use by another run (pid {os.getpid()} on host "
                            f"{socket.gethostname()}, started {lock.holder.started})")

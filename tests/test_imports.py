@@ -126,3 +126,25 @@ def test_the_pytorch_model_imports_no_jax_and_the_shipped_files_only_each_other(
             if sub == "remote_code" and path.name != "__init__.py":  # shipped as remote code: self-contained
                 assert relative <= {".configuration_nucleus_x"}, (path, relative)
                 assert roots <= {"math", "typing", "torch", "transformers"}, (path, roots)
+
+
+def reaches(edges: Dict[str, Set[str]], start: str) -> Set[str]:
+    """Every module that ``start`` imports, directly or through others."""
+    seen: Set[str] = set()
+    todo = [start]
+    while todo:
+        for nxt in edges.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_the_core_model_does_not_import_the_converter_or_the_trainer():
+    edges = graph()
+    assert "nucleusx_jax.pretrained" in edges["nucleusx_jax.model"]  # the walker sees this edge
+    for core in ("nucleusx_jax.model", "nucleusx_jax.pretrained", "nucleusx_jax.losses", "nucleusx_jax.modeling"):
+        assert not reaches(edges, core) & {"nucleusx_jax.convert", "nucleusx_jax.train.loop"}, core
+    # persistence knows files, not the model object; the losses know no linen module
+    assert "nucleusx_jax.model" not in reaches(edges, "nucleusx_jax.pretrained")
+    assert "nucleusx_jax.modeling" not in reaches(edges, "nucleusx_jax.losses")

@@ -22,12 +22,11 @@ import pytest
 
 from nucleusx_jax.hf import FlaxNucleusXForCausalLM
 from nucleusx_jax import sharding as shd
-from nucleusx_jax.runs import restore_params
-from nucleusx_jax.train.checkpoint import CORRUPT_DIR, Checkpointer
+from nucleusx_jax.runs import RUN_FILES, restore_params
+from nucleusx_jax.train.checkpoint import Checkpointer
 from nucleusx_jax.train.config import load_config
-from nucleusx_jax.train.data import DATA_DIR
-from nucleusx_jax.lock import LOCK_FILE
-from nucleusx_jax.train.loop import NonFiniteLossError, run
+from nucleusx_jax.train.hooks import NonFiniteLossError
+from nucleusx_jax.train.loop import run
 from nucleusx_jax.train.metrics import read_metrics
 from nucleusx_jax.train.step import make_trainer
 from nucleusx_jax.tokenizer import train_tokenizer
@@ -87,7 +86,7 @@ def cli(args, **kwargs):
 def fresh_run_dir(reference, tmp_path) -> str:
     """An empty run dir holding only the reference run's token stores (same data, same tokenizer)."""
     run_dir = tmp_path / "run"
-    shutil.copytree(os.path.join(reference[0], DATA_DIR), run_dir / DATA_DIR)
+    shutil.copytree(os.path.join(reference[0], RUN_FILES.data), run_dir / RUN_FILES.data)
     return str(run_dir)
 
 
@@ -111,7 +110,7 @@ def reference(tokenizer, tmp_path_factory):
 def test_run_outputs(reference):
     run_dir, summary = reference
     assert summary["steps"] == STEPS and summary["resumed_from"] is None and not summary["preempted"]
-    with open(os.path.join(run_dir, LOCK_FILE)) as f:
+    with open(os.path.join(run_dir, RUN_FILES.lock)) as f:
         assert f.read() == ""  # released
     train = read_metrics(run_dir, "train")
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
@@ -119,7 +118,7 @@ def test_run_outputs(reference):
     evals = read_metrics(run_dir, "eval")
     assert [r["step"] for r in evals] == [0, 10, 20, 30, 40]
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.5 and train[-1]["loss"] < train[0]["loss"] - 0.5
-    with open(os.path.join(run_dir, DATA_DIR, "eval", "index.json")) as f:  # the held-out store's text bytes
+    with open(os.path.join(run_dir, RUN_FILES.data, "eval", "index.json")) as f:  # the held-out store's text bytes
         index = json.load(f)
     for r in evals:  # bits per byte of the original text: nats per token x tokens / (bytes x ln 2)
         assert r["eval/loss"] == r["loss"]
@@ -267,7 +266,8 @@ def test_corrupted_latest_checkpoint_is_skipped(reference, tmp_path, caplog):
     checkpointer.close()
     assert int(state.step) == 36
     assert "checkpoint step 40" in caplog.text and "skipping it in favour of the previous one" in caplog.text
-    assert os.path.isdir(copy / CORRUPT_DIR / "40") and not os.path.exists(copy / "checkpoints" / "40")
+    assert os.path.isdir(copy / RUN_FILES.corrupt_checkpoints / "40")
+    assert not os.path.exists(copy / RUN_FILES.checkpoints / "40")
     _, params36 = restore_params(run_dir, step=36)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params36)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -295,12 +295,12 @@ def test_kill_9_then_resume_matches_uninterrupted(reference, tokenizer, tmp_path
     out, _ = proc.communicate(timeout=300)
     killed_at = max(train_losses(run_dir), default=0)
     assert proc.returncode == -signal.SIGKILL and killed_at < STEPS, (proc.returncode, killed_at, out[-3000:])
-    with open(os.path.join(run_dir, LOCK_FILE)) as f:
+    with open(os.path.join(run_dir, RUN_FILES.lock)) as f:
         assert json.load(f)["pid"] == proc.pid  # the killed run's lock is left behind ...
     again = cli(args)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out[-3000:]
-    assert f"taking over the stale lock {os.path.join(run_dir, LOCK_FILE)}" in out and f"pid {proc.pid}" in out
+    assert f"taking over the stale lock {os.path.join(run_dir, RUN_FILES.lock)}" in out and f"pid {proc.pid}" in out
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     resumed = summary["resumed_from"]

@@ -18,12 +18,11 @@ from jax.experimental import multihost_utils
 
 from .. import storage
 from ..modeling import LAYERS
-from ..runs import CHECKPOINT_DIR
+from ..runs import RUN_FILES
 from .config import CheckpointConfig
 from .step import TrainState
 
 logger = logging.getLogger(__name__)
-CORRUPT_DIR, CONFIG_FILE = "checkpoints_corrupt", "config.yaml"
 
 
 def _restore_args(abstract: Any) -> Any:
@@ -39,7 +38,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep, create=True,
                                                enable_async_checkpointing=cfg.async_save)
         self.manager = ocp.CheckpointManager(
-            os.path.join(self.run_dir, CHECKPOINT_DIR), options=options,
+            os.path.join(self.run_dir, RUN_FILES.checkpoints), options=options,
             item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def due(self, step: int) -> bool:
@@ -103,13 +102,13 @@ class Checkpointer:
     def _skip(self, step: int, err: Exception) -> None:
         logger.warning("checkpoint step %d in %s cannot be restored (%s: %s); skipping it in favour of the "
                        "previous one and moving it to %s", step, self.manager.directory, type(err).__name__,
-                       str(err).splitlines()[0][:300] if str(err) else "", CORRUPT_DIR)
+                       str(err).splitlines()[0][:300] if str(err) else "", RUN_FILES.corrupt_checkpoints)
         self._move_aside(step)
 
     def _move_aside(self, step: int) -> None:
         if jax.process_index() == 0:
             storage.move(os.path.join(str(self.manager.directory), str(step)),
-                         os.path.join(self.run_dir, CORRUPT_DIR, str(step)))
+                         os.path.join(self.run_dir, RUN_FILES.corrupt_checkpoints, str(step)))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"nucleusx-move-aside-{step}")
         self.manager.reload()

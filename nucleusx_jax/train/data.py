@@ -15,14 +15,16 @@ import math
 import os
 from typing import Any, Dict, List, Tuple
 
+import jax
+
 from ..data.mixture import Mixture, Phase, name_key, validate_schedule
 from ..data.prepare import HoldOut, PrepareOptions, prepare
 from ..data.reader import Windows, derive_key
+from ..runs import RUN_FILES
 from ..sources import FORMATS
 from ..data.store import TokenStore
 from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
 
-DATA_DIR = "data"  # on-the-fly stores inside the run directory
 TRAIN, EVAL = "train", "eval"
 _EVAL_TAG = 0xE7A1
 
@@ -154,7 +156,7 @@ class EvalSet:
 
 def _planned(cfg: DataConfig, run_dir: str) -> Tuple[Dict[str, Tuple[str, Any]], Dict[str, Tuple[str, Any]]]:
     """``(train, eval)``: name -> (store directory, what to prepare there: (sources, holdout) or None)."""
-    root = os.path.join(run_dir, DATA_DIR)
+    root = os.path.join(run_dir, RUN_FILES.data)
 
     def place(kind: str, e: Dict[str, Any]) -> Tuple[str, Any]:
         if "store" in e:
@@ -207,3 +209,23 @@ def open_run_data(cfg: DataConfig, tokenizer: Tokenizer, tokenizer_name: str, ru
         data = Mixture({name: Windows(store, cfg.seq_len, seed=seed, shuffle=cfg.shuffle)}, [Phase(0, (1.0,))], seed=seed)
         sets.append(EvalSet(name, data, store.num_bytes / store.num_tokens))
     return Mixture(components, cfg.schedule(), seed=cfg.seed), sets
+
+
+def host_rows(sharding: jax.sharding.Sharding, shape: Tuple[int, int]) -> List[int]:
+    """The rows of a ``shape`` batch that this process's devices hold under ``sharding``, sorted."""
+    index_map = sharding.addressable_devices_indices_map(shape)
+    return sorted({r for index in index_map.values() for r in range(*index[0].indices(shape[0]))})
+
+
+def global_batch(dataset: Mixture, step: int, sharding: jax.sharding.Sharding,
+                 shape: Tuple[int, int]) -> jax.Array:
+    """Global batch ``step`` of ``dataset``, ``shape`` ``[B, T + 1]`` placed by ``sharding``: each host reads
+    only the rows its devices hold (row ``r`` is row ``r`` of ``dataset``'s batch ``step`` whatever the process
+    layout) and puts them on those devices."""
+    index_map = sharding.addressable_devices_indices_map(shape)
+    rows = host_rows(sharding, shape)
+    local = dataset.rows(step, shape[0], rows)
+    position = {r: i for i, r in enumerate(rows)}
+    shards = [jax.device_put(local[[position[r] for r in range(*index[0].indices(shape[0]))]], device)
+              for device, index in index_map.items()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)

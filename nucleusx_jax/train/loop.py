@@ -1,10 +1,11 @@
-"""The training run: distributed setup, run directory, tokenizer and data, mesh, resume, the step loop with
-eval/logging/checkpoints/preemption, then export, plot, sample and summary.
+"""The training run: distributed setup, run directory, tokenizer and data, mesh, resume, the step loop with its
+hooks (:mod:`.hooks`: profile, non-finite check, progress and metrics, eval, lm-eval, checkpoints, SIGTERM),
+then export, plot, sample and summary.
 
-Run directory layout: ``config.yaml`` (resolved), ``config.json`` (the model config), ``tokenizer.model`` (when
-trained here), ``data/`` (token stores prepared from ``data.sources``),
-``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``profile/`` (``logging.profile_steps``),
-``wandb/`` (``logging.wandb``), ``loss.png``, ``hf/`` (final model and
+Run directory layout (names: :data:`nucleusx_jax.runs.RUN_FILES`): ``config.yaml`` (resolved), ``config.json``
+(the model config), ``tokenizer.model`` (when trained here), ``data/`` (token stores prepared from
+``data.sources``), ``checkpoints/<step>/``, ``metrics.jsonl``, ``tensorboard/``, ``profile/``
+(``logging.profile_steps``), ``wandb/`` (``logging.wandb``), ``loss.png``, ``hf/`` (final model and
 tokenizer), ``torch/`` (optional PyTorch export), ``summary.json``, ``run.lock`` (the trainer running there,
 see :mod:`nucleusx_jax.lock`). The run directory may be a URL (``gs://bucket/run``, see :mod:`nucleusx_jax.storage`).
 """
@@ -15,7 +16,6 @@ import importlib.util
 import json
 import logging
 import os
-import signal
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -24,32 +24,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
 
+from .. import pretrained, storage
 from .. import sharding as shd
-from .. import storage
-from ..configuration import CONFIG_FILE as CONFIG_JSON, NucleusXConfig
+from ..configuration import NucleusXConfig
 from ..convert import convert
-from ..model import NucleusX, save_flax_dir
-from ..storage import atomic_write
-from .checkpoint import CONFIG_FILE, Checkpointer
-from .config import Config
 from ..data.mixture import Mixture
-from .data import EvalSet, open_run_data, prepare_run_stores
 from ..lock import RunLock, RunLockedError
-from .metrics import MetricsWriter, ProfileTrace, import_wandb, peak_tflops, plot_losses
-from .step import Trainer, make_trainer, training_flops_per_token
+from ..model import NucleusX
+from ..runs import RUN_FILES
+from ..storage import atomic_write
 from ..tokenizer import Tokenizer, load_tokenizer, save_hf_tokenizer, train_tokenizer
+from ..types import Params
+from .checkpoint import Checkpointer
+from .config import Config
+from .data import EvalSet, global_batch, open_run_data, prepare_run_stores
+from .hooks import (Checkpoints, Evaluation, FiniteLoss, Hook, LmEvaluation, Preemption, Profile, Progress,
+                    StepInfo)
+from .metrics import MetricsWriter, import_wandb, peak_tflops, plot_losses
+from .step import Trainer, TrainState, make_trainer, training_flops_per_token
 
 logger = logging.getLogger(__name__)
-TOKENIZER_FILE, HF_DIR, TORCH_DIR = "tokenizer.model", "hf", "torch"
-SUMMARY_FILE = "summary.json"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised when ``train.on_nonfinite == "stop"`` and a step's loss or gradient norm is not finite."""
-
-    exit_status = 3  # train.py's exit status (see nucleusx_jax.cli)
 
 
 def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
@@ -79,7 +74,7 @@ def prepare_tokenizer(cfg: Config, run_dir: str) -> Tokenizer:
     (once: process 0 trains, the others wait). Sets the model's vocab/special ids from it."""
     path = cfg.data.tokenizer
     if not path:
-        path = os.path.join(run_dir, TOKENIZER_FILE)
+        path = os.path.join(run_dir, RUN_FILES.tokenizer)
         if jax.process_index() == 0 and not storage.exists(path):
             logger.info("training a %d-piece SentencePiece tokenizer on %s", cfg.data.vocab_size, cfg.data.sources)
             train_tokenizer(cfg.data.sources, path[: -len(".model")], cfg.data.vocab_size,
@@ -116,69 +111,16 @@ def export_hf(run_dir: str, config: NucleusXConfig, params: Any, tokenizer_file:
     of our and transformers' Flax model directories) and, for SentencePiece, the tokenizer (an HF
     ``LlamaTokenizer`` directory) into ``<run_dir>/hf``: built in a temporary local directory, then published
     (:func:`~nucleusx_jax.storage.publish_dir`, ``config.json`` last). Needs no transformers. Process 0 writes."""
-    final = os.path.join(run_dir, HF_DIR)
+    final = os.path.join(run_dir, RUN_FILES.hf)
     if jax.process_index() == 0:
         with tempfile.TemporaryDirectory(prefix=".hf-", dir=None if storage.is_url(run_dir) else run_dir) as tmp:
-            save_flax_dir(os.path.join(tmp, HF_DIR), config, params)
+            local = os.path.join(tmp, RUN_FILES.hf)
+            pretrained.save(local, config, params)
             if tokenizer_file is not None and tokenizer_file.endswith(".model"):
-                save_hf_tokenizer(tokenizer_file, os.path.join(tmp, HF_DIR))
-            storage.publish_dir(os.path.join(tmp, HF_DIR), final, marker=CONFIG_JSON)
+                save_hf_tokenizer(tokenizer_file, local)
+            storage.publish_dir(local, final, marker=RUN_FILES.model_config)
     _sync("nucleusx-export")
     return final
-
-
-class _Preemption:
-    """SIGTERM sets a flag that the loop checks after each step (agreed over all processes)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def check(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
-
-
-def evaluate(trainer: Trainer, params: Any, eval_set: EvalSet, batches: int) -> Dict[str, float]:
-    """Mean loss (nats per token) over the first ``batches`` global batches of ``eval_set``, and in bits per
-    byte of its original text."""
-    losses = [trainer.eval_step(params, _global_batch(trainer, eval_set.data, i)) for i in range(batches)]
-    loss = float(np.mean(jax.device_get(losses)))
-    return {"loss": loss, "bpb": eval_set.bits_per_byte(loss)}
-
-
-def _evaluate_all(trainer: Trainer, params: Any, eval_sets: List[EvalSet], batches: int) -> Dict[str, float]:
-    """:func:`evaluate` of every set, as ``{"loss": first set's loss, "<name>/loss": .., "<name>/bpb": ..}``."""
-    record: Dict[str, float] = {}
-    for e in eval_sets:
-        record.update({f"{e.name}/{k}": v for k, v in evaluate(trainer, params, e, batches).items()})
-    return {"loss": record[f"{eval_sets[0].name}/loss"], **record}
-
-
-def host_rows(sharding: jax.sharding.Sharding, shape: Tuple[int, int]) -> List[int]:
-    """The rows of a ``shape`` batch that this process's devices hold under ``sharding``, sorted."""
-    index_map = sharding.addressable_devices_indices_map(shape)
-    return sorted({r for index in index_map.values() for r in range(*index[0].indices(shape[0]))})
-
-
-def _global_batch(trainer: Trainer, dataset: Mixture, step: int) -> jax.Array:
-    """Global batch ``step`` ``[B, T + 1]``: each host reads only the rows its devices hold (row ``r`` is row
-    ``r`` of ``dataset``'s batch ``step`` whatever the process layout) and puts them on those devices."""
-    shape = (trainer.cfg.train.global_batch, trainer.cfg.data.seq_len + 1)
-    index_map = trainer.batch_sharding.addressable_devices_indices_map(shape)
-    rows = host_rows(trainer.batch_sharding, shape)
-    local = dataset.rows(step, shape[0], rows)
-    position = {r: i for i, r in enumerate(rows)}
-    shards = [jax.device_put(local[[position[r] for r in range(*index[0].indices(shape[0]))]], device)
-              for device, index in index_map.items()]
-    return jax.make_array_from_single_device_arrays(shape, trainer.batch_sharding, shards)
 
 
 def _lock_run_dir(run_dir: str) -> Optional[RunLock]:
@@ -218,8 +160,8 @@ def run(cfg: Config) -> Dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns the summary (also written to summary.json).
 
     Raises :class:`RunLockedError` when another run holds ``train.run_dir`` (see :mod:`nucleusx_jax.lock`), and
-    :class:`NonFiniteLossError` on a non-finite step when ``train.on_nonfinite == "stop"``. On SIGTERM saves a
-    checkpoint and returns with ``summary["preempted"] = True``.
+    :class:`~nucleusx_jax.train.hooks.NonFiniteLossError` on a non-finite step when
+    ``train.on_nonfinite == "stop"``. On SIGTERM saves a checkpoint and returns with ``summary["preempted"] = True``.
     """
     run_dir = storage.absolute(cfg.train.run_dir)
     storage.makedirs(run_dir)
@@ -231,156 +173,145 @@ def run(cfg: Config) -> Dict[str, Any]:
             lock.release()
 
 
-def _run(cfg: Config) -> Dict[str, Any]:
-    """:func:`run` once the run directory is locked."""
+@dataclasses.dataclass
+class _Prepared:
+    """A run ready for its first step: what the loop, its hooks and the exports need."""
+
+    run_dir: str
+    tokenizer: Tokenizer
+    tokenizer_file: str
+    trainer: Trainer
+    train_data: Mixture
+    eval_sets: List[EvalSet]  # empty when train.eval_every is 0
+    lm_eval: Optional[Callable[[Any], Dict[str, float]]]
+    checkpointer: Checkpointer
+    state: TrainState  # restored, or fresh
+    resumed_from: Optional[int]
+    model_config: NucleusXConfig
+
+
+def _prepare(cfg: Config) -> _Prepared:
+    """Tokenizer, mesh and trainer, data, the restored (or initial) state; writes the run's ``config.yaml`` and
+    ``config.json`` (after the restore: a refused resume leaves them as they were) and prints what runs."""
     t, lg = cfg.train, cfg.logging
     lead = jax.process_index() == 0
     if lead and lg.wandb is not None:
         import_wandb()  # a missing extra fails now, not after the data and the compile
     run_dir = storage.absolute(t.run_dir)
     tokenizer = prepare_tokenizer(cfg, run_dir)
-    tokenizer_file = cfg.data.tokenizer or os.path.join(run_dir, TOKENIZER_FILE)
+    tokenizer_file = cfg.data.tokenizer or os.path.join(run_dir, RUN_FILES.tokenizer)
     if lead:
-        print(f"resolved config (saved to {os.path.join(run_dir, CONFIG_FILE)}):\n{cfg.to_yaml()}", flush=True)
-
+        print(f"resolved config (saved to {os.path.join(run_dir, RUN_FILES.train_config)}):\n{cfg.to_yaml()}",
+              flush=True)
     mesh = shd.make_mesh(dataclasses.asdict(cfg.mesh))
     trainer = make_trainer(cfg, mesh)
     if lead:
         prepare_run_stores(cfg.data, tokenizer_file, run_dir, progress=lg.progress)
     _sync("nucleusx-data")
     train_data, eval_sets = open_run_data(cfg.data, tokenizer, tokenizer_file, run_dir)
-    eval_sets = eval_sets if t.eval_every > 0 else []
-
-    run_lm_eval = lm_eval_runner(cfg, tokenizer)
+    lm_eval = lm_eval_runner(cfg, tokenizer)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     state = checkpointer.restore_latest(trainer.abstract_state) if cfg.checkpoint.resume else None
     resumed_from = None if state is None else int(jax.device_get(state.step))
-    if lead:  # after the restore: a refused resume (another model) leaves the run's configs as they were
-        atomic_write(os.path.join(run_dir, CONFIG_FILE), cfg.to_yaml())
+    if lead:
+        atomic_write(os.path.join(run_dir, RUN_FILES.train_config), cfg.to_yaml())
         cfg.model_config().save_pretrained(run_dir)  # config.json: what the checkpoints hold (nucleusx_jax.runs)
-    if state is None:
-        state = trainer.init_state()
-    start = int(jax.device_get(state.step))
-    model_config = cfg.model_config()
-    flops_per_token = training_flops_per_token(model_config, trainer.num_params, cfg.data.seq_len)
-    peak = peak_tflops(jax.devices()[0].device_kind, lg.peak_tflops_per_device)
-    tokens_per_step = t.global_batch * cfg.data.seq_len
+    prepared = _Prepared(run_dir, tokenizer, tokenizer_file, trainer, train_data, eval_sets if t.eval_every > 0 else [],
+                         lm_eval, checkpointer, trainer.init_state() if state is None else state, resumed_from,
+                         cfg.model_config())
     if lead:
         print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices, "
               f"{jax.process_count()} process(es); {trainer.num_params:,} parameters; train windows of "
               f"{cfg.data.seq_len} tokens: {dict(zip(train_data.names, map(len, train_data.components)))}; "
-              f"{flops_per_token:.3g} training FLOPs/token; "
+              f"{_flops_per_token(cfg, prepared):.3g} training FLOPs/token; "
               + (f"resuming from step {resumed_from}" if resumed_from is not None else "starting from scratch"),
               flush=True)
+    return prepared
 
-    writer = MetricsWriter(run_dir, lg.tensorboard, lg.wandb, cfg.to_dict()) if lead else None
-    preemption = _Preemption()
-    bar = tqdm(total=t.steps, initial=start, disable=not (lead and lg.progress), desc="train", dynamic_ncols=True)
-    first_loss = last_loss = None
-    eval_losses: List[float] = []
-    last_eval: Dict[str, float] = {}
-    window_start, window_tokens, preempted = time.perf_counter(), 0, False
-    profile = ProfileTrace(run_dir, lg.profile_steps)
-    start_time = time.perf_counter()
-    if eval_sets and start == 0:
-        last_eval = _evaluate_all(trainer, state.params, eval_sets, t.eval_batches)
-        eval_losses.append(last_eval["loss"])
-        if writer is not None:
-            writer.write(0, "eval", last_eval)
+
+def _flops_per_token(cfg: Config, run: _Prepared) -> float:
+    return training_flops_per_token(run.model_config, run.trainer.num_params, cfg.data.seq_len)
+
+
+def _loop(cfg: Config, run: _Prepared, hooks: List[Hook], preemption: Preemption, checkpoints: Checkpoints,
+          progress: Progress) -> Tuple[TrainState, bool]:
+    """The steps from the state's to ``train.steps``, each followed by the hooks (in order; closed in order
+    however the loop ends), then a checkpoint. Returns ``(state, preempted)``: on SIGTERM, after the step
+    that runs, a checkpoint is written and waited for, and the loop stops."""
+    state, steps = run.state, cfg.train.steps
+    start, shape = int(jax.device_get(state.step)), (cfg.train.global_batch, cfg.data.seq_len + 1)
     try:
-        for step in range(start, t.steps):
-            done = step + 1
-            profile.before(step)
-            with jax.profiler.StepTraceAnnotation("train", step_num=done):
-                state, metrics = trainer.train_step(state, _global_batch(trainer, train_data, step))
-                m = jax.device_get(metrics)
-            profile.after(done)
-            loss = float(m["loss"])
-            if not bool(m["finite"]):
-                message = (f"non-finite training loss or gradient at step {done} (loss {loss}, grad norm "
-                           f"{float(m['grad_norm'])}); the parameters were not updated")
-                if t.on_nonfinite == "stop":
-                    raise NonFiniteLossError(message + "; stopping (set train.on_nonfinite=skip to skip such steps "
-                                             "instead). The last checkpoint holds finite weights.")
-                logger.warning("%s; skipping the step (train.on_nonfinite=skip)", message)
-            else:
-                first_loss = loss if first_loss is None else first_loss
-                last_loss = loss
-            window_tokens += tokens_per_step
-            if done % lg.every == 0 or done == t.steps:
-                elapsed = time.perf_counter() - window_start
-                record = {"loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-                          "tokens_per_s": window_tokens / elapsed,
-                          "tflops_per_device": flops_per_token * window_tokens / elapsed / jax.device_count() / 1e12}
-                if peak is not None:
-                    record["mfu"] = record["tflops_per_device"] / peak
-                if writer is not None:
-                    writer.write(done, "train", record)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-                window_start, window_tokens = time.perf_counter(), 0
-            else:
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            bar.update(1)
-            if eval_sets and (done % t.eval_every == 0 or done == t.steps):
-                last_eval = _evaluate_all(trainer, state.params, eval_sets, t.eval_batches)
-                eval_losses.append(last_eval["loss"])
-                if writer is not None:
-                    writer.write(done, "eval", last_eval)
-                if lead:
-                    bar.write(f"step {done}: train loss {loss:.4f}, " + ", ".join(
-                        f"{e.name} loss {last_eval[e.name + '/loss']:.4f} ({last_eval[e.name + '/bpb']:.3f} bpb)"
-                        for e in eval_sets))
-                window_start = time.perf_counter()
-            if run_lm_eval is not None and (done % cfg.lm_eval.every == 0 or done == t.steps):
-                scores = run_lm_eval(state.params)
-                if writer is not None:
-                    writer.write(done, "lm_eval", scores)
-                if lead:
-                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-                window_start = time.perf_counter()
-            if checkpointer.due(done):
-                checkpointer.save(state)
-            if preemption.check():
-                checkpointer.save(state)
-                checkpointer.wait()
-                preempted = True
-                if lead:
-                    bar.write(f"SIGTERM: saved step {done} to {run_dir}; exiting")
-                break
-        if not preempted:
-            checkpointer.save(state)
+        for hook in hooks:
+            hook.start(start, state)
+        for step in range(start, steps):
+            for hook in hooks:
+                hook.before(step)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                batch = global_batch(run.train_data, step, run.trainer.batch_sharding, shape)
+                state, metrics = run.trainer.train_step(state, batch)
+                info = StepInfo(step + 1, step + 1 == steps, state, jax.device_get(metrics))
+            for hook in hooks:
+                hook.after(info)
+            if preemption.requested():
+                checkpoints.final(state, wait=True)
+                progress.say(f"SIGTERM: saved step {info.done} to {run.run_dir}; exiting")
+                return state, True
+        checkpoints.final(state, wait=False)
+        return state, False
     finally:
-        profile.stop()
-        bar.close()
-        preemption.restore()
-        checkpointer.close()
-        if writer is not None:
-            writer.close()
+        for hook in hooks:
+            hook.close()
+
+
+def _run(cfg: Config) -> Dict[str, Any]:
+    """:func:`run` once the run directory is locked: prepare, loop with the hooks, export, summarise."""
+    t, lg, lead = cfg.train, cfg.logging, jax.process_index() == 0
+    run = _prepare(cfg)
+    start, tokens_per_step = int(jax.device_get(run.state.step)), t.global_batch * cfg.data.seq_len
+    writer = MetricsWriter(run.run_dir, lg.tensorboard, lg.wandb, cfg.to_dict()) if lead else None
+    progress = Progress(writer=writer, lead=lead, show=lead and lg.progress, total=t.steps, start=start,
+                        every=lg.every, tokens_per_step=tokens_per_step, flops_per_token=_flops_per_token(cfg, run),
+                        peak=peak_tflops(jax.devices()[0].device_kind, lg.peak_tflops_per_device))
+    finite, preemption, checkpoints = FiniteLoss(t.on_nonfinite), Preemption(), Checkpoints(run.checkpointer)
+    evaluation = Evaluation(run.trainer, run.eval_sets, every=t.eval_every, batches=t.eval_batches, progress=progress)
+    lm_eval = [] if run.lm_eval is None else [LmEvaluation(run.lm_eval, every=cfg.lm_eval.every, progress=progress)]
+    hooks = [Profile(run.run_dir, lg.profile_steps), finite, progress, evaluation, *lm_eval, checkpoints, preemption]
+    start_time = time.perf_counter()
+    state, preempted = _loop(cfg, run, hooks, preemption, checkpoints, progress)
     wall = time.perf_counter() - start_time
     steps_done = int(jax.device_get(state.step))
     summary: Dict[str, Any] = {
-        "run_dir": run_dir, "steps": steps_done, "resumed_from": resumed_from, "preempted": preempted,
-        "first_train_loss": first_loss, "last_train_loss": last_loss,
-        "eval_losses": eval_losses, "eval": last_eval, "wall_s": wall, "parameters": trainer.num_params,
+        "run_dir": run.run_dir, "steps": steps_done, "resumed_from": run.resumed_from, "preempted": preempted,
+        "first_train_loss": finite.first, "last_train_loss": finite.last,
+        "eval_losses": evaluation.losses, "eval": evaluation.last, "wall_s": wall, "parameters": run.trainer.num_params,
         "tokens_per_s": (steps_done - start) * tokens_per_step / wall if wall > 0 else None,
     }
     if not preempted:
-        final_params = host_params(state.params)
-        if cfg.checkpoint.export_hf or cfg.checkpoint.export_torch:
-            summary["hf_dir"] = export_hf(run_dir, model_config, final_params, tokenizer_file)
-        if cfg.checkpoint.export_torch and lead:
-            summary["torch_dir"] = os.path.join(run_dir, TORCH_DIR)
-            convert(summary["hf_dir"], summary["torch_dir"], "torch", overwrite=True, progress=False)
-        if lead and lg.plot:
-            summary["plot"] = plot_losses(run_dir)
-        if lg.sample_tokens > 0:
-            prompt = ([tokenizer.bos_id] if cfg.data.add_bos else []) + tokenizer.encode(lg.sample_prompt)
-            sample = tokenizer.decode(greedy_sample(model_config, final_params, prompt, lg.sample_tokens))
-            summary["sample"] = lg.sample_prompt + sample
+        summary.update(_export(cfg, run, state.params))
     if lead:
-        atomic_write(os.path.join(run_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+        atomic_write(os.path.join(run.run_dir, RUN_FILES.summary), json.dumps(summary, indent=2))
         print_summary(summary)
     return summary
+
+
+def _export(cfg: Config, run: _Prepared, params: Params) -> Dict[str, Any]:
+    """The end of a finished run: the HF and PyTorch exports, the loss plot and the greedy sample, as far as
+    the config asks for them; returns their summary entries."""
+    lead, out = jax.process_index() == 0, {}
+    final_params = host_params(params)
+    if cfg.checkpoint.export_hf or cfg.checkpoint.export_torch:
+        out["hf_dir"] = export_hf(run.run_dir, run.model_config, final_params, run.tokenizer_file)
+    if cfg.checkpoint.export_torch and lead:
+        out["torch_dir"] = os.path.join(run.run_dir, RUN_FILES.torch)
+        convert(out["hf_dir"], out["torch_dir"], "torch", overwrite=True, progress=False)
+    if lead and cfg.logging.plot:
+        out["plot"] = plot_losses(run.run_dir)
+    if cfg.logging.sample_tokens > 0:
+        lg, tok = cfg.logging, run.tokenizer
+        prompt = ([tok.bos_id] if cfg.data.add_bos else []) + tok.encode(lg.sample_prompt)
+        out["sample"] = lg.sample_prompt + tok.decode(greedy_sample(run.model_config, final_params, prompt,
+                                                                     lg.sample_tokens))
+    return out
 
 
 def print_summary(summary: Dict[str, Any]) -> None:

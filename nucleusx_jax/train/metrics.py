@@ -1,5 +1,5 @@
 """Run observability: ``metrics.jsonl``, TensorBoard event files, optional Weights & Biases, the loss plot
-``loss.png``, peak FLOP/s, and the directory of profiler traces.
+``loss.png`` and peak FLOP/s (the profiler trace is a hook, :class:`nucleusx_jax.train.hooks.Profile`).
 
 Every record is one JSON line ``{"step": s, "split": "train"|"eval", ...}``. A resumed run appends; when a
 step appears twice (steps redone after a crash), the later record wins in :func:`read_metrics`. TensorBoard
@@ -13,17 +13,14 @@ event files go through tensorboardX's own ``gs://`` (or ``s3://``) writer.
 import io
 import json
 import os
-import shutil
-import tempfile
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
-import jax
 
 from .. import storage
+from ..runs import RUN_FILES
 from .config import ConfigError, WandbConfig
 
-METRICS_FILE, PLOT_FILE, TB_DIR, PROFILE_DIR = "metrics.jsonl", "loss.png", "tensorboard", "profile"
 WANDB_INSTALL = "pip install 'nucleusx-jax[wandb]'"
 UPLOAD_EVERY_S = 30.0
 
@@ -50,38 +47,6 @@ def import_wandb() -> Any:
     return wandb
 
 
-class ProfileTrace:
-    """A ``jax.profiler`` trace of the steps after ``window[0]`` up to ``window[1]`` (``logging.profile_steps``,
-    the metrics' numbering; None: no trace) into ``<run_dir>/profile``. The profiler writes local files, so for
-    a URL run directory it traces into a local temporary directory whose files are uploaded and removed when
-    the trace stops. A run resumed inside the window traces from its first step."""
-
-    def __init__(self, run_dir: str, window: Optional[Sequence[int]]):
-        self.dest, self.window = os.path.join(run_dir, PROFILE_DIR), window
-        self.local: Optional[str] = None  # the directory being traced into; None when not tracing
-
-    def before(self, step: int) -> None:
-        """Start tracing before 0-based ``step`` if it lies in the window."""
-        if self.window is not None and self.window[0] <= step < self.window[1] and self.local is None:
-            self.local = tempfile.mkdtemp(prefix="nucleusx-profile-") if storage.is_url(self.dest) else self.dest
-            jax.profiler.start_trace(self.local)
-
-    def after(self, done: int) -> None:
-        """Stop after ``done`` steps when that is the end of the window."""
-        if self.local is not None and done == self.window[1]:
-            self.stop()
-
-    def stop(self) -> None:
-        """End the trace if one runs (also on an early exit)."""
-        if self.local is None:
-            return
-        jax.profiler.stop_trace()
-        if self.local != self.dest:
-            storage.upload_tree(self.local, self.dest)
-            shutil.rmtree(self.local, ignore_errors=True)
-        self.local = None
-
-
 class MetricsWriter:
     """Appends records to ``<run_dir>/metrics.jsonl`` and, optionally, TensorBoard scalars and a W&B run
     (``wandb``: project and name; ``config``: the resolved run config it records; its files go to
@@ -89,7 +54,7 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str, tensorboard: bool, wandb: Optional[WandbConfig] = None,
                  config: Optional[Mapping[str, Any]] = None):
-        self.path = os.path.join(run_dir, METRICS_FILE)
+        self.path = os.path.join(run_dir, RUN_FILES.metrics)
         self.remote = storage.is_url(run_dir)
         if self.remote:  # the whole text, uploaded at most every UPLOAD_EVERY_S
             self.text = storage.read_bytes(self.path).decode() if storage.isfile(self.path) else ""
@@ -100,7 +65,7 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run_dir, TB_DIR))
+            self.tb = SummaryWriter(os.path.join(run_dir, RUN_FILES.tensorboard))
         self.wandb_run = None
         if wandb is not None:
             # wandb keeps its files on a local disk: <run_dir>/wandb, or ./wandb for a run directory on a URL
@@ -144,7 +109,7 @@ class MetricsWriter:
 def read_metrics(run_dir: str, split: str) -> List[Dict[str, Any]]:
     """Records of ``split`` ordered by step, the last record of each step kept."""
     by_step: Dict[int, Dict[str, Any]] = {}
-    with storage.open_file(os.path.join(run_dir, METRICS_FILE), "r") as f:
+    with storage.open_file(os.path.join(run_dir, RUN_FILES.metrics), "r") as f:
         for line in f:
             record = json.loads(line)
             if record.get("split") == split:
@@ -168,7 +133,7 @@ def plot_losses(run_dir: str) -> str:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = os.path.join(run_dir, PLOT_FILE)
+    path = os.path.join(run_dir, RUN_FILES.plot)
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
