@@ -8,10 +8,9 @@ continues whatever document it was cut from. See :mod:`nucleusx_jax.retention` f
 
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+from .types import Array
 
 
 def document_segment_ids(tokens: Array, bos_id: Optional[int], eos_id: Optional[int]) -> Array:

@@ -40,16 +40,15 @@ import numpy as np
 
 from .configuration import ChunkwiseNormalization
 
-Array = jax.Array
 F32 = jnp.float32
 
 
 class RetentionState(NamedTuple):
     """Recurrent state of one retention layer (see the module docstring for the exact quantities)."""
 
-    kv: Array  # [B, H, V, K] float32
-    scale: Array  # [B, H, 1, 1] float32
-    seqlen: Array  # [] int32
+    kv: jax.Array  # [B, H, V, K] float32
+    scale: jax.Array  # [B, H, 1, 1] float32
+    seqlen: jax.Array  # [] int32
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -91,7 +90,7 @@ def angle_table(key_head_dim: int) -> np.ndarray:
     return np.repeat(np.float32(1) / power, 2)
 
 
-def rotate(x: Array, positions: Array, angle: Array) -> Array:
+def rotate(x: jax.Array, positions: jax.Array, angle: jax.Array) -> jax.Array:
     """Rotate pairs ``(x[2i], x[2i+1])`` by ``positions * angle``: x ``[B, H, T, K]``, positions ``[T]`` or
     ``[B, T]``."""
     theta = positions.astype(F32)[..., None] * angle  # [T, K] or [B, T, K]
@@ -103,13 +102,13 @@ def rotate(x: Array, positions: Array, angle: Array) -> Array:
     return x * cos + rotated * sin
 
 
-def _powers(exponent: Array, log_decay: Array) -> Array:
+def _powers(exponent: jax.Array, log_decay: jax.Array) -> jax.Array:
     """``gamma_h ** exponent`` where ``exponent >= 0`` and 0 elsewhere; adds a leading H axis."""
     ld = log_decay.reshape((-1,) + (1,) * exponent.ndim)
     return jnp.where(exponent >= 0, jnp.exp(jnp.maximum(exponent, 0).astype(F32) * ld), 0.0)
 
 
-def _matmul(spec: str, a: Array, b: Array) -> Array:
+def _matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=F32)
 
 
@@ -134,15 +133,15 @@ def check_segment_ids(segment_ids: np.ndarray, shape: Tuple[int, int]) -> None:
                              "be one contiguous run of equal ids")
 
 
-def segment_starts(segment_ids: Array) -> Array:
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
     """``[B, T]`` -> ``[B, T]`` int32: the index of the first token of each token's run of equal ids."""
     length = segment_ids.shape[1]
     new = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
     return jax.lax.cummax(jnp.where(new, jnp.arange(length, dtype=jnp.int32)[None], 0), axis=1)
 
 
-def _segment_layout(segment_ids: Array, mask: Optional[Array],
-                    starts: Optional[Array] = None) -> Tuple[Array, Array, Array]:
+def _segment_layout(segment_ids: jax.Array, mask: Optional[jax.Array],
+                    starts: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """(starts ``[B, T]``, real ``[B, T]`` bool, in the row's first segment ``[B, T]`` bool)."""
     starts = segment_starts(segment_ids) if starts is None else starts
     real = segment_ids != 0
@@ -152,8 +151,8 @@ def _segment_layout(segment_ids: Array, mask: Optional[Array],
     return starts, real, real & (starts == first)
 
 
-def segment_positions(segment_ids: Array, offset: Array, mask: Optional[Array] = None,
-                      starts: Optional[Array] = None) -> Tuple[Array, Array]:
+def segment_positions(segment_ids: jax.Array, offset: jax.Array, mask: Optional[jax.Array] = None,
+                      starts: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
     """Rotation positions ``[B, T]`` int32 restarting at 0 where a segment starts, and the next position ``[B]``.
 
     The row's first segment continues from ``offset`` (``[]`` or ``[B]``, a cache's ``seqlen``); the next
@@ -168,7 +167,7 @@ def segment_positions(segment_ids: Array, offset: Array, mask: Optional[Array] =
     return pos, jnp.where(last >= 0, after, offset)
 
 
-def real_tokens(mask: Optional[Array], segment_ids: Optional[Array]) -> Optional[Array]:
+def real_tokens(mask: Optional[jax.Array], segment_ids: Optional[jax.Array]) -> Optional[jax.Array]:
     """Real tokens ``[B, T]`` bool (non-zero segment and mask 1), or None when neither is given."""
     if segment_ids is None:
         return None if mask is None else mask.astype(bool)
@@ -185,8 +184,8 @@ def empty_state(batch: int, num_heads: int, key_dim: int, value_dim: int) -> Ret
     )
 
 
-def final_state(k: Array, v: Array, log_decay: Array, mask: Optional[Array],
-                segment_ids: Optional[Array] = None) -> RetentionState:
+def final_state(k: jax.Array, v: jax.Array, log_decay: jax.Array, mask: Optional[jax.Array],
+                segment_ids: Optional[jax.Array] = None) -> RetentionState:
     """The state a whole-sequence pass leaves behind, equal to running :func:`recurrent_step` over it.
 
     k ``[B, H, T, K]``, v ``[B, H, T, V]``. Token ``t`` is weighted by ``gamma**(L - t)`` with ``L`` the last
@@ -213,8 +212,8 @@ def final_state(k: Array, v: Array, log_decay: Array, mask: Optional[Array],
 
 
 # ------------------------------------------------------------------------------------------- parallel
-def parallel_decay_mask(log_decay: Array, length: int, mask: Optional[Array],
-                        segment_ids: Optional[Array] = None) -> Array:
+def parallel_decay_mask(log_decay: jax.Array, length: int, mask: Optional[jax.Array],
+                        segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """Normalised decay matrix ``[B or 1, H, T, T]``: ``gamma**(i-j)`` for ``j <= i`` (times ``mask[j]``; with
     ``segment_ids`` only for ``j`` in the segment of ``i``), each row divided by the square root of its sum;
     all-zero rows stay zero."""
@@ -230,9 +229,9 @@ def parallel_decay_mask(log_decay: Array, length: int, mask: Optional[Array],
 
 
 def parallel_retention(
-    q: Array, k: Array, v: Array, log_decay: Array, mask: Optional[Array] = None,
-    segment_ids: Optional[Array] = None,
-) -> Array:
+    q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, mask: Optional[jax.Array] = None,
+    segment_ids: Optional[jax.Array] = None,
+) -> jax.Array:
     """Parallel form: ``(q k^T * D) v`` with rows divided by ``max(|row sum|, 1)``. Returns ``[B, H, T, V]``.
 
     Materialises ``[B, H, T, T]``; use :func:`chunkwise_retention` for long sequences.
@@ -245,7 +244,7 @@ def parallel_retention(
 
 
 # ------------------------------------------------------------------------------------------ chunkwise
-def chunk_tables(log_decay: Array, chunk_size: int) -> Tuple[Array, Array, Array, Array]:
+def chunk_tables(log_decay: jax.Array, chunk_size: int) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Tables of the chunkwise form for chunk size C (the reference's normalisation).
 
     Returns ``inner`` ``[H, C, C]`` (the chunk's decay matrix, rows divided by sqrt of their sums),
@@ -266,11 +265,11 @@ def chunk_tables(log_decay: Array, chunk_size: int) -> Tuple[Array, Array, Array
 class ChunkSegments(NamedTuple):
     """Segments in the chunk grid of the chunkwise forms (T padded to N * C; see :func:`chunk_segments`)."""
 
-    local_start: Array  # [B, N * C] int32: start of the token's segment minus the start of its chunk
-    factor: Array  # [B, H, N * C] float32: sqrt(S_{i+1} / S_{p+1}), i the index in the chunk, p in the segment
+    local_start: jax.Array  # [B, N * C] int32: start of the token's segment minus the start of its chunk
+    factor: jax.Array  # [B, H, N * C] float32: sqrt(S_{i+1} / S_{p+1}), i the index in the chunk, p in the segment
 
 
-def decay_sums(count: Array, log_decay: Array) -> Array:
+def decay_sums(count: jax.Array, log_decay: jax.Array) -> jax.Array:
     """``S_m = sum_{l<m} gamma**l`` for ``count`` ``m >= 1`` (any shape), with a leading H axis: the closed
     form ``(1 - gamma**m) / (1 - gamma)`` (``m`` where ``gamma`` is 1)."""
     ld = log_decay.reshape((-1,) + (1,) * count.ndim)
@@ -278,7 +277,7 @@ def decay_sums(count: Array, log_decay: Array) -> Array:
     return jnp.where(ld == 0, m, jnp.expm1(m * ld) / jnp.where(ld == 0, 1.0, jnp.expm1(ld)))
 
 
-def chunk_segments(segment_ids: Array, log_decay: Array, chunk_size: int) -> ChunkSegments:
+def chunk_segments(segment_ids: jax.Array, log_decay: jax.Array, chunk_size: int) -> ChunkSegments:
     """:class:`ChunkSegments` of ``segment_ids`` ``[B, T]`` for chunks of C tokens (``S_m = sum_{l<m} gamma**l``).
 
     Within chunk ``n``, token ``i`` sees ``j`` when ``j >= local_start[i]``; it reads the carried state when
@@ -288,13 +287,13 @@ def chunk_segments(segment_ids: Array, log_decay: Array, chunk_size: int) -> Chu
     return segments_from_starts(_padded_starts(segment_ids, chunk_size), log_decay, chunk_size)
 
 
-def _padded_starts(segment_ids: Array, chunk_size: int) -> Array:
+def _padded_starts(segment_ids: jax.Array, chunk_size: int) -> jax.Array:
     """:func:`segment_starts` of ``segment_ids`` ``[B, T]`` padded to whole chunks with a segment of its own."""
     pad = -segment_ids.shape[1] % chunk_size
     return segment_starts(jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1))
 
 
-def segments_from_starts(starts: Array, log_decay: Array, chunk_size: int) -> ChunkSegments:
+def segments_from_starts(starts: jax.Array, log_decay: jax.Array, chunk_size: int) -> ChunkSegments:
     """:class:`ChunkSegments` from the start of every token's segment, ``starts`` ``[B, N * C]`` int32, counted
     from the first token given (negative: the segment began before it, in an earlier slice of the sequence)."""
     pos = jnp.arange(starts.shape[1], dtype=jnp.int32)
@@ -303,7 +302,7 @@ def segments_from_starts(starts: Array, log_decay: Array, chunk_size: int) -> Ch
     return ChunkSegments(starts - pos // chunk_size * chunk_size, factor.transpose(1, 0, 2))
 
 
-def segment_scale(row_sum: Array, factor: Array) -> Array:
+def segment_scale(row_sum: jax.Array, factor: jax.Array) -> jax.Array:
     """The chunkwise forms' divisor with segments: ``max(|row_sum| * factor, 1) / factor`` (same shapes).
 
     ``row_sum`` is the chunk-normalised row sum of ``q k^T * D``; dividing by the result normalises each row
@@ -314,25 +313,25 @@ def segment_scale(row_sum: Array, factor: Array) -> Array:
 class ChunkTerms(NamedTuple):
     """What the chunkwise form computes per chunk before the state is carried (N chunks of C tokens)."""
 
-    qk: Array  # [B, H, N, C, C] float32: masked, decayed q k^T inside each chunk
-    inner_out: Array  # [B, H, N, C, V] float32: the chunk's own contribution
-    qd: Array  # [B, H, N, C, K]: queries scaled to read the state entering their chunk
-    chunk_kv: Array  # [N, B, H, K, V] float32: what each chunk adds to the state
-    chunk_z: Optional[Array]  # [N, B, H, K, 1] float32 with segments: the same for v = 1 (for the row sums)
-    carried: Array  # [N, B, 1, 1, 1] float32: 1 where the state entering chunk n goes on past it
-    factor: Optional[Array]  # [B, H, N, C] float32 with segments (:class:`ChunkSegments`)
+    qk: jax.Array  # [B, H, N, C, C] float32: masked, decayed q k^T inside each chunk
+    inner_out: jax.Array  # [B, H, N, C, V] float32: the chunk's own contribution
+    qd: jax.Array  # [B, H, N, C, K]: queries scaled to read the state entering their chunk
+    chunk_kv: jax.Array  # [N, B, H, K, V] float32: what each chunk adds to the state
+    chunk_z: Optional[jax.Array]  # [N, B, H, K, 1] float32 with segments: the same for v = 1 (for the row sums)
+    carried: jax.Array  # [N, B, 1, 1, 1] float32: 1 where the state entering chunk n goes on past it
+    factor: Optional[jax.Array]  # [B, H, N, C] float32 with segments (:class:`ChunkSegments`)
 
 
 class ChunkStates(NamedTuple):
     """States entering each chunk (``kv`` ``[N, B, H, K, V]``, ``z`` ``[N, B, H, K, 1]`` or None) or, without
     the N axis, the state a run of chunks hands on."""
 
-    kv: Array
-    z: Optional[Array]
+    kv: jax.Array
+    z: Optional[jax.Array]
 
 
-def chunk_terms(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, real: Optional[Array],
-                starts: Optional[Array]) -> ChunkTerms:
+def chunk_terms(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, chunk_size: int,
+                real: Optional[jax.Array], starts: Optional[jax.Array]) -> ChunkTerms:
     """:class:`ChunkTerms` of q, k ``[B, H, T, K]``, v ``[B, H, T, V]`` (T padded to N * C inside), ``real``
     ``[B, T]`` bool or None, and with segments ``starts`` ``[B, N * C]`` (see :func:`segments_from_starts`)."""
     batch, heads, length, _ = q.shape
@@ -342,7 +341,7 @@ def chunk_terms(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int,
         keep = real.astype(k.dtype)[:, None, :, None]
         k, v = k * keep, v * keep
 
-    def chunks(x: Array) -> Array:  # [B, H, T, D] -> [B, H, N, C, D]
+    def chunks(x: jax.Array) -> jax.Array:  # [B, H, T, D] -> [B, H, N, C, D]
         x = jnp.pad(x, ((0, 0), (0, 0), (0, n * c - length), (0, 0)))
         return x.reshape(batch, heads, n, c, x.shape[-1])
 
@@ -375,12 +374,13 @@ def chunk_terms(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int,
     return ChunkTerms(qk, inner_out, qd, chunk_kv, chunk_z, carried, factor)
 
 
-def chunk_states(terms: ChunkTerms, log_decay: Array, chunk_size: int) -> Tuple[ChunkStates, ChunkStates]:
+def chunk_states(terms: ChunkTerms, log_decay: jax.Array, chunk_size: int) -> Tuple[ChunkStates, ChunkStates]:
     """A ``lax.scan`` over the chunks from an empty state: (the state entering each chunk, the state after the
     last)."""
     chunk_decay = jnp.exp(log_decay * chunk_size)[None, :, None, None]  # [1, H, 1, 1]
 
-    def step(state: ChunkStates, x: Tuple[Array, Optional[Array], Array]) -> Tuple[ChunkStates, ChunkStates]:
+    def step(state: ChunkStates,
+             x: Tuple[jax.Array, Optional[jax.Array], jax.Array]) -> Tuple[ChunkStates, ChunkStates]:
         decay = chunk_decay * x[2]
         return ChunkStates(state.kv * decay + x[0], None if x[1] is None else state.z * decay + x[1]), state
 
@@ -390,7 +390,7 @@ def chunk_states(terms: ChunkTerms, log_decay: Array, chunk_size: int) -> Tuple[
     return before, final
 
 
-def chunk_output(terms: ChunkTerms, before: ChunkStates, length: int, dtype: Any) -> Array:
+def chunk_output(terms: ChunkTerms, before: ChunkStates, length: int, dtype: Any) -> jax.Array:
     """The chunkwise form's output ``[B, H, T, V]`` from its terms and the state entering each chunk, with the
     reference's normalisation (the larger of the inner and the state's row scale; with segments the parallel
     form's row sums, :func:`segment_scale`)."""
@@ -409,8 +409,8 @@ def chunk_output(terms: ChunkTerms, before: ChunkStates, length: int, dtype: Any
     return out.reshape(batch, heads, n * c, vdim)[:, :, :length].astype(dtype)
 
 
-def normalizing_segments(segment_ids: Optional[Array], mask: Optional[Array], shape: Tuple[int, int],
-                         normalization: str) -> Optional[Array]:
+def normalizing_segments(segment_ids: Optional[jax.Array], mask: Optional[jax.Array], shape: Tuple[int, int],
+                         normalization: str) -> Optional[jax.Array]:
     """The segment ids ``[B, T]`` (``shape``) a chunkwise form runs with: ``segment_ids`` when given; without
     them, for ``"exact"`` normalisation, one document per row (0 before the row's first real token, 1 from it
     on), whose rows the segments path normalises as :func:`parallel_retention` does; for ``"reference"`` None
@@ -424,9 +424,9 @@ def normalizing_segments(segment_ids: Optional[Array], mask: Optional[Array], sh
 
 
 def chunkwise_retention(
-    q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, mask: Optional[Array] = None,
-    segment_ids: Optional[Array] = None, normalization: str = "exact",
-) -> Array:
+    q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, chunk_size: int, mask: Optional[jax.Array] = None,
+    segment_ids: Optional[jax.Array] = None, normalization: str = "exact",
+) -> jax.Array:
     """Chunkwise form: exact attention inside chunks of C tokens, a ``lax.scan`` carrying the state across.
 
     Any T (the last chunk is padded internally). Padding tokens (``mask == 0``) contribute nothing.
@@ -443,9 +443,9 @@ def chunkwise_retention(
 
 # ------------------------------------------------------------------------------------------ recurrent
 def recurrent_step(
-    q: Array, k: Array, v: Array, log_decay: Array, state: RetentionState, mask: Optional[Array] = None,
-    reset: Optional[Array] = None,
-) -> Tuple[Array, RetentionState]:
+    q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, state: RetentionState,
+    mask: Optional[jax.Array] = None, reset: Optional[jax.Array] = None,
+) -> Tuple[jax.Array, RetentionState]:
     """One token: q, k ``[B, H, K]``, v ``[B, H, V]``, mask ``[B]``. Returns ``([B, H, V], new state)``.
 
     ``scale <- scale * gamma + 1`` and ``kv <- kv * sqrt(old/new scale) * gamma + v k^T / sqrt(new scale)``;
@@ -460,7 +460,7 @@ def recurrent_step(
         fresh = reset[:, None, None, None]
         state = state._replace(kv=jnp.where(fresh, 0.0, state.kv), scale=jnp.where(fresh, 0.0, state.scale))
 
-    def update(k: Array, v: Array) -> Tuple[Array, Array]:
+    def update(k: jax.Array, v: jax.Array) -> Tuple[jax.Array, jax.Array]:
         scale = jnp.where(real, state.scale * gamma + 1.0, state.scale)
         safe = jnp.where(scale > 0, scale, 1.0)
         carry = jnp.where(real, jnp.sqrt(state.scale) * gamma / jnp.sqrt(safe), 1.0)
@@ -476,9 +476,9 @@ def recurrent_step(
 
 
 def recurrent_retention(
-    q: Array, k: Array, v: Array, log_decay: Array, state: RetentionState, mask: Optional[Array] = None,
-    segment_ids: Optional[Array] = None,
-) -> Tuple[Array, RetentionState]:
+    q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, state: RetentionState,
+    mask: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+) -> Tuple[jax.Array, RetentionState]:
     """T recurrent steps in one ``lax.scan``, starting from ``state``. Returns ``([B, H, T, V], state)``.
 
     With ``segment_ids`` ``[B, T]`` the state resets where a segment starts, except the row's first segment,
@@ -493,7 +493,7 @@ def recurrent_retention(
         starts, real, first = _segment_layout(segment_ids, mask)
         resets = (real & ~first & (starts == jnp.arange(q.shape[2])[None])).T
 
-    def step(s: RetentionState, x: Tuple[Array, ...]) -> Tuple[RetentionState, Array]:
+    def step(s: RetentionState, x: Tuple[jax.Array, ...]) -> Tuple[RetentionState, jax.Array]:
         qt, kt, vt, mt, rt = x
         out, s = recurrent_step(qt, kt, vt, log_decay, s, mt, rt)
         return s, out

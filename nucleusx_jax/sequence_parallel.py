@@ -31,8 +31,8 @@ from jax.sharding import PartitionSpec
 from . import retention as ret
 from .configuration import RetentionImpl
 from .sharding import SEQUENCE_AXIS
+from .types import Array
 
-Array = jax.Array
 F32 = jnp.float32
 
 

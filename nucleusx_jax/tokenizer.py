@@ -23,7 +23,7 @@ import sentencepiece as spm
 
 from .cli import reports_user_errors
 from .sources import iter_source_documents
-from . import storage
+from . import checks, storage
 from .storage import atomic_write
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -182,13 +182,9 @@ def train_tokenizer(
     """
     if isinstance(corpus_files, str):
         raise TypeError(f"corpus_files must be a list of sources, got the string {corpus_files!r}")
-    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
-            f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 byte pieces + 4 special pieces + merges), "
-            f"got {vocab_size!r}"
-        )
-    if not isinstance(max_sentences, int) or max_sentences < 1:
-        raise ValueError(f"max_sentences must be a positive int, got {max_sentences!r}")
+    checks.integer("vocab_size", vocab_size, minimum=MIN_VOCAB_SIZE,
+                   hint=" (256 byte pieces + 4 special pieces + merges)")
+    checks.integer("max_sentences", max_sentences)
     lines = _training_lines(corpus_files, text_field, format, max_sentences, seed)
     model = io.BytesIO()
     try:

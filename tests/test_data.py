@@ -95,7 +95,7 @@ def test_tokenizer_from_directory_and_errors(tmp_path, sp_path, tok):
         load_tokenizer(str(tmp_path / "nope.model"))
     with pytest.raises(ValueError, match="neither"):
         load_tokenizer(str(tmp_path))
-    with pytest.raises(ValueError, match="vocab_size must be an int >= 261"):
+    with pytest.raises(ValueError, match=r"^vocab_size=100 is invalid: must be an integer >= 261 \(256 byte pieces"):
         train_tokenizer(["builtin:pydoc"], str(tmp_path / "x"), 100)
     with pytest.raises(ValueError, match="SentencePiece training failed"):
         train_tokenizer(["builtin:pydoc"], str(tmp_path / "x"), 100_000)
@@ -227,12 +227,12 @@ def test_missing_datasets_package_error(tmp_path, monkeypatch):
     [
         (dict(sources="builtin:pydoc"), "non-empty list"),
         (dict(sources=[]), "non-empty list"),
-        (dict(format="xml"), r"data.format must be one of \('auto', 'text', 'jsonl', 'parquet', 'hf'\), got 'xml'"),
-        (dict(seq_len=0), "data.seq_len must be an int >= 1, got 0"),
-        (dict(vocab_size=100), "data.vocab_size must be an int >= 261"),
+        (dict(format="xml"), "data.format='xml' is invalid: must be one of auto, text, jsonl, parquet, hf"),
+        (dict(seq_len=0), "data.seq_len=0 is invalid: must be an integer >= 1"),
+        (dict(vocab_size=100), "data.vocab_size=100 is invalid: must be an integer >= 261"),
         (dict(eval_fraction=1.0), r"data.eval_fraction must be a number in \[0, 1\), got 1.0"),
-        (dict(shuffle="yes"), "data.shuffle must be true or false"),
-        (dict(seed=True), "data.seed must be an int"),
+        (dict(shuffle="yes"), "data.shuffle='yes' is invalid: must be true or false"),
+        (dict(seed=True), "data.seed=True is invalid: must be an integer >= 0"),
     ],
 )
 def test_config_errors(kw, match):

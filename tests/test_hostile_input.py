@@ -46,7 +46,7 @@ TINY = FIXTURES / "nucleus_x_tiny"
     ("checkpoint.max_to_keep=0", "checkpoint.max_to_keep=0 is out of range: allowed [1, infinity)"),
     ("logging.every=0", "logging.every=0 is out of range: allowed [1, infinity)"),
     ("logging.peak_tflops_per_device=-1", "logging.peak_tflops_per_device=-1.0 is out of range: allowed (0, "),
-    ("data.seq_len=0", "data.seq_len must be an int >= 1, got 0"),
+    ("data.seq_len=0", "data.seq_len=0 is invalid: must be an integer >= 1"),
 ])
 def test_config_bounds(override, message):
     with pytest.raises(ValueError) as err:

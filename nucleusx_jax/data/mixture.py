@@ -18,6 +18,7 @@ from typing import Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 
+from .. import checks
 from .reader import KeyedPermutation, Windows, derive_key
 
 _ROW_TAG = 0x520E  # keys the row-to-component assignment apart from the window orders
@@ -108,11 +109,8 @@ class Mixture:
 
     def rows(self, step: int, global_batch: int, rows: Sequence[int]) -> np.ndarray:
         """Rows ``rows`` of global batch ``step``: int32 ``[len(rows), seq_len + 1]``; reads only them."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        if isinstance(global_batch, bool) or not isinstance(global_batch, (int, np.integer)) or global_batch < 1:
-            raise ValueError(f"global_batch must be a positive int, got {global_batch!r}")
-        component, sample = self.assign(int(step), int(global_batch), rows)
+        step, global_batch = checks.integer("step", step, minimum=0), checks.integer("global_batch", global_batch)
+        component, sample = self.assign(step, global_batch, rows)
         out = np.empty((len(component), self.seq_len + 1), np.int32)
         for c in np.unique(component):
             m = component == c

@@ -38,7 +38,7 @@ from typing import IO, Any, Callable, Deque, Dict, Iterator, List, Literal, Opti
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import storage
+from .. import checks, storage
 from ..storage import atomic_write
 from ..tokenizer import Tokenizer, load_tokenizer
 from .reader import derive_key, mix64
@@ -65,10 +65,8 @@ class HoldOut:
     def __post_init__(self) -> None:
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction < 1:
             raise ValueError(f"holdout fraction must be a number in (0, 1), got {self.fraction!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"holdout seed must be an int >= 0, got {self.seed!r}")
-        if self.part not in ("train", "eval"):
-            raise ValueError(f"holdout part must be 'train' or 'eval', got {self.part!r}")
+        checks.integer("holdout seed", self.seed, minimum=0)
+        checks.choice("holdout part", self.part, ("train", "eval"))
 
     def keep(self, first: int, count: int) -> np.ndarray:
         """Which of documents ``first .. first + count - 1`` this part keeps: bool ``[count]``."""
@@ -94,16 +92,13 @@ class PrepareOptions:
 
     def __post_init__(self) -> None:
         for name, low in (("workers", 0), ("shard_tokens", 1), ("unit_chars", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+            checks.integer(name, getattr(self, name), minimum=low)
         if self.format not in FORMATS:
             raise ValueError(f"unknown source format {self.format!r}; known formats: {FORMATS}")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ValueError(f"text_field must be a non-empty string, got {self.text_field!r}")
         for name in ("add_bos", "progress", "skip_bad_documents"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            checks.flag(name, getattr(self, name))
         if self.holdout is not None and not isinstance(self.holdout, HoldOut):
             raise ValueError(f"holdout must be a HoldOut or None, got {self.holdout!r}")
 

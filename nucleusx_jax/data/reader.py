@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import checks
 from .store import TokenStore
 
 _ROUNDS = 6
@@ -39,8 +40,7 @@ class KeyedPermutation:
     """A bijection of ``[0, n)`` chosen by ``key``: a balanced Feistel network with cycle walking."""
 
     def __init__(self, n: int, key: int):
-        if n < 1:
-            raise ValueError(f"a permutation needs n >= 1, got {n}")
+        checks.integer("n", n, hint=" (the size of the permuted range)")
         self.n = n
         bits = max(2, int(n - 1).bit_length())
         self.half = (bits + 1) // 2  # the domain 4^half is < 4n, so a walk takes < 4 steps on average
@@ -71,8 +71,7 @@ class Windows:
     """The ``seq_len + 1``-token windows of a store, sampled as a pure function of ``(seed, k)``."""
 
     def __init__(self, store: TokenStore, seq_len: int, *, seed: int, shuffle: bool = True):
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        checks.integer("seq_len", seq_len)
         self.store, self.seq_len, self.seed, self.shuffle = store, seq_len, seed, shuffle
         self.num_windows = max(0, (store.num_tokens - 1) // seq_len)
         if self.num_windows == 0:

@@ -30,7 +30,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from tqdm.auto import tqdm
 
-from .. import decode
+from .. import checks, decode
 from ..tokenizer import Tokenizer, load_tokenizer
 from .backend import Backend, load_model
 
@@ -64,12 +64,9 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "continuation_batch_size", "max_length", "max_gen_toks", "pad_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1")
+            checks.integer(name, getattr(self, name))
         for name in ("truncation", "share_prefix", "add_bos"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be true or false")
+            checks.flag(name, getattr(self, name))
 
 
 def _pad_to(n: int, multiple: int) -> int:

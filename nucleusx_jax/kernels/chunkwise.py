@@ -87,10 +87,11 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec
 
+from .. import checks
 from .. import retention as ret
 from ..sharding import BATCH_AXES, TENSOR_AXIS
+from ..types import Array
 
-Array = jax.Array
 F32 = jnp.float32
 LAYOUTS = ("gpu", "tpu")
 
@@ -310,10 +311,8 @@ def geometry(layout: str, *, length: int, key_dim: int, value_dim: int, chunk_si
     padded V, its float32 state tile ``[Kp, block_v]`` at most 32 KiB; tile default 16, at most Cp);
     ``"tpu"`` (Mosaic): Cp a multiple of 8, Kp and block_v multiples of 128 (block_v default: all of Vp), one
     tile per chunk (``tile`` must be None)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is invalid: must be one of {', '.join(LAYOUTS)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} is invalid: must be an integer >= 1")
+    checks.choice("layout", layout, LAYOUTS)
+    checks.integer("chunk_size", chunk_size)
     if layout == "gpu":
         rows, kdim = _next_pow2(max(chunk_size, GPU_MIN_DIM)), _next_pow2(max(key_dim, GPU_MIN_DIM))
         state_v = max(GPU_MIN_DIM, _next_pow2(GPU_STATE_BYTES // (4 * kdim) + 1) // 2)
@@ -451,8 +450,7 @@ def working_set(geo: Geometry, *, kernel: str, segments: bool, itemsize: int) ->
     the carried state and every loaded tile and intermediate live in that step, each counted whole (Triton
     keeps them in registers, staging dot operands in shared memory). Pure; it depends on the tile, Kp and
     block_v, not on C or T (TPU: the tile is the chunk, so it grows with C; VMEM holds it)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r} is invalid: must be one of {', '.join(KERNELS)}")
+    checks.choice("kernel", kernel, KERNELS)
     c, kd, vb, x, f = geo.tile, geo.key_dim, geo.block_v, itemsize, 4
     z = segments and kernel == "forward"
     carry = kd * vb * f + z * kd * f

@@ -23,6 +23,8 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .. import checks
+
 DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_REQUEST_TIMEOUT_S = 10.0  # to receive a whole request
@@ -62,8 +64,7 @@ def check_guard(api_key: Optional[str], max_request_bytes: int) -> None:
     """Raise ValueError for an empty key or a limit below 1 byte."""
     if api_key is not None and not api_key:
         raise ValueError("the API key is empty: give a key, or none to serve without one")
-    if not isinstance(max_request_bytes, int) or isinstance(max_request_bytes, bool) or max_request_bytes < 1:
-        raise ValueError(f"max_request_bytes={max_request_bytes!r} is invalid: must be an integer >= 1")
+    checks.integer("max_request_bytes", max_request_bytes)
 
 
 class Guard:
@@ -193,12 +194,10 @@ _REASONS = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailabl
 def check_server(max_connections: int, request_timeout: float, keep_alive: int = DEFAULT_KEEP_ALIVE_S,
                  ssl_keyfile: Optional[str] = None, ssl_certfile: Optional[str] = None) -> None:
     """Raise ValueError for limits that cannot work, or half a TLS configuration."""
-    if not isinstance(max_connections, int) or max_connections < 1:
-        raise ValueError(f"max_connections={max_connections!r} is invalid: must be an integer >= 1")
+    checks.integer("max_connections", max_connections)
     if not request_timeout > 0:
         raise ValueError(f"request_timeout={request_timeout!r} is invalid: must be > 0 seconds")
-    if not isinstance(keep_alive, int) or keep_alive < 1:
-        raise ValueError(f"keep_alive={keep_alive!r} is invalid: must be an integer >= 1 (seconds)")
+    checks.integer("keep_alive", keep_alive, hint=" (seconds)")
     if (ssl_keyfile is None) != (ssl_certfile is None):
         raise ValueError("TLS needs both ssl_keyfile and ssl_certfile (or neither)")
 

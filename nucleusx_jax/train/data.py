@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Tuple
 
 import jax
 
+from .. import checks
 from ..data.mixture import Mixture, Phase, name_key, validate_schedule
 from ..data.prepare import HoldOut, PrepareOptions, prepare
 from ..data.reader import Windows, derive_key
@@ -70,24 +71,20 @@ class DataConfig:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"data.sources entries must be non-empty strings, got {s!r}")
         self.sources = list(self.sources)
-        if self.format not in FORMATS:
-            raise ValueError(f"data.format must be one of {FORMATS}, got {self.format!r}")
+        checks.choice("data.format", self.format, FORMATS)
         for name in ("text_field", "tokenizer", "store"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"data.{name} must be a string, got {getattr(self, name)!r}")
         if not self.text_field:
             raise ValueError("data.text_field must be a non-empty string")
         for name, low in (("vocab_size", MIN_VOCAB_SIZE), ("seq_len", 1), ("seed", 0), ("workers", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"data.{name} must be an int >= {low}, got {v!r}")
+            checks.integer(f"data.{name}", getattr(self, name), minimum=low)
         frac = self.eval_fraction
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
             raise ValueError(f"data.eval_fraction must be a number in [0, 1), got {frac!r}")
         self.eval_fraction = float(frac)
         for name in ("shuffle", "add_bos", "reset_at_document_boundaries"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
+            checks.flag(f"data.{name}", getattr(self, name))
         if self.store and self.mixture:
             raise ValueError("set data.store or data.mixture, not both")
         if (self.store or self.mixture) and not self.tokenizer:
@@ -110,8 +107,7 @@ class DataConfig:
             if not isinstance(p, dict) or set(p) != {"from_step", "weights"}:
                 raise ValueError(f"data.mixture_schedule[{i}] must be {{from_step: STEP, weights: {{NAME: WEIGHT}}}}, got {p!r}")
             step, weights = p["from_step"], p["weights"]
-            if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-                raise ValueError(f"data.mixture_schedule[{i}].from_step must be an int >= 1, got {step!r}")
+            checks.integer(f"data.mixture_schedule[{i}].from_step", step)
             if not isinstance(weights, dict) or set(weights) != set(names):
                 raise ValueError(f"data.mixture_schedule[{i}].weights must give a weight to each of {names}, got {weights!r}")
             phases.append(Phase(step, tuple(weights[n] for n in names)))

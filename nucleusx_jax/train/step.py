@@ -19,9 +19,9 @@ from .. import sharding as shd
 from ..documents import document_segment_ids, next_token_targets
 from ..configuration import ForwardMode, NucleusXConfig, RetentionImpl
 from ..modeling import NucleusXForCausalLMModule, RunOptions
+from ..types import Array, Params
 from .config import Config
 
-Array = jax.Array
 REMAT_POLICIES = {"none": None, "full": None, "dots": "dots_saveable",
                   "dots_no_batch": "dots_with_no_batch_dims_saveable"}
 
@@ -32,7 +32,7 @@ class TrainState:
     ``opt_state``, and ``rng`` (the base key; step ``s`` uses ``fold_in(rng, s)``)."""
 
     step: Array
-    params: Any
+    params: Params
     opt_state: Any
     rng: Array
 
@@ -69,7 +69,7 @@ def learning_rate_schedule(cfg: Config) -> Callable[[Array], Array]:
     return schedule
 
 
-def weight_decay_mask(params: Any, decay_norms: bool, decay_embeddings: bool) -> Any:
+def weight_decay_mask(params: Params, decay_norms: bool, decay_embeddings: bool) -> Any:
     """True where AdamW decays: every Dense ``kernel``; norm ``weight`` and ``embedding`` only if asked."""
     decide = {"kernel": True, "weight": decay_norms, "embedding": decay_embeddings}
 
@@ -221,7 +221,7 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
             parts = tokens[:, :-1], next_token_targets(tokens, segments), segments[:, :-1]
         return tuple(jax.lax.with_sharding_constraint(x, token_sharding) for x in parts)
 
-    def loss_fn(params: Any, parts: Tuple[Array, Array, Array], rng: Array, deterministic: bool,
+    def loss_fn(params: Params, parts: Tuple[Array, Array, Array], rng: Array, deterministic: bool,
                 n_valid: Optional[Array] = None) -> Array:
         """Next-token loss of ``split`` windows (the cross-entropy divided by ``n_valid``, default its count)."""
         inputs, targets, segments = parts
@@ -265,7 +265,7 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
         lr = learning_rate_schedule(cfg)(state.step)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite}
 
-    def eval_step(params: Any, batch: Array) -> Array:
+    def eval_step(params: Params, batch: Array) -> Array:
         """Mean next-token loss of ``batch`` ``[B, T + 1]`` (no dropout)."""
         return loss_fn(params, split(batch), jax.random.PRNGKey(0), True)
 
