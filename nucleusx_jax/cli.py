@@ -5,6 +5,11 @@ checkpoint: :class:`~nucleusx_jax.tensorio.CheckpointError` and the training ``C
 an ``OSError`` (missing file, no permission, disk full) or any exception carrying an ``exit_status`` is printed
 as ``error: <message>`` on stderr and ends the program with that status, as ``argparse`` does for bad
 options. Anything else is a bug and keeps its traceback.
+
+A ``TypeError`` is one of those bugs: a user's value of the wrong type is refused where it enters, with a
+``ValueError`` naming it (the training config's schema raises ``ConfigError``, a ``ValueError`` and a
+``TypeError`` at once; the CLIs' options go through argparse types and :mod:`nucleusx_jax.checks`). So
+``--set train.steps=[1]`` is one ``error:`` line, while a ``TypeError`` raised by our own code is not hidden.
 """
 
 import functools

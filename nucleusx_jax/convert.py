@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -430,9 +431,10 @@ def _convert_staged(src: str, dst: str, to: str, *, overwrite: bool, **options: 
 
 @reports_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The ``convert_torch_checkpoint.py`` command line; returns 0 (a user error exits with status 2)."""
+    """The command line (``nucleusx-convert``, ``python -m nucleusx_jax.convert`` or, in a checkout,
+    ``convert_torch_checkpoint.py``); returns 0 (a user error exits with status 2)."""
     parser = argparse.ArgumentParser(
-        prog="convert_torch_checkpoint.py",
+        prog="python -m nucleusx_jax.convert",
         description="Convert NucleusX checkpoints between PyTorch and flax model directories, tensor by tensor.")
     parser.add_argument("src", help="source model directory (config.json and weights)")
     parser.add_argument("dst", nargs="?", help="destination directory (must not exist unless --overwrite)")
@@ -464,3 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       args.torch_format, progress=not args.quiet, code=not args.no_code)
     print(f"converted {summary}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -67,6 +67,9 @@ class EvalOptions:
             checks.integer(name, getattr(self, name))
         for name in ("truncation", "share_prefix", "add_bos"):
             checks.flag(name, getattr(self, name))
+        if self.prompt_chunkwise_threshold is not None:
+            checks.integer("prompt_chunkwise_threshold", self.prompt_chunkwise_threshold)
+        checks.integer("seed", self.seed, minimum=0)
 
 
 def _pad_to(n: int, multiple: int) -> int:

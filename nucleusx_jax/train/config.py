@@ -348,8 +348,10 @@ def _section(name: str, cls: type, values: Any) -> Any:
 
 
 def _model_fields() -> List[str]:
-    params = inspect.signature(NucleusXConfig.__init__).parameters
-    return [p for p in params if p not in ("self", "kwargs")] + ["num_labels", "problem_type"]
+    """NucleusXConfig's named fields (not ``self``, nor its catch-all of transformers' generic keys)."""
+    params = inspect.signature(NucleusXConfig.__init__).parameters.values()
+    named = [p.name for p in params if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return named + ["num_labels", "problem_type"]
 
 
 def resolve_model(values: Any) -> Dict[str, Any]:
@@ -364,7 +366,7 @@ def resolve_model(values: Any) -> Dict[str, Any]:
     valid = _model_fields()
     fields: Dict[str, Any] = {}
     if MODEL_PATH_KEY in values:
-        path = values.pop(MODEL_PATH_KEY)
+        path = _coerce(values.pop(MODEL_PATH_KEY), str, f"model.{MODEL_PATH_KEY}")
         if storage.isdir(path):
             path = os.path.join(path, "config.json")
         try:
