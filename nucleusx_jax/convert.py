@@ -40,7 +40,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm.auto import tqdm
 
-from . import remote_code, runs, storage, weights
+from . import checks, remote_code, runs, storage, weights
 from .pretrained import FLAX_FILES, find_flax_weights, parse_size
 from .cli import reports_user_errors
 from .configuration import NucleusXConfig
@@ -336,10 +336,8 @@ def convert(
         return _convert_staged(src, dst, to, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                                step=step, torch_format=torch_format, progress=progress)
     start = time.perf_counter()
-    if to not in ("flax", "torch"):
-        raise ValueError(f"to={to!r} is invalid: choose 'flax' or 'torch'")
-    if torch_format not in TORCH_FORMATS:
-        raise ValueError(f"torch_format={torch_format!r} is invalid: choose one of {', '.join(TORCH_FORMATS)}")
+    checks.choice("to", to, ("flax", "torch"))
+    checks.choice("torch_format", torch_format, TORCH_FORMATS)
     target = _parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     src, dst = storage.absolute(src), os.path.abspath(dst)

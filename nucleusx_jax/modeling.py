@@ -446,10 +446,10 @@ class NucleusXForCausalLMModule(nn.Module):
     def next_token_loss(self, input_ids: Array, labels: Array, attention_mask: Optional[Array] = None,
                         segment_ids: Optional[Array] = None, *, options: Optional[RunOptions] = None,
                         z_loss_coeff: Optional[float] = None, n_valid: Optional[Array] = None) -> Array:
-        """:func:`~nucleusx_jax.losses.next_token_loss` of the logits of ``input_ids`` ``[B, T]`` against ``labels`` ``[B, T]``,
-        computed by :func:`~nucleusx_jax.losses.lm_head_loss` (the ``[B, T, vocab]`` logits never exist whole). ``z_loss_coeff``
-        defaults to the config's; ``n_valid`` (see :func:`~nucleusx_jax.losses.lm_head_loss`) to the count of valid labels; other
-        arguments as :class:`NucleusXModule`."""
+        """:func:`~nucleusx_jax.losses.next_token_loss` of the logits of ``input_ids`` ``[B, T]`` against
+        ``labels`` ``[B, T]``, computed by :func:`~nucleusx_jax.losses.lm_head_loss` (the ``[B, T, vocab]`` logits
+        never exist whole). ``z_loss_coeff`` defaults to the config's; ``n_valid`` (see ``lm_head_loss``) to the
+        count of valid labels; other arguments as :class:`NucleusXModule`."""
         z_loss_coeff = self.config.z_loss_coeff if z_loss_coeff is None else z_loss_coeff
         x, _, _ = self.model(input_ids, attention_mask, segment_ids=segment_ids, options=options)
         if self.is_initializing():  # create the head's parameters, as __call__ does

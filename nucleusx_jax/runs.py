@@ -53,8 +53,8 @@ def restore_params(run_dir: str, step: Optional[int] = None) -> Tuple[NucleusXCo
     trained in (``config.scan_layers``); :func:`nucleusx_jax.weights.to_layout` gives the other."""
     config_file = os.path.join(run_dir, RUN_FILES.model_config)
     if not storage.isfile(config_file):
-        raise FileNotFoundError(f"{run_dir} has no {RUN_FILES.model_config} (the model config the trainer writes when a run "
-                                "starts): not a training run directory")
+        raise FileNotFoundError(f"{run_dir} has no {RUN_FILES.model_config} (the model config the trainer writes "
+                                "when a run starts): not a training run directory")
     config = NucleusXConfig.from_pretrained(config_file)
     module = NucleusXForCausalLMModule(config)
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)

@@ -156,7 +156,8 @@ def evaluate(trainer: Trainer, params: Any, eval_set: EvalSet, batches: int) -> 
 
 class Evaluation(Hook):
     """Every ``every`` steps, at the last and before the first step of a fresh run (when there are
-    ``eval_sets``): :func:`evaluate` on each held-out set, recorded as ``{"loss": the first set's loss, "<name>/loss": .., "<name>/bpb": ..}``.
+    ``eval_sets``): :func:`evaluate` on each held-out set, recorded as
+    ``{"loss": the first set's loss, "<name>/loss": .., "<name>/bpb": ..}``.
     Keeps ``losses`` (the first set's, in order) and ``last`` (the latest record) for the summary."""
 
     def __init__(self, trainer: Trainer, eval_sets: List[EvalSet], *, every: int, batches: int,
