@@ -35,6 +35,8 @@ GENERIC_KEYS = frozenset("""
 """.split())
 GENERIC_DEFAULTS: Dict[str, Any] = {"problem_type": None, "id2label": {0: "LABEL_0", 1: "LABEL_1"},
                                     "label2id": {"LABEL_0": 0, "LABEL_1": 1}}
+# what the sequence-classification head's loss can be (None: inferred from num_labels and the labels' dtype)
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 ATTRIBUTE_MAP = {
     "hidden_size": "decoder_embed_dim",
     "intermediate_size": "decoder_ffn_embed_dim",
@@ -150,6 +152,9 @@ class NucleusXConfig:
         if num_labels is not None and "id2label" not in generic:  # as transformers stores it
             generic["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
             generic["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        if generic.get("problem_type") not in (None,) + PROBLEM_TYPES:
+            raise ValueError(f"NucleusXConfig.problem_type={short(generic['problem_type'])} is invalid: must be "
+                             f"one of {', '.join(PROBLEM_TYPES)} (or null: inferred)")
         if "id2label" in generic:
             labels = generic["id2label"]
             if not isinstance(labels, dict) or not 1 <= len(labels) <= MAX_NUM_LABELS or not all(

@@ -43,6 +43,7 @@ def _edit(model_dir, **changes):
     (dict(bos_token_id={"a": 1}), r"bos_token_id=\{'a': 1\} is invalid: must be a token id"),
     (dict(forward_mode="p" * 10**6), r"forward_mode=str of length 1000000 is invalid: must be one of"),
     (dict(num_labels=10**9), r"num_labels=1000000000 is invalid: must be an integer in \[1, 65536\]"),
+    (dict(problem_type=[1]), r"problem_type=\[1\] is invalid: must be one of regression, single_label_class"),
     ({"task_specific_params": "[" * 100_000}, r"config.json is nested too deeply to be a model config"),
 ])
 def test_bad_config_json_is_refused_at_once_and_briefly(model_dir, changes, message):
