@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -75,6 +77,16 @@ def assert_close(got, want, tol: Tol, what: str = "") -> float:
         return err
     assert err < tol.value, f"{what} error {err:.3g} is over {tol.name} = {tol.value:.3g}".strip()
     return err
+
+
+def write_seqcls_dir(name: str, directory: Path) -> Path:
+    """A sequence-classification checkpoint of fixture ``name`` in ``directory``: its ``model.*`` weights plus
+    ``seqcls_score_weight`` as ``score.weight`` (PyTorch safetensors) and its seqcls_config.json."""
+    state = {k: v for k, v in load_file(str(FIXTURES / name / "model.safetensors")).items() if k.startswith("model.")}
+    state["score.weight"] = load_cases(name)["seqcls_score_weight"]
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(FIXTURES / name / "seqcls_config.json", directory / "config.json")
+    return directory
 
 
 @pytest.fixture(scope="session")
