@@ -6,8 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Tuple
 
 # Before jax starts: the tests run on the CPU (subprocesses too). With libtpu installed (the [tpu] extra, in
 # [test]) jax would otherwise probe for TPU chips; tests/test_tpu_compile.py uses libtpu only to compile.
@@ -122,3 +124,50 @@ def run_on_8_devices(worker: str, *args: str) -> Any:
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][0]
     return json.loads(line[len("RESULT"):])
+
+
+# ---------------------------------------------------------------------------------------------- serving
+SERVED_VOCAB = 512  # the served test models' vocabulary: a SentencePiece model trained on pydoc text
+SERVER_START_S = 120  # the deadline for a test server to start
+
+
+@pytest.fixture(scope="session")
+def served_tokenizer(tmp_path_factory) -> str:
+    """A SentencePiece ``.model`` of SERVED_VOCAB pieces trained on pydoc text, once per session."""
+    from nucleusx_jax.tokenizer import train_tokenizer
+
+    return train_tokenizer(["builtin:pydoc"], str(tmp_path_factory.mktemp("served-tokenizer") / "sp"),
+                           SERVED_VOCAB, max_sentences=3000)
+
+
+def write_served_model(directory: Path, tokenizer_file: str, seed: int) -> Any:
+    """A model directory to serve: a random model (``seed``) with the tiny fixture's shapes and SERVED_VOCAB
+    tokens (flax weights, config.json) plus ``tokenizer_file`` as tokenizer.model. Returns the model."""
+    from nucleusx_jax import NucleusX, NucleusXConfig
+
+    cfg = json.loads((FIXTURES / "nucleus_x_tiny" / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "model_type")}
+    model = NucleusX(NucleusXConfig(**{**cfg, "vocab_size": SERVED_VOCAB}), seed=seed)
+    model.save_pretrained(directory)
+    shutil.copy(tokenizer_file, Path(directory) / "tokenizer.model")
+    return model
+
+
+@contextlib.contextmanager
+def running_server(config: Any) -> Iterator[Tuple[Any, int]]:
+    """A ``uvicorn.Server(config)`` (``config.port`` 0: the system picks the port) running in a thread; yields
+    ``(server, the port it is bound to)`` once it accepts connections (within SERVER_START_S), then stops it."""
+    import uvicorn
+
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + SERVER_START_S
+    try:
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        yield server, server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
