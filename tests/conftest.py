@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -171,3 +172,32 @@ def running_server(config: Any) -> Iterator[Tuple[Any, int]]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A port on 127.0.0.1 held for the block by a bound socket that does not listen (connections to it are
+    refused) with SO_REUSEPORT: a server that sets SO_REUSEPORT too, as gRPC does (jax.distributed's coordinator),
+    can listen on it; no other process can take it in between. For servers that cannot report the port they bound
+    (``jax.distributed.initialize`` cannot), instead of a free port picked, released, then used."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def listening_port(pid: int, deadline_s: float = SERVER_START_S) -> int:
+    """The TCP port process ``pid`` listens on (a server started with port 0 that does not report it, such as
+    fake-gcs-server, which logs ``:0``), once it listens (within ``deadline_s``)."""
+    import psutil
+
+    deadline = time.monotonic() + deadline_s
+    process = psutil.Process(pid)
+    connections = getattr(process, "net_connections", None) or process.connections  # psutil < 6: connections
+    while True:
+        ports = {c.laddr.port for c in connections("tcp") if c.status == psutil.CONN_LISTEN}
+        if ports:
+            assert len(ports) == 1, ports
+            return ports.pop()
+        assert process.is_running() and time.monotonic() < deadline, f"process {pid} is not listening"
+        time.sleep(0.05)

