@@ -201,3 +201,18 @@ def listening_port(pid: int, deadline_s: float = SERVER_START_S) -> int:
             return ports.pop()
         assert process.is_running() and time.monotonic() < deadline, f"process {pid} is not listening"
         time.sleep(0.05)
+
+
+def crash_prepare_after(monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
+    """Make ``prepare`` stop (``KeyboardInterrupt``, as a crash) when it is about to commit shard ``shards``
+    (``monkeypatch.undo()`` ends it)."""
+    from nucleusx_jax.data import prepare
+
+    commit = prepare._ShardWriter.commit
+
+    def crashing(self: Any, unit: int, offset: int) -> None:
+        if len(self.done) == shards:
+            raise KeyboardInterrupt("simulated crash")
+        commit(self, unit, offset)
+
+    monkeypatch.setattr(prepare._ShardWriter, "commit", crashing)

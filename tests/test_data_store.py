@@ -21,7 +21,7 @@ from nucleusx_jax.data.store import TokenStore
 from nucleusx_jax.tokenizer import load_tokenizer, train_tokenizer
 from nucleusx_jax.train.data import DataConfig, open_run_data, prepare_run_stores
 
-from conftest import reserved_port
+from conftest import crash_prepare_after, reserved_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD, UNIT = 1000, 700  # small shards and units: many of each, and documents that cross shards
@@ -117,14 +117,7 @@ def test_holdout_splits_by_document(corpus, tok, sp_path, tmp_path):
 
 def test_prepare_resumes_after_a_crash_byte_identical(reference, corpus, sp_path, tmp_path, monkeypatch):
     out = str(tmp_path / "store")
-    commit = prepare_module._ShardWriter.commit
-
-    def crash_after_three(self, unit, offset):
-        if len(self.done) == 3:
-            raise KeyboardInterrupt("simulated crash")
-        commit(self, unit, offset)
-
-    monkeypatch.setattr(prepare_module._ShardWriter, "commit", crash_after_three)
+    crash_prepare_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         prepare([corpus[0]], sp_path, out, options=_options())
     monkeypatch.undo()

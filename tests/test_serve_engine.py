@@ -3,6 +3,7 @@ host callback inside the model's decode raises) ends the requests it was running
 keeps serving the next ones, whose greedy tokens are offline ``generate``'s; ``shutdown`` ends running and
 waiting requests with ``cancelled`` and returns."""
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -75,20 +76,28 @@ def greedy(model, n):
     return gen.generate(model, np.asarray([PROMPT]), max_new_tokens=n, eos_token_id=[])[0, len(PROMPT):].tolist()
 
 
-def test_a_failing_step_ends_its_requests_with_error(model):
-    engine = engine_of(model, max_batch=2, max_queue=4)
+@contextlib.contextmanager
+def first_step_fails(model, max_batch, prompts):
+    """A started engine whose first step call fails, with a greedy 8-token request per prompt submitted in
+    order: yields ``(engine, [Collected per request])``; shuts the engine down after."""
+    engine = engine_of(model, max_batch=max_batch, max_queue=4)
+    engine.backend.failures[0] = 1
     try:
-        engine.backend.failures[0] = 1  # the first step call fails
-        a, b = Collected(), Collected()
-        engine.submit(PROMPT, SamplingParams(max_tokens=8, temperature=0), a)
-        engine.submit(PROMPT[:2], SamplingParams(max_tokens=8, temperature=0), b)
-        for request in (a, b):
+        requests = [Collected() for _ in prompts]
+        for prompt, request in zip(prompts, requests):
+            engine.submit(prompt, SamplingParams(max_tokens=8, temperature=0), request)
+        yield engine, requests
+    finally:
+        engine.shutdown()
+
+
+def test_a_failing_step_ends_its_requests_with_error(model):
+    with first_step_fails(model, 2, [PROMPT, PROMPT[:2]]) as (engine, requests):
+        for request in requests:
             end = request.wait()
             assert end.finish_reason == "error" and "injected device failure" in end.error, end
             assert request.tokens() == [] and [e.finish_reason for e in request.events] == ["error"]
         assert engine.running() == 0
-    finally:
-        engine.shutdown()
 
 
 # Bug in nucleusx_jax/serve/engine.py, pinned here until it is fixed: the step is compiled with
@@ -97,20 +106,13 @@ def test_a_failing_step_ends_its_requests_with_error(model):
 # or donated"), so after one failed step every request ends with "error" until the server restarts.
 @pytest.mark.xfail(strict=True, reason="engine.py: a failed step leaves self._slots donated (deleted buffers)")
 def test_after_a_failing_step_the_engine_serves_waiting_and_new_requests(model):
-    engine = engine_of(model, max_batch=1, max_queue=4)
-    try:
-        engine.backend.failures[0] = 1  # the first step call fails
-        first, queued = Collected(), Collected()
-        engine.submit(PROMPT, SamplingParams(max_tokens=8, temperature=0), first)
-        engine.submit(PROMPT, SamplingParams(max_tokens=8, temperature=0), queued)  # waits: one slot
+    with first_step_fails(model, 1, [PROMPT, PROMPT]) as (engine, (first, queued)):  # one slot: the second waits
         assert first.wait().finish_reason == "error"
         assert queued.wait().finish_reason == "length"  # the waiting request was not lost ...
         assert queued.tokens() == greedy(model, 8)  # ... nor its state touched by the failure
         later = Collected()
         engine.submit(PROMPT, SamplingParams(max_tokens=5, temperature=0), later)
         assert later.wait().finish_reason == "length" and later.tokens() == greedy(model, 5)
-    finally:
-        engine.shutdown()
 
 
 def test_shutdown_cancels_running_and_waiting_requests(model):

