@@ -153,6 +153,7 @@ def assert_same_tree(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_causal_lm_adapter_is_the_core(name, tmp_path):
     c = load_cases(name)

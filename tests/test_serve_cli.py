@@ -150,6 +150,7 @@ def test_malformed_options_are_argparse_errors(option, capsys):
     assert e.value.code == 2 and f"argument {option[0]}: invalid" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_command_serves_where_it_says_and_stops_on_ctrl_c(model_dir):
     """``python -m nucleusx_jax.serve DIR --port 0`` prints ``serving on URL`` with the port it bound; requests
     there get offline generate's greedy tokens; SIGINT stops it (status 130, as for every CLI)."""

@@ -5,6 +5,7 @@ wheel, on 127.0.0.1, started here) behind gcsfs (``STORAGE_EMULATOR_HOST``) and 
 missing objects, a missing bucket and an unreachable endpoint fail naming the URL; a step without its commit
 marker is never resumed. Fast unit tests of :mod:`nucleusx_jax.storage` use fsspec's memory filesystem."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -106,16 +107,6 @@ def committed_steps(run_dir: str):
             if n.isdigit() and storage.isfile(os.path.join(steps, n, "commit_success.txt"))]
 
 
-def forget_listings() -> None:
-    """Drop the cached listings of every gcsfs instance of this process (orbax's path library has its own): a
-    new CheckpointManager then sees steps another client wrote after an earlier listing. Without this, a step
-    copied in by a test stays invisible, committed or not."""
-    import gcsfs
-
-    for fs in list(gcsfs.GCSFileSystem._cache.values()):
-        fs.invalidate_cache()
-
-
 @pytest.fixture(scope="module")
 def gcs_run(gcs, tokenizer, tmp_path_factory):
     """A local uninterrupted run, and the same run on gs://bucket/run killed (SIGKILL) once its first
@@ -193,7 +184,6 @@ def test_uncommitted_gcs_step_is_never_resumed(gcs_run):
     fs = gcsfs.GCSFileSystem()
     fs.copy("bucket/run/checkpoints/40", "bucket/run/checkpoints/44", recursive=True)
     fs.rm_file("bucket/run/checkpoints/44/commit_success.txt")
-    forget_listings()
     assert storage.isfile(f"{remote}/checkpoints/44/state/_METADATA")  # there, only its marker is missing
     cfg = load_config(f"{remote}/config.yaml")  # the resolved config the run saved, read from the bucket
     trainer = make_trainer(cfg, shd.make_mesh({"data": 1}, jax.devices()[:1]))
@@ -216,7 +206,6 @@ def test_corrupt_gcs_step_is_moved_aside(gcs_run):
 
     fs = gcsfs.GCSFileSystem()
     fs.copy("bucket/run/checkpoints/40", "bucket/run/checkpoints/48", recursive=True)  # committed: has its marker
-    forget_listings()
     damaged = [p for p in fs.find("bucket/run/checkpoints/48/state") if "/d/" in p]
     assert damaged
     for path in damaged:
@@ -226,12 +215,17 @@ def test_corrupt_gcs_step_is_moved_aside(gcs_run):
     checkpointer = Checkpointer(remote, cfg.checkpoint)
     assert 48 in checkpointer.manager.all_steps()
     state = checkpointer.restore_latest(trainer.abstract_state)
-    checkpointer.close()
     assert int(state.step) == 40
     assert not storage.exists(f"{remote}/checkpoints/48")
     assert storage.isfile(f"{remote}/{CORRUPT_DIR}/48/commit_success.txt")
     moved = sorted(p.split("/48/", 1)[1] for p in fs.find(f"bucket/run/{CORRUPT_DIR}/48"))
     assert moved == sorted(p.split("/40/", 1)[1] for p in fs.find("bucket/run/checkpoints/40"))  # every object
+    assert 48 not in checkpointer.manager.all_steps()  # the manager's listing forgot it too, so ...
+    checkpointer.save(dataclasses.replace(state, step=state.step + 8))  # ... the run saves step 48 again
+    checkpointer.close()
+    assert storage.isfile(f"{remote}/checkpoints/48/commit_success.txt")
+    storage.remove_tree(f"{remote}/checkpoints/48")  # the run directory as the other tests expect it
+    storage.remove_tree(f"{remote}/{CORRUPT_DIR}")
 
 
 def test_model_dir_on_gcs_removes_config_first_and_writes_it_last(gcs, monkeypatch):
