@@ -275,6 +275,18 @@ def publish_dir(local: str, path: str, *, marker: str, stale: Callable[[str], bo
         upload_file(os.path.join(local, name), os.path.join(path, name))
 
 
+def forget_cached_listings(url: str) -> None:
+    """Drop the directory listings cached by every instance of ``url``'s filesystem in this process (a no-op for
+    local paths). This module lists without a cache, but libraries such as orbax (through etils.epath) hold their
+    own instances with one: call this after changing a directory behind their back, or before they list a
+    directory that other processes changed, so that they see it as it is."""
+    if not is_url(url):
+        return
+    fs, _ = _fs(url)
+    for instance in list(type(fs)._cache.values()):  # fsspec's instances of that class (no public accessor)
+        instance.invalidate_cache()
+
+
 def move(path: str, dest: str) -> None:
     """Move the file or directory ``path`` to ``dest`` (replacing it): a rename locally; on a URL a copy, then a
     delete of the original (not atomic: a kill in between leaves both)."""

@@ -3,10 +3,14 @@
 import contextlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Tuple
 
 # Before jax starts: the tests run on the CPU (subprocesses too). With libtpu installed (the [tpu] extra, in
 # [test]) jax would otherwise probe for TPU chips; tests/test_tpu_compile.py uses libtpu only to compile.
@@ -15,6 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -77,6 +82,16 @@ def assert_close(got, want, tol: Tol, what: str = "") -> float:
     return err
 
 
+def write_seqcls_dir(name: str, directory: Path) -> Path:
+    """A sequence-classification checkpoint of fixture ``name`` in ``directory``: its ``model.*`` weights plus
+    ``seqcls_score_weight`` as ``score.weight`` (PyTorch safetensors) and its seqcls_config.json."""
+    state = {k: v for k, v in load_file(str(FIXTURES / name / "model.safetensors")).items() if k.startswith("model.")}
+    state["score.weight"] = load_cases(name)["seqcls_score_weight"]
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(FIXTURES / name / "seqcls_config.json", directory / "config.json")
+    return directory
+
+
 @pytest.fixture(scope="session")
 def fixture_dirs() -> Dict[str, Path]:
     return {n: FIXTURES / n for n in FIXTURE_NAMES}
@@ -110,3 +125,94 @@ def run_on_8_devices(worker: str, *args: str) -> Any:
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][0]
     return json.loads(line[len("RESULT"):])
+
+
+# ---------------------------------------------------------------------------------------------- serving
+SERVED_VOCAB = 512  # the served test models' vocabulary: a SentencePiece model trained on pydoc text
+SERVER_START_S = 120  # the deadline for a test server to start
+
+
+@pytest.fixture(scope="session")
+def served_tokenizer(tmp_path_factory) -> str:
+    """A SentencePiece ``.model`` of SERVED_VOCAB pieces trained on pydoc text, once per session."""
+    from nucleusx_jax.tokenizer import train_tokenizer
+
+    return train_tokenizer(["builtin:pydoc"], str(tmp_path_factory.mktemp("served-tokenizer") / "sp"),
+                           SERVED_VOCAB, max_sentences=3000)
+
+
+def write_served_model(directory: Path, tokenizer_file: str, seed: int) -> Any:
+    """A model directory to serve: a random model (``seed``) with the tiny fixture's shapes and SERVED_VOCAB
+    tokens (flax weights, config.json) plus ``tokenizer_file`` as tokenizer.model. Returns the model."""
+    from nucleusx_jax import NucleusX, NucleusXConfig
+
+    cfg = json.loads((FIXTURES / "nucleus_x_tiny" / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version", "model_type")}
+    model = NucleusX(NucleusXConfig(**{**cfg, "vocab_size": SERVED_VOCAB}), seed=seed)
+    model.save_pretrained(directory)
+    shutil.copy(tokenizer_file, Path(directory) / "tokenizer.model")
+    return model
+
+
+@contextlib.contextmanager
+def running_server(config: Any) -> Iterator[Tuple[Any, int]]:
+    """A ``uvicorn.Server(config)`` (``config.port`` 0: the system picks the port) running in a thread; yields
+    ``(server, the port it is bound to)`` once it accepts connections (within SERVER_START_S), then stops it."""
+    import uvicorn
+
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + SERVER_START_S
+    try:
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        yield server, server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A port on 127.0.0.1 held for the block by a bound socket that does not listen (connections to it are
+    refused) with SO_REUSEPORT: a server that sets SO_REUSEPORT too, as gRPC does (jax.distributed's coordinator),
+    can listen on it; no other process can take it in between. For servers that cannot report the port they bound
+    (``jax.distributed.initialize`` cannot), instead of a free port picked, released, then used."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def listening_port(pid: int, deadline_s: float = SERVER_START_S) -> int:
+    """The TCP port process ``pid`` listens on (a server started with port 0 that does not report it, such as
+    fake-gcs-server, which logs ``:0``), once it listens (within ``deadline_s``)."""
+    import psutil
+
+    deadline = time.monotonic() + deadline_s
+    process = psutil.Process(pid)
+    connections = getattr(process, "net_connections", None) or process.connections  # psutil < 6: connections
+    while True:
+        ports = {c.laddr.port for c in connections("tcp") if c.status == psutil.CONN_LISTEN}
+        if ports:
+            assert len(ports) == 1, ports
+            return ports.pop()
+        assert process.is_running() and time.monotonic() < deadline, f"process {pid} is not listening"
+        time.sleep(0.05)
+
+
+def crash_prepare_after(monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
+    """Make ``prepare`` stop (``KeyboardInterrupt``, as a crash) when it is about to commit shard ``shards``
+    (``monkeypatch.undo()`` ends it)."""
+    from nucleusx_jax.data import prepare
+
+    commit = prepare._ShardWriter.commit
+
+    def crashing(self: Any, unit: int, offset: int) -> None:
+        if len(self.done) == shards:
+            raise KeyboardInterrupt("simulated crash")
+        commit(self, unit, offset)
+
+    monkeypatch.setattr(prepare._ShardWriter, "commit", crashing)

@@ -4,7 +4,6 @@ the keyed window order, mixtures (exact proportions, weight changes on resume), 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from nucleusx_jax.data.reader import KeyedPermutation, Windows
 from nucleusx_jax.data.store import TokenStore
 from nucleusx_jax.tokenizer import load_tokenizer, train_tokenizer
 from nucleusx_jax.train.data import DataConfig, open_run_data, prepare_run_stores
+
+from conftest import crash_prepare_after, reserved_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD, UNIT = 1000, 700  # small shards and units: many of each, and documents that cross shards
@@ -116,14 +117,7 @@ def test_holdout_splits_by_document(corpus, tok, sp_path, tmp_path):
 
 def test_prepare_resumes_after_a_crash_byte_identical(reference, corpus, sp_path, tmp_path, monkeypatch):
     out = str(tmp_path / "store")
-    commit = prepare_module._ShardWriter.commit
-
-    def crash_after_three(self, unit, offset):
-        if len(self.done) == 3:
-            raise KeyboardInterrupt("simulated crash")
-        commit(self, unit, offset)
-
-    monkeypatch.setattr(prepare_module._ShardWriter, "commit", crash_after_three)
+    crash_prepare_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         prepare([corpus[0]], sp_path, out, options=_options())
     monkeypatch.undo()
@@ -297,14 +291,12 @@ print(json.dumps({"rows": rows, "data": data.tolist(), "bytes_read": sum(s.bytes
 def test_two_processes_read_disjoint_rows(two_stores):
     """jax.distributed on 127.0.0.1, 2 processes x 2 CPU devices: the rows each host reads are disjoint, their
     union is the global batch, and each host reads only its rows' windows."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([sys.executable, "-c", HOST, f"127.0.0.1:{port}", str(i), two_stores[0].path,
-                               two_stores[1].path], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    with reserved_port() as port:  # the coordinator's (jax cannot report a port it bound)
+        procs = [subprocess.Popen([sys.executable, "-c", HOST, f"127.0.0.1:{port}", str(i), two_stores[0].path,
+                                   two_stores[1].path], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for i in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     rows = [r["rows"] for r in results]

@@ -3,15 +3,14 @@
 import numpy as np
 import pytest
 
-from nucleusx_jax import NucleusXConfig
-from nucleusx_jax.hf import FlaxNucleusXForCausalLM
+from nucleusx_jax import NucleusX, NucleusXConfig
 
 
 @pytest.fixture(scope="module")
 def model():
     cfg = NucleusXConfig(vocab_size=50, decoder_embed_dim=16, decoder_value_embed_dim=16, decoder_ffn_embed_dim=24,
                          decoder_layers=2, decoder_retention_heads=2, recurrent_chunk_size=4, pad_token_id=0)
-    return FlaxNucleusXForCausalLM(cfg, seed=0)
+    return NucleusX(cfg, seed=0)
 
 
 IDS = np.array([[1, 2, 3, 4]])
@@ -53,13 +52,13 @@ def test_labels_shape(model):
 def test_past_from_a_different_config(model):
     other_cfg = NucleusXConfig(vocab_size=50, decoder_embed_dim=32, decoder_value_embed_dim=16,
                                decoder_ffn_embed_dim=24, decoder_layers=2, decoder_retention_heads=2)
-    other = FlaxNucleusXForCausalLM(other_cfg, seed=0)
+    other = NucleusX(other_cfg, seed=0)
     past = other(IDS, use_cache=True).past_key_values
     with pytest.raises(ValueError, match="different config"):
         model(IDS[:, :1], forward_mode="recurrent", past_key_values=past)
     deeper = NucleusXConfig(vocab_size=50, decoder_embed_dim=16, decoder_value_embed_dim=16,
                             decoder_ffn_embed_dim=24, decoder_layers=3, decoder_retention_heads=2)
-    past3 = FlaxNucleusXForCausalLM(deeper, seed=0)(IDS, use_cache=True).past_key_values
+    past3 = NucleusX(deeper, seed=0)(IDS, use_cache=True).past_key_values
     with pytest.raises(ValueError, match="3 layers but this model has decoder_layers=2"):
         model(IDS[:, :1], forward_mode="recurrent", past_key_values=past3)
 
@@ -74,4 +73,4 @@ def test_train_with_dropout_needs_a_key():
     cfg = NucleusXConfig(vocab_size=50, decoder_embed_dim=16, decoder_value_embed_dim=16, decoder_ffn_embed_dim=24,
                          decoder_layers=1, decoder_retention_heads=2, dropout=0.1)
     with pytest.raises(ValueError, match="dropout_rng"):
-        FlaxNucleusXForCausalLM(cfg)(IDS, train=True)
+        NucleusX(cfg)(IDS, train=True)

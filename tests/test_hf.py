@@ -1,5 +1,7 @@
 """HF Flax integration: Auto registration, save/load, tied embeddings, dtypes, dropout, remat."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,11 +9,13 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from transformers import AutoConfig, FlaxAutoModel, FlaxAutoModelForCausalLM, FlaxAutoModelForSequenceClassification
 
+import nucleusx_jax
 from nucleusx_jax.hf import (FlaxNucleusXForCausalLM, FlaxNucleusXForSequenceClassification, FlaxNucleusXModel,
                              NucleusXConfig)
 from nucleusx_jax.weights import CheckpointError
 
-from conftest import FIXTURES, Tol, assert_close, load_cases, max_abs
+from conftest import (FIXTURE_NAMES, FIXTURES, LOGITS, LOSS, Tol, assert_close, load_cases, max_abs,
+                      write_seqcls_dir)
 
 TINY = FIXTURES / "nucleus_x_tiny"
 # bfloat16 compute against float32, relative to the largest float32 logit; measured 5.8e-3
@@ -138,3 +142,75 @@ def test_config_defaults_for_hidden_states_and_return_dict_and_module_names():
     assert FlaxNucleusXForCausalLM.module_class is hf.FlaxNucleusXForCausalLMModule
     with pytest.raises(TypeError, match="gradient_checkpoint"):
         FlaxNucleusXForCausalLM(small_config(), gradient_checkpoint=True)
+
+
+# --------------------------------------------------------------------------- the adapter over the core
+# tests/test_parity.py checks the core (nucleusx_jax.from_pretrained) against the reference; these check that the
+# adapter's loading (Auto classes, from_pt, .bin, config overrides, each head) and its outputs are the core's.
+def assert_same_tree(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_causal_lm_adapter_is_the_core(name, tmp_path):
+    c = load_cases(name)
+    ids = c["input_ids"]
+    core = nucleusx_jax.from_pretrained(FIXTURES / name)
+    model = FlaxAutoModelForCausalLM.from_pretrained(FIXTURES / name, from_pt=True)
+    assert isinstance(model, FlaxNucleusXForCausalLM)
+    assert_same_tree(model.params, core.params)
+    for kw in (dict(forward_mode="parallel"), dict(forward_mode="chunkwise", recurrent_chunk_size=5),
+               dict(forward_mode="recurrent"), dict(attention_mask=c["lp_attention_mask"], forward_mode="parallel")):
+        x = c["lp_input_ids"] if "attention_mask" in kw else ids
+        got, want = model(x, use_cache=True, **kw), core(x, use_cache=True, **kw)
+        np.testing.assert_array_equal(got.logits, want.logits)
+        assert_same_tree(got.past_key_values, want.past_key_values)
+    assert_close(model(ids, forward_mode="parallel").logits, c["logits_parallel"], LOGITS)
+    p = int(c["prefill_len"])  # the adapter's cache continues in recurrent mode
+    pre = model(ids[:, :p], forward_mode="parallel", use_cache=True)
+    cont = model(ids[:, p:], forward_mode="recurrent", past_key_values=pre.past_key_values, use_cache=True)
+    assert_close(cont.logits, c["logits_parallel_prefill_then_recurrent"], LOGITS)
+    assert_close(float(model(ids, labels=ids).loss), float(c["lm_loss"]), LOSS)
+    with pytest.raises(ValueError, match="only used by forward_mode='recurrent'"):  # the core's checks apply
+        model(ids, forward_mode="parallel", past_key_values=pre.past_key_values)
+
+    reference = FlaxAutoModelForCausalLM.from_pretrained(FIXTURES / name, from_pt=True,
+                                                         chunkwise_normalization="reference")
+    assert (reference.config.chunkwise_normalization, model.config.chunkwise_normalization) == ("reference", "exact")
+    out = reference(ids, forward_mode="chunkwise", recurrent_chunk_size=int(c["chunk_size_div"]))
+    assert_close(out.logits, c["logits_chunkwise_div"], LOGITS)
+    mz = FlaxAutoModelForCausalLM.from_pretrained(FIXTURES / name, from_pt=True, z_loss_coeff=float(c["z_loss_coeff"]))
+    assert mz.config.z_loss_coeff == pytest.approx(float(c["z_loss_coeff"]))
+    assert_close(float(mz(ids, labels=ids).loss), float(c["lm_loss_z"]), LOSS)
+
+    shutil.copy(FIXTURES / name / "config.json", tmp_path / "config.json")  # a directory with only the .bin
+    shutil.copy(FIXTURES / name / "pytorch_model.bin", tmp_path / "pytorch_model.bin")
+    assert_same_tree(FlaxNucleusXForCausalLM.from_pretrained(tmp_path, from_pt=True).params, core.params)
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_base_and_classification_adapters_are_the_core(name, tmp_path):
+    c = load_cases(name)
+    ids = c["input_ids"]
+    base = FlaxNucleusXModel.from_pretrained(FIXTURES / name, from_pt=True)
+    core = nucleusx_jax.from_pretrained(FIXTURES / name, head="base")
+    assert_same_tree(base.params, core.params)
+    out = base(ids, forward_mode="parallel", output_hidden_states=True)
+    want = core(ids, forward_mode="parallel", output_hidden_states=True)
+    np.testing.assert_array_equal(out.last_hidden_state, want.last_hidden_state)
+    assert len(out.hidden_states) == base.config.decoder_layers + 1
+    assert_same_tree(out.hidden_states, want.hidden_states)
+    assert_close(out.last_hidden_state, c["last_hidden_state_parallel"], LOGITS)
+
+    directory = write_seqcls_dir(name, tmp_path)
+    m = FlaxNucleusXForSequenceClassification.from_pretrained(directory, from_pt=True)
+    core = nucleusx_jax.from_pretrained(directory, head="sequence_classification")
+    assert m.config.num_labels == 3
+    assert_same_tree(m.params, core.params)
+    lp = m(c["lp_input_ids"], attention_mask=c["lp_attention_mask"])
+    np.testing.assert_array_equal(lp.logits, core(c["lp_input_ids"], attention_mask=c["lp_attention_mask"]).logits)
+    assert_close(lp.logits, c["seqcls_lp_logits"], LOGITS)
+    assert_close(float(m(ids, labels=c["seqcls_labels"]).loss), float(c["seqcls_loss"]), LOSS)

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nucleusx_jax import NucleusXConfig
-from nucleusx_jax.hf import FlaxNucleusXForCausalLM
+from nucleusx_jax import NucleusX, NucleusXConfig
 from nucleusx_jax.modeling import RunOptions
 
 T = 32768
@@ -16,7 +15,7 @@ T = 32768
 def model():
     cfg = NucleusXConfig(vocab_size=64, decoder_embed_dim=16, decoder_value_embed_dim=16, decoder_ffn_embed_dim=32,
                          decoder_layers=1, decoder_retention_heads=2, recurrent_chunk_size=64)
-    return FlaxNucleusXForCausalLM(cfg, seed=0)
+    return NucleusX(cfg, seed=0)
 
 
 def compiled_bytes(model, mode: str, length: int) -> int:

@@ -20,6 +20,7 @@ from nucleusx_jax.serve import engine
 
 import reference64
 import test_epsilons
+import test_parity
 import test_sampler
 from conftest import FIXTURE_NAMES, FIXTURES, load_cases
 
@@ -84,14 +85,9 @@ def epsilon_checks(tmp_path):
             test_epsilons.test_parallel_and_recurrent_logits_equal_the_float64_reference(
                 (case, directory, reference64.logits(state, config, ids), ids))
         checks[f"test_epsilons[{case}]"] = run
-    try:
-        import test_parity
-        from transformers import FlaxAutoModelForCausalLM
-    except ImportError:
-        return checks
     for name in FIXTURE_NAMES:
         def run(name=name):
-            model = FlaxAutoModelForCausalLM.from_pretrained(FIXTURES / name, from_pt=True)
+            model = nucleusx_jax.from_pretrained(FIXTURES / name)
             test_parity.test_parallel_logits_and_cache((name, model, load_cases(name)))
         checks[f"test_parity.test_parallel_logits_and_cache[{name}]"] = run
     return checks

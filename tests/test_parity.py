@@ -1,23 +1,23 @@
-"""Parity with the PyTorch reference on both fixtures, in every mode, plus the deliberate fixes."""
+"""Parity with the PyTorch reference on both fixtures, in every mode, plus the deliberate fixes, through the core
+API (``nucleusx_jax.from_pretrained``; no transformers: CI also runs this file with tests/without_transformers).
+The HF adapter's own loading and outputs are tests/test_hf.py's."""
 
-import json
 import shutil
 
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
-from nucleusx_jax.hf import FlaxNucleusXForCausalLM, FlaxNucleusXForSequenceClassification, FlaxNucleusXModel
-from transformers import FlaxAutoModelForCausalLM
+import nucleusx_jax
 
-from conftest import CACHE, FIXTURE_NAMES, FIXTURES, LOGITS, LOSS, assert_close, load_cases, max_abs
+from conftest import (CACHE, FIXTURE_NAMES, FIXTURES, LOGITS, LOSS, assert_close, load_cases, max_abs,
+                      write_seqcls_dir)
 
 
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)
 def fx(request):
     name = request.param
-    model = FlaxAutoModelForCausalLM.from_pretrained(FIXTURES / name, from_pt=True)
+    model = nucleusx_jax.from_pretrained(FIXTURES / name)
     return name, model, load_cases(name)
 
 
@@ -37,7 +37,7 @@ def test_parallel_logits_and_cache(fx):
 
 def test_last_hidden_state(fx):
     name, _, c = fx
-    base = FlaxNucleusXModel.from_pretrained(FIXTURES / name, from_pt=True)
+    base = nucleusx_jax.from_pretrained(FIXTURES / name, head="base")
     out = base(c["input_ids"], forward_mode="parallel", output_hidden_states=True)
     assert_close(out.last_hidden_state, c["last_hidden_state_parallel"], LOGITS)
     assert len(out.hidden_states) == base.config.decoder_layers + 1
@@ -47,8 +47,7 @@ def test_last_hidden_state(fx):
 @pytest.fixture(scope="module")
 def reference_models():
     """Each fixture's model with the reference's chunkwise normalisation (an override of from_pretrained)."""
-    return {name: FlaxAutoModelForCausalLM.from_pretrained(FIXTURES / name, from_pt=True,
-                                                           chunkwise_normalization="reference")
+    return {name: nucleusx_jax.from_pretrained(FIXTURES / name, chunkwise_normalization="reference")
             for name in FIXTURE_NAMES}
 
 
@@ -114,7 +113,7 @@ def test_losses(fx):
     ids = c["input_ids"]
     assert_close(float(m(ids, labels=ids).loss), float(c["lm_loss"]), LOSS)
     assert_close(float(m(ids, labels=c["lm_labels_ignore"]).loss), float(c["lm_loss_ignore"]), LOSS)
-    mz = FlaxAutoModelForCausalLM.from_pretrained(FIXTURES / name, from_pt=True, z_loss_coeff=float(c["z_loss_coeff"]))
+    mz = nucleusx_jax.from_pretrained(FIXTURES / name, z_loss_coeff=float(c["z_loss_coeff"]))
     assert mz.config.z_loss_coeff == pytest.approx(float(c["z_loss_coeff"]))
     assert_close(float(mz(ids, labels=ids).loss), float(c["lm_loss_z"]), LOSS)
     assert float(c["lm_loss_z"]) != pytest.approx(float(c["lm_loss"]), abs=1e-6)  # the z term is visible
@@ -137,22 +136,13 @@ def test_trainer_loss_equals_reference_loss(fx):
 
 @pytest.fixture(scope="module")
 def seqcls_dirs(tmp_path_factory):
-    """Sequence-classification checkpoints: the fixture's model.* weights plus seqcls_score_weight."""
-    dirs = {}
-    for name in FIXTURE_NAMES:
-        d = tmp_path_factory.mktemp(name)
-        state = {k: v for k, v in load_file(str(FIXTURES / name / "model.safetensors")).items() if k.startswith("model.")}
-        state["score.weight"] = load_cases(name)["seqcls_score_weight"]
-        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copy(FIXTURES / name / "seqcls_config.json", d / "config.json")
-        dirs[name] = d
-    return dirs
+    return {name: write_seqcls_dir(name, tmp_path_factory.mktemp(name)) for name in FIXTURE_NAMES}
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_sequence_classification(seqcls_dirs, name):
     c = load_cases(name)
-    m = FlaxNucleusXForSequenceClassification.from_pretrained(seqcls_dirs[name], from_pt=True)
+    m = nucleusx_jax.from_pretrained(seqcls_dirs[name], head="sequence_classification")
     assert m.config.num_labels == 3
     assert_close(m(c["input_ids"]).logits, c["seqcls_logits"], LOGITS)
     rp = m(c["seqcls_rp_input_ids"], attention_mask=c["seqcls_rp_attention_mask"])
@@ -207,7 +197,7 @@ def test_chunkwise_hidden_states_have_the_input_length(fx):
     name, m, c = fx
     ids, chunk = c["input_ids"], int(c["chunk_size_pad"])
     assert ids.shape[1] % chunk
-    base = FlaxNucleusXModel.from_pretrained(FIXTURES / name, from_pt=True, chunkwise_normalization="reference")
+    base = nucleusx_jax.from_pretrained(FIXTURES / name, head="base", chunkwise_normalization="reference")
     out = base(ids, forward_mode="chunkwise", recurrent_chunk_size=chunk, output_hidden_states=True)
     assert len(out.hidden_states) == base.config.decoder_layers + 1
     assert [h.shape for h in out.hidden_states] == [(2, ids.shape[1], base.config.decoder_embed_dim)] * 3
@@ -230,7 +220,7 @@ def test_masked_chunkwise_fixes_the_reference_leak():
     stay as close to the (mask-aware) parallel logits as unpadded chunkwise is to parallel."""
     name = "nucleus_x_tiny_large_weights"
     c = load_cases(name)
-    m = FlaxNucleusXForCausalLM.from_pretrained(FIXTURES / name, from_pt=True)
+    m = nucleusx_jax.from_pretrained(FIXTURES / name)
     real = c["lp_attention_mask"].astype(bool)
     ours = m(c["lp_input_ids"], attention_mask=c["lp_attention_mask"], forward_mode="chunkwise", recurrent_chunk_size=5)
     reference_gap = max_abs(c["lp_logits_chunkwise"][real], c["lp_logits_parallel"][real])
@@ -245,7 +235,7 @@ def test_bin_and_safetensors_load_identically(tmp_path):
         d.mkdir()
         shutil.copy(FIXTURES / name / "config.json", d / "config.json")
         shutil.copy(FIXTURES / name / "pytorch_model.bin", d / "pytorch_model.bin")
-        a = FlaxNucleusXForCausalLM.from_pretrained(d, from_pt=True)
-        b = FlaxNucleusXForCausalLM.from_pretrained(FIXTURES / name, from_pt=True)
+        a = nucleusx_jax.from_pretrained(d)
+        b = nucleusx_jax.from_pretrained(FIXTURES / name)
         for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
             np.testing.assert_array_equal(x, y)

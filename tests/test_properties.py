@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nucleusx_jax import NucleusXConfig, retention
-from nucleusx_jax.hf import FlaxNucleusXForCausalLM
+from nucleusx_jax import NucleusX, NucleusXConfig, retention
 from nucleusx_jax.losses import lm_head_loss, next_token_loss
 from nucleusx_jax.modeling import RunOptions
 
@@ -55,7 +54,7 @@ def model():
     cfg = NucleusXConfig(vocab_size=61, decoder_embed_dim=24, decoder_value_embed_dim=36, decoder_ffn_embed_dim=40,
                          decoder_layers=2, decoder_retention_heads=3, recurrent_chunk_size=4, pad_token_id=0,
                          groupnorm_eps=1e-12, use_lm_decay=True, activation_fn="gelu")
-    m = FlaxNucleusXForCausalLM(cfg, seed=7)
+    m = NucleusX(cfg, seed=7)
     m.params = jax.tree.map(lambda p: p * 3.0, m.params)  # larger activations: the clamps are active
     return m
 
@@ -151,7 +150,7 @@ def test_module_next_token_loss_and_gradients(model, tied):
     m = model
     if tied:
         cfg = NucleusXConfig(**{**model.config.to_dict(), "tie_word_embeddings": True})
-        m = FlaxNucleusXForCausalLM(cfg, seed=3)
+        m = NucleusX(cfg, seed=3)
     inputs, targets = IDS[:, :-1], IDS[:, 1:]
     options = RunOptions.from_config(m.config, mode="chunkwise", chunk_size=4)
 

@@ -7,7 +7,6 @@ outside (``jitted._cache_size()``)."""
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import threading
@@ -22,14 +21,13 @@ import openai
 import pytest
 import uvicorn
 
-from nucleusx_jax import NucleusX, NucleusXConfig
 from nucleusx_jax import generate as gen
 from nucleusx_jax.serve import Engine, SamplingParams, create_app, load_backend, plain_chat_prompt
 from nucleusx_jax.serve.engine import Rows, sample
-from nucleusx_jax.tokenizer import load_tokenizer, train_tokenizer
+from nucleusx_jax.tokenizer import load_tokenizer
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "nucleus_x_tiny", "config.json")
-VOCAB = 512
+from conftest import SERVED_VOCAB as VOCAB, write_served_model
+
 MAX_BATCH, MAX_QUEUE, MAX_PROMPT, MAX_NEW = 32, 32, 64, 4096
 NAME = "tiny"
 PROMPTS = ["def foo(x):", "The quick brown fox", "import os\n", "a", "class Parser(object):\n    "]
@@ -77,15 +75,9 @@ def serving(engine, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, served_tokenizer):
     d = str(tmp_path_factory.mktemp("served"))
-    train_tokenizer(["builtin:pydoc"], os.path.join(d, "tokenizer"), VOCAB, max_sentences=3000)
-    with open(FIXTURE) as f:
-        cfg = {k: v for k, v in json.load(f).items()
-               if k not in ("architectures", "transformers_version", "model_type")}
-    cfg["vocab_size"] = VOCAB
-    model = NucleusX(NucleusXConfig(**cfg), seed=3)
-    model.save_pretrained(d)
+    model = write_served_model(d, served_tokenizer, seed=3)
     tokenizer = load_tokenizer(os.path.join(d, "tokenizer.model"))
     engine = Engine(load_backend(d), max_batch=MAX_BATCH, max_queue=MAX_QUEUE, max_prompt_tokens=MAX_PROMPT,
                     max_new_tokens=MAX_NEW).start()

@@ -1,8 +1,8 @@
 """The server against hostile and careless clients: the API key, the body limit, malformed bodies, stop-string
 limits, slow and idle connections, the connection cap, disconnects, and the cost of text work per token.
 
-One server for the module (a random tiny model with the tiny fixture's shapes, a SentencePiece tokenizer trained
-here), configured as the CLI configures it (:func:`~nucleusx_jax.serve.guard.server_config`) with small limits;
+One server for the module (a random tiny model with the tiny fixture's shapes and a SentencePiece tokenizer:
+tests/conftest.py's ``write_served_model``), configured as the CLI configures it (:func:`~nucleusx_jax.serve.guard.server_config`) with small limits;
 it binds port 0 and the tests read the port back."""
 
 import json
@@ -12,24 +12,22 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 
 import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
-from nucleusx_jax import NucleusX, NucleusXConfig
 from nucleusx_jax import generate as gen
 from nucleusx_jax.serve import Engine, create_app, load_backend
 from nucleusx_jax.serve.guard import server_config
 from nucleusx_jax.serve.text import MAX_STOP_CHARS, MAX_STOPS, StopMatcher, TextTracker
-from nucleusx_jax.tokenizer import load_tokenizer, train_tokenizer
+from nucleusx_jax.tokenizer import load_tokenizer
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "nucleus_x_tiny", "config.json")
-VOCAB, NAME, KEY = 512, "tiny", "s3cret-key"
+from conftest import SERVED_VOCAB, running_server, write_served_model
+
+NAME, KEY = "tiny", "s3cret-key"
 MAX_BYTES, MAX_CONNECTIONS, REQUEST_TIMEOUT = 64 * 1024, 12, 1.0
 
 
@@ -65,28 +63,15 @@ class Hostile:
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory):
+def hostile(tmp_path_factory, served_tokenizer):
     d = str(tmp_path_factory.mktemp("hostile"))
-    train_tokenizer(["builtin:pydoc"], os.path.join(d, "tokenizer"), VOCAB, max_sentences=3000)
-    with open(FIXTURE) as f:
-        cfg = {k: v for k, v in json.load(f).items()
-               if k not in ("architectures", "transformers_version", "model_type")}
-    cfg["vocab_size"] = VOCAB
-    model = NucleusX(NucleusXConfig(**cfg), seed=5)
-    model.save_pretrained(d)
+    model = write_served_model(d, served_tokenizer, seed=5)
     tok = CountingTokenizer(load_tokenizer(os.path.join(d, "tokenizer.model")))
     engine = Engine(load_backend(d), max_batch=8, max_queue=16, max_prompt_tokens=64, max_new_tokens=4096).start()
     app = create_app(engine, tok, NAME, api_key=KEY, max_request_bytes=MAX_BYTES)
-    server = uvicorn.Server(server_config(app, port=0, max_connections=MAX_CONNECTIONS,
-                                          request_timeout=REQUEST_TIMEOUT, keep_alive=1))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield Hostile(model, tok, engine, port)
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running_server(server_config(app, port=0, max_connections=MAX_CONNECTIONS, request_timeout=REQUEST_TIMEOUT,
+                                      keep_alive=1)) as (_, port):
+        yield Hostile(model, tok, engine, port)
     engine.shutdown()
 
 
@@ -122,21 +107,12 @@ def test_tls_with_key_and_cert_files(hostile, tmp_path):
                     "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
     app = create_app(hostile.engine, hostile.tok, NAME, api_key=KEY)
-    server = uvicorn.Server(server_config(app, port=0, ssl_keyfile=key, ssl_certfile=cert))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
+    with running_server(server_config(app, port=0, ssl_keyfile=key, ssl_certfile=cert)) as (_, port):
         r = httpx.get(f"https://127.0.0.1:{port}/v1/models", headers=hostile.auth,
                       verify=ssl.create_default_context(cafile=cert))
         assert r.json()["data"][0]["id"] == NAME
         with pytest.raises(httpx.HTTPError):  # plain HTTP is not served there
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def assert_error(r, status, param=None):
@@ -397,8 +373,8 @@ def test_text_tracker_against_full_decode_and_brute_force_stops(hostile):
     tok = hostile.tok.tok
     rng = random.Random(0)
     for trial in range(60):
-        context = [tok.bos_id] + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(0, 4))]
-        ids = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 60))]
+        context = [tok.bos_id] + [rng.randrange(3, SERVED_VOCAB) for _ in range(rng.randrange(0, 4))]
+        ids = [rng.randrange(3, SERVED_VOCAB) for _ in range(rng.randrange(1, 60))]
         full = tok.decode(context + ids)[len(tok.decode(context)):]
         stops = [] if trial % 3 == 0 else [full[i:i + rng.randrange(1, 6)] for i in
                                            (rng.randrange(0, max(1, len(full))) for _ in range(rng.randrange(1, 5)))]

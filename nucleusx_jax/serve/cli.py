@@ -1,4 +1,9 @@
-"""``python -m nucleusx_jax.serve MODEL_DIR``: serve a NucleusX model over the OpenAI HTTP API."""
+"""``python -m nucleusx_jax.serve MODEL_DIR``: serve a NucleusX model over the OpenAI HTTP API.
+
+The listening socket is bound before the model loads (a busy port fails at once), and the address it is bound to
+is printed as ``serving on http://HOST:PORT`` once the server starts: with ``--port 0`` the system picks a free
+port, and that line reports it.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,13 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import uvicorn
 
+from ..checks import integer
 from ..cli import reports_user_errors
 from ..tokenizer import load_tokenizer
 from .api import create_app
@@ -37,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a flax or PyTorch NucleusX causal-LM directory")
     p.add_argument("--tokenizer", help="SentencePiece .model file or HF tokenizer dir (default: MODEL_DIR)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="0: a free port the system picks (printed at start)")
     p.add_argument("--max-batch", type=int, default=32, help="slots: requests decoded together")
     p.add_argument("--max-queue", type=int, default=128, help="requests that may wait for a slot (then 429)")
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
@@ -65,9 +72,45 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` (IPv6 when ``host`` holds a colon; port 0: the system picks one),
+    not yet listening; ``OSError`` naming the address when it cannot be bound."""
+    integer("port", port, minimum=0, maximum=65535)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def address(sock: socket.socket, tls: bool) -> str:
+    """The URL a bound socket serves at."""
+    host, port = sock.getsockname()[:2]
+    return f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, printing ``serving on URL`` (``url``: where its socket is bound) once it accepts
+    connections."""
+
+    def __init__(self, config: uvicorn.Config, url: str):
+        super().__init__(config)
+        self.url = url
+
+    async def startup(self, sockets: Optional[List[socket.socket]] = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            print(f"serving on {self.url}", flush=True)
+
+
 @reports_user_errors
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser().parse_args(argv)
+    if not args.switch_interval > 0:
+        raise ValueError(f"switch_interval={args.switch_interval!r} is invalid: must be a number > 0 (seconds)")
     sys.setswitchinterval(args.switch_interval)
     check_guard(args.api_key, args.max_request_bytes)  # before the model loads
     check_server(args.max_connections, args.request_timeout, args.timeout_keep_alive, args.ssl_keyfile,
@@ -76,6 +119,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         logger.warning("serving on %s without an API key: anyone who reaches it may use it (--api-key or $%s)",
                        args.host, API_KEY_ENV)
 
+    sock = bind(args.host, args.port)
+    try:
+        serve(args, sock)
+    finally:
+        sock.close()
+
+
+def serve(args: argparse.Namespace, sock: socket.socket) -> None:
+    """Load the model and serve it on ``sock`` until the server is stopped (SIGINT or SIGTERM)."""
     tokenizer = load_tokenizer(args.tokenizer or args.model_dir)
     engine = Engine(load_backend(args.model_dir, dtype=args.dtype), max_batch=args.max_batch,
                     max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
@@ -85,8 +137,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     config = server_config(app, host=args.host, port=args.port, max_connections=args.max_connections,
                            request_timeout=args.request_timeout, keep_alive=args.timeout_keep_alive,
                            ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+    server = Server(config, address(sock, tls=args.ssl_certfile is not None))
     engine.start()
     try:
-        uvicorn.Server(config).run()
+        server.run(sockets=[sock])
     finally:
         engine.shutdown()

@@ -37,6 +37,7 @@ class Checkpointer:
         self.run_dir = storage.absolute(run_dir)
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep, create=True,
                                                enable_async_checkpointing=cfg.async_save)
+        storage.forget_cached_listings(self.run_dir)  # orbax lists through its own cached filesystem
         self.manager = ocp.CheckpointManager(
             os.path.join(self.run_dir, RUN_FILES.checkpoints), options=options,
             item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
@@ -111,6 +112,7 @@ class Checkpointer:
                          os.path.join(self.run_dir, RUN_FILES.corrupt_checkpoints, str(step)))
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"nucleusx-move-aside-{step}")
+        storage.forget_cached_listings(self.run_dir)  # else orbax's listing keeps the step: it would not save it
         self.manager.reload()
 
     def close(self) -> None:
