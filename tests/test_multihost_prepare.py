@@ -10,7 +10,8 @@ import pytest
 from nucleusx_jax.data.store import TokenStore
 from nucleusx_jax.tokenizer import train_tokenizer
 from nucleusx_jax.train.config import load_config
-from nucleusx_jax.train.data import DATA_DIR, prepare_run_stores
+from nucleusx_jax.runs import RUN_FILES
+from nucleusx_jax.train.data import prepare_run_stores
 from nucleusx_jax.train.metrics import read_metrics
 
 from test_train_run import TINY, _two_processes, overrides
@@ -40,6 +41,6 @@ def test_process_0_trains_the_tokenizer_and_prepares_the_store_while_process_1_w
                          format=cfg.format, seed=cfg.seed)
     assert open(os.path.join(run_dir, "tokenizer.model"), "rb").read() == open(sp, "rb").read()
     prepare_run_stores(cfg, os.path.join(run_dir, "tokenizer.model"), alone, progress=False)
-    for split in sorted(os.listdir(os.path.join(alone, DATA_DIR))):
-        assert files(os.path.join(run_dir, DATA_DIR, split)) == files(os.path.join(alone, DATA_DIR, split)), split
-        assert TokenStore(os.path.join(run_dir, DATA_DIR, split)).verify() == []
+    for split in sorted(os.listdir(os.path.join(alone, RUN_FILES.data))):
+        assert files(os.path.join(run_dir, RUN_FILES.data, split)) == files(os.path.join(alone, RUN_FILES.data, split)), split
+        assert TokenStore(os.path.join(run_dir, RUN_FILES.data, split)).verify() == []

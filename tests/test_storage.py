@@ -29,9 +29,9 @@ from nucleusx_jax.data import prepare as prepare_module  # noqa: E402
 from nucleusx_jax.data.prepare import PrepareOptions, prepare  # noqa: E402
 from nucleusx_jax.data.store import TokenStore  # noqa: E402
 from nucleusx_jax.model import from_pretrained  # noqa: E402
-from nucleusx_jax.runs import restore_params  # noqa: E402
+from nucleusx_jax.runs import RUN_FILES, restore_params  # noqa: E402
 from nucleusx_jax.sources import iter_source_documents, source_size  # noqa: E402
-from nucleusx_jax.train.checkpoint import CORRUPT_DIR, Checkpointer  # noqa: E402
+from nucleusx_jax.train.checkpoint import Checkpointer  # noqa: E402
 from nucleusx_jax.train.config import load_config  # noqa: E402
 from nucleusx_jax.lock import RunLock, RunLockedError  # noqa: E402
 from nucleusx_jax.train.loop import run  # noqa: E402
@@ -217,15 +217,15 @@ def test_corrupt_gcs_step_is_moved_aside(gcs_run):
     state = checkpointer.restore_latest(trainer.abstract_state)
     assert int(state.step) == 40
     assert not storage.exists(f"{remote}/checkpoints/48")
-    assert storage.isfile(f"{remote}/{CORRUPT_DIR}/48/commit_success.txt")
-    moved = sorted(p.split("/48/", 1)[1] for p in fs.find(f"bucket/run/{CORRUPT_DIR}/48"))
+    assert storage.isfile(f"{remote}/{RUN_FILES.corrupt_checkpoints}/48/commit_success.txt")
+    moved = sorted(p.split("/48/", 1)[1] for p in fs.find(f"bucket/run/{RUN_FILES.corrupt_checkpoints}/48"))
     assert moved == sorted(p.split("/40/", 1)[1] for p in fs.find("bucket/run/checkpoints/40"))  # every object
     assert 48 not in checkpointer.manager.all_steps()  # the manager's listing forgot it too, so ...
     checkpointer.save(dataclasses.replace(state, step=state.step + 8))  # ... the run saves step 48 again
     checkpointer.close()
     assert storage.isfile(f"{remote}/checkpoints/48/commit_success.txt")
     storage.remove_tree(f"{remote}/checkpoints/48")  # the run directory as the other tests expect it
-    storage.remove_tree(f"{remote}/{CORRUPT_DIR}")
+    storage.remove_tree(f"{remote}/{RUN_FILES.corrupt_checkpoints}")
 
 
 def test_model_dir_on_gcs_removes_config_first_and_writes_it_last(gcs, monkeypatch):
