@@ -54,7 +54,10 @@ class SentencePieceTokenizer:
 
     def __init__(self, model_file: str, *, num_threads: int = -1):
         proto = storage.read_bytes(model_file)
-        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError as err:  # sentencepiece's own parse error, e.g. "ParseFromArray failed"
+            raise ValueError(f"tokenizer {model_file} is not a SentencePiece model ({err})") from None
         self.path = model_file
         self.num_threads = num_threads
         self.fingerprint = hashlib.sha256(proto).hexdigest()

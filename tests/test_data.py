@@ -95,6 +95,9 @@ def test_tokenizer_from_directory_and_errors(tmp_path, sp_path, tok):
         load_tokenizer(str(tmp_path / "nope.model"))
     with pytest.raises(ValueError, match="neither"):
         load_tokenizer(str(tmp_path))
+    (tmp_path / "not.model").write_bytes(b"plain text, not a model proto")
+    with pytest.raises(ValueError, match=r"^tokenizer .*not\.model is not a SentencePiece model"):
+        load_tokenizer(str(tmp_path / "not.model"))
     with pytest.raises(ValueError, match=r"^vocab_size=100 is invalid: must be an integer >= 261 \(256 byte pieces"):
         train_tokenizer(["builtin:pydoc"], str(tmp_path / "x"), 100)
     with pytest.raises(ValueError, match="SentencePiece training failed"):
