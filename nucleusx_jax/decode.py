@@ -197,83 +197,51 @@ def prefill(
 
 
 def _start(
-    model: Any, input_ids: Any, attention_mask: Any, max_new_tokens: Any, do_sample: bool,
-    temperature: float, top_k: int, top_p: float, eos_token_id: Union[None, int, Sequence[int]],
-    pad_token_id: Optional[int], prng_key: Optional[Array], params: Any, recurrent_chunk_size: Optional[int],
-    prompt_chunkwise_threshold: Optional[int], segment_ids: Any,
-) -> Tuple[int, DecodeOptions, DecodeState]:
-    """What :func:`generate` and :func:`stream` share: check ``max_new_tokens``, resolve the decoding options
-    and run the prompt. Returns ``(steps, options, state after the prompt)``."""
+    model: Any, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int, do_sample: bool = False,
+    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: Union[None, int, Sequence[int]] = None,
+    pad_token_id: Optional[int] = None, prng_key: Optional[Array] = None, params: Any = None,
+    recurrent_chunk_size: Optional[int] = None, prompt_chunkwise_threshold: Optional[int] = None,
+    segment_ids: Any = None,
+) -> Tuple[int, DecodeOptions, DecodeState, Any]:
+    """What :func:`generate` and :func:`stream` share, and their keyword arguments: check ``max_new_tokens``,
+    resolve the decoding options (:func:`decode_options`) and run the prompt (:func:`prefill`). Returns
+    ``(steps, options, state after the prompt, params)``."""
     checks.integer("max_new_tokens", max_new_tokens)
     options = decode_options(model, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    params = params if params is not None else model.params
     state = prefill(model, input_ids, attention_mask, options=options, prng_key=prng_key, params=params,
                     recurrent_chunk_size=recurrent_chunk_size, prompt_chunkwise_threshold=prompt_chunkwise_threshold,
                     segment_ids=segment_ids)
-    return int(max_new_tokens), options, state
+    return int(max_new_tokens), options, state, params
 
 
-def generate(
-    model: Any,
-    input_ids: Any,
-    attention_mask: Any = None,
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: Union[None, int, Sequence[int]] = None,
-    pad_token_id: Optional[int] = None,
-    prng_key: Optional[Array] = None,
-    params: Any = None,
-    recurrent_chunk_size: Optional[int] = None,
-    prompt_chunkwise_threshold: Optional[int] = None,
-    output_logits: bool = False,
-    segment_ids: Any = None,
-) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+def generate(model: Any, input_ids: Any, attention_mask: Any = None, *, output_logits: bool = False,
+             **kwargs: Any) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Prompt plus new tokens, ``[B, T + max_new_tokens]`` (pad after a row's EOS), like
     ``model.generate(...).sequences``; with ``output_logits`` also the logits of every choice
-    ``[B, max_new_tokens, vocab]``. The new tokens come from one compiled loop of recurrent steps."""
-    steps, options, state = _start(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                                   top_p, eos_token_id, pad_token_id, prng_key, params, recurrent_chunk_size,
-                                   prompt_chunkwise_threshold, segment_ids)
-    tokens, logits, _ = compiled(model).loop(params if params is not None else model.params, state, steps=steps,
-                                             options=options, output_logits=bool(output_logits))
+    ``[B, max_new_tokens, vocab]``. The new tokens come from one compiled loop of recurrent steps. ``kwargs``:
+    ``max_new_tokens`` (required), ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
+    ``pad_token_id``, ``prng_key``, ``params``, ``recurrent_chunk_size``, ``prompt_chunkwise_threshold``,
+    ``segment_ids`` (see :func:`_start`)."""
+    steps, options, state, params = _start(model, input_ids, attention_mask, **kwargs)
+    tokens, logits, _ = compiled(model).loop(params, state, steps=steps, options=options,
+                                             output_logits=bool(output_logits))
     sequences = np.concatenate([np.asarray(input_ids, np.int32), np.asarray(tokens)], axis=1)
     return (sequences, np.asarray(logits)) if output_logits else sequences
 
 
-def stream(
-    model: Any,
-    input_ids: Any,
-    attention_mask: Any = None,
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: Union[None, int, Sequence[int]] = None,
-    pad_token_id: Optional[int] = None,
-    prng_key: Optional[Array] = None,
-    params: Any = None,
-    recurrent_chunk_size: Optional[int] = None,
-    prompt_chunkwise_threshold: Optional[int] = None,
-    segment_ids: Any = None,
-) -> Iterator[np.ndarray]:
-    """Yield the new tokens ``[B]`` one by one as they are produced (the same tokens as :func:`generate`),
-    until ``max_new_tokens`` or every row has produced an EOS. The prompt runs (and bad input raises) at the
-    call, before the first token is asked for; every later token is one call of the same compiled step."""
-    steps, options, state = _start(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                                   top_p, eos_token_id, pad_token_id, prng_key, params, recurrent_chunk_size,
-                                   prompt_chunkwise_threshold, segment_ids)
+def stream(model: Any, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Iterator[np.ndarray]:
+    """Yield the new tokens ``[B]`` one by one as they are produced (the same tokens as :func:`generate`, the
+    same keyword arguments but ``output_logits``), until ``max_new_tokens`` or every row has produced an EOS.
+    The prompt runs (and bad input raises) at the call, before the first token is asked for; every later token
+    is one call of the same compiled step."""
+    steps, options, state, params = _start(model, input_ids, attention_mask, **kwargs)
     step: Callable[..., DecodeState] = compiled(model).step
-    weights = params if params is not None else model.params
 
     def tokens(state: DecodeState) -> Iterator[np.ndarray]:
         for i in range(steps):
             if i:
-                state = step(weights, state, options=options)
+                state = step(params, state, options=options)
             token, finished = jax.device_get((state.token, state.finished))
             yield token
             if finished.all():

@@ -80,13 +80,6 @@ class RunOptions:
         return cls(**{**base, **overrides})
 
 
-def empty_cache(config: NucleusXConfig, batch: int) -> Cache:
-    """The state before any token: one zero :class:`~nucleusx_jax.retention.RetentionState` per layer for
-    ``batch`` rows (``seqlen`` ``[]``). Each layer gets its own buffers, so the cache can be donated."""
-    return tuple(ret.empty_state(batch, config.decoder_retention_heads, config.key_head_dim, config.value_head_dim)
-                 for _ in range(config.decoder_layers))
-
-
 def _param_init(init: Any, axes: Sequence[str]) -> Any:
     return nn.with_logical_partitioning(init, tuple(axes))
 
