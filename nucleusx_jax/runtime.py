@@ -166,15 +166,16 @@ def prefill(module: Any, params: Params, ids: Array, mask: Optional[Array], segm
 
 def recurrent(module: Any, params: Params, ids: Array, mask: Array, cache: Cache) -> Tuple[Array, Cache]:
     """``ids`` ``[B, W]`` continuing ``cache`` in the recurrent form -> (logits ``[B, W, V]`` float32, the new
-    state). A position with ``mask`` 0 leaves its row's state as it is."""
+    state). A position with ``mask`` 0 keeps its row's ``kv`` and ``scale`` (its position still advances:
+    padding belongs after a row's last real token)."""
     options = RunOptions.from_config(module.config, mode=ForwardMode.RECURRENT, return_state=True)
     out, cache, _ = module.apply({"params": params}, ids, mask, cache, options=options)
     return out.astype(jnp.float32), cache
 
 
 def step(module: Any, params: Params, tokens: Array, active: Array, cache: Cache) -> Tuple[Array, Cache]:
-    """One recurrent step: ``tokens`` ``[B]``, ``active`` ``[B]`` bool (an inactive row keeps its state) ->
-    (logits ``[B, V]`` float32, the new state)."""
+    """One recurrent step: ``tokens`` ``[B]``, ``active`` ``[B]`` bool (an inactive row keeps its ``kv`` and
+    ``scale``: a finished row, a free slot) -> (logits ``[B, V]`` float32, the new state)."""
     out, cache = recurrent(module, params, tokens[:, None], active[:, None].astype(jnp.int32), cache)
     return out[:, 0], cache
 

@@ -28,31 +28,28 @@ def parallel_logits(model, row):
     return np.asarray(model(np.asarray([row]), forward_mode="parallel").logits[0])
 
 
-ROWS = [[5, 9, 3, 7, 2, 8, 6, 1, 4, 11], [12, 13, 14, 15, 16, 17]]
+ROWS = [[5, 9, 3, 7, 2, 8, 6, 1, 4, 11], [12, 13, 14, 15, 16, 17, 18, 19]]
+PROMPTS = [6, 3]  # row 1's prompt is left-padded
 
 
 @pytest.mark.parametrize("mode, chunk_size", [("parallel", 4), ("chunkwise", 4), ("chunkwise", 3)])
 def test_left_padded_prefill_then_recurrent_equals_the_parallel_pass(model, mode, chunk_size):
-    """Prompts padded on the left, one prefill, rows taken (repeated, reordered), then a recurrent pass and one
-    step: every logit equals the parallel pass of the unpadded row."""
-    prompt = 6
-    ids, mask = runtime.pad_left([r[:prompt] for r in ROWS], 8, 2, 0)
+    """Prompts padded on the left, one prefill, rows taken (repeated, reordered), then a recurrent pass of 3
+    tokens and one step: every logit equals the parallel pass of the unpadded row."""
+    ids, mask = runtime.pad_left([r[:p] for r, p in zip(ROWS, PROMPTS)], 8, 2, 0)
     first, cache = runtime.prefill(model.module, model.params, jnp.asarray(ids), jnp.asarray(mask), mode=mode,
                                    chunk_size=chunk_size)
-    rows = np.asarray([1, 0, 1])
+    rows = [1, 0, 1]
     cache = runtime.take_rows(cache, jnp.asarray(rows))
-    cont = [ROWS[r][prompt:prompt + 3] for r in rows]
-    cids, cmask = runtime.pad_right(cont, 4, 3, 0)
+    cids, cmask = runtime.pad_right([ROWS[r][PROMPTS[r]:PROMPTS[r] + 3] for r in rows], 3, 3, 0)
     logits, cache = runtime.recurrent(model.module, model.params, jnp.asarray(cids), jnp.asarray(cmask), cache)
-    nxt, _ = runtime.step(model.module, model.params, jnp.asarray([ROWS[r][prompt + 3] for r in rows]),
+    nxt, _ = runtime.step(model.module, model.params, jnp.asarray([ROWS[r][PROMPTS[r] + 3] for r in rows]),
                           jnp.asarray([True] * 3), cache)
     for n, r in enumerate(rows):
-        want = parallel_logits(model, ROWS[r][:prompt + 4])
-        np.testing.assert_allclose(np.asarray(first)[r], want[prompt - 1], rtol=0, atol=EXACT)
-        got = np.asarray(logits)[n, :len(cont[n])]
-        np.testing.assert_allclose(got, want[prompt:prompt + len(cont[n])], rtol=0, atol=EXACT)
-        if len(cont[n]) == 3:  # row 1's 6 tokens leave no 4th continuation token
-            np.testing.assert_allclose(np.asarray(nxt)[n], want[prompt + 3], rtol=0, atol=EXACT)
+        p, want = PROMPTS[r], parallel_logits(model, ROWS[r][:PROMPTS[r] + 4])
+        np.testing.assert_allclose(np.asarray(first)[r], want[p - 1], rtol=0, atol=EXACT)
+        np.testing.assert_allclose(np.asarray(logits)[n, :3], want[p:p + 3], rtol=0, atol=EXACT)
+        np.testing.assert_allclose(np.asarray(nxt)[n], want[p + 3], rtol=0, atol=EXACT)
 
 
 def test_right_padded_slot_prompt_put_into_a_slot_steps_like_the_parallel_pass(model):
@@ -73,8 +70,10 @@ def test_right_padded_slot_prompt_put_into_a_slot_steps_like_the_parallel_pass(m
                                  jnp.asarray([False, True, False]), slots)
     want = parallel_logits(model, ROWS[0][:6])[-1]
     np.testing.assert_allclose(np.asarray(logits)[1], want, rtol=0, atol=EXACT)
-    np.testing.assert_array_equal(np.asarray(after[0].seqlen), [0, len(prefix) + 1, 0])
-    np.testing.assert_array_equal(np.asarray(after[1].kv[0]), np.zeros_like(np.asarray(after[1].kv[0])))
+    assert int(after[0].seqlen[1]) == len(prefix) + 1
+    for s, before in zip(after, slots):
+        np.testing.assert_array_equal(np.asarray(s.kv)[[0, 2]], np.asarray(before.kv)[[0, 2]])
+        np.testing.assert_array_equal(np.asarray(s.scale)[[0, 2]], np.asarray(before.scale)[[0, 2]])
 
 
 def test_prompt_form_and_padding():

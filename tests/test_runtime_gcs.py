@@ -21,8 +21,8 @@ from nucleusx_jax.tokenizer import train_tokenizer  # noqa: E402
 
 from test_storage import gcs  # noqa: E402,F401  (the emulator, module-scoped)
 
-VOCAB = 320
-IDS = np.asarray([[1, 17, 230, 5, 99, 42, 7, 300]])
+VOCAB = 512
+IDS = np.asarray([[1, 17, 230, 5, 99, 42, 7, 500]])
 
 
 @pytest.fixture(scope="module")

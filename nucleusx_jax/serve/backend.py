@@ -26,7 +26,7 @@ class Backend:
 
     def decode(self, params: Params, tokens: Array, active: Array, cache: Cache) -> Tuple[Array, Cache]:
         """One recurrent step (:func:`nucleusx_jax.runtime.step`): tokens ``[S]``, active ``[S]`` bool (inactive
-        rows keep their state) -> logits ``[S, vocab]`` float32 and the new states."""
+        rows keep their ``kv`` and ``scale``) -> logits ``[S, vocab]`` float32 and the new states."""
         return runtime.step(self.module, params, tokens, active, cache)
 
 
