@@ -11,7 +11,7 @@ import numpy as np
 
 from .cli import reports_user_errors
 from .decode import DecodeOptions, decode_options, generate, prefill, stream
-from .runtime import load
+from .loading import load
 from .tokenizer import load_tokenizer
 
 __all__ = ["DecodeOptions", "TextStreamer", "decode_options", "generate", "main", "prefill", "stream"]

