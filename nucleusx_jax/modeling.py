@@ -47,6 +47,9 @@ class RunOptions:
     ``mode``: the retention form; ``chunk_size``: the chunkwise form's chunk length; ``impl``: the chunkwise
     kernel; ``return_state``: return each layer's recurrent state (the cache); ``hidden_states``: return every
     layer's input and the final output; ``deterministic``: no dropout or drop path.
+
+    These are the package's one name of each knob; ``forward_mode``, ``recurrent_chunk_size`` and ``use_cache``
+    (the same three) stay at the public edge: ``config.json``, ``NucleusX.__call__``, the HF adapter.
     """
 
     mode: ForwardMode = flax.struct.field(pytree_node=False)
