@@ -274,7 +274,7 @@ class NucleusXLM(LM):
         temperature = float(kwargs.get("temperature", 0.0))
         do_sample = bool(kwargs.get("do_sample", False)) and temperature > 0
         options = decode.decode_options(
-            self.backend.model, do_sample=do_sample, temperature=temperature if do_sample else 1.0,
+            self.backend.model, do_sample=do_sample, temperature=temperature,
             top_k=int(kwargs.get("top_k", 0) or 0), top_p=float(kwargs.get("top_p", 1.0) or 1.0),
             eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id)
         return options, int(steps), until
