@@ -14,9 +14,10 @@ background thread repeats:
    reached ``max_tokens`` or was cancelled frees its slot at once. Delivery of a step's tokens overlaps the
    next step's computation.
 
-Sampling is per row, :func:`nucleusx_jax.runtime.choose` with each row's own
-:class:`~nucleusx_jax.runtime.Sampling` (temperature 0: greedy), drawn with the key ``fold_in(fold_in(fold_in(PRNGKey(seed_lo), seed_hi), choice), n)`` for the request's ``n``-th
-token: a seeded request gets the same tokens whatever runs beside it.
+Sampling is per row: :func:`nucleusx_jax.runtime.choose` with each row's own
+:class:`~nucleusx_jax.runtime.Sampling` (temperature 0: greedy), drawn with the key
+``fold_in(fold_in(fold_in(PRNGKey(seed_lo), seed_hi), choice), n)`` for the request's ``n``-th token: a seeded
+request gets the same tokens whatever runs beside it.
 """
 
 from __future__ import annotations
