@@ -184,3 +184,62 @@ def test_fit_says_when_no_microbatch_count_fits(capsys):
     """--fit cannot split weights: with one row per chip already, it ends with status 3 and says so."""
     code, _, err = _train_main(["--config", TINY_YAML, "--compile-only", "--topology", "v5e-8", "--fit", *BIG], capsys)
     assert code == 3 and "--fit: not even train.grad_accum=1" in err and "15.75 GiB" in err, err
+
+
+def test_serve_compiles_the_decode_step_and_prefill_for_one_chip(tmp_path, capsys):
+    """--serve: the server's decode step (max_batch slots, steps_per_call steps) and its longest prefill for one
+    v5p chip, in the server's default dtype (float32); weights and states are the model's own sizes, the
+    states donated to the step and resident during the prefill."""
+    path = tmp_path / "serve.json"
+    code, out, err = _train_main(["--config", TINY_YAML, "--compile-only", "--topology", "v5p-2", "--serve",
+                                  "--max-batch", "8", "--max-prompt-tokens", "100", "--report", str(path),
+                                  *sum((["--set", s] for s in SMALL), [])], capsys)
+    assert code == 0, err
+    report = json.loads(path.read_text())
+    cfg = load_config(TINY_YAML, SMALL).model_config()
+    layers, heads, kdim, vdim = (cfg.decoder_layers, cfg.decoder_retention_heads, cfg.key_head_dim,
+                                 cfg.value_head_dim)
+    states = layers * 8 * 4 * (heads * kdim * vdim + heads)  # per layer kv [S, H, V, K] and scale [S, H] float32
+    assert report["devices"] == 1 and report["device_kind"] == "TPU v5" and report["fits"] is True
+    assert report["weights_bytes_per_device"] == 4 * report["parameters"]
+    # + per layer seqlen [S], and each slot's next token and count [S] (int32)
+    assert report["cache_bytes_per_device"] == states + (layers + 2) * 8 * 4
+    assert report["serve"] == {"dtype": "float32", "max_batch": 8, "steps_per_call": 4, "prefill_tokens": 128,
+                               "prefill_mode": "parallel"}
+    assert report["tokens_per_step"] == 8 * 4
+    decode, prefill = report["steps"]["decode"], report["steps"]["prefill"]
+    assert decode["argument_bytes"] >= report["weights_bytes_per_device"] + report["cache_bytes_per_device"]
+    assert decode["alias_bytes"] >= report["cache_bytes_per_device"]  # the slots are donated
+    assert prefill["resident_bytes"] == report["cache_bytes_per_device"]
+    assert report["planned_bytes_per_device"] == max(decode["planned_bytes"], prefill["planned_bytes"])
+    assert "decode" in out and "prefill" in out and "fits" in out
+
+
+def test_serving_program_is_the_engines_in_the_asked_dtype():
+    """The functions compiled are the engine's own: bfloat16 weights, its slot layout, its prompt bucket."""
+    from nucleusx_jax.serve.engine import Engine
+    from nucleusx_jax.train.compile_serve import serving_program
+
+    program = serving_program(load_config(TINY_YAML, SMALL).model_config(), "bfloat16", max_batch=3,
+                              max_prompt_tokens=17)
+    params, slots, rows = program.step_args
+    assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    assert slots.token.shape == rows.active.shape == (3,) and program.prompt_tokens == 16
+    assert program.step.__wrapped__.__func__ is Engine._step and program.steps_per_call == 4
+    assert program.prefill_args[1].shape == (1, 16)
+
+
+def test_serve_does_not_fit_and_user_errors(capsys):
+    """Exit 3 when the weights and the slots' states outgrow the chip; exit 2 for a topology of several chips and
+    for serving options without --serve or out of range."""
+    code, _, err = _train_main(["--config", TINY_YAML, "--compile-only", "--topology", "v5e-1", "--serve",
+                                "--max-batch", "64", *BIG], capsys)
+    assert code == 3 and "GiB" in err and "TPU v5 lite" in err, err
+    code, _, err = _train_main(["--config", TINY_YAML, "--compile-only", "--topology", "v5p-8", "--serve"], capsys)
+    assert code == 2 and "one chip" in err and "v5p-8 has 4" in err, err
+    code, _, err = _train_main(["--config", TINY_YAML, "--compile-only", "--topology", "v5p-2", "--max-batch", "8"],
+                               capsys)
+    assert code == 2 and "go with --serve" in err
+    code, _, err = _train_main(["--config", TINY_YAML, "--compile-only", "--topology", "v5p-2", "--serve",
+                                "--max-batch", "0"], capsys)
+    assert code == 2 and "max_batch=0 is invalid" in err

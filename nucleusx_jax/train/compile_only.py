@@ -1,7 +1,8 @@
 """Compile a run's train and eval steps for a Cloud TPU slice on any host, with the real TPU compiler.
 
 ``python train.py --config FILE --compile-only --topology v5p-128`` (docs/tpu.md). libtpu (the ``[tpu]`` extra)
-describes a whole slice without hardware (``jax.experimental.topologies``); the steps are lowered with abstract
+describes a whole slice without hardware (``jax.experimental.topologies``); the CUDA plugin an H100 node
+(``--topology h100x8``, :mod:`.gpu_target`, docs/gpu.md). The steps are lowered with abstract
 state and batches (``jax.ShapeDtypeStruct``: nothing is allocated, no data is read, the run directory is not
 touched) and compiled: the compiler plans every chip's memory, checks HBM and on-chip VMEM, compiles the Mosaic
 kernels and lays out the collectives. What it cannot tell is speed.
@@ -22,12 +23,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import sharding as shd
 from .config import Config
+from .gpu_target import COMPILER_OPTIONS, GPU_TOPOLOGIES, device_memory, gpu_devices
 from .step import Trainer, make_trainer, training_flops_per_token
 
 GiB = 1024**3
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 _MOSAIC = 'custom_call_target="tpu_custom_call"'
+_TRITON = 'custom_call_target="__gpu$xla.gpu.triton"'
 _AVAILABLE_HBM = re.compile(r"exceeds available HBM \(([0-9.]+)([KMGT])\)")
 _TEMPORARIES = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)")
 # What the compiler needs to describe a slice without hardware (no metadata server, a single host of its own).
@@ -48,24 +51,34 @@ TOPOLOGIES: Dict[str, Topology] = {
     "v4-8": Topology("v4:2x2x1", "megacore", (2, 2, 1)),
     "v4-16": Topology("v4:2x2x2", "megacore", (2, 2, 1)),
     "v4-32": Topology("v4:2x2x4", "megacore", (2, 2, 1)),
+    "v5p-2": Topology("v5:1x1x1", "megacore", (1, 1, 1)),  # one chip (the server: --serve)
     "v5p-8": Topology("v5:2x2x1", "megacore", (2, 2, 1)),
     "v5p-32": Topology("v5:2x2x4", "megacore", (2, 2, 1)),
     "v5p-128": Topology("v5:4x4x4", "megacore", (2, 2, 1)),
+    "v5e-1": Topology("v5e:1x1", "default", (1, 1, 1)),
     "v5e-8": Topology("v5e:2x4", "default", (2, 4, 1)),
     "v5e-256": Topology("v5e:16x16", "default", (2, 2, 1)),
+    "v6e-1": Topology("v6e:1x1", "default", (1, 1, 1)),
     "v6e-8": Topology("v6e:2x4", "default", (2, 4, 1)),
     "v6e-256": Topology("v6e:16x16", "default", (2, 2, 1)),
 }
 
 
 def topology_devices(name: str, slices: int = 1) -> List[Any]:
-    """The compile-only devices of ``slices`` TPU slices called ``name`` (a key of :data:`TOPOLOGIES`).
+    """The compile-only devices of ``slices`` TPU slices called ``name`` (a key of :data:`TOPOLOGIES`), or of
+    the GPU machine ``name`` (a key of :data:`~.gpu_target.GPU_TOPOLOGIES`, one slice).
 
-    Loads libtpu; set ``JAX_PLATFORMS=cpu`` before jax starts on a host without TPUs (train.py does)."""
-    if name not in TOPOLOGIES:
-        raise ValueError(f"--topology {name!r} is unknown: known slices are {', '.join(TOPOLOGIES)}")
+    Loads libtpu (or the CUDA plugin); set ``JAX_PLATFORMS=cpu`` before jax starts on a host without TPUs
+    (train.py does)."""
+    if name not in TOPOLOGIES and name not in GPU_TOPOLOGIES:
+        raise ValueError(f"--topology {name!r} is unknown: known slices are {', '.join(TOPOLOGIES)}; GPU machines "
+                         f"{', '.join(GPU_TOPOLOGIES)}")
     if slices < 1:
         raise ValueError(f"--slices {slices} is invalid: must be >= 1")
+    if name in GPU_TOPOLOGIES:
+        if slices != 1:
+            raise ValueError(f"--slices {slices} is invalid with the GPU machine {name}: must be 1")
+        return gpu_devices(name)
     for key, value in COMPILE_ONLY_ENV.items():
         os.environ.setdefault(key, value)
     from jax.experimental import topologies
@@ -78,6 +91,17 @@ def topology_devices(name: str, slices: int = 1) -> List[Any]:
         hint = " (pip install 'nucleusx-jax[tpu]')" if "not installed" in str(err) else ""
         raise ValueError(f"libtpu cannot describe --topology {name}{hint}: {err}") from None
     return list(desc.devices)
+
+
+def device_hbm(topology: str, device: Any) -> int:
+    """Bytes of memory one program of ``device`` (of ``topology``) may use: :func:`available_hbm` on TPU, the
+    target description's memory on GPU."""
+    return device_memory(topology) if topology in GPU_TOPOLOGIES else available_hbm(device)
+
+
+def compiler_options(device: Any) -> Dict[str, Any]:
+    """The compile options for ``device``'s platform: none for TPU, no autotuning for a GPU that is not there."""
+    return COMPILER_OPTIONS if device.platform == "gpu" else {}
 
 
 def available_hbm(device: Any) -> int:
@@ -115,6 +139,7 @@ class StepPlan:
     resident_bytes: int = 0  # state held on the chip besides the arguments (eval: the optimizer state)
     collectives: Dict[str, int] = dataclasses.field(default_factory=dict)
     mosaic_kernels: int = 0
+    triton_kernels: int = 0
     error: Optional[str] = None
 
     @property
@@ -123,13 +148,14 @@ class StepPlan:
         return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes + self.resident_bytes
 
 
-def compile_step(name: str, lowered: Any, resident_bytes: int = 0) -> StepPlan:
-    """Compile ``lowered`` (a ``jax.stages.Lowered`` for TPU devices): its memory plan per chip, the collectives
-    by kind and the Mosaic kernel calls of the compiled program (a call inside a loop counts once); a
-    RESOURCE_EXHAUSTED compile (HBM or VMEM) becomes ``error``, with the temporaries it names (HBM) as the plan."""
+def compile_step(name: str, lowered: Any, device: Any, resident_bytes: int = 0) -> StepPlan:
+    """Compile ``lowered`` (a ``jax.stages.Lowered`` for TPU or GPU devices like ``device``): its memory plan
+    per chip, the collectives by kind and the Mosaic (TPU) or Triton (GPU) kernel calls of the compiled program
+    (a call inside a loop counts once); a RESOURCE_EXHAUSTED compile (HBM or VMEM) becomes ``error``, with the
+    temporaries it names (HBM) as the plan."""
     start = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options(device))
     except Exception as err:  # noqa: BLE001 - only the compiler's out-of-memory verdict is an answer
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
@@ -141,7 +167,8 @@ def compile_step(name: str, lowered: Any, resident_bytes: int = 0) -> StepPlan:
     text = compiled.as_text()
     return StepPlan(name, seconds, memory.argument_size_in_bytes, memory.output_size_in_bytes,
                     memory.temp_size_in_bytes, memory.alias_size_in_bytes, resident_bytes,
-                    dict(sorted(Counter(m.group(1) for m in _COLLECTIVE.finditer(text)).items())), text.count(_MOSAIC))
+                    dict(sorted(Counter(m.group(1) for m in _COLLECTIVE.finditer(text)).items())), text.count(_MOSAIC),
+                    text.count(_TRITON))
 
 
 class DoesNotFitError(RuntimeError):
@@ -156,7 +183,7 @@ def check(cfg: Config, topology: str, slices: int = 1, fit: bool = False) -> Dic
     Raises ``ValueError`` for sizes that do not fit the mesh or the devices."""
     devices = topology_devices(topology, slices)
     mesh = shd.make_mesh(dataclasses.asdict(cfg.mesh), devices)
-    hbm = available_hbm(devices[0])
+    hbm = device_hbm(topology, devices[0])
     if fit:
         cfg = fewest_microbatches(cfg, mesh, hbm)
     trainer = make_trainer(cfg, mesh)
@@ -165,7 +192,7 @@ def check(cfg: Config, topology: str, slices: int = 1, fit: bool = False) -> Dic
         return _report(cfg, trainer, topology, slices, devices, hbm, [train])
     params = trainer.abstract_state.params
     state_bytes = _bytes_per_device(trainer.abstract_state) - _bytes_per_device(params)
-    evaluate = compile_step("eval", trainer.eval_step.lower(params, _abstract_batch(trainer)),
+    evaluate = compile_step("eval", trainer.eval_step.lower(params, _abstract_batch(trainer)), devices[0],
                             resident_bytes=state_bytes)
     return _report(cfg, trainer, topology, slices, devices, hbm, [train, evaluate])
 
@@ -177,7 +204,8 @@ def _abstract_batch(trainer: Trainer) -> jax.ShapeDtypeStruct:
 
 
 def _train_plan(trainer: Trainer) -> StepPlan:
-    return compile_step("train", trainer.train_step.lower(trainer.abstract_state, _abstract_batch(trainer)))
+    return compile_step("train", trainer.train_step.lower(trainer.abstract_state, _abstract_batch(trainer)),
+                        trainer.mesh.devices.flat[0])
 
 
 def fewest_microbatches(cfg: Config, mesh: jax.sharding.Mesh, hbm: int) -> Config:
@@ -218,7 +246,7 @@ def _report(cfg: Config, trainer: Trainer, topology: str, slices: int, devices: 
         "mesh": dict(trainer.mesh.shape), "hbm_bytes_per_device": hbm, "planned_bytes_per_device": planned,
         "hbm_fraction": planned / hbm, "fits": fits,
         "compile_s": sum(s.compile_s for s in steps), "mosaic_kernels": train.mosaic_kernels,
-        "collectives": train.collectives, "flops_per_step": flops, "tokens_per_step": tokens,
+        "triton_kernels": train.triton_kernels, "collectives": train.collectives, "flops_per_step": flops, "tokens_per_step": tokens,
         "grad_accum": cfg.train.grad_accum, "parameters": trainer.num_params, "steps": {s.name: dict(dataclasses.asdict(s), planned_bytes=s.planned_bytes)
                                                     for s in steps},
     }
@@ -240,11 +268,17 @@ def shortfall(report: Dict[str, Any]) -> Optional[str]:
 
 def format_report(report: Dict[str, Any]) -> str:
     """The report as a few lines of text."""
-    gib = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"  # noqa: E731
     lines = [f"topology   {report['topology']} x {report['slices']} slice(s): {report['devices']} "
              f"{report['device_kind']} devices, mesh {report['mesh']}",
              f"model      {report['parameters']:,} parameters; {report['tokens_per_step']:,} tokens in "
              f"{report['grad_accum']} microbatch(es) and {report['flops_per_step']:.3g} FLOPs (analytic) per step"]
+    return "\n".join(lines + format_steps(report, "train"))
+
+
+def format_steps(report: Dict[str, Any], main: str) -> List[str]:
+    """The lines of each step's plan, the verdict, and the collectives and kernels of the ``main`` step."""
+    gib = lambda n: f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"  # noqa: E731
+    lines = []
     for name, s in report["steps"].items():
         if s["error"] is not None:
             lines.append(f"{name:<10} does not compile: {s['error']}")
@@ -257,16 +291,16 @@ def format_report(report: Dict[str, Any]) -> str:
                  f" HBM per chip ({100 * report['hbm_fraction']:.1f} %): "
                  + ("fits" if report["fits"] else "DOES NOT FIT"))
     collectives = ", ".join(f"{k} {v}" for k, v in report["collectives"].items()) or "none"
-    lines.append(f"train step collectives {collectives}; Mosaic kernel calls {report['mosaic_kernels']}")
-    return "\n".join(lines)
+    kernels = (f"Triton kernel calls {report['triton_kernels']}" if report.get("triton_kernels")
+               else f"Mosaic kernel calls {report['mosaic_kernels']}")
+    lines.append(f"{main} step collectives {collectives}; {kernels}")
+    return lines
 
 
-def run(cfg: Config, topology: str, slices: int = 1, report_path: Optional[str] = None,
-        fit: bool = False) -> Dict[str, Any]:
-    """:func:`check`, print the report (and write it as JSON to ``report_path``); raises
-    :class:`DoesNotFitError` with the shortfall when it does not fit."""
-    report = check(cfg, topology, slices, fit)
-    print(format_report(report), flush=True)
+def publish(report: Dict[str, Any], text: str, report_path: Optional[str]) -> Dict[str, Any]:
+    """Print ``text`` (the report's lines), write ``report`` as JSON to ``report_path`` when given; raises
+    :class:`DoesNotFitError` with the shortfall when it does not fit, else returns ``report``."""
+    print(text, flush=True)
     if report_path:
         with open(report_path, "w") as f:
             json.dump(report, f, indent=2)
@@ -274,3 +308,11 @@ def run(cfg: Config, topology: str, slices: int = 1, report_path: Optional[str] 
     if reason is not None:
         raise DoesNotFitError(reason)
     return report
+
+
+def run(cfg: Config, topology: str, slices: int = 1, report_path: Optional[str] = None,
+        fit: bool = False) -> Dict[str, Any]:
+    """:func:`check`, print the report (and write it as JSON to ``report_path``); raises
+    :class:`DoesNotFitError` with the shortfall when it does not fit."""
+    report = check(cfg, topology, slices, fit)
+    return publish(report, format_report(report), report_path)
