@@ -346,10 +346,15 @@ class Engine:
         """The state after ``prefix`` (batch 1) and its length."""
         if not prefix:
             return runtime.empty_cache(self.backend.config, 1), np.int32(0)
-        length = runtime.bucket(len(prefix), MIN_PREFILL_BUCKET)
+        length, mode, chunk_size = self.prefill_form(len(prefix))
         ids, mask = runtime.pad_right([prefix], length, 1, 0)
-        mode, chunk_size = runtime.prompt_form(self.backend.config, length)
         return self.prefill(self.backend.params, ids, mask, mode=mode, chunk_size=chunk_size), np.int32(len(prefix))
+
+    def prefill_form(self, tokens: int) -> Tuple[int, str, int]:
+        """``(length, mode, chunk_size)`` that a prefix of ``tokens`` tokens is prefilled with: right-padded to a
+        power of two >= ``MIN_PREFILL_BUCKET``, in the runtime's prompt form for that length."""
+        length = runtime.bucket(tokens, MIN_PREFILL_BUCKET)
+        return (length, *runtime.prompt_form(self.backend.config, length))
 
     def _dispatch(self) -> StepOut:
         rows = Rows(*(np.array(a) for a in self._rows))  # a copy: the host arrays change between steps
