@@ -209,15 +209,20 @@ class Sampling(NamedTuple):
 
 def filter_logits(logits: Array, top_k: Any, top_p: Any) -> Array:
     """``logits`` ``[B, V]`` with what :class:`Sampling`'s ``top_k`` then ``top_p`` (numbers or ``[B]``) drop
-    set to -inf, in one sort."""
+    set to -inf. One sort gives how many tokens a row keeps and the smallest kept value; the tokens are then
+    picked by comparison (ties at that value: the lower indices), with no scatter."""
     batch, vocab = logits.shape
-    values, index = jax.lax.top_k(logits, vocab)  # sorted, descending; ties: the lower index first
+    values, _ = jax.lax.top_k(logits, vocab)  # sorted, descending; ties: the lower index first
     top_k, top_p = jnp.broadcast_to(top_k, (batch,)), jnp.broadcast_to(top_p, (batch,))
-    values = jnp.where(jnp.arange(vocab) < jnp.where(top_k > 0, top_k, vocab)[:, None], values, -jnp.inf)
-    below = jnp.cumsum(jax.nn.softmax(values, axis=-1), axis=-1) < top_p[:, None]
-    keep = jnp.roll(below, 1, axis=-1).at[:, 0].set(True) | (top_p[:, None] >= 1)  # and the token crossing p
-    rows = jnp.arange(batch)[:, None]
-    return jnp.full_like(logits, -jnp.inf).at[rows, index].set(jnp.where(keep, values, -jnp.inf))
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    ranked = jnp.where(jnp.arange(vocab) < k[:, None], values, -jnp.inf)
+    below = jnp.sum(jnp.cumsum(jax.nn.softmax(ranked, axis=-1), axis=-1) < top_p[:, None], axis=-1)
+    kept = jnp.where(top_p < 1, jnp.minimum(k, below + 1), k)  # top-p also keeps the token that crosses p
+    last = jnp.take_along_axis(values, kept[:, None] - 1, axis=-1)  # [B, 1]
+    above, ties = logits > last, logits == last
+    room = kept[:, None] - jnp.sum(above, axis=-1, keepdims=True)
+    keep = above | (ties & (jnp.cumsum(ties, axis=-1) <= room))
+    return jnp.where(keep, logits, -jnp.inf)
 
 
 def _draw(key: Array, logits: Array) -> Array:
