@@ -128,7 +128,7 @@ def run_batch(batch: int, prompts: List[int], new_tokens: int, repeats: int = 5,
 
     from nucleusx_jax import NucleusX, NucleusXConfig
     from nucleusx_jax import decode as gen
-    from nucleusx_jax.inputs import prompt_forward_mode
+    from nucleusx_jax.runtime import prompt_form
 
     config = NucleusXConfig(**BENCH_SMALL)
     model = NucleusX(config, seed=seed)
@@ -139,9 +139,10 @@ def run_batch(batch: int, prompts: List[int], new_tokens: int, repeats: int = 5,
     results, states = [], []
     for prompt in prompts:
         ids = jnp.asarray(np.random.default_rng(seed).integers(3, config.vocab_size, (batch, prompt)), jnp.int32)
-        mode, chunk = prompt_forward_mode(config, prompt)
+        mode, chunk_size = prompt_form(config, prompt)
         start = time.perf_counter()
-        prefill = fns.prefill.lower(params, ids, None, None, key, mode=mode, chunk=chunk, options=options).compile()
+        prefill = fns.prefill.lower(params, ids, None, None, key, mode=mode, chunk_size=chunk_size,
+                                   options=options).compile()
         compile_s = time.perf_counter() - start
         with RSSSampler() as rss:
             rss_before = rss.peak

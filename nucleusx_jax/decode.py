@@ -1,8 +1,10 @@
 """Decoding on the recurrent state: the prompt once, then one compiled loop of recurrent steps.
 
-The prompt ``[B, T]`` runs once in parallel mode (chunkwise when ``T > 4 * recurrent_chunk_size``) and leaves
-the recurrent state: one :class:`~nucleusx_jax.retention.RetentionState` per layer, whose size never depends on
-the length. Every new token is one recurrent step on that state.
+The prompt ``[B, T]`` (left-padded) runs once in the form of :func:`nucleusx_jax.runtime.prompt_form` (parallel,
+chunkwise when ``T > 4 * recurrent_chunk_size``) and leaves the recurrent state: one
+:class:`~nucleusx_jax.retention.RetentionState` per layer, whose size never depends on the length. Every new
+token is one recurrent step on that state. The passes and the sampler are :mod:`nucleusx_jax.runtime`'s; this
+module adds transformers' sampling options, EOS handling and the loop.
 
 * :func:`generate`: the new tokens come from one ``lax.while_loop`` compiled once per shape, with the state in
   its carry (no host round trip per token); greedy or sampled (temperature, top-k, top-p, applied and keyed
@@ -24,32 +26,10 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Tupl
 import jax
 import jax.numpy as jnp
 import numpy as np
-from . import modeling
-from .configuration import ForwardMode
-from .inputs import check_inputs, prompt_forward_mode
-from .retention import RetentionState
 
-Array = jax.Array
-Cache = Tuple[RetentionState, ...]
-
-
-def top_k_filter(logits: Array, k: int) -> Array:
-    """``logits`` ``[B, vocab]`` with all but the ``k`` largest per row set to -inf (ties: the lower index wins,
-    as ``lax.top_k`` picks)."""
-    k = min(k, logits.shape[-1])
-    values, index = jax.lax.top_k(logits, k)
-    rows = jnp.arange(logits.shape[0])[:, None]
-    return jnp.full_like(logits, -jnp.inf).at[rows, index].set(values)
-
-
-def top_p_filter(logits: Array, p: float) -> Array:
-    """``logits`` ``[B, vocab]`` keeping, per row, the most likely tokens up to and including the first whose
-    cumulative probability reaches ``p`` (at least one); the rest -inf."""
-    values, index = jax.lax.top_k(logits, logits.shape[-1])  # sorted, descending
-    below = jnp.cumsum(jax.nn.softmax(values, axis=-1), axis=-1) < p
-    keep = jnp.roll(below, 1, axis=-1).at[:, 0].set(True)  # also the token that crosses p; the first always
-    rows = jnp.arange(logits.shape[0])[:, None]
-    return jnp.full_like(logits, -jnp.inf).at[rows, index].set(jnp.where(keep, values, -jnp.inf))
+from . import checks, modeling, runtime
+from .inputs import check_prompt
+from .types import Array, Cache
 
 
 class DecodeState(NamedTuple):
@@ -63,13 +43,19 @@ class DecodeState(NamedTuple):
     key: Array
     finished: Array
 
+    def take(self, rows: Array) -> "DecodeState":
+        """Rows ``rows`` ``[N]`` (repeats allowed: several continuations of one prompt); the key is shared."""
+        return DecodeState(self.token[rows], self.logits[rows], runtime.take_rows(self.cache, rows), self.key,
+                           self.finished[rows])
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeOptions:
     """How tokens are chosen and when a row stops (hashable: a static argument of the compiled functions).
 
-    Greedy, or sampled after temperature, top-k and top-p (in that order, as ``FlaxGenerationMixin``).
-    A row that has produced one of ``eos_token_ids`` continues with ``pad_token_id``.
+    transformers' spelling of :class:`~nucleusx_jax.runtime.Sampling`: greedy (``do_sample=False``, whatever the
+    other settings: temperature 0), or sampled after temperature (> 0), top-k and top-p (in that order, as
+    ``FlaxGenerationMixin``). A row that has produced one of ``eos_token_ids`` continues with ``pad_token_id``.
     """
 
     do_sample: bool = False
@@ -80,24 +66,18 @@ class DecodeOptions:
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature!r} is invalid: must be a number > 0")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r} is invalid: must be an integer >= 0 (0 disables it)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} is invalid: must be in (0, 1] (1 disables it)")
+        runtime.Sampling.checked(self.temperature, self.top_k, self.top_p)
+        if self.do_sample and self.temperature == 0:
+            raise ValueError("temperature=0 is invalid with do_sample=True: must be > 0 (greedy is do_sample=False)")
+
+    @property
+    def sampling(self) -> runtime.Sampling:
+        """The runtime's settings: temperature 0 (greedy) unless ``do_sample``."""
+        return runtime.Sampling(float(self.temperature) if self.do_sample else 0.0, self.top_k, self.top_p)
 
     def choose(self, logits: Array, key: Array) -> Array:
-        """Next tokens ``[B]`` int32 from logits ``[B, vocab]``."""
-        if not self.do_sample:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        if self.top_k != 0:
-            logits = top_k_filter(logits, self.top_k)
-        if self.top_p < 1.0:
-            logits = top_p_filter(logits, self.top_p)
-        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        """Next tokens ``[B]`` int32 from logits ``[B, vocab]`` (one draw over the batch with ``key``)."""
+        return runtime.choose(logits, self.sampling, key)
 
     def advance(self, logits: Array, cache: Cache, key: Array, finished: Array) -> DecodeState:
         """Choose from ``logits`` ``[B, vocab]``; finished rows get the pad token. Splits ``key`` like the mixin."""
@@ -134,34 +114,23 @@ class _Compiled:
 
     def __init__(self, model: Any):
         self.module = model.module
-        self.prefill = jax.jit(self._prefill, static_argnames=("mode", "chunk", "options"))
+        self.prefill = jax.jit(self._prefill, static_argnames=("mode", "chunk_size", "options"))
         self.step = jax.jit(self._step, static_argnames=("options",), donate_argnames=("state",))
         self.loop = jax.jit(self._loop, static_argnames=("steps", "options", "output_logits"),
                             donate_argnames=("state",))
 
     def _prefill(self, params: Any, input_ids: Array, mask: Optional[Array], segment_ids: Optional[Array], key: Array,
-                 *, mode: str, chunk: int, options: DecodeOptions) -> DecodeState:
-        """The prompt ``[B, T]`` once; the LM head only on its last position (with segments: its last real token,
-        padding may follow it). Chooses the first new token."""
-
-        def run(module: Any) -> Tuple[Array, Cache]:
-            run = modeling.RunOptions.from_config(module.config, mode=mode, chunk_size=chunk, return_state=True)
-            x, cache, _ = module.model(input_ids, mask, segment_ids=segment_ids, options=run)
-            if segment_ids is None:
-                return module.lm_logits(x[:, -1]), cache
-            last = jnp.max(jnp.where(segment_ids != 0, jnp.arange(x.shape[1]), 0), axis=1)  # the last real token
-            return module.lm_logits(x[jnp.arange(x.shape[0]), last]), cache
-
-        logits, cache = self.module.apply({"params": params}, method=run)
+                 *, mode: str, chunk_size: int, options: DecodeOptions) -> DecodeState:
+        """The prompt ``[B, T]`` once (:func:`nucleusx_jax.runtime.prefill`), then the first new token."""
+        logits, cache = runtime.prefill(self.module, params, input_ids, mask, segment_ids, mode=mode,
+                                        chunk_size=chunk_size)
         return options.advance(logits, cache, key, jnp.zeros(input_ids.shape[:1], bool))
 
     def _step(self, params: Any, state: DecodeState, *, options: DecodeOptions) -> DecodeState:
-        """One recurrent step on ``state.token``, then the next choice. The token is real (mask 1) in every row
-        still running; a finished row only repeats the pad token, so its state is left as it is (mask 0)."""
-        mask = (~state.finished)[:, None].astype(jnp.int32)
-        run = modeling.RunOptions.from_config(self.module.config, mode=ForwardMode.RECURRENT, return_state=True)
-        logits, cache, _ = self.module.apply({"params": params}, state.token[:, None], mask, state.cache, options=run)
-        return options.advance(logits[:, 0], cache, state.key, state.finished)
+        """One recurrent step on ``state.token``, then the next choice. A finished row only repeats the pad
+        token, so its state is left as it is (inactive)."""
+        logits, cache = runtime.step(self.module, params, state.token, ~state.finished, state.cache)
+        return options.advance(logits, cache, state.key, state.finished)
 
     def _loop(self, params: Any, state: DecodeState, *, steps: int, options: DecodeOptions,
               output_logits: bool) -> Tuple[Array, Optional[Array], DecodeState]:
@@ -218,96 +187,61 @@ def prefill(
     new token. With ``segment_ids`` ``[B, T]`` (documents packed in a row, 0 = padding) decoding continues each
     row's last document as if it were the whole prompt. Bad input (empty prompt, ids outside the vocabulary, a
     mask or segment ids of another shape, invalid segment ids) raises ValueError."""
-    length = np.shape(input_ids)[-1] if np.ndim(input_ids) else 0
-    mode, chunk = prompt_forward_mode(model.config, length, recurrent_chunk_size, prompt_chunkwise_threshold)
-    check_inputs(model.config, input_ids, attention_mask, mode, chunk, None, None, "causal_lm",
-                 segment_ids=segment_ids)
+    mode, chunk_size = check_prompt(model.config, input_ids, attention_mask, chunk_size=recurrent_chunk_size,
+                                    threshold=prompt_chunkwise_threshold, segment_ids=segment_ids)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     segments = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
     key = prng_key if prng_key is not None else jax.random.PRNGKey(0)
     return compiled(model).prefill(params if params is not None else model.params, jnp.asarray(input_ids, jnp.int32),
-                                   mask, segments, key, mode=mode, chunk=int(chunk), options=options)
+                                   mask, segments, key, mode=mode, chunk_size=int(chunk_size), options=options)
 
 
 def _start(
-    model: Any, input_ids: Any, attention_mask: Any, max_new_tokens: Any, do_sample: bool,
-    temperature: float, top_k: int, top_p: float, eos_token_id: Union[None, int, Sequence[int]],
-    pad_token_id: Optional[int], prng_key: Optional[Array], params: Any, recurrent_chunk_size: Optional[int],
-    prompt_chunkwise_threshold: Optional[int], segment_ids: Any,
-) -> Tuple[int, DecodeOptions, DecodeState]:
-    """What :func:`generate` and :func:`stream` share: check ``max_new_tokens``, resolve the decoding options
-    and run the prompt. Returns ``(steps, options, state after the prompt)``."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 1")
+    model: Any, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int, do_sample: bool = False,
+    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: Union[None, int, Sequence[int]] = None,
+    pad_token_id: Optional[int] = None, prng_key: Optional[Array] = None, params: Any = None,
+    recurrent_chunk_size: Optional[int] = None, prompt_chunkwise_threshold: Optional[int] = None,
+    segment_ids: Any = None,
+) -> Tuple[int, DecodeOptions, DecodeState, Any]:
+    """What :func:`generate` and :func:`stream` share, and their keyword arguments: check ``max_new_tokens``,
+    resolve the decoding options (:func:`decode_options`) and run the prompt (:func:`prefill`). Returns
+    ``(steps, options, state after the prompt, params)``."""
+    checks.integer("max_new_tokens", max_new_tokens)
     options = decode_options(model, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    params = params if params is not None else model.params
     state = prefill(model, input_ids, attention_mask, options=options, prng_key=prng_key, params=params,
                     recurrent_chunk_size=recurrent_chunk_size, prompt_chunkwise_threshold=prompt_chunkwise_threshold,
                     segment_ids=segment_ids)
-    return int(max_new_tokens), options, state
+    return int(max_new_tokens), options, state, params
 
 
-def generate(
-    model: Any,
-    input_ids: Any,
-    attention_mask: Any = None,
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: Union[None, int, Sequence[int]] = None,
-    pad_token_id: Optional[int] = None,
-    prng_key: Optional[Array] = None,
-    params: Any = None,
-    recurrent_chunk_size: Optional[int] = None,
-    prompt_chunkwise_threshold: Optional[int] = None,
-    output_logits: bool = False,
-    segment_ids: Any = None,
-) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+def generate(model: Any, input_ids: Any, attention_mask: Any = None, *, output_logits: bool = False,
+             **kwargs: Any) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
     """Prompt plus new tokens, ``[B, T + max_new_tokens]`` (pad after a row's EOS), like
     ``model.generate(...).sequences``; with ``output_logits`` also the logits of every choice
-    ``[B, max_new_tokens, vocab]``. The new tokens come from one compiled loop of recurrent steps."""
-    steps, options, state = _start(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                                   top_p, eos_token_id, pad_token_id, prng_key, params, recurrent_chunk_size,
-                                   prompt_chunkwise_threshold, segment_ids)
-    tokens, logits, _ = compiled(model).loop(params if params is not None else model.params, state, steps=steps,
-                                             options=options, output_logits=bool(output_logits))
+    ``[B, max_new_tokens, vocab]``. The new tokens come from one compiled loop of recurrent steps. ``kwargs``:
+    ``max_new_tokens`` (required), ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
+    ``pad_token_id``, ``prng_key``, ``params``, ``recurrent_chunk_size``, ``prompt_chunkwise_threshold``,
+    ``segment_ids`` (see :func:`_start`)."""
+    steps, options, state, params = _start(model, input_ids, attention_mask, **kwargs)
+    tokens, logits, _ = compiled(model).loop(params, state, steps=steps, options=options,
+                                             output_logits=bool(output_logits))
     sequences = np.concatenate([np.asarray(input_ids, np.int32), np.asarray(tokens)], axis=1)
     return (sequences, np.asarray(logits)) if output_logits else sequences
 
 
-def stream(
-    model: Any,
-    input_ids: Any,
-    attention_mask: Any = None,
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: Union[None, int, Sequence[int]] = None,
-    pad_token_id: Optional[int] = None,
-    prng_key: Optional[Array] = None,
-    params: Any = None,
-    recurrent_chunk_size: Optional[int] = None,
-    prompt_chunkwise_threshold: Optional[int] = None,
-    segment_ids: Any = None,
-) -> Iterator[np.ndarray]:
-    """Yield the new tokens ``[B]`` one by one as they are produced (the same tokens as :func:`generate`),
-    until ``max_new_tokens`` or every row has produced an EOS. The prompt runs (and bad input raises) at the
-    call, before the first token is asked for; every later token is one call of the same compiled step."""
-    steps, options, state = _start(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
-                                   top_p, eos_token_id, pad_token_id, prng_key, params, recurrent_chunk_size,
-                                   prompt_chunkwise_threshold, segment_ids)
+def stream(model: Any, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Iterator[np.ndarray]:
+    """Yield the new tokens ``[B]`` one by one as they are produced (the same tokens as :func:`generate`, the
+    same keyword arguments but ``output_logits``), until ``max_new_tokens`` or every row has produced an EOS.
+    The prompt runs (and bad input raises) at the call, before the first token is asked for; every later token
+    is one call of the same compiled step."""
+    steps, options, state, params = _start(model, input_ids, attention_mask, **kwargs)
     step: Callable[..., DecodeState] = compiled(model).step
-    weights = params if params is not None else model.params
 
     def tokens(state: DecodeState) -> Iterator[np.ndarray]:
         for i in range(steps):
             if i:
-                state = step(weights, state, options=options)
+                state = step(params, state, options=options)
             token, finished = jax.device_get((state.token, state.finished))
             yield token
             if finished.all():

@@ -3,7 +3,6 @@ completion to the terminal. The decoding itself (:func:`generate`, :func:`stream
 re-exported here."""
 
 import argparse
-import os
 import sys
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -12,17 +11,10 @@ import numpy as np
 
 from .cli import reports_user_errors
 from .decode import DecodeOptions, decode_options, generate, prefill, stream
-from .model import NucleusX, from_pretrained
+from .loading import load
 from .tokenizer import load_tokenizer
 
-__all__ = ["DecodeOptions", "TextStreamer", "decode_options", "generate", "load_model", "main", "prefill", "stream"]
-
-
-def load_model(model_dir: str) -> NucleusX:
-    """A causal LM from a flax (``flax_model.msgpack``) or PyTorch model directory (detected from its files)."""
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
-    return from_pretrained(model_dir)
+__all__ = ["DecodeOptions", "TextStreamer", "decode_options", "generate", "main", "prefill", "stream"]
 
 
 class TextStreamer:
@@ -48,7 +40,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None) -> str:
     """CLI: stream the completion of ``--prompt`` to ``out`` (stdout); returns the completion."""
     p = argparse.ArgumentParser(prog="python -m nucleusx_jax.generate",
                                 description="Stream a NucleusX completion of a prompt to the terminal.")
-    p.add_argument("model_dir", help="a flax or PyTorch NucleusX model directory")
+    p.add_argument("model_dir", help="a flax or PyTorch NucleusX model directory: local, gs://..., or a Hub id")
+    p.add_argument("--dtype", default="float32", help="computation dtype: float32, bfloat16 or float16")
     p.add_argument("--prompt", required=True)
     p.add_argument("--tokenizer", help="SentencePiece .model file or HF tokenizer dir (default: MODEL_DIR)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -62,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Any = None) -> str:
     out = out if out is not None else sys.stdout
 
     tokenizer = load_tokenizer(args.tokenizer or args.model_dir)
-    model = load_model(args.model_dir)
+    model = load(args.model_dir, dtype=args.dtype)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
                          f"vocab_size={model.config.vocab_size}: they do not belong together")

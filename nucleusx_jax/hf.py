@@ -18,7 +18,6 @@ from typing import Any, Dict, Optional, Tuple
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.core.frozen_dict import freeze, unfreeze
 from transformers import (
     AutoConfig,
@@ -30,14 +29,14 @@ from transformers import (
 from transformers.modeling_flax_utils import FlaxPreTrainedModel
 from transformers.utils import ModelOutput
 
-from . import configuration, modeling, retention, weights
-from .inputs import check_inputs, prompt_forward_mode, shape_of
+from . import configuration, modeling, runtime, weights
+from .inputs import check_prompt, shape_of
 from .model import NucleusX
 from .pretrained import fill_missing, find_flax_weights, load_params
 from .remote_code import configuration_nucleus_x
+from .types import Cache
 
 logger = logging.getLogger(__name__)
-Cache = Tuple[retention.RetentionState, ...]
 # transformers' linen module names for the models below (its common Flax tests look them up here)
 FlaxNucleusXModule = modeling.NucleusXModule
 FlaxNucleusXForCausalLMModule = modeling.NucleusXForCausalLMModule
@@ -221,22 +220,22 @@ class FlaxNucleusXForCausalLM(FlaxNucleusXPreTrainedModel):
     ) -> Dict[str, Any]:
         """``FlaxGenerationMixin`` hook: the keyword arguments of the first model call, on the prompt ``[B, T]``.
 
-        A prompt of T > 1 tokens runs once in parallel mode, or chunkwise when T exceeds
-        ``prompt_chunkwise_threshold`` (default ``4 * recurrent_chunk_size``), and leaves the recurrent state.
-        The mixin runs a one-token prompt inside its loop: a recurrent step from the empty state.
+        A prompt of T > 1 tokens runs once in the form of :func:`nucleusx_jax.runtime.prompt_form` (parallel, or
+        chunkwise when T exceeds ``prompt_chunkwise_threshold``, default ``4 * recurrent_chunk_size``) and leaves
+        the recurrent state. The mixin runs a one-token prompt inside its loop: a recurrent step from the empty
+        state.
         """
-        length = shape_of(input_ids)[-1] if np.ndim(input_ids) else 0
-        mode, chunk = prompt_forward_mode(self.core.config, length, recurrent_chunk_size, prompt_chunkwise_threshold)
-        check_inputs(self.core.config, input_ids, attention_mask, mode, chunk, None, None, self.head)
-        batch = shape_of(input_ids)[0]
+        mode, chunk_size = check_prompt(self.core.config, input_ids, attention_mask, chunk_size=recurrent_chunk_size,
+                                        threshold=prompt_chunkwise_threshold)
+        batch, length = shape_of(input_ids)
         if max_length <= length:
             raise ValueError(f"max_length={max_length} leaves no new token after the prompt of {length} tokens: "
                              "max_new_tokens must be >= 1")
         if length > 1:
-            return {"attention_mask": attention_mask, "forward_mode": mode, "recurrent_chunk_size": chunk,
+            return {"attention_mask": attention_mask, "forward_mode": mode, "recurrent_chunk_size": chunk_size,
                     "use_cache": True}
         mask = jnp.ones((batch, 1), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        return {"attention_mask": mask, "past_key_values": modeling.empty_cache(self.core.config, batch)}
+        return {"attention_mask": mask, "past_key_values": runtime.empty_cache(self.core.config, batch)}
 
     def update_inputs_for_generation(self, model_outputs: Any, model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
         """``FlaxGenerationMixin`` hook: the next call is one recurrent step on the state just returned; the

@@ -1,16 +1,15 @@
-"""Host-side checks of a model call's inputs (outside jit, so bad input gets a clear ``ValueError``), and how a
-prompt is run once before decoding."""
+"""Host-side checks of a model call's inputs (outside jit, so bad input gets a clear ``ValueError``), and of a
+prompt run once before decoding (in the form of :func:`nucleusx_jax.runtime.prompt_form`)."""
 
 from typing import Any, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from . import retention
+from . import retention, runtime
 from .configuration import FORWARD_MODES, SIZE_LIMITS, NucleusXConfig, short
+from .types import Cache
 
-Cache = Tuple[retention.RetentionState, ...]
 HEADS = ("base", "causal_lm", "sequence_classification")
 
 
@@ -22,7 +21,7 @@ def check_inputs(
     config: NucleusXConfig,
     input_ids: Any,
     attention_mask: Any,
-    forward_mode: str,
+    mode: str,
     chunk_size: Any,
     past_key_values: Any,
     labels: Any,
@@ -30,9 +29,10 @@ def check_inputs(
     *,
     segment_ids: Any = None,
 ) -> Optional[Cache]:
-    """Validate a call's inputs on the host; returns ``past_key_values`` as :class:`RetentionState` tuples."""
-    if forward_mode not in FORWARD_MODES:
-        raise ValueError(f"forward_mode={forward_mode!r} is invalid: must be one of {', '.join(FORWARD_MODES)}")
+    """Validate a call's inputs on the host (``mode``: the call's ``forward_mode``, ``chunk_size``: its
+    ``recurrent_chunk_size``); returns ``past_key_values`` checked by :func:`nucleusx_jax.runtime.check_cache`."""
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"forward_mode={mode!r} is invalid: must be one of {', '.join(FORWARD_MODES)}")
     high = SIZE_LIMITS["recurrent_chunk_size"]
     if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or not 1 <= chunk_size <= high:
         raise ValueError(f"recurrent_chunk_size={short(chunk_size)} is invalid: must be an integer in [1, {high}]")
@@ -71,46 +71,18 @@ def check_inputs(
         raise ValueError("the bare decoder (head 'base') takes no labels; use the causal LM")
     if past_key_values is None:
         return None
-    if forward_mode != "recurrent":
-        raise ValueError(f"past_key_values is only used by forward_mode='recurrent', got {forward_mode!r}; "
+    if mode != "recurrent":
+        raise ValueError(f"past_key_values is only used by forward_mode='recurrent', got {mode!r}; "
                          "run the prompt without past_key_values or continue in recurrent mode")
-    h, kd, vd = config.decoder_retention_heads, config.key_head_dim, config.value_head_dim
-    batch = ids.shape[0]
-    if len(past_key_values) != config.decoder_layers:
-        raise ValueError(f"past_key_values has {len(past_key_values)} layers but this model has "
-                         f"decoder_layers={config.decoder_layers}: it comes from a different config")
-    states = []
-    for i, layer in enumerate(past_key_values):
-        if len(layer) != 3:
-            raise ValueError(f"past_key_values[{i}] must be (kv, scale, seqlen), got {len(layer)} items")
-        kv, scale, seqlen = layer
-        if shape_of(kv) != (batch, h, vd, kd):
-            raise ValueError(f"past_key_values[{i}] kv has shape {shape_of(kv)} but this model and batch expect "
-                             f"{(batch, h, vd, kd)} [batch, heads, value_head_dim, key_head_dim]: "
-                             "it comes from a different config or batch")
-        if shape_of(scale) not in ((batch, h, 1, 1), (1, h, 1, 1)):
-            raise ValueError(f"past_key_values[{i}] scale has shape {shape_of(scale)}, expected {(batch, h, 1, 1)}")
-        if shape_of(seqlen) not in ((), (1,), (batch,)):
-            raise ValueError(f"past_key_values[{i}] seqlen has shape {shape_of(seqlen)}, expected () or ({batch},) "
-                             "(a position per row, left by segment_ids): it comes from a different batch")
-        states.append(retention.RetentionState(
-            jnp.asarray(kv, jnp.float32),
-            jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (batch, h, 1, 1)),
-            jnp.asarray(seqlen, jnp.int32).reshape(() if shape_of(seqlen) in ((), (1,)) else (batch,)),
-        ))
-    return tuple(states)
+    return runtime.check_cache(config, past_key_values, ids.shape[0])
 
 
-def prompt_forward_mode(
-    config: NucleusXConfig, length: int, recurrent_chunk_size: Optional[int] = None, threshold: Optional[int] = None
-) -> Tuple[str, int]:
-    """How generation runs a prompt of ``length`` tokens once: ``(forward_mode, chunk_size)``.
-
-    Parallel mode, or chunkwise when ``length > threshold`` (default ``4 * recurrent_chunk_size``).
-    """
-    chunk = recurrent_chunk_size if recurrent_chunk_size is not None else config.recurrent_chunk_size
-    if threshold is None:
-        threshold = 4 * chunk
-    if not isinstance(threshold, (int, np.integer)) or isinstance(threshold, bool) or threshold < 1:
-        raise ValueError(f"prompt_chunkwise_threshold={threshold!r} is invalid: must be an integer >= 1")
-    return ("chunkwise" if length > threshold else "parallel"), chunk
+def check_prompt(config: NucleusXConfig, input_ids: Any, attention_mask: Any, *, chunk_size: Optional[int] = None,
+                 threshold: Optional[int] = None, segment_ids: Any = None) -> Tuple[str, int]:
+    """How a causal LM's prompt ``[B, T]`` runs once (:func:`nucleusx_jax.runtime.prompt_form`):
+    ``(mode, chunk_size)``, after :func:`check_inputs` of the prompt in that form."""
+    length = np.shape(input_ids)[-1] if np.ndim(input_ids) else 0
+    mode, chunk_size = runtime.prompt_form(config, length, chunk_size=chunk_size, threshold=threshold)
+    check_inputs(config, input_ids, attention_mask, mode, chunk_size, None, None, "causal_lm",
+                 segment_ids=segment_ids)
+    return mode, chunk_size

@@ -47,6 +47,9 @@ class RunOptions:
     ``mode``: the retention form; ``chunk_size``: the chunkwise form's chunk length; ``impl``: the chunkwise
     kernel; ``return_state``: return each layer's recurrent state (the cache); ``hidden_states``: return every
     layer's input and the final output; ``deterministic``: no dropout or drop path.
+
+    These are the package's one name of each knob; ``forward_mode``, ``recurrent_chunk_size`` and ``use_cache``
+    (the same three) stay at the public edge: ``config.json``, ``NucleusX.__call__``, the HF adapter.
     """
 
     mode: ForwardMode = flax.struct.field(pytree_node=False)
@@ -78,13 +81,6 @@ class RunOptions:
                             f"{', '.join(f.name for f in dataclasses.fields(cls))}")
         base = dict(mode=config.forward_mode, chunk_size=config.recurrent_chunk_size, impl=config.retention_impl)
         return cls(**{**base, **overrides})
-
-
-def empty_cache(config: NucleusXConfig, batch: int) -> Cache:
-    """The state before any token: one zero :class:`~nucleusx_jax.retention.RetentionState` per layer for
-    ``batch`` rows (``seqlen`` ``[]``). Each layer gets its own buffers, so the cache can be donated."""
-    return tuple(ret.empty_state(batch, config.decoder_retention_heads, config.key_head_dim, config.value_head_dim)
-                 for _ in range(config.decoder_layers))
 
 
 def _param_init(init: Any, axes: Sequence[str]) -> Any:

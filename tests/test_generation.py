@@ -19,7 +19,7 @@ from transformers import FlaxAutoModelForCausalLM
 
 from nucleusx_jax import generate as gen
 import nucleusx_jax.hf  # noqa: F401  (registers nucleus_x with the Auto classes)
-from nucleusx_jax import decode, inputs
+from nucleusx_jax import decode, runtime
 
 from conftest import count_traces
 
@@ -61,9 +61,9 @@ def test_compiled_loop_greedy_and_logits_equal_reference(fx):
 
 def test_chunkwise_prompt_equals_parallel_prompt(tiny):
     model, c = tiny
-    assert inputs.prompt_forward_mode(model.config, 9, recurrent_chunk_size=4, threshold=2) == ("chunkwise", 4)
-    assert inputs.prompt_forward_mode(model.config, 32) == ("parallel", 8)  # default threshold 4 x chunk 8
-    assert inputs.prompt_forward_mode(model.config, 33) == ("chunkwise", 8)
+    assert runtime.prompt_form(model.config, 9, chunk_size=4, threshold=2) == ("chunkwise", 4)
+    assert runtime.prompt_form(model.config, 32) == ("parallel", 8)  # default threshold 4 x chunk 8
+    assert runtime.prompt_form(model.config, 33) == ("chunkwise", 8)
     ids, mask = c["gen_input_ids"], c["gen_attention_mask"]
     parallel = gen.generate(model, ids, mask, max_new_tokens=NEW)
     np.testing.assert_array_equal(gen.generate(model, ids, mask, max_new_tokens=NEW, **CHUNKWISE), parallel)
@@ -239,7 +239,7 @@ def test_text_streamer_holds_back_incomplete_utf8():
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.8),
                                                        (1.3, 40, 0.95), (1.0, 300, 0.5)])
 def test_sampling_filters_equal_transformers_warpers(temperature, top_k, top_p):
-    """decode's own temperature / top-k / top-p give transformers 4.x's Flax warpers' scores exactly (ties
+    """The runtime's temperature / top-k / top-p give transformers 4.x's Flax warpers' scores exactly (ties
     included: integer-valued logits), hence the same sampled tokens for a key."""
     from transformers.generation import FlaxTemperatureLogitsWarper, FlaxTopKLogitsWarper, FlaxTopPLogitsWarper
 
@@ -257,8 +257,7 @@ def test_sampling_filters_equal_transformers_warpers(temperature, top_k, top_p):
         want = FlaxTopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1)(None, want, 0)
     options = decode.DecodeOptions(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
     got = logits / temperature if temperature != 1.0 else logits
-    got = decode.top_k_filter(got, top_k) if top_k else got
-    got = decode.top_p_filter(got, top_p) if top_p < 1.0 else got
+    got = runtime.filter_logits(got, top_k, top_p)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     key = jax.random.PRNGKey(3)
     np.testing.assert_array_equal(options.choose(logits, key), jax.random.categorical(key, want, axis=-1))

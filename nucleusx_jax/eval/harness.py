@@ -1,7 +1,8 @@
 """NucleusX models in EleutherAI's lm-evaluation-harness (``lm-eval``): :class:`NucleusXLM`.
 
 ``lm_eval.simple_evaluate(model=NucleusXLM(pretrained=DIR), tasks=[...])`` evaluates a model directory (ours or
-PyTorch, with a SentencePiece or HF tokenizer). Importing this module also registers the name ``nucleusx``, so
+PyTorch; local, ``gs://...`` or a Hub id: :func:`nucleusx_jax.loading.load`; with a SentencePiece or HF
+tokenizer). Importing this module also registers the name ``nucleusx``, so
 ``python -m nucleusx_jax.eval --model_args pretrained=DIR --tasks ...`` (the harness's own CLI) works.
 
 Retention makes two things cheap here:
@@ -31,8 +32,10 @@ from lm_eval.tasks import TaskManager
 from tqdm.auto import tqdm
 
 from .. import checks, decode
+from ..loading import load
+from ..runtime import bucket, pad_left, pad_right
 from ..tokenizer import Tokenizer, load_tokenizer
-from .backend import Backend, load_model
+from .backend import Backend
 
 MODEL_NAME = "nucleusx"  # the name lm-eval knows the model by
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
@@ -76,31 +79,6 @@ def _pad_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _power_of_two(n: int) -> int:
-    """The smallest power of two >= n: padded continuation lengths (short, run token by token)."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _left_pad(seqs: Sequence[Sequence[int]], length: int, rows: int, pad: int) -> Tuple[np.ndarray, np.ndarray]:
-    """``rows`` x ``length`` ids and mask, sequence ``i`` right-aligned in row ``i``; spare rows repeat row 0."""
-    ids = np.full((rows, length), pad, np.int32)
-    mask = np.zeros((rows, length), np.int32)
-    for i in range(rows):
-        s = seqs[i] if i < len(seqs) else seqs[0]
-        ids[i, length - len(s):], mask[i, length - len(s):] = s, 1
-    return ids, mask
-
-
-def _right_pad(seqs: Sequence[Sequence[int]], length: int, rows: int, pad: int) -> Tuple[np.ndarray, np.ndarray]:
-    """``rows`` x ``length`` ids and mask, sequence ``i`` left-aligned in row ``i``; spare rows repeat row 0."""
-    ids = np.full((rows, length), pad, np.int32)
-    mask = np.zeros((rows, length), np.int32)
-    for i in range(rows):
-        s = seqs[i] if i < len(seqs) else seqs[0]
-        ids[i, :len(s)], mask[i, :len(s)] = s, 1
-    return ids, mask
-
-
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -127,7 +105,7 @@ class NucleusXLM(LM):
                              "its default backend (choose it with JAX_PLATFORMS=cpu|gpu|tpu)")
         if max_batch_size is not None:
             raise ValueError(f"max_batch_size={max_batch_size!r} is not supported: give batch_size=N")
-        self._setup(load_model(pretrained, dtype), None, self._load_tokenizer(pretrained, tokenizer),
+        self._setup(load(pretrained, dtype=dtype), None, self._load_tokenizer(pretrained, tokenizer),
                     self._options(batch_size, options))
 
     @classmethod
@@ -239,14 +217,14 @@ class NucleusXLM(LM):
         o, pad = self.options, self.tokenizer.pad_id
         users = self._users([ctx for ctx, _ in pairs])
         for batch in tqdm(list(_batches(users, o.batch_size)), disable=disable_tqdm, desc="loglikelihood"):
-            ids, mask = _left_pad([c for c, _ in batch], _pad_to(len(batch[0][0]), o.pad_multiple), o.batch_size, pad)
+            ids, mask = pad_left([c for c, _ in batch], _pad_to(len(batch[0][0]), o.pad_multiple), o.batch_size, pad)
             first_logp, cache = self.backend.prefix(ids, mask)
             todo = [(row, i) for row, (_, served) in enumerate(batch) for i in served]
             todo.sort(key=lambda t: -len(pairs[t[1]][1]))
             for part in _batches(todo, o.continuation_batch_size):
                 conts = [pairs[i][1] for _, i in part]
                 n_rows = o.continuation_batch_size
-                cids, cmask = _right_pad(conts, _power_of_two(len(conts[0])), n_rows, pad)
+                cids, cmask = pad_right(conts, bucket(len(conts[0])), n_rows, pad)
                 rows = np.asarray([row for row, _ in part] + [part[0][0]] * (n_rows - len(part)))
                 lp, greedy = self.backend.continuation(first_logp, cache, rows, cids, cmask)
                 for n, (_, i) in enumerate(part):
@@ -273,8 +251,8 @@ class NucleusXLM(LM):
             cache = self.backend.empty_cache(o.batch_size)
             totals = np.zeros(o.batch_size, np.float64)
             for start in range(0, len(docs[batch[0]]) - 1, width):
-                ids, mask = _right_pad([docs[i][start:start + width] for i in batch], width, o.batch_size, pad)
-                targets, tmask = _right_pad([docs[i][start + 1:start + 1 + width] for i in batch], width,
+                ids, mask = pad_right([docs[i][start:start + width] for i in batch], width, o.batch_size, pad)
+                targets, tmask = pad_right([docs[i][start + 1:start + 1 + width] for i in batch], width,
                                             o.batch_size, pad)
                 mask = mask * tmask  # the last token of a document predicts nothing
                 mask[len(batch):] = 0
@@ -296,7 +274,7 @@ class NucleusXLM(LM):
         temperature = float(kwargs.get("temperature", 0.0))
         do_sample = bool(kwargs.get("do_sample", False)) and temperature > 0
         options = decode.decode_options(
-            self.backend.model, do_sample=do_sample, temperature=temperature if do_sample else 1.0,
+            self.backend.model, do_sample=do_sample, temperature=temperature,
             top_k=int(kwargs.get("top_k", 0) or 0), top_p=float(kwargs.get("top_p", 1.0) or 1.0),
             eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id)
         return options, int(steps), until
@@ -324,7 +302,7 @@ class NucleusXLM(LM):
                                            "a generation request") for i in members])
             o, pad = self.options, self.tokenizer.pad_id
             for batch in tqdm(list(_batches(users, o.batch_size)), disable=disable_tqdm, desc="generate_until"):
-                ids, mask = _left_pad([c for c, _ in batch], _pad_to(len(batch[0][0]), o.pad_multiple), len(batch), pad)
+                ids, mask = pad_left([c for c, _ in batch], _pad_to(len(batch[0][0]), o.pad_multiple), len(batch), pad)
                 todo = [(row, members[j]) for row, (_, served) in enumerate(batch) for j in served]
                 key, use = jax.random.split(key)
                 tokens = self.backend.generate(ids, mask, np.asarray([row for row, _ in todo]), steps=steps,

@@ -5,8 +5,8 @@ The engine holds ``max_batch`` *slots*: row ``i`` of one batched state (per laye
 background thread repeats:
 
 1. **admit**: while a slot is free and requests wait, run a waiting prompt's tokens but the last once
-   (:meth:`Backend.prefill`, the prompt right-padded to a power-of-two length so that few shapes compile;
-   chunkwise for long prompts) and write its state, position and last token into the free slot;
+   (:func:`nucleusx_jax.runtime.prefill`, the prompt right-padded to a power-of-two length so that few shapes
+   compile; in the runtime's prompt form) and write its state, position and last token into the free slot;
 2. **step**: one compiled call of ``steps_per_call`` recurrent steps for all ``S`` slots at once (inactive
    slots are masked and keep their state), each slot's next token sampled after each step with its own
    request's settings; the call is compiled once, whatever requests come and go;
@@ -14,9 +14,10 @@ background thread repeats:
    reached ``max_tokens`` or was cancelled frees its slot at once. Delivery of a step's tokens overlaps the
    next step's computation.
 
-Sampling is per row: greedy (``temperature == 0``) or temperature, top-k then top-p (generation's order), drawn
-with the key ``fold_in(fold_in(fold_in(PRNGKey(seed_lo), seed_hi), choice), n)`` for the request's ``n``-th
-token: a seeded request gets the same tokens whatever runs beside it.
+Sampling is per row: :func:`nucleusx_jax.runtime.choose` with each row's own
+:class:`~nucleusx_jax.runtime.Sampling` (temperature 0: greedy), drawn with the key
+``fold_in(fold_in(fold_in(PRNGKey(seed_lo), seed_hi), choice), n)`` for the request's ``n``-th token: a seeded
+request gets the same tokens whatever runs beside it.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .backend import Backend, Cache
+from .. import checks, runtime
+from ..types import Array, Cache
+from .backend import Backend
 
-Array = jax.Array
 logger = logging.getLogger(__name__)
 MAX_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's limit for completions)
-MIN_PREFILL_BUCKET = 16
+MIN_PREFILL_BUCKET = 16  # the shortest padded prompt (runtime.bucket)
 
 
 class RequestError(ValueError):
@@ -74,17 +76,13 @@ class SamplingParams:
         def is_int(x: Any) -> bool:
             return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
-        def is_num(x: Any) -> bool:
-            return (is_int(x) or isinstance(x, float)) and np.isfinite(x)
-
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise RequestError("max_tokens", f"max_tokens={self.max_tokens!r} is invalid: must be an integer >= 1")
-        if not is_num(self.temperature) or self.temperature < 0:
-            raise RequestError("temperature", f"temperature={self.temperature!r} is invalid: must be a number >= 0")
-        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
-            raise RequestError("top_p", f"top_p={self.top_p!r} is invalid: must be in (0, 1]")
-        if not is_int(self.top_k) or self.top_k < 0:
-            raise RequestError("top_k", f"top_k={self.top_k!r} is invalid: must be an integer >= 0 (0: off)")
+        for name in ("temperature", "top_p", "top_k"):
+            try:
+                runtime.Sampling.checked(**{name: getattr(self, name)})
+            except ValueError as e:
+                raise RequestError(name, str(e)) from None
         if not is_int(self.seed) or not 0 <= self.seed < 2**64:
             raise RequestError("seed", f"seed={self.seed!r} is invalid: must be an integer in [0, 2**64)")
         if not is_int(self.choice) or self.choice < 0:
@@ -156,39 +154,16 @@ class StepOut(NamedTuple):
 
 
 def sample(logits: Array, rows: Rows, count: Array) -> Array:
-    """Next tokens ``[S]`` int32 from logits ``[S, vocab]`` float32: per row greedy, or temperature, top-k and
-    top-p then a draw keyed by the row's seed, choice and ``count`` (its token index)."""
-    greedy = rows.temperature == 0
-    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    """Next tokens ``[S]`` int32 from logits ``[S, vocab]`` float32: :func:`nucleusx_jax.runtime.choose` with each
+    row's settings (an inactive row greedy), its draw keyed by the row's seed, choice and ``count`` (its token
+    index)."""
 
-    def sampled() -> Array:
-        scaled = logits / jnp.where(greedy, 1.0, rows.temperature)[:, None]
+    def key(lo: Array, hi: Array, choice: Array, n: Array) -> Array:
+        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(lo), hi), choice), n)
 
-        def filtered() -> Array:
-            ordered = -jnp.sort(-scaled, axis=-1)  # descending
-            kth = jnp.take_along_axis(ordered, jnp.clip(rows.top_k - 1, 0, logits.shape[-1] - 1)[:, None], -1)
-            kth = jnp.where(rows.top_k[:, None] > 0, kth, -jnp.inf)
-            ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
-            probs = jax.nn.softmax(ordered, axis=-1)
-            keep = jnp.cumsum(probs, axis=-1) - probs < rows.top_p[:, None]  # the smallest set reaching top_p
-            pth = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-            return jnp.where(scaled >= jnp.maximum(kth, pth), scaled, -jnp.inf)
-
-        masked = jax.lax.cond(jnp.any((rows.top_k > 0) | (rows.top_p < 1)), filtered, lambda: scaled)
-
-        def draw(lo: Array, hi: Array, choice: Array, n: Array, row: Array) -> Array:
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(lo), hi), choice), n)
-            return jax.random.categorical(key, row)
-
-        drawn = jax.vmap(draw)(rows.seed_lo, rows.seed_hi, rows.choice, count, masked).astype(jnp.int32)
-        return jnp.where(greedy, argmax, drawn)
-
-    return jax.lax.cond(jnp.all(greedy | ~rows.active), lambda: argmax, sampled)
-
-
-def prefill_bucket(length: int) -> int:
-    """The padded length a prefix of ``length`` tokens runs at: a power of two >= 16."""
-    return max(MIN_PREFILL_BUCKET, 1 << max(0, length - 1).bit_length())
+    keys = jax.vmap(key)(rows.seed_lo, rows.seed_hi, rows.choice, count)
+    settings = runtime.Sampling(jnp.where(rows.active, rows.temperature, 0.0), rows.top_k, rows.top_p)
+    return runtime.choose(logits, settings, keys)
 
 
 class Engine:
@@ -206,8 +181,7 @@ class Engine:
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
                             ("max_prompt_tokens", max_prompt_tokens), ("max_new_tokens", max_new_tokens),
                             ("steps_per_call", steps_per_call)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1")
+            checks.integer(name, value)
         self.backend = backend
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
@@ -215,9 +189,9 @@ class Engine:
         self.vocab_size = backend.config.vocab_size
         self.step = jax.jit(self._step, donate_argnames=("slots",))
         self.insert = jax.jit(self._insert, donate_argnames=("slots",))
-        self.prefill = jax.jit(backend.prefill, static_argnames=("mode", "chunk"))
+        self.prefill = jax.jit(self._prefill_fn, static_argnames=("mode", "chunk_size"))
         self._slots = Slots(jnp.zeros((max_batch,), jnp.int32), jnp.zeros((max_batch,), jnp.int32),
-                            backend.empty_cache(max_batch))
+                            runtime.empty_cache(backend.config, max_batch, per_row=True))
         self._rows = Rows(np.zeros(max_batch, bool), np.zeros(max_batch, np.float32), np.zeros(max_batch, np.int32),
                           np.ones(max_batch, np.float32), np.zeros(max_batch, np.uint32),
                           np.zeros(max_batch, np.uint32), np.zeros(max_batch, np.uint32), np.zeros(max_batch, bool))
@@ -247,9 +221,13 @@ class Engine:
     @staticmethod
     def _insert(slots: Slots, slot: Array, state: Cache, position: Array, token: Array) -> Slots:
         """Slot ``slot`` takes a prompt's state (batch 1), its position and its next input token."""
-        cache = tuple(s._replace(kv=s.kv.at[slot].set(p.kv[0]), scale=s.scale.at[slot].set(p.scale[0]),
-                                 seqlen=s.seqlen.at[slot].set(position)) for s, p in zip(slots.cache, state))
-        return Slots(slots.token.at[slot].set(token), slots.count.at[slot].set(0), cache)
+        return Slots(slots.token.at[slot].set(token), slots.count.at[slot].set(0),
+                     runtime.put_row(slots.cache, slot, state, position))
+
+    def _prefill_fn(self, params: Any, ids: Array, mask: Array, *, mode: str, chunk_size: int) -> Cache:
+        """A right-padded prompt ``[1, T]`` -> its state (no LM head; ``seqlen`` counts the pads)."""
+        return runtime.prefill(self.backend.module, params, ids, mask, mode=mode, chunk_size=chunk_size,
+                               logits=False)[1]
 
     # ------------------------------------------------------------------------------------ public API
     def start(self) -> "Engine":
@@ -367,13 +345,16 @@ class Engine:
     def _prefill(self, prefix: Sequence[int]) -> Tuple[Cache, np.int32]:
         """The state after ``prefix`` (batch 1) and its length."""
         if not prefix:
-            return self.backend.empty_cache(1), np.int32(0)
-        bucket = prefill_bucket(len(prefix))
-        ids = np.zeros((1, bucket), np.int32)
-        ids[0, :len(prefix)] = prefix
-        mask = (np.arange(bucket) < len(prefix)).astype(np.int32)[None]
-        mode, chunk = self.backend.prompt_form(bucket)
-        return self.prefill(self.backend.params, ids, mask, mode=mode, chunk=chunk), np.int32(len(prefix))
+            return runtime.empty_cache(self.backend.config, 1), np.int32(0)
+        length, mode, chunk_size = self.prefill_form(len(prefix))
+        ids, mask = runtime.pad_right([prefix], length, 1, 0)
+        return self.prefill(self.backend.params, ids, mask, mode=mode, chunk_size=chunk_size), np.int32(len(prefix))
+
+    def prefill_form(self, tokens: int) -> Tuple[int, str, int]:
+        """``(length, mode, chunk_size)`` that a prefix of ``tokens`` tokens is prefilled with: right-padded to a
+        power of two >= ``MIN_PREFILL_BUCKET``, in the runtime's prompt form for that length."""
+        length = runtime.bucket(tokens, MIN_PREFILL_BUCKET)
+        return (length, *runtime.prompt_form(self.backend.config, length))
 
     def _dispatch(self) -> StepOut:
         rows = Rows(*(np.array(a) for a in self._rows))  # a copy: the host arrays change between steps

@@ -18,7 +18,7 @@ from ..configuration import NucleusXConfig
 from ..model import NucleusX, compute_dtype
 try:  # the server's own code: its package needs the [serve] extra
     from ..serve.backend import Backend
-    from ..serve.engine import Engine, Rows, prefill_bucket
+    from ..serve.engine import Engine, Rows
 except ImportError as err:
     raise ImportError(f"--serve compiles the server's code, which needs the [serve] extra (pip install "
                       f"'nucleusx-jax[serve]'): {err}") from err
@@ -65,10 +65,9 @@ def serving_program(config: NucleusXConfig, dtype: str, **engine_options: int) -
     slots = jax.eval_shape(build)
     engine = built[0]
     rows = Rows(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in engine._rows))
-    length = prefill_bucket(engine.max_prompt_tokens - 1)
-    mode, chunk = engine.backend.prompt_form(length)
+    length, mode, chunk_size = engine.prefill_form(engine.max_prompt_tokens - 1)
     ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
-    return ServingProgram(engine.prefill, (params, ids, ids), dict(mode=mode, chunk=chunk), engine.step,
+    return ServingProgram(engine.prefill, (params, ids, ids), dict(mode=mode, chunk_size=chunk_size), engine.step,
                           (params, slots, rows), length, engine.max_batch, engine.steps_per_call)
 
 
