@@ -12,7 +12,7 @@ Needs the ``serve`` extra (fastapi, uvicorn).
 
 from .api import create_app, plain_chat_prompt
 from .backend import Backend, load_backend
-from .engine import Engine, Event, QueueFull, RequestError, SamplingParams
+from .engine import Engine, EngineStopped, Event, QueueFull, RequestError, SamplingParams
 
-__all__ = ["Backend", "Engine", "Event", "QueueFull", "RequestError", "SamplingParams", "create_app",
+__all__ = ["Backend", "Engine", "EngineStopped", "Event", "QueueFull", "RequestError", "SamplingParams", "create_app",
            "load_backend", "plain_chat_prompt"]

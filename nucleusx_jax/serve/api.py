@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..tokenizer import HFTokenizer, Tokenizer
-from .engine import Engine, Event, QueueFull, RequestError, SamplingParams
+from .engine import Engine, EngineStopped, Event, QueueFull, RequestError, SamplingParams
 from .engine import Request as EngineRequest
 from .guard import DEFAULT_MAX_REQUEST_BYTES, Guard, check_guard, error_body
 from .text import MAX_STOP_CHARS, MAX_STOPS, TextTracker
@@ -443,6 +443,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *, api_key
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError) -> Response:
         return APIError(400, str(exc), exc.param).response()
+
+    @app.exception_handler(EngineStopped)
+    async def stopped(_: Request, exc: EngineStopped) -> Response:
+        return APIError(503, str(exc), None, "server_error", "shutting_down").response()
 
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, exc: QueueFull) -> Response:

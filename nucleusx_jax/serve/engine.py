@@ -53,6 +53,10 @@ class QueueFull(RuntimeError):
     """The bounded queue of waiting requests is full."""
 
 
+class EngineStopped(RuntimeError):
+    """The engine has been shut down: it takes no more requests."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How one request's tokens are chosen and when it ends.
@@ -190,8 +194,7 @@ class Engine:
         self.step = jax.jit(self._step, donate_argnames=("slots",))
         self.insert = jax.jit(self._insert, donate_argnames=("slots",))
         self.prefill = jax.jit(self._prefill_fn, static_argnames=("mode", "chunk_size"))
-        self._slots = Slots(jnp.zeros((max_batch,), jnp.int32), jnp.zeros((max_batch,), jnp.int32),
-                            runtime.empty_cache(backend.config, max_batch, per_row=True))
+        self._slots = self._empty_slots()
         self._rows = Rows(np.zeros(max_batch, bool), np.zeros(max_batch, np.float32), np.zeros(max_batch, np.int32),
                           np.ones(max_batch, np.float32), np.zeros(max_batch, np.uint32),
                           np.zeros(max_batch, np.uint32), np.zeros(max_batch, np.uint32), np.zeros(max_batch, bool))
@@ -200,6 +203,15 @@ class Engine:
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="nucleusx-serve-engine", daemon=True)
+
+    def _empty_slots(self) -> Slots:
+        """Every slot free: token 0, count 0, the empty state."""
+        return Slots(jnp.zeros((self.max_batch,), jnp.int32), jnp.zeros((self.max_batch,), jnp.int32),  # 2 buffers
+                     runtime.empty_cache(self.backend.config, self.max_batch, per_row=True))
+
+    def _slots_lost(self) -> bool:
+        """Whether a failed call took the slots with it (they are donated to ``step`` and ``insert``)."""
+        return any(leaf.is_deleted() for leaf in jax.tree.leaves(self._slots))
 
     # -------------------------------------------------------------------------------- compiled functions
     def _step(self, params: Any, slots: Slots, rows: Rows) -> Tuple[Slots, StepOut]:
@@ -254,13 +266,16 @@ class Engine:
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None]) -> Request:
         """Queue a request; its events go to ``on_event`` (from the engine's thread). Raises
-        :class:`RequestError` for a bad prompt or ``max_tokens``, :class:`QueueFull` past the queue bound."""
+        :class:`RequestError` for a bad prompt or ``max_tokens``, :class:`QueueFull` past the queue bound,
+        :class:`EngineStopped` after :meth:`shutdown`."""
         self.check_prompt(prompt)
         if params.max_tokens > self.max_new_tokens:
             raise RequestError("max_tokens", f"max_tokens={params.max_tokens} is more than the "
                                              f"{self.max_new_tokens} allowed")
         request = Request(prompt, params, on_event)
         with self._wake:
+            if self._stop:
+                raise EngineStopped("the server is shutting down and takes no more requests")
             if len(self._waiting) >= self.max_queue:  # requests cancelled while waiting leave the queue first
                 self._waiting = collections.deque(r for r in self._waiting if not r.cancelled.is_set())
             if len(self._waiting) >= self.max_queue:
@@ -303,6 +318,8 @@ class Engine:
                 for i, request in enumerate(self._running):
                     if request is not None:
                         self._finish(i, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                if self._slots_lost():  # every slot is free now: start again from empty ones
+                    self._slots = self._empty_slots()
         for i, request in enumerate(self._running):
             if request is not None:
                 self._finish(i, Event(finish_reason="cancelled"))
@@ -330,9 +347,11 @@ class Engine:
             try:
                 self._slots = self.insert(self._slots, np.int32(slot), *self._prefill(request.prompt[:-1]),
                                           np.int32(request.prompt[-1]))
-            except Exception as e:  # noqa: BLE001 - only this request fails
+            except Exception as e:  # noqa: BLE001 - only this request fails, unless the slots went with it
                 logger.exception("prefill failed")
                 self._emit(request, Event(finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                if self._slots_lost():
+                    raise  # the running requests' states are gone: _run ends them and frees the slots
                 continue
             p = request.params
             values = dict(active=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
