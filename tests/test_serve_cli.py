@@ -127,7 +127,8 @@ def test_bad_model_directories_are_one_line_errors(model_dir, tmp_path, capsys):
     (["--max-batch", "0"], ["max_batch=0", ">= 1"]),
     (["--max-queue", "0"], ["max_queue=0"]),
     (["--steps-per-call", "0"], ["steps_per_call=0"]),
-    (["--max-tokens-limit", "-3"], ["max_new_tokens=-3"]),
+    (["--max-tokens-limit", "-3"], ["max_tokens_limit=-3"]),
+    (["--max-prompt-tokens", "0"], ["max_prompt_tokens=0"]),
 ])
 def test_bad_option_values_are_one_line_errors(model_dir, option, words, capsys):
     status, err = one_line_error([str(model_dir), *option], capsys)

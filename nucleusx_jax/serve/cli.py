@@ -112,6 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not args.switch_interval > 0:
         raise ValueError(f"switch_interval={args.switch_interval!r} is invalid: must be a number > 0 (seconds)")
     sys.setswitchinterval(args.switch_interval)
+    for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens_limit", "steps_per_call"):
+        integer(name, getattr(args, name))  # by the option's name, before the model loads
     check_guard(args.api_key, args.max_request_bytes)  # before the model loads
     check_server(args.max_connections, args.request_timeout, args.timeout_keep_alive, args.ssl_keyfile,
                  args.ssl_certfile)
