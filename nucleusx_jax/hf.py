@@ -76,13 +76,8 @@ class FlaxNucleusXCausalLMOutput(ModelOutput):
 
 
 @flax.struct.dataclass
-class FlaxNucleusXSequenceClassifierOutput(ModelOutput):
-    """Output of :class:`FlaxNucleusXForSequenceClassification`: ``logits`` ``[B, num_labels]``."""
-
-    loss: Optional[jax.Array] = None
-    logits: jax.Array = None
-    past_key_values: Optional[Cache] = None
-    hidden_states: Optional[Tuple[jax.Array, ...]] = None
+class FlaxNucleusXSequenceClassifierOutput(FlaxNucleusXCausalLMOutput):
+    """Output of :class:`FlaxNucleusXForSequenceClassification`: the same fields, ``logits`` ``[B, num_labels]``."""
 
 
 class FlaxNucleusXPreTrainedModel(FlaxPreTrainedModel):
