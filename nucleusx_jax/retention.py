@@ -51,6 +51,31 @@ class RetentionState(NamedTuple):
     seqlen: jax.Array  # [] int32
 
 
+class CarriedState(NamedTuple):
+    """What a chunkwise window hands to the next one of the same rows (:func:`chunkwise_carry`), so windows run
+    one after the other give the numbers of one pass over their concatenation.
+
+    It holds the document of the window's last token ``L`` (the row's last segment), un-normalised:
+
+    * ``kv``: ``[B, H, K, V]`` float32, ``sum_t gamma**(L - t) k_t v_t^T`` over that document's real tokens;
+    * ``z``: ``[B, H, K, 1]`` float32, the same with ``v_t = 1``: the row sums of ``q k^T * D`` that the exact
+      normalisation divides by read it (it only enters normalisers, so it carries no gradient); None after a
+      window with ``normalization="reference"`` and no segments, whose normaliser reads ``kv`` alone;
+    * ``count``: ``[B]`` int32, that document's positions so far (padding inside it included): the exact
+      normalisation divides row ``i`` by ``sqrt(sum_{l <= p} gamma**l)``, ``p`` its position in the document.
+      ``count == 0`` is the empty state: the next window starts a new document.
+
+    A :class:`RetentionState` cannot stand in for it: its ``kv`` is divided by ``sqrt(scale)`` (a
+    normalisation of the recurrent form; :func:`carried_to_recurrent` converts to it, for decoding after a
+    window) and it has no ``z``, which the exact chunkwise row sums need, so the other way is impossible.
+    It does not depend on the chunk size either: the chunk grids of the windows may differ.
+    """
+
+    kv: jax.Array  # [B, H, K, V] float32
+    z: Optional[jax.Array]  # [B, H, K, 1] float32 or None
+    count: jax.Array  # [B] int32
+
+
 # --------------------------------------------------------------------------------------------- tables
 def _f32(x: np.ndarray) -> np.ndarray:
     """Round to float32: the reference computes its tables in float32, and its rounding points matter."""
@@ -182,6 +207,21 @@ def empty_state(batch: int, num_heads: int, key_dim: int, value_dim: int) -> Ret
         scale=jnp.zeros((batch, num_heads, 1, 1), F32),
         seqlen=jnp.zeros((), jnp.int32),
     )
+
+
+def empty_carried(batch: int, num_heads: int, key_dim: int, value_dim: int) -> CarriedState:
+    """The :class:`CarriedState` before any token: zeros, ``count`` 0 (the next window starts a document)."""
+    return CarriedState(kv=jnp.zeros((batch, num_heads, key_dim, value_dim), F32),
+                        z=jnp.zeros((batch, num_heads, key_dim, 1), F32), count=jnp.zeros((batch,), jnp.int32))
+
+
+def carried_to_recurrent(state: CarriedState, log_decay: jax.Array) -> RetentionState:
+    """The :class:`RetentionState` of a :class:`CarriedState` (``seqlen`` ``[B]`` = ``count``), to decode on
+    with :func:`recurrent_step`. Exact when the document had no padding inside it (the recurrent form does not
+    decay over padding; the chunkwise form does)."""
+    scale = jnp.moveaxis(decay_sums(state.count, log_decay), 0, 1)[..., None, None]  # [B, H, 1, 1]
+    kv = jnp.swapaxes(state.kv, -1, -2) / jnp.sqrt(jnp.maximum(scale, 1e-30))
+    return RetentionState(kv=jnp.where(scale > 0, kv, 0.0), scale=scale, seqlen=state.count)
 
 
 def final_state(k: jax.Array, v: jax.Array, log_decay: jax.Array, mask: Optional[jax.Array],
@@ -374,9 +414,10 @@ def chunk_terms(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, 
     return ChunkTerms(qk, inner_out, qd, chunk_kv, chunk_z, carried, factor)
 
 
-def chunk_states(terms: ChunkTerms, log_decay: jax.Array, chunk_size: int) -> Tuple[ChunkStates, ChunkStates]:
-    """A ``lax.scan`` over the chunks from an empty state: (the state entering each chunk, the state after the
-    last)."""
+def chunk_states(terms: ChunkTerms, log_decay: jax.Array, chunk_size: int,
+                 init: Optional[ChunkStates] = None) -> Tuple[ChunkStates, ChunkStates]:
+    """A ``lax.scan`` over the chunks from ``init`` (the state entering the first chunk, chunk-normalised as
+    :func:`chunk_init` makes it; None: empty): (the state entering each chunk, the state after the last)."""
     chunk_decay = jnp.exp(log_decay * chunk_size)[None, :, None, None]  # [1, H, 1, 1]
 
     def step(state: ChunkStates,
@@ -384,10 +425,63 @@ def chunk_states(terms: ChunkTerms, log_decay: jax.Array, chunk_size: int) -> Tu
         decay = chunk_decay * x[2]
         return ChunkStates(state.kv * decay + x[0], None if x[1] is None else state.z * decay + x[1]), state
 
-    init = ChunkStates(jnp.zeros_like(terms.chunk_kv[0]),  # like the terms, also inside shard_map
-                       None if terms.chunk_z is None else jnp.zeros_like(terms.chunk_z[0]))
+    if init is None:
+        init = ChunkStates(jnp.zeros_like(terms.chunk_kv[0]),  # like the terms, also inside shard_map
+                           None if terms.chunk_z is None else jnp.zeros_like(terms.chunk_z[0]))
     final, before = jax.lax.scan(step, init, (terms.chunk_kv, terms.chunk_z, terms.carried))
     return before, final
+
+
+def chunk_init(state: CarriedState, log_decay: jax.Array, chunk_size: int, with_z: bool) -> ChunkStates:
+    """The state entering a window's first chunk, as :func:`chunk_states` carries it: a :class:`CarriedState`
+    divided by ``S_C = sum_{l<C} gamma**l`` (``kv`` ``[B, H, K, V]``; ``z`` ``[B, H, K, 1]`` when ``with_z``, the
+    segments path, else None). ``z`` enters normalisers only: no gradient, as in the one-pass form.
+    Raises ``ValueError`` when ``with_z`` and the state has none (it came from a ``"reference"`` window)."""
+    if with_z and state.z is None:
+        raise ValueError("state.z is None (a state left by normalization='reference' without segments): the exact "
+                         "normalisation and segments need z; run every window with the same normalization")
+    s_c = decay_sums(jnp.asarray(chunk_size), log_decay)[None, :, None, None]  # [1, H, 1, 1]
+    z = jax.lax.stop_gradient(state.z.astype(F32)) / s_c if with_z else None
+    return ChunkStates(state.kv.astype(F32) / s_c, z)
+
+
+def continue_starts(starts: jax.Array, count: jax.Array) -> jax.Array:
+    """Segment starts ``[B, N * C]`` (:func:`segments_from_starts`) of a window continuing a document of
+    ``count`` ``[B]`` positions: the run at the window's first token (start 0) began ``count`` tokens before
+    it; later runs are new documents. ``count`` 0 leaves ``starts`` as they are."""
+    return jnp.where(starts == 0, -count.astype(starts.dtype)[:, None], starts)
+
+
+def chunk_final(k: jax.Array, v: jax.Array, log_decay: jax.Array, chunk_size: int, real: Optional[jax.Array],
+                starts: Optional[jax.Array], before: ChunkStates, count: jax.Array) -> CarriedState:
+    """The :class:`CarriedState` after the last of T tokens: the state entering the last chunk
+    (``before`` from :func:`chunk_states`, ``[N, B, H, K, V]`` and ``[N, B, H, K, 1]`` or None) decayed over that
+    chunk's tokens, plus theirs. k ``[B, H, T, K]``, v ``[B, H, T, V]``, real ``[B, T]`` bool or None, starts
+    ``[B, >= T]`` (segments) or None, ``count`` ``[B]`` the document's positions before the first token (used
+    without segments: the result's count is ``count + T``). Any T; the state holds the segment of token T - 1."""
+    length = k.shape[2]
+    base = (-(-length // chunk_size) - 1) * chunk_size  # first token of the last chunk
+    pos = jnp.arange(base, length)
+    keep = jnp.ones((k.shape[0], length - base), bool) if real is None else real[:, base:].astype(bool)
+    if starts is None:
+        through = jnp.ones(k.shape[:1], F32)
+        count = count + length
+    else:
+        last = starts[:, length - 1]  # [B]: the start of the carried segment
+        keep = keep & (pos[None] >= last[:, None])
+        through = (last < base).astype(F32)
+        count = length - last
+    w = _powers(length - 1 - pos, log_decay)[:, None] * keep[None].astype(F32)  # [H, B, r]
+    w = w.transpose(1, 0, 2)[..., None]  # [B, H, r, 1]
+    carry = (jnp.exp(log_decay * (length - base)) * decay_sums(jnp.asarray(chunk_size), log_decay))
+    carry = (through[:, None] * carry[None])[..., None, None]  # [B, H, 1, 1]
+    kt, vt = k[:, :, base:], v[:, :, base:]
+    kv = before.kv[-1] * carry + _matmul("bhtk,bhtv->bhkv", kt * w.astype(kt.dtype), vt)
+    z = None
+    if before.z is not None:
+        z = before.z[-1] * carry + jnp.sum(jax.lax.stop_gradient(kt).astype(F32) * w, axis=2)[..., None]
+        z = jax.lax.stop_gradient(z)
+    return CarriedState(kv=kv, z=z, count=count.astype(jnp.int32))
 
 
 def chunk_output(terms: ChunkTerms, before: ChunkStates, length: int, dtype: Any) -> jax.Array:
@@ -433,12 +527,45 @@ def chunkwise_retention(
     Memory is linear in T: nothing of size ``T x T`` is built. Returns ``[B, H, T, V]``. With
     ``segment_ids`` ``[B, T]``, or ``normalization="exact"``, every real token's row equals
     :func:`parallel_retention`'s for any chunk size; ``"reference"`` without segments gives the reference's
-    chunk-dependent rows (see the module docstring).
+    chunk-dependent rows (see the module docstring). :func:`chunkwise_carry` also takes and returns a state.
     """
+    return _chunkwise(q, k, v, log_decay, chunk_size, mask, segment_ids, normalization, None, False)[0]
+
+
+def chunkwise_carry(
+    q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, chunk_size: int,
+    state: Optional[CarriedState], mask: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+    normalization: str = "exact",
+) -> Tuple[jax.Array, CarriedState]:
+    """:func:`chunkwise_retention` of a window continuing ``state`` (a :class:`CarriedState`, or None: nothing
+    before), returning ``([B, H, T, V], the state after its last token)``, with gradients to both.
+
+    Windows run one after the other this way give one pass's numbers over their concatenation, for both
+    normalisations (``"reference"`` when the windows' lengths are multiples of C, its rows depending on the
+    chunk grid), with or without segments. The run at the window's first token continues ``state`` (with
+    ``state.count`` 0 it starts a document); a segment starting later ignores it. The state read is decayed
+    from the previous window's last token, so windows must be contiguous.
+    """
+    return _chunkwise(q, k, v, log_decay, chunk_size, mask, segment_ids, normalization, state, True)
+
+
+def _chunkwise(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, chunk_size: int,
+               mask: Optional[jax.Array], segment_ids: Optional[jax.Array], normalization: str,
+               state: Optional[CarriedState], final: bool) -> Tuple[jax.Array, Optional[CarriedState]]:
+    """The chunkwise form from ``state`` (None: empty, no work added), with the final state when ``final``."""
     segment_ids = normalizing_segments(segment_ids, mask, q.shape[::2], normalization)
     starts = None if segment_ids is None else _padded_starts(segment_ids, chunk_size)
-    terms = chunk_terms(q, k, v, log_decay, chunk_size, real_tokens(mask, segment_ids), starts)
-    return chunk_output(terms, chunk_states(terms, log_decay, chunk_size)[0], q.shape[2], v.dtype)
+    if state is not None and starts is not None:
+        starts = continue_starts(starts, state.count)
+    real = real_tokens(mask, segment_ids)
+    terms = chunk_terms(q, k, v, log_decay, chunk_size, real, starts)
+    init = None if state is None else chunk_init(state, log_decay, chunk_size, terms.chunk_z is not None)
+    before = chunk_states(terms, log_decay, chunk_size, init)[0]
+    out = chunk_output(terms, before, q.shape[2], v.dtype)
+    if not final:
+        return out, None
+    count = jnp.zeros(q.shape[:1], jnp.int32) if state is None else state.count
+    return out, chunk_final(k, v, log_decay, chunk_size, real, starts, before, count)
 
 
 # ------------------------------------------------------------------------------------------ recurrent

@@ -1,0 +1,191 @@
+"""Retention with a state in and out (issue 26): a sequence run as windows, each continuing the state the one
+before left, gives the numbers of one pass over the whole sequence, and the gradients of one pass.
+
+4 x 512 tokens as four windows against one 2048-token pass, in float32, for the chunkwise form (XLA, both
+normalisations) and the sequence-parallel form (8 simulated devices), with and without documents (segments
+crossing window boundaries, starting at one, starting inside one). The gradient with respect to the incoming
+state is checked against an independent parallel form that reads a state (:func:`parallel_with_state`).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import max_abs, run_on_8_devices
+
+from nucleusx_jax import retention as ret
+
+TOL = 2e-5
+B, H, K, V, C = 2, 2, 8, 8, 64
+WINDOW, WINDOWS = 512, 4
+T = WINDOW * WINDOWS
+LOG_DECAY = jnp.asarray(ret.log_decay_table(H, True))
+
+
+def inputs(seed: int = 0, length: int = T):
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.normal(size=(B, H, length, d)), jnp.float32) for d in (K, K, V))
+    return q, k * K**-0.5, v
+
+
+def documents(length: int = T) -> np.ndarray:
+    """Row 0: a document over windows 0-2 ending inside window 2, one starting there and running on; row 1:
+    left padding, a document ending at a window boundary, one starting exactly there, short ones inside."""
+    seg = np.ones((B, length), np.int32)
+    seg[0, 1300:] = 2
+    seg[1, :40] = 0
+    seg[1, 40:1024] = 3
+    seg[1, 1024:1100] = 4
+    seg[1, 1100:1101] = 5
+    seg[1, 1101:] = 6
+    return seg
+
+
+def windowed(q, k, v, segment_ids, normalization, state=None, window: int = WINDOW):
+    """The chunkwise form over consecutive windows, each continuing the state of the one before; a window
+    whose first token starts a new document passes count 0 (see :func:`retention.chunkwise_carry`)."""
+    outs = []
+    for start in range(0, q.shape[2], window):
+        part = slice(start, start + window)
+        seg = None if segment_ids is None else segment_ids[:, part]
+        if start and segment_ids is not None:
+            new = segment_ids[:, start] != segment_ids[:, start - 1]
+            state = state._replace(count=jnp.where(new, 0, state.count))
+        out, state = ret.chunkwise_carry(q[:, :, part], k[:, :, part], v[:, :, part], LOG_DECAY, C, state,
+                                         None, seg, normalization)
+        outs.append(out)
+    return jnp.concatenate(outs, axis=2), state
+
+
+CASES = [("exact", False), ("exact", True), ("reference", False), ("reference", True)]
+
+
+@pytest.mark.parametrize("normalization,segments", CASES)
+def test_windows_equal_one_pass(normalization, segments):
+    """Outputs within 2e-5, and the final state equals the one a single pass leaves."""
+    q, k, v = inputs()
+    seg = jnp.asarray(documents()) if segments else None
+    got, state = jax.jit(windowed, static_argnums=4)(q, k, v, seg, normalization)
+    want, want_state = ret.chunkwise_carry(q, k, v, LOG_DECAY, C, None, None, seg, normalization)
+    assert max_abs(got, want) < TOL
+    if seg is not None or normalization == "exact":
+        real = np.asarray(ret.normalizing_segments(seg, None, (B, T), normalization)) != 0
+        parallel = ret.parallel_retention(q, k, v, LOG_DECAY, None, seg)
+        assert max_abs(np.asarray(got) * real[:, None, :, None], np.asarray(parallel) * real[:, None, :, None]) < TOL
+    np.testing.assert_array_equal(state.count, want_state.count)
+    np.testing.assert_allclose(state.kv, want_state.kv, rtol=1e-5, atol=1e-5)
+    if normalization == "exact" or segments:
+        np.testing.assert_allclose(state.z, want_state.z, rtol=1e-5, atol=1e-5)
+    else:
+        assert state.z is None
+
+
+def test_final_state_is_the_recurrent_one():
+    """The state after a window whose length is no multiple of C, converted, is :func:`retention.final_state`
+    (the recurrent form's), and counts the last document's positions."""
+    q, k, v = inputs(1, 300)
+    seg = jnp.asarray(documents(300))
+    seg = seg.at[0, 250:].set(7)
+    for segment_ids in (None, seg):
+        _, state = ret.chunkwise_carry(q, k, v, LOG_DECAY, C, None, None, segment_ids)
+        got = ret.carried_to_recurrent(state, LOG_DECAY)
+        want = ret.final_state(k, v, LOG_DECAY, None, segment_ids)
+        np.testing.assert_allclose(got.kv, want.kv, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.scale, want.scale, rtol=1e-6)
+        np.testing.assert_array_equal(got.seqlen, np.broadcast_to(want.seqlen, (B,)))
+    assert state.count.tolist() == [50, 260]  # row 0: from 250; row 1: from 40 (after left padding)
+
+
+def parallel_with_state(q, k, v, segment_ids, state):
+    """An independent exact-normalised retention reading a state, ``[T, T]`` at once: token i of the window's
+    first run (its document began ``count`` positions before) adds ``gamma**(i+1) q_i kv`` and ``gamma**(i+1)
+    q_i z`` to its sums; every row is divided by ``sqrt(sum_{l <= p} gamma**l)``, p its position in the
+    document, and by ``max(|row sum|, 1)`` (stop-gradient, as every form)."""
+    length = q.shape[2]
+    starts = ret.segment_starts(segment_ids)
+    starts = jnp.where(starts == 0, -state.count[:, None], starts)  # [B, T]
+    i = jnp.arange(length)
+    gamma = jnp.exp(LOG_DECAY)[None, :, None, None]  # [1, H, 1, 1]
+    dist = (i[:, None] - i[None, :]).astype(jnp.float32)
+    inside = (i[None, None, :] >= starts[:, :, None]) & (i[None, None, :] <= i[None, :, None])  # [B, T, T]
+    d = jnp.where(inside[:, None], gamma ** jnp.maximum(dist, 0), 0.0)  # [B, H, T, T]
+    reads = jnp.where((starts < 0)[:, None, :, None], gamma ** (i[:, None] + 1.0), 0.0)  # [B, H, T, 1]
+    qk = jnp.einsum("bhik,bhjk->bhij", q, k) * d
+    p = (i[None] - starts).astype(jnp.float32)  # [B, T]
+    norm = jnp.sqrt((1 - gamma[..., 0] ** (p[:, None] + 1)) / (1 - gamma[..., 0]))[..., None]  # [B, H, T, 1]
+    row = (jnp.sum(qk, -1, keepdims=True) + reads * jnp.einsum("bhik,bhkx->bhix", q, state.z)) / norm
+    num = (jnp.einsum("bhij,bhjv->bhiv", qk, v) + reads * jnp.einsum("bhik,bhkv->bhiv", q, state.kv)) / norm
+    return num / jnp.maximum(jnp.abs(jax.lax.stop_gradient(row)), 1.0)
+
+
+def prefix_state(seed: int = 5):
+    """A state worth reading: the one 700 tokens of one document leave (count 700)."""
+    q, k, v = inputs(seed, 700)
+    return ret.chunkwise_carry(q, k, v, LOG_DECAY, C, None)[1]
+
+
+def test_state_read_as_the_parallel_form_does():
+    """A window continuing a state (its first document continues, later ones start afresh) against
+    :func:`parallel_with_state`: the outputs, and the gradients with respect to q, k, v and the state's kv."""
+    q, k, v = inputs(2, WINDOW)
+    seg = jnp.asarray(documents()[:, 1024:1024 + WINDOW])
+    seg = seg.at[1, :].set(jnp.where(jnp.arange(WINDOW) < 60, 6, seg[1]))  # row 1 continues, then new ones
+    state = prefix_state()
+    cot = jnp.asarray(np.random.default_rng(3).normal(size=(B, H, WINDOW, V)), jnp.float32)
+
+    def loss(fn, q, k, v, kv):
+        return jnp.sum(fn(q, k, v, state._replace(kv=kv)) * cot)
+
+    chunked = lambda q, k, v, s: ret.chunkwise_carry(q, k, v, LOG_DECAY, C, s, None, seg)[0]  # noqa: E731
+    reference = lambda q, k, v, s: parallel_with_state(q, k, v, seg, s)  # noqa: E731
+    assert max_abs(chunked(q, k, v, state), reference(q, k, v, state)) < TOL
+    got = jax.grad(lambda *a: loss(chunked, *a), argnums=(0, 1, 2, 3))(q, k, v, state.kv)
+    want = jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2, 3))(q, k, v, state.kv)
+    for g, w in zip(got, want):
+        assert max_abs(g, w) / float(np.max(np.abs(w))) < 1e-5
+    assert float(np.max(np.abs(want[3]))) > 0  # the state is read
+
+
+@pytest.mark.parametrize("normalization,segments", CASES)
+def test_gradients_through_windows_equal_one_pass(normalization, segments):
+    """jax.grad of a loss over all windows (gradients flowing back through each carried state) equals that of
+    one pass, for q, k, v of every window (relative 1e-5); and the gradient to an incoming state is that of
+    the same pass continuing it."""
+    q, k, v = inputs(4)
+    seg = jnp.asarray(documents()) if segments else None
+    cot = jnp.asarray(np.random.default_rng(6).normal(size=(B, H, T, V)), jnp.float32)
+    state = prefix_state()
+    if normalization == "reference" and not segments:
+        state = state._replace(z=None)
+
+    def loss_windows(q, k, v, kv):
+        return jnp.sum(windowed(q, k, v, seg, normalization, state._replace(kv=kv))[0] * cot)
+
+    def loss_one(q, k, v, kv):
+        out = ret.chunkwise_carry(q, k, v, LOG_DECAY, C, state._replace(kv=kv), None, seg, normalization)[0]
+        return jnp.sum(out * cot)
+
+    got = jax.jit(jax.grad(loss_windows, argnums=(0, 1, 2, 3)))(q, k, v, state.kv)
+    want = jax.jit(jax.grad(loss_one, argnums=(0, 1, 2, 3)))(q, k, v, state.kv)
+    for g, w in zip(got, want):
+        assert max_abs(g, w) / float(np.max(np.abs(w))) < 1e-5
+
+
+def test_empty_state_changes_nothing():
+    """``state=None``, an empty state and :func:`retention.chunkwise_retention` give the same numbers."""
+    q, k, v = inputs(7, 200)
+    seg = jnp.asarray(documents(200))
+    for normalization in ("exact", "reference"):
+        want = ret.chunkwise_retention(q, k, v, LOG_DECAY, C, None, seg, normalization)
+        for state in (None, ret.empty_carried(B, H, K, V)):
+            got = ret.chunkwise_carry(q, k, v, LOG_DECAY, C, state, None, seg, normalization)[0]
+            np.testing.assert_array_equal(got, want)
+
+
+def test_reference_state_refused_by_exact():
+    q, k, v = inputs(8, 64)
+    state = ret.chunkwise_carry(q, k, v, LOG_DECAY, C, None, normalization="reference")[1]
+    with pytest.raises(ValueError, match="state.z is None"):
+        ret.chunkwise_carry(q, k, v, LOG_DECAY, C, state)
