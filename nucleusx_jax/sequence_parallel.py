@@ -18,11 +18,13 @@ form under ``jax.shard_map`` over ``sequence``, each device on its contiguous sl
 The result equals :func:`nucleusx_jax.retention.chunkwise_retention` (the same chunk grid: T must be a multiple
 of D x chunk size), for both normalisations. Document segments use the global start of every token's segment (:func:`segment_starts`,
 which also gives the model its rotation positions); padding (``mask``) is per token. Gradients flow back
-through the ``all_gather`` (its transpose is a reduce-scatter).
+through the ``all_gather`` (its transpose is a reduce-scatter). :func:`chunkwise_carry` also takes the state a
+previous window left (:class:`nucleusx_jax.retention.CarriedState`), which starts the scan of step 3 in place
+of zeros, and returns the state after the last token (the last device's, replicated by one ``psum``).
 """
 
 from functools import partial
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,24 @@ def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, chunk_si
     segment_ids ``[B, T]`` -> ``[B, H, T, V]``. Raises ``ValueError`` (at trace time) when T is not a multiple
     of ``sequence`` x ``chunk_size``, or for ``impl`` other than XLA (the Pallas kernel has no state input).
     """
+    return _split(q, k, v, log_decay, chunk_size, mask, segment_ids, normalization, impl, None, False)[0]
+
+
+def chunkwise_carry(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int,
+                    state: Optional[ret.CarriedState], mask: Optional[Array] = None,
+                    segment_ids: Optional[Array] = None, normalization: str = "exact", *,
+                    impl: RetentionImpl = RetentionImpl.XLA) -> Tuple[Array, ret.CarriedState]:
+    """:func:`nucleusx_jax.retention.chunkwise_carry` with T split over ``sequence``: the window continues
+    ``state`` (replicated over ``sequence``; None: nothing before) and returns ``([B, H, T, V], the state after
+    its last token)``, that of the last device, replicated. The incoming state enters the first device's scan and
+    reaches the others through the same ``all_gather`` of slice states; gradients reach it from every device."""
+    return _split(q, k, v, log_decay, chunk_size, mask, segment_ids, normalization, impl, state, True)
+
+
+def _split(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, mask: Optional[Array],
+           segment_ids: Optional[Array], normalization: str, impl: RetentionImpl, state: Optional[ret.CarriedState],
+           final: bool) -> Tuple[Array, Optional[ret.CarriedState]]:
+    """The checks, then the ``shard_map`` over ``sequence`` of :func:`_slice_retention`."""
     if RetentionImpl.parse(impl) is not RetentionImpl.XLA:
         raise ValueError(f"retention_impl={RetentionImpl.parse(impl).value!r} has no sequence-parallel form: "
                          f"use retention_impl='xla' with mesh.sequence={sequence_size()}")
@@ -66,9 +86,10 @@ def chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, chunk_si
     real = ret.real_tokens(mask, segment_ids)
     heads = PartitionSpec(None, None, SEQUENCE_AXIS, None)
     tokens = PartitionSpec(None, SEQUENCE_AXIS)
-    local = jax.shard_map(partial(_slice_retention, chunk_size=chunk_size), axis_names={SEQUENCE_AXIS},
-                          in_specs=(heads, heads, heads, PartitionSpec(), tokens, tokens), out_specs=heads)
-    return local(q, k, v, log_decay, real, segment_ids)
+    local = jax.shard_map(partial(_slice_retention, chunk_size=chunk_size, final=final), axis_names={SEQUENCE_AXIS},
+                          in_specs=(heads, heads, heads, PartitionSpec(), tokens, tokens, PartitionSpec()),
+                          out_specs=(heads, PartitionSpec()))
+    return local(q, k, v, log_decay, real, segment_ids, state)
 
 
 def segment_starts(segment_ids: Array) -> Array:
@@ -105,34 +126,52 @@ def _slice_starts(segment_ids: Array) -> Array:
 
 
 def _slice_retention(q: Array, k: Array, v: Array, log_decay: Array, real: Optional[Array],
-                     segment_ids: Optional[Array], *, chunk_size: int) -> Array:
-    """One device's slice (``T / D`` tokens, N chunks) inside ``shard_map``."""
+                     segment_ids: Optional[Array], state: Optional[ret.CarriedState], *, chunk_size: int,
+                     final: bool) -> Tuple[Array, Optional[ret.CarriedState]]:
+    """One device's slice (``T / D`` tokens, N chunks) inside ``shard_map``: its output and, when ``final``, the
+    state after the whole sequence (the last device's, replicated)."""
     index = jax.lax.axis_index(SEQUENCE_AXIS)
+    parts = jax.lax.axis_size(SEQUENCE_AXIS)
     length = q.shape[2]
     starts = None
-    if segment_ids is not None:  # negative: the segment began on an earlier device
-        starts = _slice_starts(segment_ids) - index * length
+    if segment_ids is not None:  # negative: the segment began on an earlier device (or window)
+        starts = _slice_starts(segment_ids)
+        if state is not None:
+            starts = ret.continue_starts(starts, state.count)
+        starts = starts - index * length
     terms = ret.chunk_terms(q, k, v, log_decay, chunk_size, real, starts)
-    before, final = ret.chunk_states(terms, log_decay, chunk_size)
+    before, final_state = ret.chunk_states(terms, log_decay, chunk_size)
     # an incoming state reaches chunk n decayed by gamma**(n C), and not at all past a segment start
     n = terms.carried.shape[0]
     kept = jnp.cumprod(terms.carried, axis=0)  # [N, B, 1, 1, 1]
     decay = jnp.exp(log_decay[None, :, None, None] * chunk_size * jnp.arange(n + 1, dtype=F32)[:, None, None, None])
     reach = decay[:n, None] * jnp.concatenate([jnp.ones_like(kept[:1]), kept[:-1]])  # [N, B, H, 1, 1]
     through = decay[n] * kept[-1]  # [B, H, 1, 1]: what of the incoming state leaves the slice
-    incoming = _incoming(final, through, index)
+    init = None if state is None else ret.chunk_init(state, log_decay, chunk_size, terms.chunk_z is not None)
+    incoming = _incoming(final_state, through, index, init)
     before = jax.tree.map(lambda b, s: b + reach * s, before, incoming)
-    return ret.chunk_output(terms, before, length, v.dtype)
+    out = ret.chunk_output(terms, before, length, v.dtype)
+    if not final:
+        return out, None
+    count = index * length + (0 if state is None else state.count)  # positions before the slice (no segments)
+    after = ret.chunk_final(k, v, log_decay, chunk_size, real, starts, before, jnp.broadcast_to(count, q.shape[:1]))
+    last = index == parts - 1  # every device gets the last one's
+    return out, jax.tree.map(lambda x: jax.lax.psum(jnp.where(last, x, jnp.zeros_like(x)), SEQUENCE_AXIS), after)
 
 
-def _incoming(final: ret.ChunkStates, through: Array, index: Array) -> ret.ChunkStates:
-    """The state entering slice ``index``: the slices before it, each state decayed through the slices after
-    it, from one ``all_gather`` of every slice's ``final`` state and ``through`` factor."""
+def _incoming(final: ret.ChunkStates, through: Array, index: Array,
+              init: Optional[ret.ChunkStates] = None) -> ret.ChunkStates:
+    """The state entering slice ``index``: ``init`` (the window's incoming state; None: empty) and the slices
+    before it, each state decayed through the slices after it, from one ``all_gather`` of every slice's
+    ``final`` state and ``through`` factor."""
     states, factors = jax.lax.all_gather((final, through), SEQUENCE_AXIS)  # leading axis D
 
     def step(state: ret.ChunkStates, x: tuple) -> tuple:
         nxt = jax.tree.map(lambda s, f: s * x[1] + f, state, x[0])
         return nxt, state
 
-    _, entering = jax.lax.scan(step, jax.tree.map(jnp.zeros_like, final), (states, factors))
+    start = jax.tree.map(jnp.zeros_like, final)  # varying over `sequence`, as the scan's carry must be
+    if init is not None:
+        start = jax.tree.map(jnp.add, start, init)
+    _, entering = jax.lax.scan(step, start, (states, factors))
     return jax.tree.map(lambda s: s[index], entering)
