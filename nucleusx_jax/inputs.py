@@ -71,9 +71,24 @@ def check_inputs(
         raise ValueError("the bare decoder (head 'base') takes no labels; use the causal LM")
     if past_key_values is None:
         return None
+    carried = all(isinstance(s, retention.CarriedState) for s in past_key_values)
+    if mode == "chunkwise":
+        if not carried:
+            raise ValueError("forward_mode='chunkwise' continues a cache of CarriedState (one per layer; start "
+                             "from nucleusx_jax.runtime.empty_carried_cache(config, batch), then pass each call's "
+                             "past_key_values on); a recurrent (kv, scale, seqlen) cache lacks the z the chunkwise "
+                             "normalisation needs: continue it in recurrent mode")
+        if config.retention_impl != "xla":
+            raise ValueError(f"past_key_values with forward_mode='chunkwise' needs retention_impl='xla', got "
+                             f"{config.retention_impl!r}: the Pallas kernel has no state input yet")
+        return runtime.check_carried(config, past_key_values, ids.shape[0])
     if mode != "recurrent":
-        raise ValueError(f"past_key_values is only used by forward_mode='recurrent', got {mode!r}; "
-                         "run the prompt without past_key_values or continue in recurrent mode")
+        raise ValueError(f"past_key_values is only used by forward_mode='recurrent' (or 'chunkwise', continuing a "
+                         f"CarriedState cache), got {mode!r}; run the prompt without past_key_values or continue in "
+                         "recurrent mode")
+    if carried:  # decode on after chunkwise windows
+        log_decay = retention.log_decay_table(config.decoder_retention_heads, config.use_lm_decay)
+        past_key_values = tuple(retention.carried_to_recurrent(s, log_decay) for s in past_key_values)
     return runtime.check_cache(config, past_key_values, ids.shape[0])
 
 

@@ -116,7 +116,10 @@ class NucleusX:
 
         ``forward_mode``: ``parallel``, ``chunkwise`` (chunks of ``recurrent_chunk_size``) or ``recurrent``
         (T recurrent steps continuing from ``past_key_values``); default ``recurrent`` when ``past_key_values``
-        is given, else ``config.forward_mode``. ``use_cache`` defaults to whether ``past_key_values`` is given.
+        is given, else ``config.forward_mode``. ``chunkwise`` with ``past_key_values`` continues a cache of
+        :class:`~nucleusx_jax.retention.CarriedState` (start from :func:`nucleusx_jax.runtime.empty_carried_cache`)
+        and returns the next one: windows run so give the logits of one pass over their concatenation; such a
+        cache also continues in recurrent mode. ``use_cache`` defaults to whether ``past_key_values`` is given.
         ``train=True`` applies dropout and drop path (keyed by ``dropout_rng``).
         """
         cfg = self.config

@@ -183,7 +183,9 @@ class MultiScaleRetention(nn.Module):
         options: RunOptions,
     ) -> Tuple[Array, Optional[ret.RetentionState]]:
         """x ``[B, T, E]``, positions ``[T]`` or ``[B, T]``, mask and segment_ids ``[B, T]`` ->
-        ``([B, T, E], state or None)``."""
+        ``([B, T, E], state or None)``. ``state``: a :class:`~nucleusx_jax.retention.RetentionState` (recurrent
+        form), or a :class:`~nucleusx_jax.retention.CarriedState` (chunkwise form, XLA: the window continues it
+        and hands on its own CarriedState)."""
         cfg = self.config
         heads, kdim, vdim = cfg.decoder_retention_heads, cfg.key_head_dim, cfg.value_head_dim
         embed, value = cfg.decoder_embed_dim, cfg.decoder_value_embed_dim
@@ -203,7 +205,14 @@ class MultiScaleRetention(nn.Module):
         q, k = ret.rotate(q, positions, angle), ret.rotate(k, positions, angle)
 
         new_state, norm = None, cfg.chunkwise_normalization
-        if options.mode is ForwardMode.RECURRENT:
+        if isinstance(state, ret.CarriedState):  # a window continuing the one before it (chunkwise only)
+            if options.mode is not ForwardMode.CHUNKWISE or options.impl is not RetentionImpl.XLA:
+                raise ValueError(f"a CarriedState cache needs forward_mode='chunkwise' and retention_impl='xla', "
+                                 f"got {options.mode.value!r} and {options.impl.value!r}")
+            carry = (sequence_parallel.chunkwise_carry if sequence_parallel.sequence_size() > 1
+                     else ret.chunkwise_carry)
+            out, new_state = carry(q, k, v, log_decay, options.chunk_size, state, mask, segment_ids, norm)
+        elif options.mode is ForwardMode.RECURRENT:
             if state is None:
                 state = ret.empty_state(batch, heads, kdim, vdim)
             out, new_state = ret.recurrent_retention(q, k, v, log_decay, state, mask, segment_ids)
@@ -352,7 +361,9 @@ class NucleusXModule(nn.Module):
         options: Optional[RunOptions] = None,
     ) -> Tuple[Array, Optional[Cache], Optional[Tuple[Array, ...]]]:
         """input_ids ``[B, T]``, attention_mask ``[B, T]`` (0 marks left padding), past_key_values (one state
-        per layer, recurrent form), segment_ids ``[B, T]`` (documents packed in a row, 0 = padding; see
+        per layer: :class:`~nucleusx_jax.retention.RetentionState` for the recurrent form,
+        :class:`~nucleusx_jax.retention.CarriedState` for the chunkwise one, whose windows so continue one
+        another exactly; a row whose window begins with padding starts a new document there), segment_ids ``[B, T]`` (documents packed in a row, 0 = padding; see
         :mod:`nucleusx_jax.retention`) -> (last hidden state ``[B, T, E]``, cache, hidden states).
 
         With segment_ids, rotation positions restart at 0 in each document (the first continues the cache's
@@ -370,7 +381,7 @@ class NucleusXModule(nn.Module):
         if self.rms_norm_embedding is not None:
             x = self.rms_norm_embedding(x)
         x = nn.with_logical_constraint(self.embed_dropout(x, deterministic=deterministic), ACTIVATION_AXES)
-        offset = past_key_values[0].seqlen if past_key_values is not None else 0
+        offset = 0 if past_key_values is None else _position_offset(past_key_values[0], attention_mask, segment_ids)
         if segment_ids is not None:
             starts = sequence_parallel.segment_starts(segment_ids)
             positions = ret.segment_positions(segment_ids, offset, attention_mask, starts)[0]  # [B, T]
@@ -409,6 +420,16 @@ class NucleusXModule(nn.Module):
         """Logits through the (tied) embedding matrix: ``[B, T, E] -> [B, T, vocab]`` (on ``[N, E]``, like
         :class:`Dense`)."""
         return self.embed_tokens.attend(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def _position_offset(state: Any, mask: Optional[Array], segment_ids: Optional[Array]) -> Array:
+    """The rotation position the call's first document continues from: a RetentionState's ``seqlen``
+    (``[]`` or ``[B]``); a CarriedState's ``count`` ``[B]``, or 0 where the window's first token is padding
+    (then, as in :func:`~nucleusx_jax.retention.chunkwise_carry`, the row starts a new document)."""
+    if not isinstance(state, ret.CarriedState):
+        return state.seqlen
+    real = ret.real_tokens(mask, segment_ids)
+    return state.count if real is None else jnp.where(real[:, 0], state.count, 0)
 
 
 class NucleusXForCausalLMModule(nn.Module):

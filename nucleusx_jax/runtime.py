@@ -9,7 +9,8 @@ Shapes: B rows, T positions, W positions of a recurrent pass, V vocabulary. A ca
 row) or ``[B]`` (a position per row: the server's slots, or a prefill with segments). Its size never depends on
 the length.
 
-* **the cache**: :func:`empty_cache`, :func:`take_rows`, :func:`put_row`, :func:`check_cache`;
+* **the cache**: :func:`empty_cache`, :func:`take_rows`, :func:`put_row`, :func:`check_cache`; for chunkwise
+  windows that continue one another, :func:`empty_carried_cache` and :func:`check_carried`;
 * **the prompt policy**: :func:`prompt_form` (parallel, or chunkwise past a threshold, and the chunk size);
   batch prompts are padded on the left (:func:`pad_left`: mask 0 on the pads, the last position real), the
   server's one-row prompt on the right to a bucket length (:func:`pad_right`, :func:`bucket`; the state's
@@ -35,7 +36,7 @@ import numpy as np
 from . import checks, retention
 from .configuration import ForwardMode, NucleusXConfig
 from .modeling import RunOptions
-from .types import Array, Cache, Params
+from .types import Array, Cache, CarriedCache, Params
 
 
 # ------------------------------------------------------------------------------------------------ the cache
@@ -96,6 +97,35 @@ def check_cache(config: NucleusXConfig, cache: Any, batch: int) -> Cache:
             jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (batch, h, 1, 1)),
             jnp.asarray(seqlen, jnp.int32).reshape(() if _shape(seqlen) in ((), (1,)) else (batch,)),
         ))
+    return tuple(states)
+
+
+def empty_carried_cache(config: NucleusXConfig, batch: int) -> CarriedCache:
+    """The :class:`~nucleusx_jax.retention.CarriedState` of every layer before any token, for ``batch`` rows:
+    pass it as ``past_key_values`` with ``forward_mode="chunkwise"`` to run a long input window by window."""
+    return tuple(retention.empty_carried(batch, config.decoder_retention_heads, config.key_head_dim,
+                                         config.value_head_dim) for _ in range(config.decoder_layers))
+
+
+def check_carried(config: NucleusXConfig, cache: Any, batch: int) -> CarriedCache:
+    """``cache`` (one :class:`~nucleusx_jax.retention.CarriedState` per layer) checked on the host against
+    ``config`` and ``batch`` rows, as float32 states with ``count`` int32 ``[batch]``; a cache of another config
+    or batch is a ValueError."""
+    h, kd, vd = config.decoder_retention_heads, config.key_head_dim, config.value_head_dim
+    if len(cache) != config.decoder_layers:
+        raise ValueError(f"past_key_values has {len(cache)} layers but this model has "
+                         f"decoder_layers={config.decoder_layers}: it comes from a different config")
+    states = []
+    for i, s in enumerate(cache):
+        want = {"kv": (batch, h, kd, vd), "z": (batch, h, kd, 1), "count": (batch,)}
+        for name, shape in want.items():
+            x = getattr(s, name)
+            if not (x is None and name == "z") and _shape(x) != shape:
+                raise ValueError(f"past_key_values[{i}].{name} has shape {_shape(x)} but this model and batch "
+                                 f"expect {shape}: it comes from a different config or batch")
+        states.append(retention.CarriedState(jnp.asarray(s.kv, jnp.float32),
+                                             None if s.z is None else jnp.asarray(s.z, jnp.float32),
+                                             jnp.asarray(s.count, jnp.int32)))
     return tuple(states)
 
 

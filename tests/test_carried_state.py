@@ -250,3 +250,57 @@ def test_sequence_parallel_windows_equal_one_pass():
     for case, got in results.items():
         assert got["out"] < TOL and got["grads"] < 1e-5 and got["kv"] < 1e-5, (case, got)
         assert got["count"][0] == got["count"][1], case
+
+
+# ------------------------------------------------------------------------------------------- the model call
+def tiny_model(normalization: str, scan_layers: bool = False):
+    from nucleusx_jax import NucleusX, NucleusXConfig
+
+    cfg = NucleusXConfig(vocab_size=64, decoder_embed_dim=16, decoder_value_embed_dim=32, decoder_ffn_embed_dim=24,
+                         decoder_layers=2, decoder_retention_heads=2, recurrent_chunk_size=C,
+                         chunkwise_normalization=normalization, scan_layers=scan_layers)
+    return NucleusX(cfg, seed=0)
+
+
+@pytest.mark.parametrize("normalization,segments,scan_layers",
+                         [("exact", False, False), ("exact", True, True), ("reference", False, False)])
+def test_model_windows_equal_one_pass(normalization, segments, scan_layers):
+    """The model called on four 512-token windows with ``forward_mode="chunkwise"``, each continuing the
+    ``past_key_values`` the one before returned (from :func:`runtime.empty_carried_cache`), gives the logits of
+    one 2048-token pass (relative 2e-5); decoding on in recurrent mode from the last cache gives the logits of
+    the one-pass prefill's recurrent continuation."""
+    from nucleusx_jax import runtime
+
+    model = tiny_model(normalization, scan_layers)
+    ids = np.random.default_rng(9).integers(3, 64, (B, T)).astype(np.int32)
+    seg = documents() if segments else None
+    want = model(ids, forward_mode="chunkwise", segment_ids=seg).logits
+    past, logits = runtime.empty_carried_cache(model.config, B), []
+    for start in range(0, T, WINDOW):
+        part = slice(start, start + WINDOW)
+        if start and seg is not None:
+            new = seg[:, start] != seg[:, start - 1]
+            past = tuple(s._replace(count=jnp.where(new, 0, s.count)) for s in past)
+        out = model(ids[:, part], forward_mode="chunkwise", past_key_values=past,
+                    segment_ids=None if seg is None else seg[:, part])
+        logits.append(out.logits)
+        past = out.past_key_values
+    assert rel(jnp.concatenate(logits, axis=1), want) < TOL
+    if normalization == "exact":  # the carried cache converts for decoding on
+        nxt = np.random.default_rng(10).integers(3, 64, (B, 3)).astype(np.int32)
+        prefill = model(ids, forward_mode="chunkwise", use_cache=True, segment_ids=seg).past_key_values
+        want_next = model(nxt, forward_mode="recurrent", past_key_values=prefill).logits
+        assert rel(model(nxt, forward_mode="recurrent", past_key_values=past).logits, want_next) < TOL
+
+
+def test_model_refuses_a_recurrent_cache_in_chunkwise_mode():
+    model = tiny_model("exact")
+    ids = np.ones((B, 8), np.int32)
+    past = model(ids, forward_mode="parallel", use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="forward_mode='chunkwise' continues a cache of CarriedState"):
+        model(ids, forward_mode="chunkwise", past_key_values=past)
+    from nucleusx_jax import runtime
+
+    with pytest.raises(ValueError, match=r"past_key_values\[0\].kv has shape \(1, 2, 8, 16\) but this model and "
+                                         r"batch expect \(2, 2, 8, 16\)"):
+        model(ids, forward_mode="chunkwise", past_key_values=runtime.empty_carried_cache(model.config, 1))

@@ -206,12 +206,14 @@ def test_chunkwise_hidden_states_have_the_input_length(fx):
     assert_close(np.asarray(out.last_hidden_state, np.float64) @ head, c["logits_chunkwise_pad"], LOGITS)
 
 
-@pytest.mark.parametrize("mode", ["parallel", "chunkwise"])
-def test_a_cache_outside_recurrent_mode_is_refused(fx, mode):
-    """(d) The reference silently ignores past_key_values in parallel and chunkwise mode; we refuse it."""
+@pytest.mark.parametrize("mode,message", [("parallel", "only used by forward_mode='recurrent'"),
+                                          ("chunkwise", "forward_mode='chunkwise' continues a cache of CarriedState")])
+def test_a_cache_outside_recurrent_mode_is_refused(fx, mode, message):
+    """(d) The reference silently ignores past_key_values in parallel and chunkwise mode; we refuse a recurrent
+    cache there (chunkwise continues only a CarriedState cache, tests/test_carried_state.py)."""
     _, m, c = fx
     past = m(c["input_ids"], forward_mode="parallel", use_cache=True).past_key_values
-    with pytest.raises(ValueError, match="only used by forward_mode='recurrent'"):
+    with pytest.raises(ValueError, match=message):
         m(c["input_ids"], forward_mode=mode, recurrent_chunk_size=4, past_key_values=past)
 
 
