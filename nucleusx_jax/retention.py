@@ -324,10 +324,10 @@ def chunk_segments(segment_ids: jax.Array, log_decay: jax.Array, chunk_size: int
     ``local_start[i] < 0``. The state carried on holds only the segment of the chunk's last token. The
     internal padding at the end is a segment of its own.
     """
-    return segments_from_starts(_padded_starts(segment_ids, chunk_size), log_decay, chunk_size)
+    return segments_from_starts(chunk_starts(segment_ids, chunk_size), log_decay, chunk_size)
 
 
-def _padded_starts(segment_ids: jax.Array, chunk_size: int) -> jax.Array:
+def chunk_starts(segment_ids: jax.Array, chunk_size: int) -> jax.Array:
     """:func:`segment_starts` of ``segment_ids`` ``[B, T]`` padded to whole chunks with a segment of its own."""
     pad = -segment_ids.shape[1] % chunk_size
     return segment_starts(jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1))
@@ -454,13 +454,23 @@ def continue_starts(starts: jax.Array, count: jax.Array) -> jax.Array:
 
 def chunk_final(k: jax.Array, v: jax.Array, log_decay: jax.Array, chunk_size: int, real: Optional[jax.Array],
                 starts: Optional[jax.Array], before: ChunkStates, count: jax.Array) -> CarriedState:
-    """The :class:`CarriedState` after the last of T tokens: the state entering the last chunk
-    (``before`` from :func:`chunk_states`, ``[N, B, H, K, V]`` and ``[N, B, H, K, 1]`` or None) decayed over that
-    chunk's tokens, plus theirs. k ``[B, H, T, K]``, v ``[B, H, T, V]``, real ``[B, T]`` bool or None, starts
-    ``[B, >= T]`` (segments) or None, ``count`` ``[B]`` the document's positions before the first token (used
-    without segments: the result's count is ``count + T``). Any T; the state holds the segment of token T - 1."""
+    """The :class:`CarriedState` after the last of T tokens from the state entering the last chunk (``before``
+    from :func:`chunk_states`, ``[N, B, H, K, V]`` and ``[N, B, H, K, 1]`` or None): :func:`state_after` of
+    that chunk's tokens. Arguments as there."""
+    base = (-(-k.shape[2] // chunk_size) - 1) * chunk_size  # first token of the last chunk
+    s_c = decay_sums(jnp.asarray(chunk_size), log_decay)[None, :, None, None]
+    entering = jax.tree.map(lambda x: x[-1] * s_c, before)
+    return state_after(k, v, log_decay, real, starts, entering, base, count)
+
+
+def state_after(k: jax.Array, v: jax.Array, log_decay: jax.Array, real: Optional[jax.Array],
+                starts: Optional[jax.Array], entering: ChunkStates, base: int, count: jax.Array) -> CarriedState:
+    """The :class:`CarriedState` after the last of T tokens: ``entering`` (un-normalised, the state after token
+    ``base - 1``: ``kv`` ``[B, H, K, V]``, ``z`` ``[B, H, K, 1]`` or None) decayed over tokens ``base`` to T - 1,
+    plus theirs. k ``[B, H, T, K]``, v ``[B, H, T, V]``, real ``[B, T]`` bool or None, starts ``[B, >= T]``
+    (segments; :func:`segments_from_starts`) or None, ``count`` ``[B]`` the document's positions before token 0
+    (without segments the result's count is ``count + T``). The state holds the segment of token T - 1."""
     length = k.shape[2]
-    base = (-(-length // chunk_size) - 1) * chunk_size  # first token of the last chunk
     pos = jnp.arange(base, length)
     keep = jnp.ones((k.shape[0], length - base), bool) if real is None else real[:, base:].astype(bool)
     if starts is None:
@@ -473,15 +483,25 @@ def chunk_final(k: jax.Array, v: jax.Array, log_decay: jax.Array, chunk_size: in
         count = length - last
     w = _powers(length - 1 - pos, log_decay)[:, None] * keep[None].astype(F32)  # [H, B, r]
     w = w.transpose(1, 0, 2)[..., None]  # [B, H, r, 1]
-    carry = (jnp.exp(log_decay * (length - base)) * decay_sums(jnp.asarray(chunk_size), log_decay))
-    carry = (through[:, None] * carry[None])[..., None, None]  # [B, H, 1, 1]
+    carry = (through[:, None] * jnp.exp(log_decay * (length - base))[None])[..., None, None]  # [B, H, 1, 1]
     kt, vt = k[:, :, base:], v[:, :, base:]
-    kv = before.kv[-1] * carry + _matmul("bhtk,bhtv->bhkv", kt * w.astype(kt.dtype), vt)
+    kv = entering.kv * carry + _matmul("bhtk,bhtv->bhkv", kt * w.astype(kt.dtype), vt)
     z = None
-    if before.z is not None:
-        z = before.z[-1] * carry + jnp.sum(jax.lax.stop_gradient(kt).astype(F32) * w, axis=2)[..., None]
+    if entering.z is not None:
+        z = entering.z * carry + jnp.sum(jax.lax.stop_gradient(kt).astype(F32) * w, axis=2)[..., None]
         z = jax.lax.stop_gradient(z)
     return CarriedState(kv=kv, z=z, count=count.astype(jnp.int32))
+
+
+def state_reach(carried: jax.Array, log_decay: jax.Array, chunk_size: int) -> Tuple[jax.Array, jax.Array]:
+    """How much of a state entering a run of N chunks reaches each, from ``carried`` ``[N, B, 1, 1, 1]``
+    (:class:`ChunkTerms`): ``gamma**(n C)``, and 0 past a segment start. Returns (reach ``[N, B, H, 1, 1]``, what
+    leaves the run ``[B, H, 1, 1]``)."""
+    n = carried.shape[0]
+    kept = jnp.cumprod(carried, axis=0)  # [N, B, 1, 1, 1]
+    decay = jnp.exp(log_decay[None, :, None, None] * chunk_size * jnp.arange(n + 1, dtype=F32)[:, None, None, None])
+    reach = decay[:n, None] * jnp.concatenate([jnp.ones_like(kept[:1]), kept[:-1]])
+    return reach, decay[n] * kept[-1]
 
 
 def chunk_output(terms: ChunkTerms, before: ChunkStates, length: int, dtype: Any) -> jax.Array:
@@ -554,7 +574,7 @@ def _chunkwise(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, c
                state: Optional[CarriedState], final: bool) -> Tuple[jax.Array, Optional[CarriedState]]:
     """The chunkwise form from ``state`` (None: empty, no work added), with the final state when ``final``."""
     segment_ids = normalizing_segments(segment_ids, mask, q.shape[::2], normalization)
-    starts = None if segment_ids is None else _padded_starts(segment_ids, chunk_size)
+    starts = None if segment_ids is None else chunk_starts(segment_ids, chunk_size)
     if state is not None and starts is not None:
         starts = continue_starts(starts, state.count)
     real = real_tokens(mask, segment_ids)

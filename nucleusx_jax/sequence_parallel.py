@@ -35,7 +35,6 @@ from .configuration import RetentionImpl
 from .sharding import SEQUENCE_AXIS
 from .types import Array
 
-F32 = jnp.float32
 
 
 def sequence_size() -> int:
@@ -142,11 +141,7 @@ def _slice_retention(q: Array, k: Array, v: Array, log_decay: Array, real: Optio
     terms = ret.chunk_terms(q, k, v, log_decay, chunk_size, real, starts)
     before, final_state = ret.chunk_states(terms, log_decay, chunk_size)
     # an incoming state reaches chunk n decayed by gamma**(n C), and not at all past a segment start
-    n = terms.carried.shape[0]
-    kept = jnp.cumprod(terms.carried, axis=0)  # [N, B, 1, 1, 1]
-    decay = jnp.exp(log_decay[None, :, None, None] * chunk_size * jnp.arange(n + 1, dtype=F32)[:, None, None, None])
-    reach = decay[:n, None] * jnp.concatenate([jnp.ones_like(kept[:1]), kept[:-1]])  # [N, B, H, 1, 1]
-    through = decay[n] * kept[-1]  # [B, H, 1, 1]: what of the incoming state leaves the slice
+    reach, through = ret.state_reach(terms.carried, log_decay, chunk_size)
     init = None if state is None else ret.chunk_init(state, log_decay, chunk_size, terms.chunk_z is not None)
     incoming = _incoming(final_state, through, index, init)
     before = jax.tree.map(lambda b, s: b + reach * s, before, incoming)

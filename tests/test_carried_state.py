@@ -304,3 +304,49 @@ def test_model_refuses_a_recurrent_cache_in_chunkwise_mode():
     with pytest.raises(ValueError, match=r"past_key_values\[0\].kv has shape \(1, 2, 8, 16\) but this model and "
                                          r"batch expect \(2, 2, 8, 16\)"):
         model(ids, forward_mode="chunkwise", past_key_values=runtime.empty_carried_cache(model.config, 1))
+
+
+# ---------------------------------------------------------------------------------------- the Pallas kernel
+@pytest.mark.parametrize("segments", [False, True])
+def test_pallas_windows_equal_one_pass(segments):
+    """The Pallas kernel (interpreted, TPU layout) over four windows continuing the state: the XLA one-pass
+    outputs (relative 2e-5) and final state, and its gradients for q, k, v and the incoming state's kv."""
+    from nucleusx_jax.kernels import chunkwise_carry
+
+    q, k, v = inputs(11)
+    seg = jnp.asarray(documents()) if segments else None
+    cot = jnp.asarray(np.random.default_rng(12).normal(size=(B, H, T, V)), jnp.float32)
+    state = prefix_state()
+
+    def windows(carry, q, k, v, kv):
+        outs, s = [], state._replace(kv=kv)
+        for start in range(0, T, WINDOW):
+            part = slice(start, start + WINDOW)
+            if start and seg is not None:
+                s = s._replace(count=jnp.where(seg[:, start] != seg[:, start - 1], 0, s.count))
+            out, s = carry(q[:, :, part], k[:, :, part], v[:, :, part], LOG_DECAY, C, s, None,
+                           None if seg is None else seg[:, part])
+            outs.append(out)
+        return jnp.concatenate(outs, axis=2), s
+
+    pallas = lambda *a: chunkwise_carry(*a, layout="tpu", interpret=True)  # noqa: E731
+    got, got_state = jax.jit(lambda *a: windows(pallas, *a))(q, k, v, state.kv)
+    want, want_state = ret.chunkwise_carry(q, k, v, LOG_DECAY, C, state, None, seg)
+    assert rel(got, want) < TOL and rel(got_state.kv, want_state.kv) < 1e-5 and rel(got_state.z, want_state.z) < 1e-5
+    np.testing.assert_array_equal(got_state.count, want_state.count)
+    loss = lambda carry: lambda *a: jnp.sum(windows(carry, *a)[0] * cot)  # noqa: E731
+    got = jax.jit(jax.grad(loss(pallas), argnums=(0, 1, 2, 3)))(q, k, v, state.kv)
+    want = jax.jit(jax.grad(loss(ret.chunkwise_carry), argnums=(0, 1, 2, 3)))(q, k, v, state.kv)
+    for g, w in zip(got, want):
+        assert rel(g, w) < 1e-5
+
+
+def test_pallas_reference_refuses_a_state():
+    from nucleusx_jax.kernels import chunkwise_carry
+
+    q, k, v = inputs(13, 64)
+    with pytest.raises(ValueError, match="normalization='reference' without segments takes no incoming state"):
+        chunkwise_carry(q, k, v, LOG_DECAY, C, prefix_state(), normalization="reference", layout="tpu", interpret=True)
+    out, state = chunkwise_carry(q, k, v, LOG_DECAY, C, None, normalization="reference", layout="tpu", interpret=True)
+    want, want_state = ret.chunkwise_carry(q, k, v, LOG_DECAY, C, None, normalization="reference")
+    assert rel(out, want) < TOL and rel(state.kv, want_state.kv) < 1e-5 and state.z is None

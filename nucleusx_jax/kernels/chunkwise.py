@@ -641,28 +641,88 @@ def chunkwise_retention(
     defaults to True when the :func:`target_platform` is the CPU. Any K, V, C and T: the inputs
     are padded to the legal :func:`geometry` and the result cut back.
     """
-    if layout is None:
-        layout = default_layout()
+    return _run(q, k, v, log_decay, chunk_size, mask, segment_ids, normalization, None, False,
+                dict(layout=layout, block_v=block_v, tile=tile, interpret=interpret))[0]
+
+
+def chunkwise_carry(
+    q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, state: Optional[ret.CarriedState],
+    mask: Optional[Array] = None, segment_ids: Optional[Array] = None, normalization: str = "exact", *,
+    layout: Optional[str] = None, block_v: Optional[int] = None, tile: Optional[int] = None,
+    interpret: Optional[bool] = None,
+) -> Tuple[Array, ret.CarriedState]:
+    """Pallas version of :func:`nucleusx_jax.retention.chunkwise_carry`: ``([B, H, T, V], the state after the
+    last token)``, with gradients to both (other arguments as :func:`chunkwise_retention`).
+
+    The kernels run as without a state; the state's part is added in XLA, being linear in it: the state
+    entering chunk n is the kernel's plus the incoming one decayed by ``gamma**(n C)`` (zero past a segment
+    start, :func:`nucleusx_jax.retention.state_reach`), which each row reads through its decayed query; with
+    the exact normalisation (segments) the row sums also read its ``z``. The final state is one weighted sum
+    over the window (:func:`nucleusx_jax.retention.state_after`). Both are ``O(T K V)``, no scan.
+    ``normalization="reference"`` without segments takes no incoming state (ValueError): its ``cross_scale``, a
+    max over the whole state entering each chunk, is computed inside the kernel.
+    """
+    return _run(q, k, v, log_decay, chunk_size, mask, segment_ids, normalization, state, True,
+                dict(layout=layout, block_v=block_v, tile=tile, interpret=interpret))
+
+
+def _run(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, mask: Optional[Array],
+         segment_ids: Optional[Array], normalization: str, state: Optional[ret.CarriedState], final: bool,
+         kernel: dict) -> Tuple[Array, Optional[ret.CarriedState]]:
+    """The kernels on padded blocks, the state's part (``state`` None: none, no work added), the epilogue and,
+    when ``final``, the state after the last token."""
+    layout = default_layout() if kernel["layout"] is None else kernel["layout"]
     length, vdim = q.shape[2], v.shape[-1]
     geo = geometry(layout, length=length, key_dim=q.shape[-1], value_dim=vdim, chunk_size=chunk_size,
-                   block_v=block_v, tile=tile)
-    if interpret is None:
-        interpret = target_platform() == "cpu"
+                   block_v=kernel["block_v"], tile=kernel["tile"])
+    interpret = target_platform() == "cpu" if kernel["interpret"] is None else kernel["interpret"]
     segment_ids = ret.normalizing_segments(segment_ids, mask, q.shape[::2], normalization)
+    if state is not None and segment_ids is None:
+        raise ValueError("normalization='reference' without segments takes no incoming state in the Pallas kernel "
+                         "(its cross_scale is computed inside the kernel): use retention_impl='xla' or "
+                         "normalization='exact'")
     real = ret.real_tokens(mask, segment_ids)
     if real is not None:
         keep = real.astype(k.dtype)[:, None, :, None]
         k, v = k * keep, v * keep
     log_decay = jax.lax.stop_gradient(log_decay.astype(F32))
-    segs = None if segment_ids is None else ret.chunk_segments(segment_ids, log_decay, chunk_size)
+    starts = None if segment_ids is None else ret.chunk_starts(segment_ids, chunk_size)
+    if state is not None:
+        starts = ret.continue_starts(starts, state.count)
+    segs = None if starts is None else ret.segments_from_starts(starts, log_decay, chunk_size)
     start = None if segs is None else _to_blocks(segs.local_start[..., None], geo, 1, mode="edge")
     raw, all_scale = _core(_to_blocks(q, geo, geo.key_dim), _to_blocks(k, geo, geo.key_dim),
                            _to_blocks(v, geo, geo.value_dim), log_decay, start, geo, interpret)
     raw, all_scale = _from_blocks(raw, geo, vdim), _from_blocks(all_scale, geo, 1)
+    if state is not None:
+        raw, all_scale = _read_state(q, log_decay, chunk_size, segs, state, raw, all_scale)
     if segs is not None:  # all_scale holds the row sums
         all_scale = ret.segment_scale(all_scale, segs.factor[..., None])
-    out = raw / jax.lax.stop_gradient(all_scale)
-    return out[:, :, :length].astype(v.dtype)
+    out = (raw / jax.lax.stop_gradient(all_scale))[:, :, :length].astype(v.dtype)
+    if not final:
+        return out, None
+    if state is None:
+        state = ret.empty_carried(k.shape[0], k.shape[1], k.shape[3], vdim)
+    entering = ret.ChunkStates(state.kv.astype(F32), None if segs is None else jax.lax.stop_gradient(state.z))
+    return out, ret.state_after(k, v, log_decay, real, starts, entering, 0, state.count)
+
+
+def _read_state(q: Array, log_decay: Array, chunk_size: int, segs: ret.ChunkSegments, state: ret.CarriedState,
+                raw: Array, row_sum: Array) -> Tuple[Array, Array]:
+    """The kernel's ``raw`` ``[B, H, N * C, V]`` and ``row_sum`` ``[B, H, N * C, 1]`` plus what the rows read of
+    an incoming ``state`` (see :func:`chunkwise_carry`)."""
+    batch, heads, length, kdim = q.shape
+    n = raw.shape[2] // chunk_size
+    local = segs.local_start.reshape(batch, 1, n, chunk_size)
+    carried = (local[:, 0, :, -1] < 0).T.astype(F32)[:, :, None, None, None]  # [N, B, 1, 1, 1]
+    reach = ret.state_reach(carried, log_decay, chunk_size)[0]  # [N, B, H, 1, 1]
+    init = ret.chunk_init(state, log_decay, chunk_size, True)
+    query_decay = ret.chunk_tables(log_decay, chunk_size)[1][None, :, None]  # [1, H, 1, C]
+    qc = jnp.pad(q, ((0, 0), (0, 0), (0, n * chunk_size - length), (0, 0))).reshape(batch, heads, n, chunk_size, kdim)
+    qd = qc * (query_decay * (local < 0).astype(F32))[..., None].astype(q.dtype)  # [B, H, N, C, K]
+    cross = jnp.einsum("bhnck,nbhkv->bhncv", qd, reach * init.kv, preferred_element_type=F32)
+    rows = jnp.einsum("bhnck,nbhkv->bhncv", jax.lax.stop_gradient(qd), reach * init.z, preferred_element_type=F32)
+    return raw + cross.reshape(raw.shape), row_sum + rows.reshape(row_sum.shape)
 
 
 def sharded_chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int,
