@@ -78,9 +78,6 @@ def check_inputs(
                              "from nucleusx_jax.runtime.empty_carried_cache(config, batch), then pass each call's "
                              "past_key_values on); a recurrent (kv, scale, seqlen) cache lacks the z the chunkwise "
                              "normalisation needs: continue it in recurrent mode")
-        if config.retention_impl != "xla":
-            raise ValueError(f"past_key_values with forward_mode='chunkwise' needs retention_impl='xla', got "
-                             f"{config.retention_impl!r}: the Pallas kernel has no state input yet")
         return runtime.check_carried(config, past_key_values, ids.shape[0])
     if mode != "recurrent":
         raise ValueError(f"past_key_values is only used by forward_mode='recurrent' (or 'chunkwise', continuing a "

@@ -15,7 +15,7 @@ Shapes: B batch, T length, E ``decoder_embed_dim``, H heads, K key head dim, V v
 import dataclasses
 import math
 from functools import partial
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax
 import flax.linen as nn
@@ -29,7 +29,7 @@ from . import sequence_parallel
 from .activations import ACTIVATIONS
 from .configuration import ForwardMode, NucleusXConfig, RetentionImpl
 from .losses import lm_head_loss
-from .types import Array, Cache
+from .types import Array, Cache, CarriedCache
 
 F32 = jnp.float32
 # logical names of the residual stream [B, T, E]; a no-op outside ``nn.logical_axis_rules`` (see sharding.py)
@@ -184,8 +184,8 @@ class MultiScaleRetention(nn.Module):
     ) -> Tuple[Array, Optional[ret.RetentionState]]:
         """x ``[B, T, E]``, positions ``[T]`` or ``[B, T]``, mask and segment_ids ``[B, T]`` ->
         ``([B, T, E], state or None)``. ``state``: a :class:`~nucleusx_jax.retention.RetentionState` (recurrent
-        form), or a :class:`~nucleusx_jax.retention.CarriedState` (chunkwise form, XLA: the window continues it
-        and hands on its own CarriedState)."""
+        form), or a :class:`~nucleusx_jax.retention.CarriedState` (chunkwise form: the window continues it and
+        hands on its own CarriedState)."""
         cfg = self.config
         heads, kdim, vdim = cfg.decoder_retention_heads, cfg.key_head_dim, cfg.value_head_dim
         embed, value = cfg.decoder_embed_dim, cfg.decoder_value_embed_dim
@@ -206,12 +206,14 @@ class MultiScaleRetention(nn.Module):
 
         new_state, norm = None, cfg.chunkwise_normalization
         if isinstance(state, ret.CarriedState):  # a window continuing the one before it (chunkwise only)
-            if options.mode is not ForwardMode.CHUNKWISE or options.impl is not RetentionImpl.XLA:
-                raise ValueError(f"a CarriedState cache needs forward_mode='chunkwise' and retention_impl='xla', "
-                                 f"got {options.mode.value!r} and {options.impl.value!r}")
-            carry = (sequence_parallel.chunkwise_carry if sequence_parallel.sequence_size() > 1
-                     else ret.chunkwise_carry)
-            out, new_state = carry(q, k, v, log_decay, options.chunk_size, state, mask, segment_ids, norm)
+            if options.mode is not ForwardMode.CHUNKWISE:
+                raise ValueError(f"a CarriedState cache needs forward_mode='chunkwise', got {options.mode.value!r}")
+            if sequence_parallel.sequence_size() > 1:
+                out, new_state = sequence_parallel.chunkwise_carry(q, k, v, log_decay, options.chunk_size, state, mask,
+                                                                   segment_ids, norm, impl=options.impl)
+            else:
+                carry = kernels.sharded_chunkwise_carry if options.impl is RetentionImpl.PALLAS else ret.chunkwise_carry
+                out, new_state = carry(q, k, v, log_decay, options.chunk_size, state, mask, segment_ids, norm)
         elif options.mode is ForwardMode.RECURRENT:
             if state is None:
                 state = ret.empty_state(batch, heads, kdim, vdim)
@@ -359,12 +361,13 @@ class NucleusXModule(nn.Module):
         segment_ids: Optional[Array] = None,
         *,
         options: Optional[RunOptions] = None,
-    ) -> Tuple[Array, Optional[Cache], Optional[Tuple[Array, ...]]]:
+    ) -> Tuple[Array, Optional[Union[Cache, CarriedCache]], Optional[Tuple[Array, ...]]]:
         """input_ids ``[B, T]``, attention_mask ``[B, T]`` (0 marks left padding), past_key_values (one state
         per layer: :class:`~nucleusx_jax.retention.RetentionState` for the recurrent form,
         :class:`~nucleusx_jax.retention.CarriedState` for the chunkwise one, whose windows so continue one
-        another exactly; a row whose window begins with padding starts a new document there), segment_ids ``[B, T]`` (documents packed in a row, 0 = padding; see
-        :mod:`nucleusx_jax.retention`) -> (last hidden state ``[B, T, E]``, cache, hidden states).
+        another exactly; a row whose window begins with padding starts a new document there), segment_ids
+        ``[B, T]`` (documents packed in a row, 0 = padding; see :mod:`nucleusx_jax.retention`) -> (last hidden
+        state ``[B, T, E]``, cache, hidden states).
 
         With segment_ids, rotation positions restart at 0 in each document (the first continues the cache's
         position) and the cache returned is that of each row's last document.

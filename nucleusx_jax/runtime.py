@@ -70,14 +70,19 @@ def _shape(x: Any) -> Tuple[int, ...]:
     return tuple(np.shape(x))
 
 
+def _check_layers(config: NucleusXConfig, cache: Any) -> None:
+    """A ValueError unless ``cache`` holds one state per layer of ``config``."""
+    if len(cache) != config.decoder_layers:
+        raise ValueError(f"past_key_values has {len(cache)} layers but this model has "
+                         f"decoder_layers={config.decoder_layers}: it comes from a different config")
+
+
 def check_cache(config: NucleusXConfig, cache: Any, batch: int) -> Cache:
     """``cache`` (``past_key_values``: per layer a :class:`~nucleusx_jax.retention.RetentionState` or a
     ``(kv, scale, seqlen)`` triple) checked on the host against ``config`` and ``batch`` rows, as float32 states
     with ``scale`` broadcast to ``[batch, H, 1, 1]``; a cache of another config or batch is a ValueError."""
     h, kd, vd = config.decoder_retention_heads, config.key_head_dim, config.value_head_dim
-    if len(cache) != config.decoder_layers:
-        raise ValueError(f"past_key_values has {len(cache)} layers but this model has "
-                         f"decoder_layers={config.decoder_layers}: it comes from a different config")
+    _check_layers(config, cache)
     states = []
     for i, layer in enumerate(cache):
         if len(layer) != 3:
@@ -112,9 +117,7 @@ def check_carried(config: NucleusXConfig, cache: Any, batch: int) -> CarriedCach
     ``config`` and ``batch`` rows, as float32 states with ``count`` int32 ``[batch]``; a cache of another config
     or batch is a ValueError."""
     h, kd, vd = config.decoder_retention_heads, config.key_head_dim, config.value_head_dim
-    if len(cache) != config.decoder_layers:
-        raise ValueError(f"past_key_values has {len(cache)} layers but this model has "
-                         f"decoder_layers={config.decoder_layers}: it comes from a different config")
+    _check_layers(config, cache)
     states = []
     for i, s in enumerate(cache):
         want = {"kv": (batch, h, kd, vd), "z": (batch, h, kd, 1), "count": (batch,)}

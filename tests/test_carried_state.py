@@ -237,6 +237,21 @@ for norm, segments in t.CASES:
         out=t.rel(got, want),
         grads=max(t.rel(g, w) for g, w in zip(grads, want_grads)), kv=t.rel(state_got.kv, state_want.kv),
         count=[np.asarray(state_got.count).tolist(), np.asarray(state_want.count).tolist()])
+# the Pallas kernel per block of rows and heads (shard_map over data x fsdp and tensor), continuing the state
+from nucleusx_jax.kernels import sharded_chunkwise_carry
+seg = jnp.asarray(t.documents())
+with jax.set_mesh(shd.make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "sequence": 2})):
+    got, s = [], t.prefix_state()
+    for start in range(0, t.T, t.WINDOW):
+        part = slice(start, start + t.WINDOW)
+        if start:
+            s = s._replace(count=jnp.where(seg[:, start] != seg[:, start - 1], 0, s.count))
+        o, s = jax.jit(sharded_chunkwise_carry, static_argnums=4)(q[:, :, part], k[:, :, part], v[:, :, part],
+                                                                  t.LOG_DECAY, t.C, s, None, seg[:, part])
+        got.append(o)
+want, state_want = ret.chunkwise_carry(q, k, v, t.LOG_DECAY, t.C, t.prefix_state(), None, seg)
+out["pallas"] = dict(out=t.rel(jnp.concatenate(got, axis=2), want), kv=t.rel(s.kv, state_want.kv), grads=0.0,
+                     count=[np.asarray(s.count).tolist(), np.asarray(state_want.count).tolist()])
 print("RESULT" + json.dumps(out))
 """
 
@@ -245,7 +260,8 @@ print("RESULT" + json.dumps(out))
 def test_sequence_parallel_windows_equal_one_pass():
     """Four windows, each split over 8 simulated devices (``sequence``), continuing the state: the outputs of one
     pass on one device within 2e-5 (relative), its gradients (q, k, v, the incoming state's kv) within 1e-5 relative,
-    and its final state, for both normalisations, with and without documents."""
+    and its final state, for both normalisations, with and without documents. Also the Pallas kernel under a mesh
+    splitting rows and heads (:func:`kernels.sharded_chunkwise_carry`, outputs and final state)."""
     results = run_on_8_devices(WORKER)
     for case, got in results.items():
         assert got["out"] < TOL and got["grads"] < 1e-5 and got["kv"] < 1e-5, (case, got)
@@ -253,28 +269,29 @@ def test_sequence_parallel_windows_equal_one_pass():
 
 
 # ------------------------------------------------------------------------------------------- the model call
-def tiny_model(normalization: str, scan_layers: bool = False):
+def tiny_model(normalization: str, scan_layers: bool = False, impl: str = "xla"):
     from nucleusx_jax import NucleusX, NucleusXConfig
 
     cfg = NucleusXConfig(vocab_size=64, decoder_embed_dim=16, decoder_value_embed_dim=32, decoder_ffn_embed_dim=24,
                          decoder_layers=2, decoder_retention_heads=2, recurrent_chunk_size=C,
-                         chunkwise_normalization=normalization, scan_layers=scan_layers)
+                         chunkwise_normalization=normalization, scan_layers=scan_layers, retention_impl=impl)
     return NucleusX(cfg, seed=0)
 
 
-@pytest.mark.parametrize("normalization,segments,scan_layers",
-                         [("exact", False, False), ("exact", True, True), ("reference", False, False)])
-def test_model_windows_equal_one_pass(normalization, segments, scan_layers):
+@pytest.mark.parametrize("normalization,segments,scan_layers,impl",
+                         [("exact", False, False, "xla"), ("exact", True, True, "xla"),
+                          ("reference", False, False, "xla"), ("exact", True, False, "pallas")])
+def test_model_windows_equal_one_pass(normalization, segments, scan_layers, impl):
     """The model called on four 512-token windows with ``forward_mode="chunkwise"``, each continuing the
     ``past_key_values`` the one before returned (from :func:`runtime.empty_carried_cache`), gives the logits of
-    one 2048-token pass (relative 2e-5); decoding on in recurrent mode from the last cache gives the logits of
-    the one-pass prefill's recurrent continuation."""
+    one 2048-token pass (XLA; relative 2e-5); decoding on in recurrent mode from the last cache gives the
+    logits of the one-pass prefill's recurrent continuation."""
     from nucleusx_jax import runtime
 
-    model = tiny_model(normalization, scan_layers)
+    model = tiny_model(normalization, scan_layers, impl)
     ids = np.random.default_rng(9).integers(3, 64, (B, T)).astype(np.int32)
     seg = documents() if segments else None
-    want = model(ids, forward_mode="chunkwise", segment_ids=seg).logits
+    want = tiny_model(normalization, scan_layers)(ids, forward_mode="chunkwise", segment_ids=seg).logits
     past, logits = runtime.empty_carried_cache(model.config, B), []
     for start in range(0, T, WINDOW):
         part = slice(start, start + WINDOW)
@@ -300,6 +317,10 @@ def test_model_refuses_a_recurrent_cache_in_chunkwise_mode():
     with pytest.raises(ValueError, match="forward_mode='chunkwise' continues a cache of CarriedState"):
         model(ids, forward_mode="chunkwise", past_key_values=past)
     from nucleusx_jax import runtime
+
+    pallas = tiny_model("reference", impl="pallas")
+    with pytest.raises(ValueError, match="normalization='reference' without segments takes no incoming state"):
+        pallas(ids, forward_mode="chunkwise", past_key_values=runtime.empty_carried_cache(model.config, B))
 
     with pytest.raises(ValueError, match=r"past_key_values\[0\].kv has shape \(1, 2, 8, 16\) but this model and "
                                          r"batch expect \(2, 2, 8, 16\)"):

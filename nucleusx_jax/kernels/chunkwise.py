@@ -734,19 +734,40 @@ def sharded_chunkwise_retention(q: Array, k: Array, v: Array, log_decay: Array, 
     does not divide (the single row of ``init``) stays whole on every device. Without a mesh of more than one
     device it is :func:`chunkwise_retention`. Shapes as there; T is never split (``mesh.sequence`` runs
     :mod:`nucleusx_jax.sequence_parallel`)."""
+    return _sharded(q, k, v, log_decay, chunk_size, mask, segment_ids, normalization, None, False)[0]
+
+
+def sharded_chunkwise_carry(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int,
+                            state: Optional[ret.CarriedState], mask: Optional[Array] = None,
+                            segment_ids: Optional[Array] = None,
+                            normalization: str = "exact") -> Tuple[Array, ret.CarriedState]:
+    """:func:`chunkwise_carry` under the mesh in context, split as :func:`sharded_chunkwise_retention` (the
+    state's rows and heads with the inputs')."""
+    return _sharded(q, k, v, log_decay, chunk_size, mask, segment_ids, normalization, state, True)
+
+
+def _sharded(q: Array, k: Array, v: Array, log_decay: Array, chunk_size: int, mask: Optional[Array],
+             segment_ids: Optional[Array], normalization: str, state: Optional[ret.CarriedState],
+             final: bool) -> Tuple[Array, Optional[ret.CarriedState]]:
+    """:func:`_run` per block of rows and heads inside ``jax.shard_map`` (or whole without a mesh)."""
+    run = functools.partial(_run, chunk_size=chunk_size, normalization=normalization, final=final,
+                            kernel=dict(layout=None, block_v=None, tile=None, interpret=None))
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return chunkwise_retention(q, k, v, log_decay, chunk_size, mask, segment_ids, normalization)
+        return run(q, k, v, log_decay, mask=mask, segment_ids=segment_ids, state=state)
     sizes = dict(mesh.shape)
     rows = tuple(a for a in BATCH_AXES if a in sizes)
     rows = rows if q.shape[0] % math.prod(sizes[a] for a in rows) == 0 else None
     heads = TENSOR_AXIS if TENSOR_AXIS in sizes and q.shape[1] % sizes[TENSOR_AXIS] == 0 else None
     blocks, tokens = PartitionSpec(rows, heads), PartitionSpec(rows)
+    states = ret.CarriedState(blocks, blocks, tokens)  # a None z (or state) has no leaves: any spec fits it
 
-    def block(q: Array, k: Array, v: Array, log_decay: Array, mask: Optional[Array],
-              segment_ids: Optional[Array]) -> Array:
-        return chunkwise_retention(q, k, v, log_decay, chunk_size, mask, segment_ids, normalization)
+    def block(q: Array, k: Array, v: Array, log_decay: Array, mask: Optional[Array], segment_ids: Optional[Array],
+              state: Optional[ret.CarriedState]) -> Tuple[Array, Optional[ret.CarriedState]]:
+        return run(q, k, v, log_decay, mask=mask, segment_ids=segment_ids, state=state)
 
-    local = jax.shard_map(block, in_specs=(blocks, blocks, blocks, PartitionSpec(heads), tokens, tokens),
-                          out_specs=blocks, check_vma=False)  # pallas_call outputs carry no varying axes
-    return local(q, k, v, log_decay, mask, segment_ids)
+    local = jax.shard_map(block, in_specs=(blocks, blocks, blocks, PartitionSpec(heads), tokens, tokens,
+                                           PartitionSpec() if state is None else states),
+                          out_specs=(blocks, states if final else PartitionSpec()),
+                          check_vma=False)  # pallas_call outputs carry no varying axes
+    return local(q, k, v, log_decay, mask, segment_ids, state)
