@@ -250,9 +250,26 @@ with jax.set_mesh(shd.make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "sequence": 
                                                                   t.LOG_DECAY, t.C, s, None, seg[:, part])
         got.append(o)
 want, state_want = ret.chunkwise_carry(q, k, v, t.LOG_DECAY, t.C, t.prefix_state(), None, seg)
-out["pallas"] = dict(out=t.rel(jnp.concatenate(got, axis=2), want), kv=t.rel(s.kv, state_want.kv), grads=0.0,
-                     count=[np.asarray(s.count).tolist(), np.asarray(state_want.count).tolist()])
-print("RESULT" + json.dumps(out))
+# the model's windows with T split over `sequence` (8 devices): the one-device one-pass logits
+from nucleusx_jax.modeling import RunOptions
+from nucleusx_jax import runtime
+model = t.tiny_model("exact")
+ids = np.random.default_rng(9).integers(3, 64, (t.B, t.T)).astype(np.int32)
+options = RunOptions.from_config(model.config, mode="chunkwise", return_state=True)
+apply = jax.jit(lambda p, ids, seg, past: model.module.apply({"params": p}, ids, None, past, seg, options=options)[:2])
+want_logits = model(ids, forward_mode="chunkwise", segment_ids=np.asarray(seg)).logits
+with jax.set_mesh(shd.make_mesh({"sequence": 8})):
+    logits, past = [], runtime.empty_carried_cache(model.config, t.B)
+    for start in range(0, t.T, t.WINDOW):
+        part = slice(start, start + t.WINDOW)
+        if start:
+            past = tuple(p._replace(count=jnp.where(seg[:, start] != seg[:, start - 1], 0, p.count)) for p in past)
+        o, past = apply(model.params, ids[:, part], seg[:, part], past)
+        logits.append(o)
+model_error = t.rel(jnp.concatenate(logits, axis=1), want_logits)
+pallas = dict(out=t.rel(jnp.concatenate(got, axis=2), want), kv=t.rel(s.kv, state_want.kv),
+              count=[np.asarray(s.count).tolist(), np.asarray(state_want.count).tolist()])
+print("RESULT" + json.dumps(dict(forms=out, pallas=pallas, model=model_error)))
 """
 
 
@@ -261,11 +278,16 @@ def test_sequence_parallel_windows_equal_one_pass():
     """Four windows, each split over 8 simulated devices (``sequence``), continuing the state: the outputs of one
     pass on one device within 2e-5 (relative), its gradients (q, k, v, the incoming state's kv) within 1e-5 relative,
     and its final state, for both normalisations, with and without documents. Also the Pallas kernel under a mesh
-    splitting rows and heads (:func:`kernels.sharded_chunkwise_carry`, outputs and final state)."""
+    splitting rows and heads (:func:`kernels.sharded_chunkwise_carry`, outputs and final state), and the model's
+    windows with ``past_key_values`` split over ``sequence`` (logits)."""
     results = run_on_8_devices(WORKER)
-    for case, got in results.items():
+    assert len(results["forms"]) == len(CASES)
+    for case, got in results["forms"].items():
         assert got["out"] < TOL and got["grads"] < 1e-5 and got["kv"] < 1e-5, (case, got)
         assert got["count"][0] == got["count"][1], case
+    pallas = results["pallas"]
+    assert pallas["out"] < TOL and pallas["kv"] < 1e-5 and pallas["count"][0] == pallas["count"][1], pallas
+    assert results["model"] < TOL
 
 
 # ------------------------------------------------------------------------------------------- the model call
