@@ -18,6 +18,8 @@ The recurrent state is a :class:`RetentionState`, laid out like the reference's 
 * ``seqlen``: ``[]`` int32, tokens processed including padding (the next token's position).
 
 All three forms hand over the same state, so decoding can continue after any of them.
+A chunkwise window can also continue the state an earlier window left, exactly (:class:`CarriedState`,
+:func:`chunkwise_carry`), so a long sequence runs as consecutive windows with one pass's numbers.
 
 Documents (``segment_ids`` ``[B, T]`` int, 0 for padding; a segment is one contiguous run of equal non-zero
 ids and an id never reappears later in its row, see :func:`check_segment_ids`): token ``i`` sees token ``j``
