@@ -5,9 +5,14 @@ They run on the host (outside jit) and raise ``ValueError``, which every CLI tur
 
 from __future__ import annotations
 
-from typing import Any, Collection
+from typing import Any, Collection, Tuple
 
 import numpy as np
+
+
+def shape_of(x: Any) -> Tuple[int, ...]:
+    """The shape of an array-like (an array, nested lists, a scalar), as a tuple, for messages and checks."""
+    return tuple(np.shape(x))
 
 
 def integer(name: str, value: Any, *, minimum: int = 1, maximum: int | None = None, hint: str = "") -> int:

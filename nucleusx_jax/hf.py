@@ -30,7 +30,8 @@ from transformers.modeling_flax_utils import FlaxPreTrainedModel
 from transformers.utils import ModelOutput
 
 from . import configuration, modeling, runtime, weights
-from .inputs import check_prompt, shape_of
+from .checks import shape_of
+from .inputs import check_prompt
 from .model import NucleusX
 from .pretrained import fill_missing, find_flax_weights, load_params
 from .remote_code import configuration_nucleus_x

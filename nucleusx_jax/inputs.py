@@ -7,14 +7,11 @@ import jax
 import numpy as np
 
 from . import retention, runtime
+from .checks import shape_of
 from .configuration import FORWARD_MODES, SIZE_LIMITS, NucleusXConfig, short
 from .types import Cache
 
 HEADS = ("base", "causal_lm", "sequence_classification")
-
-
-def shape_of(x: Any) -> Tuple[int, ...]:
-    return tuple(np.shape(x))
 
 
 def check_inputs(

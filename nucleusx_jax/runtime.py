@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checks, retention
+from .checks import shape_of
 from .configuration import ForwardMode, NucleusXConfig
 from .modeling import RunOptions
 from .types import Array, Cache, CarriedCache, Params
@@ -66,10 +67,6 @@ def put_row(cache: Cache, slot: Array, state: Cache, position: Array) -> Cache:
                             seqlen=s.seqlen.at[slot].set(position)) for s, p in zip(cache, state))
 
 
-def _shape(x: Any) -> Tuple[int, ...]:
-    return tuple(np.shape(x))
-
-
 def _check_layers(config: NucleusXConfig, cache: Any) -> None:
     """A ValueError unless ``cache`` holds one state per layer of ``config``."""
     if len(cache) != config.decoder_layers:
@@ -88,19 +85,19 @@ def check_cache(config: NucleusXConfig, cache: Any, batch: int) -> Cache:
         if len(layer) != 3:
             raise ValueError(f"past_key_values[{i}] must be (kv, scale, seqlen), got {len(layer)} items")
         kv, scale, seqlen = layer
-        if _shape(kv) != (batch, h, vd, kd):
-            raise ValueError(f"past_key_values[{i}] kv has shape {_shape(kv)} but this model and batch expect "
+        if shape_of(kv) != (batch, h, vd, kd):
+            raise ValueError(f"past_key_values[{i}] kv has shape {shape_of(kv)} but this model and batch expect "
                              f"{(batch, h, vd, kd)} [batch, heads, value_head_dim, key_head_dim]: "
                              "it comes from a different config or batch")
-        if _shape(scale) not in ((batch, h, 1, 1), (1, h, 1, 1)):
-            raise ValueError(f"past_key_values[{i}] scale has shape {_shape(scale)}, expected {(batch, h, 1, 1)}")
-        if _shape(seqlen) not in ((), (1,), (batch,)):
-            raise ValueError(f"past_key_values[{i}] seqlen has shape {_shape(seqlen)}, expected () or ({batch},) "
+        if shape_of(scale) not in ((batch, h, 1, 1), (1, h, 1, 1)):
+            raise ValueError(f"past_key_values[{i}] scale has shape {shape_of(scale)}, expected {(batch, h, 1, 1)}")
+        if shape_of(seqlen) not in ((), (1,), (batch,)):
+            raise ValueError(f"past_key_values[{i}] seqlen has shape {shape_of(seqlen)}, expected () or ({batch},) "
                              "(a position per row, left by segment_ids): it comes from a different batch")
         states.append(retention.RetentionState(
             jnp.asarray(kv, jnp.float32),
             jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (batch, h, 1, 1)),
-            jnp.asarray(seqlen, jnp.int32).reshape(() if _shape(seqlen) in ((), (1,)) else (batch,)),
+            jnp.asarray(seqlen, jnp.int32).reshape(() if shape_of(seqlen) in ((), (1,)) else (batch,)),
         ))
     return tuple(states)
 
@@ -123,8 +120,8 @@ def check_carried(config: NucleusXConfig, cache: Any, batch: int) -> CarriedCach
         want = {"kv": (batch, h, kd, vd), "z": (batch, h, kd, 1), "count": (batch,)}
         for name, shape in want.items():
             x = getattr(s, name)
-            if not (x is None and name == "z") and _shape(x) != shape:
-                raise ValueError(f"past_key_values[{i}].{name} has shape {_shape(x)} but this model and batch "
+            if not (x is None and name == "z") and shape_of(x) != shape:
+                raise ValueError(f"past_key_values[{i}].{name} has shape {shape_of(x)} but this model and batch "
                                  f"expect {shape}: it comes from a different config or batch")
         states.append(retention.CarriedState(jnp.asarray(s.kv, jnp.float32),
                                              None if s.z is None else jnp.asarray(s.z, jnp.float32),
