@@ -470,8 +470,25 @@ class NucleusXForCausalLMModule(nn.Module):
         ``labels`` ``[B, T]``, computed by :func:`~nucleusx_jax.losses.lm_head_loss` (the ``[B, T, vocab]`` logits
         never exist whole). ``z_loss_coeff`` defaults to the config's; ``n_valid`` (see ``lm_head_loss``) to the
         count of valid labels; other arguments as :class:`NucleusXModule`."""
-        z_loss_coeff = self.config.z_loss_coeff if z_loss_coeff is None else z_loss_coeff
         x, _, _ = self.model(input_ids, attention_mask, segment_ids=segment_ids, options=options)
+        return self._head_loss(x, labels, z_loss_coeff, n_valid)
+
+    def carried_next_token_loss(self, input_ids: Array, labels: Array, past_key_values: CarriedCache,
+                                segment_ids: Optional[Array] = None, *, options: RunOptions,
+                                n_valid: Optional[Array] = None) -> Tuple[Array, CarriedCache]:
+        """(:meth:`next_token_loss`, the next :class:`~nucleusx_jax.retention.CarriedState` cache) of a window
+        ``[B, T]`` continuing ``past_key_values`` (one CarriedState per layer); ``options`` chunkwise with
+        ``return_state``. Gradients reach the incoming states."""
+        if options.mode is not ForwardMode.CHUNKWISE or not options.return_state:
+            raise ValueError(f"carried_next_token_loss needs options with mode=chunkwise and return_state=True, got "
+                             f"mode={options.mode.value} and return_state={options.return_state}")
+        x, cache, _ = self.model(input_ids, None, past_key_values, segment_ids, options=options)
+        return self._head_loss(x, labels, None, n_valid), cache
+
+    def _head_loss(self, x: Array, labels: Array, z_loss_coeff: Optional[float], n_valid: Optional[Array]) -> Array:
+        """:func:`~nucleusx_jax.losses.lm_head_loss` of the hidden states ``x`` ``[B, T, E]`` (``z_loss_coeff``
+        None: the config's)."""
+        z_loss_coeff = self.config.z_loss_coeff if z_loss_coeff is None else z_loss_coeff
         if self.is_initializing():  # create the head's parameters, as __call__ does
             self.lm_logits(x[:, :1])
         if self.config.tie_word_embeddings:

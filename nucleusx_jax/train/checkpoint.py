@@ -6,17 +6,23 @@ temporary directory and renames it when complete, so a crash mid-save leaves no 
 in place and ``commit_success.txt`` last; a step without it is not listed, so resume never picks it. A step that fails to restore (truncated or corrupted files) is moved to
 ``<run_dir>/checkpoints_corrupt/<step>`` with a warning, and the previous step is tried; a readable step of a
 different model or optimizer (array shapes differ) is an error instead.
+
+Each step's ``meta`` (JSON) holds the step and, for stream rows (``data.stream_rows``), the streams' layout
+(:meth:`~nucleusx_jax.data.streams.Streams.layout`): a resume whose layout differs (another batch size, seq_len,
+seed or store) is refused (:func:`~nucleusx_jax.data.streams.check_layout`), since the stream positions and the
+carried states (``train.carry_state``) would not match the rows.
 """
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from .. import storage
+from ..data.streams import check_layout
 from ..modeling import LAYERS
 from ..runs import RUN_FILES
 from .config import CheckpointConfig
@@ -30,10 +36,13 @@ def _restore_args(abstract: Any) -> Any:
 
 
 class Checkpointer:
-    """Save/restore of one run directory; ``every`` and ``max_to_keep`` from the ``checkpoint`` section."""
+    """Save/restore of one run directory; ``every`` and ``max_to_keep`` from the ``checkpoint`` section;
+    ``data_layout``: the run's stream layout (None without ``data.stream_rows``), saved with every step and
+    compared on restore."""
 
-    def __init__(self, run_dir: str, cfg: CheckpointConfig):
+    def __init__(self, run_dir: str, cfg: CheckpointConfig, data_layout: Optional[Dict[str, Any]] = None):
         self.cfg = cfg
+        self.data_layout = data_layout
         self.run_dir = storage.absolute(run_dir)
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep, create=True,
                                                enable_async_checkpointing=cfg.async_save)
@@ -51,7 +60,7 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         if step in self.manager.all_steps():
             return step
-        meta = {"step": step, "data_position": step}
+        meta = {"step": step, "data_position": step, "data_layout": self.data_layout}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state.as_dict()),
                                                           meta=ocp.args.JsonSave(meta)), force=True)
         return step
@@ -62,18 +71,24 @@ class Checkpointer:
 
     def restore_latest(self, abstract: TrainState) -> Optional[TrainState]:
         """The newest step that restores onto ``abstract`` (a TrainState of ``ShapeDtypeStruct`` with
-        shardings; any mesh), or None when there is none. Broken steps are moved aside with a warning."""
+        shardings; any mesh), or None when there is none. Broken steps are moved aside with a warning; a step
+        of another stream layout, model or optimizer is a ValueError."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 saved = jax.tree_util.tree_leaves_with_path(self.manager.item_metadata(step)["state"].tree)
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             except Exception as err:  # orbax/tensorstore raise many types for a damaged step
                 self._skip(step, err)
                 continue
+            try:
+                check_layout(meta.get("data_layout"), self.data_layout)
+            except ValueError as err:
+                raise ValueError(f"checkpoint step {step} in {self.manager.directory}: {err}") from None
             self._check_matches(step, saved, abstract)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                     abstract.as_dict(), restore_args=_restore_args(abstract.as_dict()))))["state"]
-                return TrainState(**restored)
+                return TrainState.from_dict(restored)
             except Exception as err:
                 self._skip(step, err)
         return None
@@ -92,7 +107,13 @@ class Checkpointer:
                     break
         scanned = [any(getattr(k, "key", None) == LAYERS for path, _ in leaves for k in path)
                    for leaves in (saved, wanted)]
-        if problem and scanned[0] != scanned[1]:
+        carried = [any(getattr(path[0], "key", None) == "carry" for path, _ in leaves) for leaves in (saved, wanted)]
+        if carried[0] != carried[1]:
+            problem = (f"it was written with train.carry_state={str(carried[0]).lower()} (its state "
+                       f"{'holds' if carried[0] else 'has no'} carried retention states), this run has "
+                       f"train.carry_state={str(carried[1]).lower()}; resume with "
+                       f"train.carry_state={str(carried[0]).lower()}")
+        elif problem and scanned[0] != scanned[1]:
             problem += (f" (it was trained with model.scan_layers={str(scanned[0]).lower()}, this run has "
                         f"{str(scanned[1]).lower()}: the two layouts stack the layer parameters differently)")
         if problem:

@@ -192,19 +192,13 @@ def check(cfg: Config, topology: str, slices: int = 1, fit: bool = False) -> Dic
         return _report(cfg, trainer, topology, slices, devices, hbm, [train])
     params = trainer.abstract_state.params
     state_bytes = _bytes_per_device(trainer.abstract_state) - _bytes_per_device(params)
-    evaluate = compile_step("eval", trainer.eval_step.lower(params, _abstract_batch(trainer)), devices[0],
-                            resident_bytes=state_bytes)
+    batch = trainer.abstract_step_inputs()[0]
+    evaluate = compile_step("eval", trainer.eval_step.lower(params, batch), devices[0], resident_bytes=state_bytes)
     return _report(cfg, trainer, topology, slices, devices, hbm, [train, evaluate])
 
 
-def _abstract_batch(trainer: Trainer) -> jax.ShapeDtypeStruct:
-    cfg = trainer.cfg
-    return jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.data.seq_len + 1), jnp.int32,
-                                sharding=trainer.batch_sharding)
-
-
 def _train_plan(trainer: Trainer) -> StepPlan:
-    return compile_step("train", trainer.train_step.lower(trainer.abstract_state, _abstract_batch(trainer)),
+    return compile_step("train", trainer.train_step.lower(trainer.abstract_state, *trainer.abstract_step_inputs()),
                         trainer.mesh.devices.flat[0])
 
 

@@ -21,8 +21,8 @@ from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Sequen
 
 import yaml
 
-from .. import storage
-from ..configuration import NucleusXConfig, read_config_json
+from .. import checks, storage
+from ..configuration import ChunkwiseNormalization, ForwardMode, NucleusXConfig, RetentionImpl, read_config_json
 from .data import DataConfig
 
 
@@ -131,6 +131,13 @@ class TrainConfig(_Bounded):
     eval_every: int = 100  # 0 disables periodic eval
     eval_batches: int = 4
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # each row's window continues the retention state of the row's previous window (needs data.stream_rows and
+    # model.forward_mode=chunkwise; docs/training.md)
+    carry_state: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks.flag("train.carry_state", self.carry_state)
 
 
 @dataclasses.dataclass
@@ -430,7 +437,31 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     profile, steps = sections["logging"].profile_steps, sections["train"].steps
     if profile is not None and profile[1] > steps:
         raise ConfigError(f"logging.profile_steps={profile!r} is out of range: stop must be <= train.steps={steps}")
-    return Config(model=resolve_model(raw.get("model") or {}), **sections)
+    cfg = Config(model=resolve_model(raw.get("model") or {}), **sections)
+    check_carry_state(cfg)
+    return cfg
+
+
+def check_carry_state(cfg: Config) -> None:
+    """``train.carry_state``'s needs across sections: stream rows (the only batches whose rows continue one
+    another), the chunkwise form (the one that carries a state), and a kernel that takes an incoming state."""
+    if not cfg.train.carry_state:
+        return
+    if not cfg.data.stream_rows:
+        raise ConfigError("train.carry_state needs data.stream_rows: true: a row's state is carried into the row's "
+                          "next window, and only stream rows continue the window before (other batches draw "
+                          "windows at random)")
+    model = cfg.model_config()
+    mode = ForwardMode.parse(model.forward_mode)
+    if mode is not ForwardMode.CHUNKWISE:
+        raise ConfigError(f"train.carry_state needs model.forward_mode=chunkwise, got {mode.value}: the chunkwise "
+                          "form is the one that continues a carried state")
+    reference = ChunkwiseNormalization.parse(model.chunkwise_normalization) is ChunkwiseNormalization.REFERENCE
+    if (RetentionImpl.parse(model.retention_impl) is RetentionImpl.PALLAS and reference
+            and not cfg.data.reset_at_document_boundaries):
+        raise ConfigError("train.carry_state with model.retention_impl=pallas and model.chunkwise_normalization="
+                          "reference needs data.reset_at_document_boundaries: true: without segments the Pallas "
+                          "kernel takes no incoming state; use retention_impl=xla or chunkwise_normalization=exact")
 
 
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> Config:

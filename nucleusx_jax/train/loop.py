@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from .. import sharding as shd
 from ..configuration import NucleusXConfig
 from ..convert import convert
 from ..data.mixture import Mixture
+from ..data.streams import Streams
 from ..lock import RunLock, RunLockedError
 from ..model import NucleusX
 from ..runs import RUN_FILES
@@ -38,7 +39,7 @@ from ..tokenizer import Tokenizer, load_tokenizer, save_hf_tokenizer, train_toke
 from ..types import Params
 from .checkpoint import Checkpointer
 from .config import Config
-from .data import EvalSet, global_batch, open_run_data, prepare_run_stores
+from .data import EvalSet, global_batch, global_continues, open_run_data, prepare_run_stores
 from .hooks import (Checkpoints, Evaluation, FiniteLoss, Hook, LmEvaluation, Preemption, Profile, Progress,
                     StepInfo)
 from .metrics import MetricsWriter, import_wandb, peak_tflops, plot_losses
@@ -181,7 +182,7 @@ class _Prepared:
     tokenizer: Tokenizer
     tokenizer_file: str
     trainer: Trainer
-    train_data: Mixture
+    train_data: Union[Mixture, Streams]
     eval_sets: List[EvalSet]  # empty when train.eval_every is 0
     lm_eval: Optional[Callable[[Any], Dict[str, float]]]
     checkpointer: Checkpointer
@@ -210,7 +211,8 @@ def _prepare(cfg: Config) -> _Prepared:
     _sync("nucleusx-data")
     train_data, eval_sets = open_run_data(cfg.data, tokenizer, tokenizer_file, run_dir)
     lm_eval = lm_eval_runner(cfg, tokenizer)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    layout = train_data.layout(t.global_batch) if cfg.data.stream_rows else None
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint, data_layout=layout)
     state = checkpointer.restore_latest(trainer.abstract_state) if cfg.checkpoint.resume else None
     resumed_from = None if state is None else int(jax.device_get(state.step))
     if lead:
@@ -247,8 +249,10 @@ def _loop(cfg: Config, run: _Prepared, hooks: List[Hook], preemption: Preemption
             for hook in hooks:
                 hook.before(step)
             with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
-                batch = global_batch(run.train_data, step, run.trainer.batch_sharding, shape)
-                state, metrics = run.trainer.train_step(state, batch)
+                inputs = [global_batch(run.train_data, step, run.trainer.batch_sharding, shape)]
+                if cfg.train.carry_state:  # which rows continue their previous window (and carried state)
+                    inputs.append(global_continues(run.train_data, step, run.trainer.batch_sharding, shape))
+                state, metrics = run.trainer.train_step(state, *inputs)
                 info = StepInfo(step + 1, step + 1 == steps, state, jax.device_get(metrics))
             for hook in hooks:
                 hook.after(info)
