@@ -143,20 +143,19 @@ class Streams:
         start = self._start(c, i, n)
         return start, (self._start(c, i + 1, n) - start - 1) // self.seq_len
 
-    def _windows(self, step: int, global_batch: int, rows: Sequence[int]
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(component, start, windows, m)`` per row: window ``step`` of a row is its window ``m``."""
+    def _windows(self, step: int, global_batch: int, rows: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(component, start, m)`` per row (int64 ``[len(rows)]``): window ``step`` of a row is window ``m`` of
+        its stretch, which starts at token ``start``."""
         step = checks.integer("step", step, minimum=0)
         component, index = self.assign(global_batch, rows)
         counts = self.counts(global_batch)
-        spans = [self.stretch(int(c), int(i), int(counts[c])) for c, i in zip(component, index)]
-        start = np.array([s for s, _ in spans], np.int64).reshape(-1)
-        windows = np.array([w for _, w in spans], np.int64).reshape(-1)
-        return component, start, windows, step % windows
+        spans = np.array([self.stretch(int(c), int(i), int(counts[c])) for c, i in zip(component, index)],
+                         np.int64).reshape(-1, 2)
+        return component, spans[:, 0], step % spans[:, 1]
 
     def rows(self, step: int, global_batch: int, rows: Sequence[int]) -> np.ndarray:
         """Rows ``rows`` of global batch ``step``: int32 ``[len(rows), seq_len + 1]``; reads only them."""
-        component, start, _, m = self._windows(step, global_batch, rows)
+        component, start, m = self._windows(step, global_batch, rows)
         out = np.empty((len(component), self.seq_len + 1), np.int32)
         for j, (c, s) in enumerate(zip(component, start + m * self.seq_len)):
             out[j] = self.components[int(c)].store.read(int(s), int(s) + self.seq_len + 1)
@@ -165,7 +164,7 @@ class Streams:
     def continues(self, step: int, global_batch: int, rows: Sequence[int]) -> np.ndarray:
         """bool ``[len(rows)]``: whether window ``step`` of each row continues its window ``step - 1`` token for
         token (false at step 0, and when the row's stream wraps around to its start)."""
-        _, _, _, m = self._windows(step, global_batch, rows)
+        _, _, m = self._windows(step, global_batch, rows)
         return m > 0
 
     def layout(self, global_batch: int) -> Dict[str, Any]:
