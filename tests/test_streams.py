@@ -206,7 +206,8 @@ def test_layout_refuses_another_batch_and_store(stores, tmp_path):
     saved = json.loads(json.dumps(streams.layout(16)))  # what a checkpoint holds
     assert saved["global_batch"] == 16 and [c["rows"] for c in saved["components"]] == [12, 4]
     check_layout(saved, streams.layout(16))
-    with pytest.raises(ValueError, match=r"train.global_batch=16; this config has train.global_batch=32.*split differently.*"
+    with pytest.raises(ValueError, match=r"train.global_batch=16; this config has train.global_batch=32.*"
+                                         r"split differently.*"
                                          r"Resume with train.global_batch=16, or start a new run_dir"):
         check_layout(saved, streams.layout(32))
     moved = tmp_path / "moved"
