@@ -10,7 +10,7 @@ import pytest
 
 from nucleusx_jax.data.mixture import Mixture, row_counts
 from nucleusx_jax.data.prepare import HoldOut, PrepareOptions, prepare
-from nucleusx_jax.data.store import TokenStore
+from nucleusx_jax.data.store import Shard, TokenStore, edges_sha256, file_sha256, index_json, shard_name
 from nucleusx_jax.data.streams import Streams, check_layout
 from nucleusx_jax.tokenizer import load_tokenizer, train_tokenizer
 from nucleusx_jax.train.data import DataConfig, global_continues, host_rows, open_run_data, prepare_run_stores
@@ -113,6 +113,47 @@ def test_long_documents_start_mid_document(sp_path, tmp_path):
             np.testing.assert_array_equal(streams.rows(step, B, [r])[0], flat[s:s + T + 1])
 
 
+def _token_store(directory, tokens, eos, shard_tokens=97):
+    """A store of exactly ``tokens`` (uint16, shards of ``shard_tokens``) whose tokenizer's EOS is ``eos``."""
+    directory.mkdir()
+    shards = []
+    for i, first in enumerate(range(0, len(tokens), shard_tokens)):
+        part = np.asarray(tokens[first:first + shard_tokens], np.uint16)
+        path = directory / shard_name(i)
+        path.write_bytes(part.tobytes())
+        shards.append(Shard(shard_name(i), len(part), int((part == eos).sum()), len(part), file_sha256(str(path)),
+                            edges_sha256(str(path), part.nbytes)))
+    meta = {"dtype": "uint16", "tokenizer": {"fingerprint": "synthetic", "eos_id": eos}}
+    (directory / "index.json").write_text(index_json(meta, shards))
+    return TokenStore(str(directory))
+
+
+def test_stretches_of_random_layouts(tmp_path):
+    """Synthetic stores (documents of random lengths, some longer than a stretch), any rows and seq_len the
+    store allows: every stretch is the spec's (derived from the flat tokens), holds a window, and the row's
+    windows are the slices of it."""
+    rng = np.random.default_rng(3)
+    eos = 2
+    for case in range(40):
+        lengths = rng.integers(1, rng.choice([20, 300, 3000]), 400)
+        tokens = np.concatenate([np.r_[rng.integers(3, 60000, n - 1), eos] for n in lengths])[:rng.integers(50, 6000)]
+        store = _token_store(tmp_path / f"s{case}", tokens, eos)
+        seq_len = int(rng.integers(1, 64))
+        rows = int(rng.integers(1, len(tokens) // (seq_len + 1) + 1))
+        spans, _ = _expected_stretches(tokens, eos, rows, seq_len)
+        streams = Streams({"s": store}, [1.0], seq_len=seq_len, seed=case)
+        _, index = streams.assign(rows, range(rows))
+        for i, (start, stop) in enumerate(spans):
+            windows = (stop - start - 1) // seq_len
+            assert windows >= 1 and streams.stretch(0, i, rows) == (start, windows)
+        step = int(rng.integers(0, 1000))
+        got = streams.rows(step, rows, range(rows))
+        for r in range(rows):
+            start, stop = spans[index[r]]
+            s = start + step % ((stop - start - 1) // seq_len) * seq_len
+            np.testing.assert_array_equal(got[r], tokens[s:s + seq_len + 1])
+
+
 def test_rows_are_pure_and_hosts_read_only_their_rows(stores):
     """Any grouping of rows, on fresh objects (simulated hosts), gives the same arrays; after the first batch a
     host reads exactly its rows' windows."""
@@ -134,25 +175,29 @@ def test_rows_are_pure_and_hosts_read_only_their_rows(stores):
         np.testing.assert_array_equal(again.rows(s, B, range(B)), fresh.rows(s, B, range(B)))
     np.testing.assert_array_equal(again.rows(step, B, range(B)), full)
     other = Streams({"a": stores[0], "b": stores[1]}, [3, 1], seq_len=T, seed=9)
-    assert not np.array_equal(other.assign(B, range(B))[0], again.assign(B, range(B))[0])
+    assert not np.array_equal(np.stack(other.assign(B, range(B))), np.stack(again.assign(B, range(B))))
 
 
 @pytest.mark.parametrize("weights,batch", [((3, 1), 8), ((1, 1), 6), ((0.2, 0.8), 10)])
-def test_mixture_rows_follow_the_weights(stores, weights, batch):
+def test_mixture_rows_follow_the_weights(stores, sp_path, weights, batch):
     """Components get the largest-remainder rows of their weights, the same at every step; each component's
-    store is split among its rows, every row reading from its component's store."""
+    store is split among its rows, every row reading its stretch of its component's store."""
     streams = Streams({"a": stores[0], "b": stores[1]}, list(weights), seq_len=T, seed=1)
     comp, index = streams.assign(batch, range(batch))
     want = row_counts(weights, batch)
+    share = batch * np.array(weights) / sum(weights)
+    assert want.sum() == batch and np.all(np.abs(want - share) < 1)
     assert np.bincount(comp, minlength=2).tolist() == want.tolist() == streams.counts(batch).tolist()
     for c in (0, 1):
         assert sorted(index[comp == c].tolist()) == list(range(want[c]))
+    eos = load_tokenizer(sp_path).eos_id
     flats = [s.read(0, s.num_tokens) for s in stores]
-    for step in (0, 13):
+    spans = [_expected_stretches(flats[c], eos, want[c], T)[0] for c in (0, 1)]
+    for step in (0, 13, 400):
         got = streams.rows(step, batch, range(batch))
         for r in range(batch):
-            start, windows = streams.stretch(int(comp[r]), int(index[r]), int(want[comp[r]]))
-            s = start + step % windows * T
+            start, stop = spans[comp[r]][index[r]]
+            s = start + step % ((stop - start - 1) // T) * T
             np.testing.assert_array_equal(got[r], flats[comp[r]][s:s + T + 1])
 
 
@@ -161,7 +206,8 @@ def test_layout_refuses_another_batch_and_store(stores, tmp_path):
     saved = json.loads(json.dumps(streams.layout(16)))  # what a checkpoint holds
     assert saved["global_batch"] == 16 and [c["rows"] for c in saved["components"]] == [12, 4]
     check_layout(saved, streams.layout(16))
-    with pytest.raises(ValueError, match=r"train.global_batch=16; this config has train.global_batch=32.*split differently.*"
+    with pytest.raises(ValueError, match=r"train.global_batch=16; this config has train.global_batch=32.*"
+                                         r"split differently.*"
                                          r"Resume with train.global_batch=16, or start a new run_dir"):
         check_layout(saved, streams.layout(32))
     moved = tmp_path / "moved"
@@ -222,7 +268,7 @@ WORKER = """
 import json, sys
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from nucleusx_jax.data.store import TokenStore
+from nucleusx_jax.data.store import Shard, TokenStore, edges_sha256, file_sha256, index_json, shard_name
 from nucleusx_jax.data.streams import Streams
 from nucleusx_jax.train.data import global_batch, global_continues
 streams = Streams({"a": TokenStore(sys.argv[1]), "b": TokenStore(sys.argv[2])}, [3, 1], seq_len=32, seed=4)
@@ -239,7 +285,6 @@ print("RESULT" + json.dumps(out))
 """
 
 
-@pytest.mark.slow
 def test_global_continues_on_a_mesh(stores):
     """8 simulated devices, rows over (data, fsdp): the flags of each device are those of its batch rows."""
     result = run_on_8_devices(WORKER, stores[0].path, stores[1].path)

@@ -208,7 +208,8 @@ def layout_changes(saved: Optional[Mapping[str, Any]], current: Optional[Mapping
                             f"resume with the store {old['store']}"))
         if old["rows"] != new["rows"] and saved["global_batch"] == current["global_batch"]:
             changes.append((f"component {old['name']!r} had {old['rows']} stream rows; this config's weights give "
-                            f"it {new['rows']}", f"resume with the weights that gave {old['name']!r} {old['rows']} rows"))
+                            f"it {new['rows']}",
+                            f"resume with the weights that gave {old['name']!r} {old['rows']} rows"))
     return changes
 
 
