@@ -371,7 +371,8 @@ def test_errors(data, tmp_path):
         load_config(TINY, settings(data, str(tmp_path / "a"), "model.forward_mode=parallel"))
     with pytest.raises(ConfigError, match=r"retention_impl=pallas .*reference needs data.reset_at_document_boundaries"):
         load_config(TINY, settings(data, str(tmp_path / "a"), "model.retention_impl=pallas",
-                                   "model.chunkwise_normalization=reference", "data.reset_at_document_boundaries=false"))
+                                   "model.chunkwise_normalization=reference",
+                                   "data.reset_at_document_boundaries=false"))
     run_dir = str(tmp_path / "run")
     run(load_config(TINY, settings(data, run_dir, "train.steps=1")))
     with pytest.raises(ValueError, match=r"checkpoint step 1 .*train.global_batch=4; this config has "
