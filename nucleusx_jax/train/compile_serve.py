@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..configuration import NucleusXConfig
+from ..loading import inference_config
 from ..model import NucleusX, compute_dtype
 try:  # the server's own code: its package needs the [serve] extra
     from ..serve.backend import Backend
@@ -53,7 +54,7 @@ def serving_program(config: NucleusXConfig, dtype: str, **engine_options: int) -
     arguments. The engine is built under ``jax.eval_shape``, so its slots are shapes, not memory; its
     :meth:`~nucleusx_jax.serve.engine.Engine.abstract_step_inputs` gives the step's arguments. The prefill is
     the engine's for its longest prompt (``max_prompt_tokens - 1`` tokens, padded to the engine's bucket)."""
-    dt = compute_dtype(dtype)
+    dt, config = compute_dtype(dtype), inference_config(config)
     model = NucleusX(config, dtype=dt, param_dtype=dt, init=False)
     params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
     built = []
