@@ -4,8 +4,8 @@ Training reads one or more token stores (:mod:`nucleusx_jax.data`): ``data.store
 with ``python -m nucleusx_jax.data prepare``), or ``data.mixture`` (named components, each a store or
 sources, with weights), or else ``data.sources`` prepared on the fly into ``<run_dir>/data/`` (split by
 document into ``train`` and ``eval`` by ``eval_fraction``), which suits small corpora such as the embedded
-default. Batches are a pure function of ``(seed, step)`` (:class:`~nucleusx_jax.data.mixture.Mixture`);
-each host reads only the rows it asks for.
+default. Batches are a pure function of ``(seed, step)`` (:class:`~nucleusx_jax.data.mixture.Mixture`, or
+with ``stream_rows`` :class:`~nucleusx_jax.data.streams.Streams`); each host reads only the rows it asks for.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Tuple, Union
 
 import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import checks
 from ..data.mixture import Mixture, Phase, name_key, validate_schedule
@@ -24,6 +26,7 @@ from ..data.reader import Windows, derive_key
 from ..runs import RUN_FILES
 from ..sources import FORMATS
 from ..data.store import TokenStore
+from ..data.streams import Streams
 from ..tokenizer import MIN_VOCAB_SIZE, Tokenizer
 
 TRAIN, EVAL = "train", "eval"
@@ -45,6 +48,10 @@ class DataConfig:
     ``reset_at_document_boundaries``: the documents packed in a window do not see each other (segment ids from
     the BOS/EOS boundaries, see :mod:`nucleusx_jax.documents`), and no document predicts the next one's first
     token; false runs straight across them.
+    ``stream_rows``: each row of the global batch reads its own contiguous stretch of the store (of its mixture
+    component, rows given to components by weight), so window ``n + 1`` of a row continues window ``n``
+    (:mod:`nucleusx_jax.data.streams`); for carrying the retention state across windows. Not with
+    ``mixture_schedule``; a resume must keep the stream layout (batch size, seq_len, seed, stores, rows).
     """
 
     sources: List[str] = dataclasses.field(default_factory=lambda: ["builtin:pydoc"])
@@ -63,6 +70,7 @@ class DataConfig:
     eval_sets: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     workers: int = 0
     reset_at_document_boundaries: bool = True
+    stream_rows: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.sources, (list, tuple)) or not self.sources:
@@ -83,7 +91,7 @@ class DataConfig:
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac < 1.0:
             raise ValueError(f"data.eval_fraction must be a number in [0, 1), got {frac!r}")
         self.eval_fraction = float(frac)
-        for name in ("shuffle", "add_bos", "reset_at_document_boundaries"):
+        for name in ("shuffle", "add_bos", "reset_at_document_boundaries", "stream_rows"):
             checks.flag(f"data.{name}", getattr(self, name))
         if self.store and self.mixture:
             raise ValueError("set data.store or data.mixture, not both")
@@ -97,6 +105,10 @@ class DataConfig:
                 raise ValueError(f"data.{key} names must be unique, got {names}")
         if self.mixture_schedule and not self.mixture:
             raise ValueError("data.mixture_schedule needs data.mixture")
+        if self.stream_rows and self.mixture_schedule:
+            raise ValueError("data.mixture_schedule cannot be used with data.stream_rows: stream rows are given to "
+                             "the components once for the whole run, so the weights cannot change; drop "
+                             "data.mixture_schedule (or data.stream_rows)")
         self.schedule()  # validates the phases and weights
 
     def schedule(self) -> List[Phase]:
@@ -192,18 +204,21 @@ def _open(path: str, tokenizer: Tokenizer, tokenizer_name: str) -> TokenStore:
 
 
 def open_run_data(cfg: DataConfig, tokenizer: Tokenizer, tokenizer_name: str, run_dir: str
-                  ) -> Tuple[Mixture, List[EvalSet]]:
-    """The run's training :class:`Mixture` and its eval sets, from stores checked against ``tokenizer``."""
+                  ) -> Tuple[Union[Mixture, Streams], List[EvalSet]]:
+    """The run's training data (a :class:`Mixture` of random windows, or :class:`Streams` with
+    ``stream_rows``) and its eval sets (random windows), from stores checked against ``tokenizer``."""
     train, evals = _planned(cfg, run_dir)
-    components = {name: Windows(_open(path, tokenizer, tokenizer_name), cfg.seq_len,
-                                seed=derive_key(cfg.seed, name_key(name)), shuffle=cfg.shuffle)
-                  for name, (path, _) in train.items()}
+    stores = {name: _open(path, tokenizer, tokenizer_name) for name, (path, _) in train.items()}
     sets = []
     for name, (path, _) in evals.items():
         store = _open(path, tokenizer, tokenizer_name)
         seed = derive_key(cfg.seed, _EVAL_TAG, name_key(name))
         data = Mixture({name: Windows(store, cfg.seq_len, seed=seed, shuffle=cfg.shuffle)}, [Phase(0, (1.0,))], seed=seed)
         sets.append(EvalSet(name, data, store.num_bytes / store.num_tokens))
+    if cfg.stream_rows:
+        return Streams(stores, cfg.schedule()[0].weights, seq_len=cfg.seq_len, seed=cfg.seed, shuffle=cfg.shuffle), sets
+    components = {name: Windows(store, cfg.seq_len, seed=derive_key(cfg.seed, name_key(name)), shuffle=cfg.shuffle)
+                  for name, store in stores.items()}
     return Mixture(components, cfg.schedule(), seed=cfg.seed), sets
 
 
@@ -213,15 +228,29 @@ def host_rows(sharding: jax.sharding.Sharding, shape: Tuple[int, int]) -> List[i
     return sorted({r for index in index_map.values() for r in range(*index[0].indices(shape[0]))})
 
 
-def global_batch(dataset: Mixture, step: int, sharding: jax.sharding.Sharding,
+def _place(local: np.ndarray, rows: List[int], sharding: jax.sharding.Sharding, shape: Tuple[int, int],
+           out: jax.sharding.Sharding) -> jax.Array:
+    """The global array of ``local`` (this host's ``rows``, in order, first dimension) placed by ``out``, whose
+    devices hold the rows that ``sharding`` gives them in a ``shape`` batch."""
+    position = {r: i for i, r in enumerate(rows)}
+    shards = [jax.device_put(local[[position[r] for r in range(*index[0].indices(shape[0]))]], device)
+              for device, index in sharding.addressable_devices_indices_map(shape).items()]
+    return jax.make_array_from_single_device_arrays((shape[0],) + local.shape[1:], out, shards)
+
+
+def global_batch(dataset: Union[Mixture, Streams], step: int, sharding: jax.sharding.Sharding,
                  shape: Tuple[int, int]) -> jax.Array:
     """Global batch ``step`` of ``dataset``, ``shape`` ``[B, T + 1]`` placed by ``sharding``: each host reads
     only the rows its devices hold (row ``r`` is row ``r`` of ``dataset``'s batch ``step`` whatever the process
     layout) and puts them on those devices."""
-    index_map = sharding.addressable_devices_indices_map(shape)
     rows = host_rows(sharding, shape)
-    local = dataset.rows(step, shape[0], rows)
-    position = {r: i for i, r in enumerate(rows)}
-    shards = [jax.device_put(local[[position[r] for r in range(*index[0].indices(shape[0]))]], device)
-              for device, index in index_map.items()]
-    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+    return _place(dataset.rows(step, shape[0], rows), rows, sharding, shape, sharding)
+
+
+def global_continues(dataset: Streams, step: int, sharding: NamedSharding, shape: Tuple[int, int]) -> jax.Array:
+    """bool ``[B]``: whether row ``r`` of global batch ``step`` continues that row's batch ``step - 1``
+    (:meth:`Streams.continues`), placed like the rows of the ``shape`` batch under ``sharding`` (its first
+    dimension's partitioning); each host computes only its own rows."""
+    rows = host_rows(sharding, shape)
+    out = NamedSharding(sharding.mesh, PartitionSpec(sharding.spec[0] if len(sharding.spec) else None))
+    return _place(dataset.continues(step, shape[0], rows), rows, sharding, shape, out)
