@@ -48,6 +48,17 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+def decodable(ids: Sequence[int], vocab_size: int) -> List[int]:
+    """``ids`` as ints, or a ValueError naming the first id outside ``[0, vocab_size)``: a model whose vocabulary
+    is larger than its tokenizer's (padded for speed) can produce ids no piece stands for."""
+    out = [int(i) for i in ids]
+    bad = [i for i in out if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} has no piece in the tokenizer, whose ids are [0, {vocab_size}): the "
+                         f"model's vocabulary is larger than its tokenizer's, and it produced an id beyond it")
+    return out
+
+
 class SentencePieceTokenizer:
     """A SentencePiece model file. ``pad_id`` is the model's pad piece, or ``eos_id`` when it has none.
     ``num_threads`` threads encode a batch (``-1``: SentencePiece's default, every core)."""
@@ -75,7 +86,7 @@ class SentencePieceTokenizer:
         return self.sp.encode(list(texts), num_threads=self.num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        return self.sp.decode(decodable(ids, self.vocab_size))
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
@@ -117,7 +128,7 @@ class HFTokenizer:
         return self.tok(list(texts), add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self.tok.decode(decodable(ids, self.vocab_size), skip_special_tokens=True)
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"

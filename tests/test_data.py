@@ -119,6 +119,18 @@ def test_hf_tokenizer_from_sentencepiece(tmp_path, sp_path, tok):
     assert hf.decode([1] + tok.encode("x = 1") + [2]) == "x = 1"  # special tokens dropped
 
 
+def test_decode_refuses_an_id_beyond_the_tokenizer(tmp_path, sp_path, tok):
+    """A model padded beyond its tokenizer's vocabulary can produce an id no piece stands for: decoding it is a
+    ValueError naming the id (sentencepiece alone raises a bare IndexError), in both tokenizer kinds."""
+    hf = load_tokenizer(save_hf_tokenizer(sp_path, str(tmp_path / "hf")))
+    for t in (tok, hf):
+        assert t.decode(tok.encode("x = 1") + [VOCAB - 1]) == tok.decode(tok.encode("x = 1") + [VOCAB - 1])
+        for bad in (VOCAB, VOCAB + 5, -1):
+            with pytest.raises(ValueError, match=rf"^token id {bad} has no piece in the tokenizer, whose ids are "
+                                                 rf"\[0, {VOCAB}\)"):
+                t.decode(tok.encode("x = 1") + [bad])
+
+
 def test_hf_tokenizer_built_with_tokenizers_library(tmp_path):
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers.models import WordLevel

@@ -148,3 +148,18 @@ def test_a_request_after_shutdown_is_refused(model):
     with pytest.raises(EngineStopped, match="shutting down"):
         engine.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0), late)
     assert late.events == [] and engine.waiting() == 0
+
+
+def test_abstract_step_inputs_are_the_layout_the_engine_allocates(model):
+    """What ahead-of-time compilation reads (shapes, nothing allocated) matches the slots and rows the engine
+    really builds and steps with: the step lowered on them accepts the real ones."""
+    engine = Engine(Backend(model.config, model.module, model.params), max_batch=3, max_prompt_tokens=16)
+    slots, rows = engine.abstract_step_inputs()
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves((slots, rows)))
+    real_slots = engine._empty_slots()
+    real_rows = engine._rows
+    shapes = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), tree)
+    assert shapes(slots) == shapes(real_slots) and shapes(rows) == shapes(real_rows)
+    assert rows.active.shape == (3,) and jax.tree.structure(slots) == jax.tree.structure(real_slots)
+    compiled = engine.step.lower(model.params, slots, rows).compile()
+    compiled(model.params, real_slots, type(real_rows)(*(np.array(a) for a in real_rows)))

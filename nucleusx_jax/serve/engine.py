@@ -209,6 +209,12 @@ class Engine:
         return Slots(jnp.zeros((self.max_batch,), jnp.int32), jnp.zeros((self.max_batch,), jnp.int32),  # 2 buffers
                      runtime.empty_cache(self.backend.config, self.max_batch, per_row=True))
 
+    def abstract_step_inputs(self) -> Tuple[Slots, Rows]:
+        """The shapes and dtypes of :attr:`step`'s ``slots`` and ``rows`` (``jax.ShapeDtypeStruct`` leaves), the
+        layout this engine allocates, without allocating it: what compiling the step ahead of time needs."""
+        rows = Rows(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self._rows))
+        return jax.eval_shape(self._empty_slots), rows
+
     def _slots_lost(self) -> bool:
         """Whether a failed call took the slots with it (they are donated to ``step`` and ``insert``)."""
         return any(leaf.is_deleted() for leaf in jax.tree.leaves(self._slots))

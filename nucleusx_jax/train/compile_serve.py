@@ -15,10 +15,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..configuration import NucleusXConfig
+from ..loading import inference_config
 from ..model import NucleusX, compute_dtype
 try:  # the server's own code: its package needs the [serve] extra
     from ..serve.backend import Backend
-    from ..serve.engine import Engine, Rows
+    from ..serve.engine import Engine
 except ImportError as err:
     raise ImportError(f"--serve compiles the server's code, which needs the [serve] extra (pip install "
                       f"'nucleusx-jax[serve]'): {err}") from err
@@ -50,21 +51,16 @@ def serving_program(config: NucleusXConfig, dtype: str, **engine_options: int) -
     :class:`~nucleusx_jax.serve.engine.Engine` (``engine_options``: ``max_batch``, ``max_prompt_tokens``,
     ``steps_per_call``; the engine's defaults otherwise) over a :class:`~nucleusx_jax.serve.backend.Backend`
     whose parameters are abstract, in ``dtype`` (weights stored in the computation dtype), and their abstract
-    arguments. The engine is built under ``jax.eval_shape``: its slots are shapes, not memory (read from its
-    private ``_slots`` and ``_rows``: the layout it allocates). The prefill is the engine's for its longest
-    prompt (``max_prompt_tokens - 1`` tokens, padded to the engine's bucket)."""
-    dt = compute_dtype(dtype)
+    arguments. The engine is built under ``jax.eval_shape``, so its slots are shapes, not memory; its
+    :meth:`~nucleusx_jax.serve.engine.Engine.abstract_step_inputs` gives the step's arguments. The prefill is
+    the engine's for its longest prompt (``max_prompt_tokens - 1`` tokens, padded to the engine's bucket)."""
+    dt, config = compute_dtype(dtype), inference_config(config)
     model = NucleusX(config, dtype=dt, param_dtype=dt, init=False)
     params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
     built = []
-
-    def build() -> Any:
-        built.append(Engine(Backend(config, model.module, params), **engine_options))
-        return built[0]._slots
-
-    slots = jax.eval_shape(build)
+    jax.eval_shape(lambda: built.append(Engine(Backend(config, model.module, params), **engine_options)))
     engine = built[0]
-    rows = Rows(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in engine._rows))
+    slots, rows = engine.abstract_step_inputs()
     length, mode, chunk_size = engine.prefill_form(engine.max_prompt_tokens - 1)
     ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
     return ServingProgram(engine.prefill, (params, ids, ids), dict(mode=mode, chunk_size=chunk_size), engine.step,
