@@ -17,7 +17,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FILES = ["tests/test_parity.py", "tests/test_core.py", "tests/test_scan_layers.py", "tests/test_epsilons.py",
-         "tests/test_hf.py", "tests/test_train_mesh.py"]
+         "tests/test_hf.py", "tests/test_train_mesh.py", "tests/test_carry_train.py"]
 
 
 def measure(files, records_file=None):

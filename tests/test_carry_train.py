@@ -35,8 +35,8 @@ T, B, CHUNK, STEPS = 32, 4, 16, 4
 # losses of 4 steps against an independent loop (float32; the LM head's loss is computed another way)
 REFERENCE_LOSSES = Tol("REFERENCE_LOSSES", 1e-6, relative=True)  # measured 1.5e-7
 # the same run in another order of sums: microbatches, scanned layers, another mesh (as test_train_mesh.py)
-SAME_LOSSES = Tol("SAME_LOSSES", 1e-6, relative=True)
-SAME_STATES = Tol("SAME_STATES", 1e-6, relative=True)  # the carried states after the first step
+SAME_LOSSES = Tol("SAME_LOSSES", 1e-6, relative=True)  # measured 2.2e-7
+SAME_STATES = Tol("SAME_STATES", 1e-6, relative=True)  # the carried states after the first step; measured 1.9e-7
 
 
 @pytest.fixture(scope="module")
