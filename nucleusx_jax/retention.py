@@ -454,6 +454,18 @@ def continue_starts(starts: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.where(starts == 0, -count.astype(starts.dtype)[:, None], starts)
 
 
+def chunk_carried(after: ChunkStates, log_decay: jax.Array, chunk_size: int, starts: Optional[jax.Array],
+                  count: jax.Array, length: int) -> CarriedState:
+    """The :class:`CarriedState` of a window of whole chunks from the state after its last chunk (``after`` from
+    :func:`chunk_states`: ``[B, H, K, V]`` and ``[B, H, K, 1]`` or None, chunk-normalised), un-normalised. Its
+    last chunk's ``value_decay`` and ``carried`` already keep only the last segment's tokens. ``starts``
+    ``[B, >= length]`` or None and ``count`` ``[B]`` as in :func:`state_after`."""
+    s_c = decay_sums(jnp.asarray(chunk_size), log_decay)[None, :, None, None]
+    count = count + length if starts is None else length - starts[:, length - 1]
+    z = None if after.z is None else jax.lax.stop_gradient(after.z * s_c)
+    return CarriedState(kv=after.kv * s_c, z=z, count=count.astype(jnp.int32))
+
+
 def chunk_final(k: jax.Array, v: jax.Array, log_decay: jax.Array, chunk_size: int, real: Optional[jax.Array],
                 starts: Optional[jax.Array], before: ChunkStates, count: jax.Array) -> CarriedState:
     """The :class:`CarriedState` after the last of T tokens from the state entering the last chunk (``before``
@@ -582,11 +594,13 @@ def _chunkwise(q: jax.Array, k: jax.Array, v: jax.Array, log_decay: jax.Array, c
     real = real_tokens(mask, segment_ids)
     terms = chunk_terms(q, k, v, log_decay, chunk_size, real, starts)
     init = None if state is None else chunk_init(state, log_decay, chunk_size, terms.chunk_z is not None)
-    before = chunk_states(terms, log_decay, chunk_size, init)[0]
+    before, after = chunk_states(terms, log_decay, chunk_size, init)
     out = chunk_output(terms, before, q.shape[2], v.dtype)
     if not final:
         return out, None
     count = jnp.zeros(q.shape[:1], jnp.int32) if state is None else state.count
+    if q.shape[2] % chunk_size == 0:  # the scan's last state is the window's: nothing to add
+        return out, chunk_carried(after, log_decay, chunk_size, starts, count, q.shape[2])
     return out, chunk_final(k, v, log_decay, chunk_size, real, starts, before, count)
 
 
