@@ -18,7 +18,9 @@ from conftest import FIXTURES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(ROOT, "configs", "tiny.yaml")
-TOOLS = ("train", "convert", "generate", "data", "eval", "serve")
+# each tool's module under nucleusx_jax (``python -m nucleusx_jax.<module>``; its script is nucleusx-<tool>)
+TOOLS = {"train": "train", "convert": "convert", "generate": "generate", "data": "data", "eval": "eval",
+         "serve": "serve", "positions": "eval.positions"}
 NEEDS = {"eval": "lm_eval", "serve": "fastapi"}  # optional extras a tool imports
 
 
@@ -42,9 +44,9 @@ def skip_without_extra(tool):
 @pytest.mark.parametrize("tool", TOOLS)
 def test_every_tool_runs_as_a_module(tool):
     skip_without_extra(tool)
-    result = run(["-m", f"nucleusx_jax.{tool}", "--help"])
+    result = run(["-m", f"nucleusx_jax.{TOOLS[tool]}", "--help"])
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith(f"usage: python -m nucleusx_jax.{tool}"), result.stdout[:200]
+    assert result.stdout.startswith(f"usage: python -m nucleusx_jax.{TOOLS[tool]}"), result.stdout[:200]
 
 
 def test_every_tool_has_an_entry_point_that_resolves_to_a_callable():
