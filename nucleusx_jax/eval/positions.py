@@ -188,12 +188,15 @@ def plot(models: Sequence[Dict[str, Any]], path: str, *, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for m in models:
         ax.plot([(b["start"] + b["stop"]) / 2 for b in m["buckets"]], [b["mean_loss"] for b in m["buckets"]],
                 "o-", markersize=3, label=m["name"])
-    ax.set_xscale("log")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("position in the document (tokens; bucket middle)")
     ax.set_ylabel("next-token loss (nats/token)")
     ax.set_title(title)
@@ -258,7 +261,6 @@ def evaluate(paths: Sequence[str], data: Sequence[str], output: str, *, options:
     names = list(paths) if names is None else list(names)
     if len(names) != len(paths) or len(set(names)) != len(names):
         raise ValueError(f"--names {names} is invalid: must give one distinct name per model ({len(paths)})")
-    checks.choice("dtype", dtype, COMPUTE_DTYPES)
     models = {name: load(path, dtype=dtype) for name, path in zip(names, paths)}
     tokenizers = {name: _tokenizer_of(path, tokenizer) for name, path in zip(names, paths)}
     docs = _documents(data, models, tokenizers, options)
@@ -283,7 +285,8 @@ def evaluate(paths: Sequence[str], data: Sequence[str], output: str, *, options:
     storage.makedirs(output)
     storage.atomic_write(os.path.join(output, JSON_FILE), json.dumps(report, indent=1) + "\n")
     plot(results, os.path.join(output, PLOT_FILE),
-         title=f"loss by position: {len(docs)} documents of {min(lengths)}-{max(lengths)} tokens")
+         title=f"loss by position: {len(docs)} documents of {min(lengths)}"
+               + (f"-{max(lengths)} tokens" if max(lengths) > min(lengths) else " tokens"))
     return report
 
 
