@@ -15,18 +15,19 @@
    stores of both files (:func:`nucleusx_jax.data.prepare.prepare`); every document is over 4096 tokens.
 3. **Two training runs** (``python -m nucleusx_jax.train --config WORK/<run>.yaml``, configs written by this
    script): configs/tiny.yaml's model with 8 retention heads instead of 4 (the slowest head's decay, 1 - 2^-12,
-   then remembers ~4k tokens; with 4 heads it would forget after ~256), window (``data.seq_len``) 128, the
-   same steps, batch (16 rows) and tokens, both with ``data.stream_rows: true`` (each row reads its own
-   contiguous stream of documents): ``window`` (``train.carry_state: false``: each window starts from zero)
-   and ``carried`` (``train.carry_state: true``: each row's state flows into its next window, the gradient
-   stopped at the boundary).
+   then remembers ~4k tokens; with 4 heads it would forget after ~256), a 1024-token vocabulary, the chunkwise
+   form with chunks of 64 (``train.carry_state`` needs the chunkwise form; both runs use it), window
+   (``data.seq_len``) 128, the same steps, batch (16 rows) and tokens, both with ``data.stream_rows: true``
+   (each row reads its own contiguous stream of documents): ``window`` (``train.carry_state: false``: each
+   window starts from zero) and ``carried`` (``train.carry_state: true``: each row's state flows into its next
+   window, the gradient stopped at the boundary).
 4. **Perplexity by position** of both exported models (:mod:`nucleusx_jax.eval.positions`) on the first 4096
    tokens of every eval document, buckets of ``--bucket`` (256) tokens, scored with the state carried:
    ``OUT/positions.json`` and ``OUT/positions.png`` (OUT = ``WORK/out``), and a table of both curves on stdout;
-   ``OUT/experiment.json`` adds the settings and each run's wall time, final train loss and steps.
+   ``OUT/experiment.json`` adds the settings and each run's wall time, steps, first and last train loss.
 
-``--baseline-only`` skips the ``carried`` run; ``--no-streams`` leaves ``data.stream_rows`` out of the configs
-(both only for checkouts that lack those options, to test this script: the experiment needs neither).
+``--baseline-only`` skips the ``carried`` run (to test this script on a checkout without
+``train.carry_state``; the experiment needs both runs).
 WORK must be empty or absent (everything is built afresh; the script refuses to mix old and new parts).
 """
 
@@ -48,7 +49,6 @@ from nucleusx_jax.data.prepare import PrepareOptions, prepare  # noqa: E402
 from nucleusx_jax.eval import positions  # noqa: E402
 from nucleusx_jax.tokenizer import train_tokenizer  # noqa: E402
 from nucleusx_jax.train.config import TrainConfig  # noqa: E402
-from nucleusx_jax.train.data import DataConfig  # noqa: E402
 
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"] + ["sh" + v for v in "aeiou"]
 POOL_WORDS, TOPIC_WORDS, SUCCESSOR_P, POOL_P = 3000, 200, 0.5, 0.05
@@ -59,7 +59,7 @@ RUNS = {"window": False, "carried": True}  # name -> train.carry_state
 MODEL = {  # configs/tiny.yaml's model, 8 heads
     "vocab_size": 1024, "decoder_embed_dim": 128, "decoder_value_embed_dim": 256, "decoder_ffn_embed_dim": 256,
     "decoder_layers": 2, "decoder_retention_heads": 8, "lm_head_initializer_range": 0.088, "z_loss_coeff": 1.0e-4,
-    "dropout": 0.0, "drop_path_rate": 0.0}
+    "dropout": 0.0, "drop_path_rate": 0.0, "forward_mode": "chunkwise", "recurrent_chunk_size": 64}
 
 
 # --------------------------------------------------------------------------------------------------- corpus
@@ -106,15 +106,12 @@ def write_corpus(directory: str, train_docs: int, eval_docs: int, seed: int) -> 
 
 
 # ---------------------------------------------------------------------------------------------------- runs
-def run_config(work: str, name: str, *, carry: bool, streams: bool, tokenizer: str, store: str, steps: int,
-               seed: int) -> str:
+def run_config(work: str, name: str, *, carry: bool, tokenizer: str, store: str, steps: int, seed: int) -> str:
     """Write ``WORK/<name>.yaml`` for one run and return its path."""
-    data: Dict[str, Any] = {"store": store, "tokenizer": tokenizer, "seq_len": SEQ_LEN, "eval_fraction": 0.0,
-                            "seed": seed}
+    data = {"store": store, "tokenizer": tokenizer, "vocab_size": MODEL["vocab_size"], "seq_len": SEQ_LEN,
+            "eval_fraction": 0.0, "seed": seed, "stream_rows": True}
     train: Dict[str, Any] = {"run_dir": os.path.join(work, "runs", name), "steps": steps, "global_batch": BATCH,
                              "dtype": "float32", "eval_every": 0, "seed": seed}
-    if streams:
-        data["stream_rows"] = True
     if carry:
         train["carry_state"] = True
     config = {"model": MODEL, "data": data, "train": train,
@@ -135,15 +132,11 @@ def train(config: str) -> float:
     return time.perf_counter() - start
 
 
-def check_options(*, streams: bool, carry: bool) -> None:
-    """Stop early, naming the option, when this checkout's trainer lacks what the experiment needs."""
-    missing = []
-    if streams and "stream_rows" not in {f.name for f in dataclasses.fields(DataConfig)}:
-        missing.append("data.stream_rows (leave it out with --no-streams)")
+def check_options(*, carry: bool) -> None:
+    """Stop early when this checkout's trainer lacks ``train.carry_state`` (issue 26) and a run needs it."""
     if carry and "carry_state" not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        missing.append("train.carry_state (skip its run with --baseline-only)")
-    if missing:
-        raise SystemExit(f"error: this checkout's trainer has no {' and no '.join(missing)}: issue 26's options")
+        raise SystemExit("error: this checkout's trainer has no train.carry_state (issue 26); skip the carried "
+                         "run with --baseline-only")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -155,10 +148,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--bucket", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline-only", action="store_true", help="skip the carried-state run")
-    p.add_argument("--no-streams", action="store_true", help="leave data.stream_rows out (testing only)")
     args = p.parse_args(argv)
     runs = {name: carry for name, carry in RUNS.items() if not (carry and args.baseline_only)}
-    check_options(streams=not args.no_streams, carry=any(runs.values()))
+    check_options(carry=any(runs.values()))
     work = os.path.abspath(args.work_dir)
     if os.path.exists(work) and os.listdir(work):
         raise SystemExit(f"error: --work-dir {work} is not empty: delete it or choose another")
@@ -172,13 +164,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     timings: Dict[str, Any] = {}
     for name, carry in runs.items():
-        config = run_config(work, name, carry=carry, streams=not args.no_streams, tokenizer=tokenizer,
-                            store=stores["train"], steps=args.steps, seed=args.seed)
+        config = run_config(work, name, carry=carry, tokenizer=tokenizer, store=stores["train"], steps=args.steps,
+                            seed=args.seed)
         seconds = train(config)
         with open(os.path.join(work, "runs", name, "summary.json")) as f:
             summary = json.load(f)
         timings[name] = {"wall_s": round(seconds, 1), "config": config,
-                         **{k: summary.get(k) for k in ("steps", "first_train_loss", "last_train_loss", "tokens_per_s")}}
+                         **{k: summary.get(k) for k in ("steps", "first_train_loss", "last_train_loss",
+                                                        "tokens_per_s")}}
         print(f"run {name}: {seconds:.0f} s", flush=True)
 
     out = os.path.join(work, "out")
