@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_served_model
+from conftest import count_traces, write_served_model
 from pydoc_data.topics import topics
 
+from nucleusx_jax import NucleusX
 from nucleusx_jax.data.prepare import PrepareOptions, prepare
 from nucleusx_jax.eval import positions
 from nucleusx_jax.tokenizer import load_tokenizer
@@ -123,6 +124,17 @@ def test_token_losses_equal_one_pass(models, corpus, served_tokenizer):
     errors = [np.max(np.abs(g - one_pass_losses(model, d))) for g, d in zip(got, docs)]
     assert [len(g) for g in got] == [len(d) - 1 for d in docs]
     assert max(errors) < TOL, errors
+
+
+def test_one_compilation_for_every_window_and_document(models, corpus, served_tokenizer):
+    """After one window of short documents, documents of many windows (the carried cache as input, other
+    lengths, a spare row) compile nothing more."""
+    model = NucleusX(models["m0"][1].config, models["m0"][1].params)  # its own, uncompiled, jit
+    docs = reference_documents(corpus, served_tokenizer)
+    positions.token_losses(model, [d[:WINDOW // 2] for d in docs[:2]], window=WINDOW, batch_size=BATCH)
+    with count_traces() as traces:
+        positions.token_losses(model, docs, window=WINDOW, batch_size=BATCH)
+    assert traces == []
 
 
 def test_min_length_and_max_documents_choose_documents(models, store, tmp_path):
