@@ -172,6 +172,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with open(os.path.join(out, "experiment.json"), "w") as f:
         json.dump({"argv": sys.argv[1:] if argv is None else list(argv), "runs": timings,
                    "model": MODEL, "seq_len": SEQ_LEN, "global_batch": BATCH}, f, indent=1)
+    for name, t in timings.items():
+        print(f"run {name}: {t['wall_s']} s, {t['tokens_per_s'] or 0:.0f} tokens/s, train loss "
+              f"{t['first_train_loss']:.4f} -> {t['last_train_loss']:.4f}")
     print(positions.table(report))
     print(f"total {time.perf_counter() - start:.0f} s; wrote {out}/positions.json, positions.png, experiment.json")
 
