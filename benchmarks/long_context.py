@@ -1,19 +1,17 @@
 """Does carrying the retention state across windows teach a model to use far context? (issue 26, on CPU)
 
-``python benchmarks/long_context.py [--work-dir /tmp/nucleusx-long-context] [--steps 1200]``
+``python benchmarks/long_context.py [--work-dir /tmp/nucleusx-long-context] [--steps 2400]``
 
-1. **The corpus** (generated, offline, deterministic from ``--seed``): a pool of 600 made-up words of two
-   syllables (a fixed list of 75), which the tokenizer learns as one token each (~1.05 tokens per word). Each
-   document draws its own *topic*, 150 words of the pool, and is 4400 words separated by spaces: each word
-   drawn uniformly from the topic, or with probability 0.05 from the whole pool. What a document has said so
-   far therefore tells which words it uses: a model that remembers the words seen predicts the next one from
-   ~150 instead of 600 (up to ~1.2 nats per token better), and 128 tokens show only ~57 % of a topic's words
-   (1 - e^-(128/150)), a few windows nearly all. 540 training and 32 eval documents of ~4600 tokens
-   (``--train-docs``, ``--eval-docs``), written as jsonl (one document per line) to
-   ``WORK/corpus/{train,eval}.jsonl``.
+1. **The corpus**: real text available offline, the source code of this Python's standard library: every
+   ``*.py`` file of at least 24,000 bytes under ``sysconfig.get_paths()["stdlib"]`` (tests included,
+   ``site-packages`` and the ``pydoc_data`` dump excluded), one document per file (Python Software Foundation
+   License). A seeded permutation holds out ``--eval-docs`` (16) files; the others train. Code rewards far
+   context: names defined at the top of a module recur thousands of tokens later. Written as jsonl to
+   ``WORK/corpus/{train,eval}.jsonl``; the file set is that of the Python running the script (3.11.7 here:
+   331 training files).
 2. **Tokenizer and stores**: a SentencePiece BPE tokenizer of 1024 pieces (the model's vocabulary) trained on the
    training documents (:func:`nucleusx_jax.tokenizer.train_tokenizer`, as the trainer trains one), and token
-   stores of both files (:func:`nucleusx_jax.data.prepare.prepare`); every document is over 4096 tokens.
+   stores of both files (:func:`nucleusx_jax.data.prepare.prepare`); every eval document is over 4096 tokens.
 3. **Two training runs** (``python -m nucleusx_jax.train --config WORK/<run>.yaml``, configs written by this
    script): configs/tiny.yaml's model with 8 retention heads instead of 4 (the slowest head's decay, 1 - 2^-12,
    then remembers ~4k tokens; with 4 heads it would forget after ~256), a 1024-token vocabulary, the chunkwise
@@ -23,7 +21,7 @@
    window starts from zero) and ``carried`` (``train.carry_state: true``: each row's state flows into its next
    window, the gradient stopped at the boundary).
 4. **Perplexity by position** of both exported models (:mod:`nucleusx_jax.eval.positions`) on the first 4096
-   tokens of every eval document, buckets of ``--bucket`` (256) tokens, scored with the state carried:
+   tokens of every eval document, buckets of ``--bucket`` (128) tokens, scored with the state carried:
    ``OUT/positions.json`` and ``OUT/positions.png`` (OUT = ``WORK/out``), and a table of both curves on stdout;
    ``OUT/experiment.json`` adds the settings and each run's wall time, steps, first and last train loss.
 
@@ -34,10 +32,12 @@ WORK must be empty or absent (everything is built afresh; the script refuses to 
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -52,9 +52,7 @@ from nucleusx_jax.eval import positions  # noqa: E402
 from nucleusx_jax.tokenizer import train_tokenizer  # noqa: E402
 from nucleusx_jax.train.config import TrainConfig  # noqa: E402
 
-SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"] + ["sh" + v for v in "aeiou"]
-POOL_WORDS, TOPIC_WORDS, POOL_P = 600, 150, 0.05
-WORDS_PER_DOC = 4400
+MIN_BYTES = 24_000  # a file this long holds > 4096 tokens of the 1024-piece tokenizer
 SEQ_LEN, BATCH = 128, 16
 EVAL_LENGTH = 4096
 RUNS = {"window": False, "carried": True}  # name -> train.carry_state
@@ -65,33 +63,24 @@ MODEL = {  # configs/tiny.yaml's model, 8 heads
 
 
 # --------------------------------------------------------------------------------------------------- corpus
-def word_pool(rng: np.random.Generator) -> List[str]:
-    """``POOL_WORDS`` distinct made-up words of 2 syllables."""
-    words: Dict[str, None] = {}
-    while len(words) < POOL_WORDS:
-        words["".join(rng.choice(SYLLABLES, size=2))] = None
-    return list(words)
-
-
-def document(pool: List[str], rng: np.random.Generator) -> str:
-    """One document: its own topic (``TOPIC_WORDS`` words of the pool), ``WORDS_PER_DOC`` words."""
-    topic = rng.choice(len(pool), size=TOPIC_WORDS, replace=False)
-    from_pool = rng.random(WORDS_PER_DOC) < POOL_P
-    picks = np.where(from_pool, rng.integers(len(pool), size=WORDS_PER_DOC),
-                     topic[rng.integers(TOPIC_WORDS, size=WORDS_PER_DOC)])
-    return " ".join(pool[int(i)] for i in picks)
-
-
-def write_corpus(directory: str, train_docs: int, eval_docs: int, seed: int) -> Dict[str, str]:
-    """``directory/train.jsonl`` and ``directory/eval.jsonl`` (one ``{"text": ...}`` per line)."""
-    rng = np.random.default_rng(seed)
-    pool = word_pool(rng)
+def write_corpus(directory: str, eval_docs: int, seed: int) -> Dict[str, str]:
+    """``directory/train.jsonl`` and ``directory/eval.jsonl`` (one ``{"text": ...}`` per line): the standard
+    library's files of at least ``MIN_BYTES``, ``eval_docs`` of them (a permutation keyed by ``seed``) held out."""
+    root = sysconfig.get_paths()["stdlib"]
+    paths = sorted(f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+                   if os.path.getsize(f) >= MIN_BYTES and "site-packages" not in f and "pydoc_data" not in f)
+    order = np.random.default_rng(seed).permutation(len(paths))
+    if not 0 < eval_docs < len(paths):
+        raise SystemExit(f"error: --eval-docs {eval_docs} must lie in [1, {len(paths)}) ({root} has {len(paths)} "
+                         f"files of at least {MIN_BYTES} bytes)")
     os.makedirs(directory, exist_ok=True)
     files = {}
-    for split, count in (("train", train_docs), ("eval", eval_docs)):
+    for split, chosen in (("train", order[eval_docs:]), ("eval", order[:eval_docs])):
         path = files[split] = os.path.join(directory, f"{split}.jsonl")
         with open(path, "w") as f:
-            f.writelines(json.dumps({"text": document(pool, rng)}) + "\n" for _ in range(count))
+            for i in chosen:
+                with open(paths[i], encoding="utf-8", errors="replace") as source:
+                    f.write(json.dumps({"text": source.read()}) + "\n")
     return files
 
 
@@ -132,10 +121,9 @@ def check_options(*, carry: bool) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", default="/tmp/nucleusx-long-context")
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--train-docs", type=int, default=540)
-    p.add_argument("--eval-docs", type=int, default=32)
-    p.add_argument("--bucket", type=int, default=256)
+    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--eval-docs", type=int, default=16)
+    p.add_argument("--bucket", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline-only", action="store_true", help="skip the carried-state run")
     args = p.parse_args(argv)
@@ -145,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if os.path.exists(work) and os.listdir(work):
         raise SystemExit(f"error: --work-dir {work} is not empty: delete it or choose another")
     start = time.perf_counter()
-    files = write_corpus(os.path.join(work, "corpus"), args.train_docs, args.eval_docs, args.seed)
+    files = write_corpus(os.path.join(work, "corpus"), args.eval_docs, args.seed)
     tokenizer = train_tokenizer([files["train"]], os.path.join(work, "tokenizer"), MODEL["vocab_size"])
     stores = {split: os.path.join(work, "stores", split) for split in files}
     for split, path in files.items():
