@@ -23,7 +23,7 @@ from ..model import NucleusX
 from ..types import Array, Cache, Params
 
 
-def _target_scores(logits: Array, targets: Array) -> Tuple[Array, Array]:
+def target_scores(logits: Array, targets: Array) -> Tuple[Array, Array]:
     """logits ``[..., V]``, targets ``[...]`` -> (log p(target) float32, target == argmax)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
@@ -54,7 +54,7 @@ class Backend:
         first = jnp.take(first_logp, rows, 0)  # [N, V]
         # The last continuation token is fed too (its prediction is unused): one shape, one compile per length.
         logits, _ = runtime.recurrent(self.module, params, ids, mask, runtime.take_rows(cache, rows))
-        later_lp, later_greedy = _target_scores(logits[:, :-1], ids[:, 1:])
+        later_lp, later_greedy = target_scores(logits[:, :-1], ids[:, 1:])
         first_lp = jnp.take_along_axis(first, ids[:, :1], axis=-1)
         first_greedy = jnp.argmax(first, axis=-1)[:, None] == ids[:, :1]
         return (jnp.concatenate([first_lp, later_lp], axis=1),
@@ -63,7 +63,7 @@ class Backend:
     def _window_fn(self, params: Params, cache: Cache, ids: Array, mask: Array,
                    targets: Array) -> Tuple[Array, Cache]:
         logits, cache = runtime.recurrent(self.module, params, ids, mask, cache)
-        lp, _ = _target_scores(logits, targets)
+        lp, _ = target_scores(logits, targets)
         return jnp.sum(jnp.where(mask.astype(bool), lp, 0.0), axis=1), cache
 
     # ------------------------------------------------------------------------------------------ host

@@ -46,6 +46,7 @@ from ..model import COMPUTE_DTYPES, NucleusX
 from ..sources import iter_source_documents
 from ..tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from ..types import Array
+from .backend import target_scores
 
 PROG = "python -m nucleusx_jax.eval.positions"
 JSON_FILE, PLOT_FILE = "positions.json", "positions.png"
@@ -131,9 +132,9 @@ def _enough(found: List[np.ndarray], longest: int, options: PositionOptions, whe
 # ------------------------------------------------------------------------------------------------ scoring
 @jax.jit
 def _token_nll(logits: Array, targets: Array) -> Array:
-    """logits ``[B, W, V]``, targets ``[B, W]`` -> ``-log p(target)`` ``[B, W]`` float32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    """logits ``[B, W, V]``, targets ``[B, W]`` -> ``-log p(target)`` ``[B, W]`` float32 (the evaluation
+    backend's :func:`~nucleusx_jax.eval.backend.target_scores`)."""
+    return -target_scores(logits, targets)[0]
 
 
 def token_losses(model: NucleusX, docs: Sequence[np.ndarray], *, window: int, batch_size: int,
