@@ -300,6 +300,14 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
         return module.apply({"params": params}, inputs, targets, carry, segments, options=options, n_valid=n_valid,
                             rngs={"dropout": rng}, method=NucleusXForCausalLMModule.carried_next_token_loss)
 
+    def micro_loss(params: Params, parts: Tuple[Array, Array, Array], carry: Optional[CarriedCache], rng: Array,
+                   n_valid: Array) -> Tuple[Array, Optional[CarriedCache]]:
+        """(training loss of one microbatch, the carry it leaves): ``carried_loss_fn`` from ``carry``, or
+        ``loss_fn`` and None without one."""
+        if carry is None:
+            return loss_fn(params, parts, rng, False, n_valid), None
+        return carried_loss_fn(params, parts, carry, rng, n_valid)
+
     carrying = t.carry_state
     segmented = cfg.data.reset_at_document_boundaries
     carry_shardings = state_shardings.carry
@@ -334,27 +342,18 @@ def make_trainer(cfg: Config, mesh: Mesh) -> Trainer:
         share = jnp.maximum(jnp.sum(parts[1] != -100), 1) / t.grad_accum
         micro = to_micro(parts, (token_sharding,) * 3)
         zeros = jax.tree.map(jnp.zeros_like, state.params)
+        carry = None
         if carrying:  # rows that start afresh read an empty state; no gradient crosses the window's start
-            carry = jax.lax.stop_gradient(reset_rows(state.carry, continues))
-            grad_fn = jax.value_and_grad(carried_loss_fn, has_aux=True)
+            carry = to_micro(jax.lax.stop_gradient(reset_rows(state.carry, continues)), carry_shardings)
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-            def accumulate(acc: Tuple[Array, Any], xs: Tuple[Any, Any, Array]) -> Tuple[Tuple[Array, Any], Any]:
-                (loss, new_carry), grads = grad_fn(state.params, xs[0], xs[1], jax.random.fold_in(step_rng, xs[2]),
-                                                   share)
-                return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], grads)), new_carry
+        def accumulate(acc: Tuple[Array, Any], xs: Tuple[Any, Any, Array]) -> Tuple[Tuple[Array, Any], Any]:
+            (loss, new_carry), grads = grad_fn(state.params, xs[0], xs[1], jax.random.fold_in(step_rng, xs[2]), share)
+            return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], grads)), new_carry
 
-            (loss, grads), new_carry = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                                    (micro, to_micro(carry, carry_shardings), jnp.arange(t.grad_accum)))
-            new_carry = from_micro(new_carry)
-        else:
-            grad_fn = jax.value_and_grad(loss_fn)
-
-            def accumulate(acc: Tuple[Array, Any], xs: Tuple[Any, Array]) -> Tuple[Tuple[Array, Any], None]:
-                loss, grads = grad_fn(state.params, xs[0], jax.random.fold_in(step_rng, xs[1]), False, share)
-                return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], grads)), None
-
-            (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                            (micro, jnp.arange(t.grad_accum)))
+        (loss, grads), new_carry = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                                (micro, carry, jnp.arange(t.grad_accum)))
+        new_carry = from_micro(new_carry)
         loss, grads = loss / t.grad_accum, jax.tree.map(lambda g: g / t.grad_accum, grads)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
