@@ -79,6 +79,11 @@ class ChunkwiseNormalization(_Choice):
     EXACT = "exact"
     REFERENCE = "reference"
 
+    def carries_z(self, segments: bool) -> bool:
+        """Whether chunkwise windows normalised this way read (and so carry) the state's ``z``: all but
+        ``reference`` windows without segments, whose normaliser reads ``kv`` alone."""
+        return segments or self is not ChunkwiseNormalization.REFERENCE
+
 
 FORWARD_MODES = tuple(m.value for m in ForwardMode)
 RETENTION_IMPLS = tuple(m.value for m in RetentionImpl)

@@ -456,9 +456,9 @@ def check_carry_state(cfg: Config) -> None:
     if mode is not ForwardMode.CHUNKWISE:
         raise ConfigError(f"train.carry_state needs model.forward_mode=chunkwise, got {mode.value}: the chunkwise "
                           "form is the one that continues a carried state")
-    reference = ChunkwiseNormalization.parse(model.chunkwise_normalization) is ChunkwiseNormalization.REFERENCE
-    if (RetentionImpl.parse(model.retention_impl) is RetentionImpl.PALLAS and reference
-            and not cfg.data.reset_at_document_boundaries):
+    carries_z = ChunkwiseNormalization.parse(model.chunkwise_normalization).carries_z(
+        cfg.data.reset_at_document_boundaries)
+    if RetentionImpl.parse(model.retention_impl) is RetentionImpl.PALLAS and not carries_z:
         raise ConfigError("train.carry_state with model.retention_impl=pallas and model.chunkwise_normalization="
                           "reference needs data.reset_at_document_boundaries: true: without segments the Pallas "
                           "kernel takes no incoming state; use retention_impl=xla or chunkwise_normalization=exact")

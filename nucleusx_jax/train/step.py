@@ -160,11 +160,9 @@ class Trainer:
 
 
 def carried_with_z(config: NucleusXConfig, segments: bool) -> bool:
-    """Whether the carried states hold ``z``: all but those of windows run without segments under the
-    ``"reference"`` normalisation, whose normaliser reads ``kv`` alone (see
-    :class:`~nucleusx_jax.retention.CarriedState`)."""
-    reference = ChunkwiseNormalization.parse(config.chunkwise_normalization) is ChunkwiseNormalization.REFERENCE
-    return segments or not reference
+    """Whether the carried states of windows run with(out) ``segments`` hold ``z``
+    (:meth:`~nucleusx_jax.configuration.ChunkwiseNormalization.carries_z`)."""
+    return ChunkwiseNormalization.parse(config.chunkwise_normalization).carries_z(segments)
 
 
 def empty_carry(config: NucleusXConfig, rows: int, segments: bool) -> CarriedCache:
