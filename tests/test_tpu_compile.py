@@ -5,6 +5,8 @@ the Pallas kernel compiled by Mosaic on every TPU generation and under shard_map
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +180,37 @@ def test_compile_only_cli_does_not_fit_and_user_errors(tmp_path, capsys):
     assert code == 2 and "has 3 devices but 4 are available" in err
     code, _, err = _train_main(["--config", TINY_YAML, "--topology", "v4-8"], capsys)
     assert code == 2 and "--compile-only" in err
+
+
+# a process that loads libtpu (without ALLOW_MULTIPLE_LIBTPU_LOAD, so it takes /tmp/libtpu_lockfile) and waits
+HOLD_LIBTPU = ("import sys; from nucleusx_jax.train import compile_only; compile_only.topology_devices('v5p-8'); "
+               "print('holding', flush=True); sys.stdin.read()")
+
+
+def test_a_second_libtpu_process_is_a_clear_error_unless_allowed():
+    """libtpu takes one process per host: while another holds it, ``train.py --compile-only`` exits 2 naming
+    the cause and the way out (not libtpu's advice to delete the lockfile); ``ALLOW_MULTIPLE_LIBTPU_LOAD=1``
+    describes the slice beside it. The holder may fail to load when this very process holds the lock already
+    (it loaded libtpu above without the variable): either way the lock is held."""
+    env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+    env["JAX_PLATFORMS"] = "cpu"
+    with subprocess.Popen([sys.executable, "-c", HOLD_LIBTPU], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as holder:
+        try:
+            first = holder.stdout.readline()  # "holding", or the start of its traceback once it has failed
+            assert first, "the holder printed nothing"
+            second = subprocess.run([sys.executable, "train.py", "--config", TINY_YAML, "--compile-only", "--topology",
+                                     "v5p-8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+            assert second.returncode == 2, second.stderr[-2000:]
+            assert "another process on this host has loaded libtpu" in second.stderr, second.stderr[-2000:]
+            assert "ALLOW_MULTIPLE_LIBTPU_LOAD=1" in second.stderr and "do not delete" in second.stderr
+            allowed = subprocess.run([sys.executable, "-c", "from nucleusx_jax.train import compile_only; "
+                                      "print(len(compile_only.topology_devices('v5p-8')))"], cwd=ROOT,
+                                     env={**env, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}, capture_output=True, text=True,
+                                     timeout=240)
+            assert allowed.returncode == 0 and allowed.stdout.split()[-1] == "4", allowed.stderr[-2000:]
+        finally:
+            holder.kill()
 
 
 def test_fit_says_when_no_microbatch_count_fits(capsys):

@@ -88,9 +88,20 @@ def topology_devices(name: str, slices: int = 1) -> List[Any]:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=t.topology, chip_config_name=t.chip_config,
                                             chips_per_host_bounds=t.host_bounds, num_slices=slices)
     except RuntimeError as err:  # no libtpu, or another process holds it (/tmp/libtpu_lockfile)
-        hint = " (pip install 'nucleusx-jax[tpu]')" if "not installed" in str(err) else ""
-        raise ValueError(f"libtpu cannot describe --topology {name}{hint}: {err}") from None
+        raise ValueError(f"libtpu cannot describe --topology {name}{_libtpu_hint(str(err))}: {err}") from None
     return list(desc.devices)
+
+
+def _libtpu_hint(error: str) -> str:
+    """What to do about libtpu's ``error`` when it names a known cause: not installed, or loaded by another
+    process on this host (libtpu's own advice, deleting the lockfile, would break that process)."""
+    if "not installed" in error:
+        return " (pip install 'nucleusx-jax[tpu]')"
+    if "libtpu_lockfile" in error:
+        return (" (another process on this host has loaded libtpu, which takes one per host: wait for it to end, "
+                "or, on a host without TPU chips, set ALLOW_MULTIPLE_LIBTPU_LOAD=1 to run checks side by side; "
+                "do not delete /tmp/libtpu_lockfile)")
+    return ""
 
 
 def device_hbm(topology: str, device: Any) -> int:
