@@ -11,8 +11,10 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
+from types import FrameType
 from typing import List, Optional, Sequence
 
 import uvicorn
@@ -99,11 +101,16 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, url: str):
         super().__init__(config)
         self.url = url
+        self.interrupted = False  # stopped by SIGINT
 
     async def startup(self, sockets: Optional[List[socket.socket]] = None) -> None:
         await super().startup(sockets=sockets)
         if self.started:
             print(f"serving on {self.url}", flush=True)
+
+    def handle_exit(self, sig: int, frame: Optional[FrameType]) -> None:
+        self.interrupted = self.interrupted or sig == signal.SIGINT
+        super().handle_exit(sig, frame)
 
 
 @reports_user_errors
@@ -145,3 +152,5 @@ def serve(args: argparse.Namespace, sock: socket.socket) -> None:
         server.run(sockets=[sock])
     finally:
         engine.shutdown()
+    if server.interrupted:  # uvicorn raises the signal again, which a process that inherited SIGINT ignored drops
+        raise KeyboardInterrupt
