@@ -56,6 +56,8 @@ def test_pytorch_dir_dtype_and_served_model_name(model_dir, tmp_path, monkeypatc
     seen = {}
 
     class Driver:  # stands in for cli.Server: runs requests against the configured app, serves nothing
+        interrupted = False  # no SIGINT stopped it
+
         def __init__(self, config, url):
             self.config, self.url = config, url
 
