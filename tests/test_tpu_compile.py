@@ -5,6 +5,7 @@ the Pallas kernel compiled by Mosaic on every TPU generation and under shard_map
 import json
 import math
 import os
+import select
 import subprocess
 import sys
 
@@ -197,8 +198,9 @@ def test_a_second_libtpu_process_is_a_clear_error_unless_allowed():
     with subprocess.Popen([sys.executable, "-c", HOLD_LIBTPU], cwd=ROOT, env=env, stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as holder:
         try:
-            first = holder.stdout.readline()  # "holding", or the start of its traceback once it has failed
-            assert first, "the holder printed nothing"
+            # "holding", or the start of its traceback once it has failed; a deadline, as for every wait
+            assert select.select([holder.stdout], [], [], 240)[0], "the holder printed nothing in 240 s"
+            assert holder.stdout.readline(), "the holder printed nothing"
             second = subprocess.run([sys.executable, "train.py", "--config", TINY_YAML, "--compile-only", "--topology",
                                      "v5p-8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
             assert second.returncode == 2, second.stderr[-2000:]
